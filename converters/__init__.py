@@ -1,0 +1,1 @@
+"""Checkpoint conversion (Hugging Face -> jaxpaged) and the tiny-checkpoint builder."""

@@ -1,0 +1,89 @@
+"""jaxpaged's own checkpoint: the parameter tree saved with orbax, beside the HF config/tokenizer.
+
+Layout of a converted directory::
+
+    OUT_DIR/
+      jaxpaged_checkpoint.json   format marker: {"format": 1, "dtype": "bf16"}
+      params/                    orbax StandardCheckpointer tree (see jaxpaged.models.llama)
+      config.json, tokenizer.json, tokenizer_config.json, generation_config.json, ...
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxpaged.config import ModelConfig
+
+from .hf_to_params import numpy_dtype, params_from_hf
+
+MARKER = "jaxpaged_checkpoint.json"
+FORMAT_VERSION = 1
+# Files copied verbatim from the HF directory (those that exist).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+
+
+def is_converted(model_dir: str | pathlib.Path) -> bool:
+    return (pathlib.Path(model_dir) / MARKER).is_file()
+
+
+def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "bf16") -> None:
+    """HF checkpoint directory -> jaxpaged checkpoint directory."""
+    hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
+    numpy_dtype(dtype)  # validate before doing any work
+    cfg = ModelConfig.from_dir(hf_dir)
+    params = params_from_hf(hf_dir, cfg, dtype)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"output directory {out_dir} exists and is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((out_dir / "params").absolute(), params)
+    for name in SIDE_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, out_dir / name)
+    (out_dir / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "dtype": dtype}))
+
+
+def restore_params(model_dir: str | pathlib.Path, target: Any) -> Any:
+    """Restores the parameter tree onto device; ``target`` is a matching tree of
+    ``jax.ShapeDtypeStruct`` (with shardings) that sets dtype and placement."""
+    model_dir = pathlib.Path(model_dir)
+    meta = json.loads((model_dir / MARKER).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{model_dir / MARKER}: unsupported checkpoint format {meta.get('format')!r}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata((model_dir / "params").absolute())
+        _check_tree(_tree_of(saved), target)
+        # Restore in the saved dtype (orbax cannot cast bf16 <-> f32 on restore), then cast.
+        as_saved = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, s.dtype,
+                                                                  sharding=t.sharding),
+                                target, _tree_of(saved))
+        params = checkpointer.restore((model_dir / "params").absolute(), as_saved)
+    return jax.tree.map(lambda p, t: p.astype(t.dtype), params, target)
+
+
+def _tree_of(metadata: Any) -> Any:
+    """orbax metadata -> plain tree of per-array metadata (shape, dtype)."""
+    metadata = getattr(metadata, "item_metadata", metadata)
+    return getattr(metadata, "tree", metadata)
+
+
+def _check_tree(saved: Any, target: Any) -> None:
+    saved_paths = {jax.tree_util.keystr(p): leaf.shape
+                   for p, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+    target_paths = {jax.tree_util.keystr(p): leaf.shape
+                    for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    for path in sorted(set(target_paths) - set(saved_paths)):
+        raise ValueError(f"checkpoint is missing tensor {path}")
+    for path in sorted(set(saved_paths) - set(target_paths)):
+        raise ValueError(f"checkpoint has unknown tensor {path}")
+    for path, shape in target_paths.items():
+        if tuple(saved_paths[path]) != tuple(shape):
+            raise ValueError(f"checkpoint tensor {path} has shape {tuple(saved_paths[path])}, "
+                             f"expected {tuple(shape)}")

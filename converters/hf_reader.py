@@ -1,0 +1,74 @@
+"""Read the tensors of a Hugging Face checkpoint directory without torch.
+
+Supports one ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
+and ``pytorch_model.bin`` (only where torch is installed, loaded with ``weights_only=True``).
+Tensors come back as numpy arrays (bf16 through ml_dtypes) one at a time, so a large checkpoint is
+never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+from safetensors import safe_open
+
+
+def checkpoint_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The weight files of an HF checkpoint, in a deterministic order."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: missing or empty 'weight_map'")
+        files = sorted({model_dir / name for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"{index} names shard {f.name}, which does not exist")
+        return files
+    single = sorted(model_dir.glob("*.safetensors"))
+    if single:
+        return single
+    if (model_dir / "pytorch_model.bin").is_file():
+        return [model_dir / "pytorch_model.bin"]
+    raise ValueError(f"no weights in {model_dir}: expected model.safetensors, "
+                     "model.safetensors.index.json or pytorch_model.bin")
+
+
+def iter_tensors(model_dir: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) for every tensor; a name seen twice is an error that names it."""
+    seen: dict[str, str] = {}
+    for path in checkpoint_files(model_dir):
+        for name, array in _read_file(path):
+            if name in seen:
+                raise ValueError(f"duplicate tensor {name!r} in {path.name} "
+                                 f"(already read from {seen[name]})")
+            seen[name] = path.name
+            yield name, array
+
+
+def _read_file(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        yield from _read_torch_bin(path)
+
+
+def _read_torch_bin(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError(f"{path.name} needs torch to read; install torch or convert the "
+                         "checkpoint to safetensors") from e
+    import ml_dtypes
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for name, tensor in state.items():
+        if tensor.dtype == torch.bfloat16:
+            yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            yield name, tensor.numpy()

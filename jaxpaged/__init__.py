@@ -1,0 +1,1 @@
+"""jaxpaged: vLLM rebuilt in pure JAX and Pallas."""

@@ -1,0 +1,66 @@
+"""The ``jaxpaged`` command: ``generate``, ``convert``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_generate(commands.add_parser("generate", help="continue a prompt with a model"))
+    _add_convert(commands.add_parser("convert", help="convert a Hugging Face checkpoint"))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as e:
+        print(f"jaxpaged {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--model", help="model directory (HF or converted); default: the built-in "
+                                   "tiny model, built on first use")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.set_defaults(run=_generate)
+
+
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hf_dir", help="Hugging Face checkpoint directory")
+    p.add_argument("out_dir", help="output directory (must be new or empty)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.set_defaults(run=_convert)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from jaxpaged.converters.tiny import default_model_dir
+    from jaxpaged.model_loader import load_model
+    from jaxpaged.single_sequence import generate
+    from jaxpaged.tokenizer import load_tokenizer
+
+    model_dir = args.model or default_model_dir()
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=args.dtype)
+    prompt_ids = tokenizer.encode(args.prompt)
+    result = generate(model, prompt_ids, max_new_tokens=args.max_tokens,
+                      temperature=args.temperature, seed=args.seed,
+                      stop_token_ids=model.config.eos_token_ids)
+    print(args.prompt + tokenizer.decode(result.token_ids, skip_special_tokens=True))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from jaxpaged.converters.checkpoint import convert
+
+    convert(args.hf_dir, args.out_dir, dtype=args.dtype)
+    print(f"converted {args.hf_dir} -> {args.out_dir} ({args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The global paged KV pool.
+
+All layers share one pool array per K and V, flattened over layers:
+``k[layer * num_blocks + block, offset, kv_head, :]``. Kernels therefore see a plain
+``[pages, block_size, Hkv, D]`` pool and stay layer-agnostic; the model offsets block tables and
+slots by ``layer * num_blocks`` (see ``layer_view``). Block 0 of every layer is the null block that
+padding rows point at. Pools over 4 GiB are addressed with 64-bit offsets by the Triton lowering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.attention_metadata import AttentionMetadata
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [num_layers * num_blocks, block_size, num_kv_heads, head_dim]
+    v: jax.Array  # [num_layers * num_blocks, block_size, num_kv_heads, head_dim]
+    num_layers: int = dataclasses.field(metadata=dict(static=True))
+    num_blocks: int = dataclasses.field(metadata=dict(static=True))  # per layer, incl. null block 0
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def zeros(cls, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+              head_dim: int, dtype: jnp.dtype) -> "KVCache":
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is the null block), got {num_blocks}")
+        shape = (num_layers * num_blocks, block_size, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   num_layers=num_layers, num_blocks=num_blocks)
+
+    @staticmethod
+    def bytes_per_block(*, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: jnp.dtype) -> int:
+        """Bytes of K plus V that one block id costs across all layers."""
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
+
+
+def layer_view(md: AttentionMetadata, layer: jax.Array, num_blocks: int,
+               block_size: int) -> AttentionMetadata:
+    """Metadata with block ids and slots moved into ``layer``'s part of the flattened pool."""
+    block_offset = layer * num_blocks
+    slots = jnp.where(md.slot_mapping >= 0, md.slot_mapping + block_offset * block_size, -1)
+    return dataclasses.replace(md, slot_mapping=slots, block_tables=md.block_tables + block_offset)

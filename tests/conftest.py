@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny Hugging Face checkpoints built once per test session."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import jax
+import pytest
+
+from jaxpaged.converters.tiny import TINY_SPECS, build_tiny_checkpoint
+
+GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _exact_cpu_matmuls():
+    """fp32 comparisons against Hugging Face need full-precision matmuls."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Callable[..., pathlib.Path]:
+    """``tiny_checkpoint(name, dtype="float32", shards=1)`` -> an HF checkpoint dir (cached)."""
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[tuple[str, str, int], pathlib.Path] = {}
+
+    def get(name: str, dtype: str = "float32", shards: int = 1) -> pathlib.Path:
+        key = (name, dtype, shards)
+        if key not in built:
+            built[key] = build_tiny_checkpoint(name, root / f"{name}-{dtype}-{shards}",
+                                               dtype=dtype, shards=shards)
+        return built[key]
+
+    return get
+
+
+TINY_NAMES = sorted(TINY_SPECS)
