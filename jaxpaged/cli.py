@@ -26,7 +26,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.set_defaults(run=_generate)
 
 
@@ -38,19 +38,16 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from jaxpaged import LLM, SamplingParams
     from jaxpaged.converters.tiny import default_model_dir
-    from jaxpaged.model_loader import load_model
-    from jaxpaged.single_sequence import generate
-    from jaxpaged.tokenizer import load_tokenizer
 
-    model_dir = args.model or default_model_dir()
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=args.dtype)
-    prompt_ids = tokenizer.encode(args.prompt)
-    result = generate(model, prompt_ids, max_new_tokens=args.max_tokens,
-                      temperature=args.temperature, seed=args.seed,
-                      stop_token_ids=model.config.eos_token_ids)
-    print(args.prompt + tokenizer.decode(result.token_ids, skip_special_tokens=True))
+    params = SamplingParams(temperature=args.temperature, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    # One prompt: a one-sequence engine compiles only the shapes one sequence can take.
+    llm = LLM(str(args.model or default_model_dir()), dtype=args.dtype, max_num_seqs=1,
+              max_num_batched_tokens=256)
+    output = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    print(args.prompt + output.outputs[0].text)
     return 0
 
 

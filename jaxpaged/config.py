@@ -63,6 +63,8 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | pathlib.Path) -> "ModelConfig":
+        if not pathlib.Path(model_dir).is_dir():
+            raise ValueError(f"model directory {str(model_dir)!r} does not exist")
         path = pathlib.Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"no config.json in {model_dir}")

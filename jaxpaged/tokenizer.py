@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 
-# jaxpaged uses transformers only for tokenizers; its "PyTorch was not found" advice is noise here.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
 def load_tokenizer(model_dir: str | pathlib.Path) -> PreTrainedTokenizerBase:

@@ -1,4 +1,4 @@
-"""The one place that knows the Pallas GPU backend the kernels are built on (Triton-style, jax 0.11.2).
+"""The one place that knows the Pallas GPU backend of the kernels (Triton-style, jax 0.11.2).
 
 Pallas on NVIDIA GPUs has two lowerings: Triton (``pl.pallas_call`` + ``jax.experimental.pallas.
 triton``), which lowers our block-level kernels with page gathers and runs under ``interpret=True``
@@ -56,7 +56,7 @@ silence_triton_deprecation()
 
 
 def on_gpu() -> bool:
-    """True when JAX's default backend is a CUDA GPU (the only place the Triton kernels run natively)."""
+    """True when JAX's default backend is a CUDA GPU (where the Triton kernels run natively)."""
     if jax.default_backend() != "gpu":
         return False
     version = jax.devices()[0].client.platform_version.lower()
@@ -77,7 +77,7 @@ def is_power_of_2(n: int) -> bool:
 
 
 def require_power_of_2(name: str, value: int) -> None:
-    """Triton arrays must have power-of-2 sizes: reject other sizes before lowering does, clearly."""
+    """Triton arrays need power-of-2 sizes: reject other sizes clearly, before lowering does."""
     if not is_power_of_2(value):
         raise ValueError(f"{name} must be a power of 2 for the Pallas kernel, got {value}")
 

@@ -6,10 +6,11 @@ any slot outside ``[0, P * block_size)``); every other slot of the pool is left 
 NaN included.
 
 Kernel: grid ``(T, Hkv // heads_per_program)``; each program reads its token's slot and, when the
-slot is real, stores its ``[heads_per_program, D]`` rows of K and V straight into the pool. The pools
-are passed with ``input_output_aliases`` and the public function donates them, so XLA updates the
-buffers in place (no pool copy). ``heads_per_program`` is the largest power of 2 dividing Hkv
-(Triton stores need power-of-2 sizes), so Hkv = 8 writes a token's 8 x 128 values in one program.
+slot is real, stores its ``[heads_per_program, D]`` rows of K and V straight into the pool. The
+pools are passed with ``input_output_aliases`` and the public function donates them, so XLA
+updates the buffers in place (no pool copy). ``heads_per_program`` is the largest power of 2
+dividing Hkv (Triton stores need power-of-2 sizes): Hkv = 8 writes a token's 8 x 128 values in
+one program.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def write_kv(k_cache: jax.Array,  # [P, bs, Hkv, D] (donated)
 
     The pools are donated: do not use the arrays passed in afterwards. ``impl``: "auto" (Pallas on a
     CUDA GPU, else the jnp reference), "pallas" (with ``interpret=True`` it runs on the CPU) or
-    "reference". Duplicate real slots in one call are not supported (which write wins is unspecified).
+    "reference". Duplicate real slots in one call are not supported (either write may win).
     """
     _validate(k_cache, v_cache, new_k, new_v, slot_mapping)
     new_k = new_k.astype(k_cache.dtype)

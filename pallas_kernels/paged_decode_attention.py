@@ -13,9 +13,10 @@ table (a ``[pages_per_step * page_size, D]`` tile per operand), and runs an onli
 (base-2 exponent, finite mask value). Only the sequence's last step masks; table entries past the
 end are replaced by page 0 before they are dereferenced, and their V rows by zeros. With one split
 the kernel writes the normalized output; with several it writes f32 partials (acc, max, sum) that
-are combined in XLA. The pool BlockSpec squeezes the kv-head dim, so each program sees a
-``[P, page_size, D]`` strided view: on the GPU a pointer, no copy (pools > 4 GiB get 64-bit offsets
-from the lowering; page ids stay int32).
+are combined in XLA. Either way only the G real rows are stored (masked store), so padding the
+group costs no memory traffic. The pool BlockSpec squeezes the kv-head dim, so each program sees
+a ``[P, page_size, D]`` strided view: on the GPU a pointer, no copy (pools > 4 GiB get 64-bit
+offsets from the lowering; page ids stay int32).
 
 Tile choices (defaults in ``DecodeTuning``, to be re-chosen by measurement on the GPU with
 ``bench/kernels.py``; the only earlier data point, an H200, liked 4 pages x 16 tokens, 4 warps,
@@ -36,9 +37,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .backend import (MASK_VALUE, block_tables_within_context, dot_precision, gather_pages,
-                      initial_softmax_state, is_power_of_2, matmul_f32, online_softmax_step,
-                      require_power_of_2, resolve_impl, scaled_logits, triton_call,
-                      validate_paged_kv, validate_scales)
+                      initial_softmax_state, is_power_of_2, masked_store, matmul_f32,
+                      online_softmax_step, require_power_of_2, resolve_impl, scaled_logits,
+                      triton_call, validate_paged_kv, validate_scales)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
                    v_ref,  # [P, page_size, D]
                    *out_refs,  # 1 split: o [Gp, D]; else o f32[Gp, D], m f32[Gp], l f32[Gp]
                    sm_scale: float, soft_cap: float | None, pages_per_step: int,
-                   num_splits: int):
+                   num_splits: int, group: int):
     page_size = k_ref.shape[1]
     block_k = pages_per_step * page_size
     precision = dot_precision(q_ref.dtype)
@@ -113,20 +114,24 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
     carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
 
+    # Only the G real query heads are stored (the padded rows of the outputs stay unwritten and
+    # are sliced off in XLA): with split-K the f32 partials are a visible share of the traffic.
+    real_row = jnp.arange(q.shape[0], dtype=jnp.int32) < group
     if num_splits == 1:
         (o_ref,) = out_refs
-        o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+        out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+        masked_store(o_ref, out, real_row[:, None])
     else:
         o_ref, m_ref, l_ref = out_refs
-        o_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
+        masked_store(o_ref, acc, real_row[:, None])
+        masked_store(m_ref, m, real_row)
+        masked_store(l_ref, l, real_row)
 
 
-def _combine_splits(acc: jax.Array,  # f32[S, Hkv, K, Gp, D]: unnormalized partial outputs
-                    m: jax.Array,  # f32[S, Hkv, K, Gp]: partial maxima (base-2 logits)
-                    l: jax.Array,  # f32[S, Hkv, K, Gp]: partial softmax sums
-                    ) -> jax.Array:  # f32[S, Hkv, Gp, D]
+def _combine_splits(acc: jax.Array,  # f32[S, Hkv, K, G, D]: unnormalized partial outputs
+                    m: jax.Array,  # f32[S, Hkv, K, G]: partial maxima (base-2 logits)
+                    l: jax.Array,  # f32[S, Hkv, K, G]: partial softmax sums
+                    ) -> jax.Array:  # f32[S, Hkv, G, D]
     m_max = m.max(axis=2, keepdims=True)
     weight = jnp.exp2(m - m_max)  # empty splits: exp2(MASK - real max) == 0
     denom = (l * weight).sum(axis=2)
@@ -150,7 +155,7 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, sof
                        ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
 
     kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
-                               pages_per_step=pps, num_splits=splits)
+                               pages_per_step=pps, num_splits=splits, group=group)
     pool_spec = pl.BlockSpec((num_pages, page_size, None, head_dim),
                              lambda h, s, k: (0, 0, h, 0))
     in_specs = [
@@ -185,9 +190,12 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, sof
         num_stages=tuning.num_stages,
         interpret=interpret,
     )(lengths, tables, q_groups, k_cache, v_cache)
-    if splits > 1:
-        out = _combine_splits(*out)
-    return out[:, :, :group, :].reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+    if splits > 1:  # slice the real heads first: the padded rows were never written
+        acc, m, l = out
+        out = _combine_splits(acc[..., :group, :], m[..., :group], l[..., :group])
+    else:
+        out = out[:, :, :group, :]
+    return out.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
 
 
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, soft_cap,

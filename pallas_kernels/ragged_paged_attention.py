@@ -1,4 +1,4 @@
-"""Ragged paged attention: one call for chunked prefill, prefix-cache hits, decode and mixed batches.
+"""Ragged paged attention: one call for chunked prefill, prefix-cache hits, decode, mixed batches.
 
 Layout. q ``[T, Hq, D]`` packs the new tokens of S sequences: sequence ``s`` owns tokens
 ``query_start_loc[s] : query_start_loc[s + 1]`` (``q_len`` may be 0); ``seq_lens[s]`` is its context

@@ -14,6 +14,15 @@ GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+    """Engines built by different tests compile the same step shapes: compile each once."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _exact_cpu_matmuls():
     """fp32 comparisons against Hugging Face need full-precision matmuls."""
     with jax.default_matmul_precision("highest"):

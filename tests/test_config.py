@@ -67,5 +67,8 @@ def test_mistral_without_sliding_window_is_accepted():
 def test_from_dir(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(BASE))
     assert ModelConfig.from_dir(tmp_path).num_layers == 2
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="does not exist"):
         ModelConfig.from_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        ModelConfig.from_dir(tmp_path / "empty")

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 from jaxpaged.cli import main as cli_main
 from jaxpaged.converters.checkpoint import convert, is_converted
 from jaxpaged.model_loader import load_model
-from jaxpaged.single_sequence import generate
+from model_testing import generate
 
 PROMPT = [437, 20, 31, 7, 99, 120, 5, 64, 300, 17, 2, 8, 41, 12, 6, 9, 3, 77, 101, 55]
 
@@ -109,7 +109,7 @@ def test_unsupported_config_is_named(change, message, tiny_checkpoint, tmp_path)
 
 def test_cli_reports_errors_without_traceback(tiny_checkpoint, tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     out = tmp_path / "taken"
     out.mkdir()
     (out / "file").write_text("x")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import GOLDEN_DIR, TINY_NAMES
 from jaxpaged.model_loader import load_model
-from jaxpaged.single_sequence import generate
+from model_testing import generate
 
 LOGITS_RTOL = 1e-4
 

@@ -1,8 +1,8 @@
-"""Generate from one prompt with the paged model: the smallest end-to-end path.
+"""Run the model alone (no engine) on one prompt: full prompt logits and a greedy continuation.
 
-One sequence gets a run of consecutive blocks; the prompt is prefilled in one step and each new
-token is a one-token decode step through the same paged attention entry point the batched engine
-uses. Shapes are fixed per prompt length (prefill) and per generation (decode), so it compiles twice.
+The model-level reference path for tests: one sequence gets a run of consecutive blocks; the prompt
+is prefilled in one step and each new token is a one-token decode step through the same paged
+attention entry point the engine uses.
 """
 
 from __future__ import annotations

@@ -1,0 +1,586 @@
+"""Paged-attention kernel benchmark (the "kernels" workload of BENCHMARKS.md). Runs on a GPU.
+
+    python bench/kernels.py --check --out bench/out/kernels-$(date +%F)   # checks, then timing
+    python bench/kernels.py --check-only                                  # numerics only
+    python bench/kernels.py --smoke                                       # CPU, interpret mode
+
+Decode, Llama-3-8B attention (Hq=32, Hkv=8, D=128, 16-token pages, bf16), B x L in {1x4096,
+4x16384, 8x4096, 64x2048, 256x1024}, all in one run: our split-K decode kernel, JAX's built-in
+``pallas.ops.gpu.paged_attention`` (q pre-scaled by 1/sqrt(D); its ``[Hkv, P, page, D]`` pool is a
+transposed copy made before timing; best of a few ``k_splits``) and the XLA gather + einsum
+reference. Also measured in the run: device-to-device copy bandwidth (a 4 GiB elementwise copy,
+bytes read + written). Reported: ms per call, TB/s of K+V bytes, % of copy bandwidth, speedup vs
+the built-in. Then prefill / mixed batches through the ragged kernel (TFLOP/s of causal attention),
+and a small sweep of decode tile parameters (pages per step, splits, warps, stages).
+
+Method: the pools are one layer-flattened pool per K and V larger than 4 GiB, as in serving (so
+the kernels use 64-bit offsets; one extra row shows a small pool), with randomly permuted pages.
+Each timed function is one jit that calls the kernel back to back ``calls`` times on rotating
+block tables over disjoint pages (so a call never finds its K/V in the 50 MB L2); the time per
+call is the best and the median over ``repeats`` runs after two warm-up runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference
+from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits,
+                                                            paged_decode_attention,
+                                                            paged_decode_attention_reference)
+from jaxpaged.pallas_kernels.ragged_paged_attention import (RaggedTuning, ragged_paged_attention,
+                                                            ragged_paged_attention_reference)
+
+warnings.filterwarnings("ignore", message="jax.experimental.pallas.ops.gpu.paged_attention is "
+                        "deprecated", category=DeprecationWarning)
+from jax.experimental.pallas.ops.gpu import paged_attention as builtin  # noqa: E402
+
+L2_BYTES = 50 * 2**20  # H100 L2
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Model shape and run sizes (the GPU defaults, or tiny ones for a CPU smoke run)."""
+
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    page_size: int = 16
+    pool_pages: int = 160_000  # 160k x 16 x 8 x 128 bf16 = 5 GiB per pool: > 4 GiB like serving
+    decode_shapes: tuple[tuple[int, int], ...] = ((1, 4096), (4, 16384), (8, 4096), (64, 2048),
+                                                  (256, 1024))
+    copy_bytes: int = 4 * 2**30
+    repeats: int = 7  # timed repeats (best and median reported)
+    runs_per_repeat: int = 20  # jit executions dispatched back to back per repeat, one sync
+    target_run_us: float = 100.0  # decode jits unroll enough calls to keep the GPU this busy
+    min_calls: int = 1
+    interpret: bool = False
+    dtype: jnp.dtype = jnp.bfloat16
+
+    @property
+    def sm_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def kv_bytes(self, batch: int, context: int) -> int:
+        itemsize = jnp.dtype(self.dtype).itemsize
+        return 2 * batch * context * self.num_kv_heads * self.head_dim * itemsize
+
+
+SMOKE = Setup(num_q_heads=8, num_kv_heads=2, head_dim=64, pool_pages=96,
+              decode_shapes=((1, 256), (4, 128)), copy_bytes=2**24, repeats=2, runs_per_repeat=2,
+              min_calls=2, target_run_us=1e-3, interpret=True)
+
+
+# ---------------------------------------------------------------------------------- timing
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    best_ms: float
+    median_ms: float
+
+
+def time_per_call(setup: Setup, fn: Callable, args: tuple, calls: int) -> Timing:
+    """``fn(*args)`` runs ``calls`` kernel calls in one jit; returns the time per kernel call.
+
+    Each repeat dispatches ``runs_per_repeat`` executions back to back and syncs once, so host
+    dispatch overlaps the GPU work instead of being timed.
+    """
+    jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))
+    per_call = []
+    for _ in range(setup.repeats):
+        start = time.perf_counter()
+        outs = [fn(*args) for _ in range(setup.runs_per_repeat)]
+        jax.block_until_ready(outs)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        per_call.append(elapsed_ms / (setup.runs_per_repeat * calls))
+    return Timing(min(per_call), statistics.median(per_call))
+
+
+def try_time(setup: Setup, log: Callable, what: str, fn: Callable, args: tuple,
+             calls: int) -> Timing | None:
+    """``time_per_call``, but a config that fails to compile (e.g. out of shared memory) is logged
+    and skipped instead of ending the run."""
+    try:
+        return time_per_call(setup, fn, args, calls)
+    except Exception as error:  # noqa: BLE001 - any compile/runtime failure of one config
+        log(f"FAILED {what}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return None
+
+
+def decode_calls(setup: Setup, batch: int, context: int, table_sets: int) -> int:
+    """Kernel calls per timed jit: every rotation set once, and about ``target_run_us`` of work
+    (at ~3 TB/s) so that small shapes are not dominated by launch gaps; at most 64."""
+    estimate_us = setup.kv_bytes(batch, context) / 3e12 * 1e6
+    wanted = math.ceil(setup.target_run_us / estimate_us)
+    return max(setup.min_calls, table_sets, min(64, wanted))
+
+
+def repeated(kernel: Callable, calls: int) -> Callable:
+    """jit(k, v, tables_list, *rest) -> outputs of ``calls`` back-to-back kernel calls."""
+    def run(k, v, tables, *rest):
+        return [kernel(k, v, tables[i % len(tables)], *rest) for i in range(calls)]
+    return jax.jit(run)
+
+
+def measure_copy_bandwidth(setup: Setup) -> float:
+    """Bytes read + written per second of a large elementwise copy (GB/s * 1e-3 = TB/s)."""
+    x = jnp.ones((setup.copy_bytes // 2,), jnp.bfloat16)
+    timing = time_per_call(setup, jax.jit(lambda a: a + jnp.bfloat16(1)), (x,), 1)
+    del x
+    return 2 * setup.copy_bytes / (timing.best_ms * 1e-3)
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+@dataclasses.dataclass
+class Pools:
+    k: jax.Array  # [P, page, Hkv, D]
+    v: jax.Array
+    next_page: int = 0  # pages are handed out once: rotation sets never share a page
+
+    def take(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        if self.next_page + count > self.k.shape[0]:
+            self.next_page = 0  # pool exhausted: reuse pages (only in tiny smoke runs)
+        pages = np.arange(self.next_page, self.next_page + count)
+        self.next_page += count
+        return rng.permutation(pages).astype(np.int32)
+
+
+def make_pools(setup: Setup, pages: int, seed: int = 0) -> Pools:
+    """Random pools made on the device; pages repeat every 8192 (timing does not see values)."""
+    distinct = min(pages, 8192)
+    shape = (distinct, setup.page_size, setup.num_kv_heads, setup.head_dim)
+
+    @jax.jit
+    def make(key):
+        block = jax.random.normal(key, shape, setup.dtype)
+        return jnp.tile(block, (-(-pages // distinct), 1, 1, 1))[:pages]
+
+    k_key, v_key = jax.random.split(jax.random.PRNGKey(seed))
+    return Pools(make(k_key), make(v_key))
+
+
+def rotation_tables(setup: Setup, pools: Pools, batch: int, width: int,
+                    rng: np.random.Generator) -> list[jax.Array]:
+    """Block tables over disjoint pages, enough sets that their K/V together exceed L2 x 3."""
+    per_call = setup.kv_bytes(batch, width * setup.page_size)
+    sets = max(1, min(math.ceil(3 * L2_BYTES / per_call), pools.k.shape[0] // (batch * width)))
+    return [jnp.asarray(pools.take(batch * width, rng).reshape(batch, width))
+            for _ in range(sets)]
+
+
+def random_q(setup: Setup, tokens: int, seed: int) -> jax.Array:
+    return jax.random.normal(jax.random.PRNGKey(seed),
+                             (tokens, setup.num_q_heads, setup.head_dim), setup.dtype)
+
+
+# ---------------------------------------------------------------------------------- decode
+
+@dataclasses.dataclass
+class Row:
+    section: str
+    shape: str
+    impl: str
+    config: str
+    best_ms: float
+    median_ms: float
+    tbps: float | None = None
+    pct_copy: float | None = None
+    tflops: float | None = None
+    speedup_vs_builtin: float | None = None
+
+
+def _decode_row(setup, section, shape, impl, config, timing, kv_bytes, copy_bw) -> Row:
+    tbps = kv_bytes / (timing.best_ms * 1e-3) / 1e12
+    return Row(section, shape, impl, config, timing.best_ms, timing.median_ms, tbps,
+               100 * tbps * 1e12 / copy_bw)
+
+
+def ours_decode(setup: Setup, splits=None, tuning=DecodeTuning()) -> Callable:
+    def kernel(k, v, tables, q, lens):
+        return paged_decode_attention(q, k, v, tables, lens, sm_scale=setup.sm_scale,
+                                      num_kv_splits=splits, impl="pallas",
+                                      interpret=setup.interpret, tuning=tuning)
+    return kernel
+
+
+def builtin_decode(setup: Setup, k_splits: int, pages_per_block: int) -> Callable:
+    """JAX's built-in kernel: pool ``[Hkv, P, page, D]``, q already scaled by ``sm_scale``."""
+    def kernel(k_t, v_t, tables, q_scaled, lens):
+        return builtin.paged_attention(q_scaled, k_t, v_t, tables, lens, k_splits=k_splits,
+                                       pages_per_compute_block=pages_per_block,
+                                       interpret=setup.interpret)
+    return kernel
+
+
+def xla_decode(setup: Setup) -> Callable:
+    def kernel(k, v, tables, q, lens):
+        return paged_decode_attention_reference(q, k, v, tables, lens, sm_scale=setup.sm_scale)
+    return kernel
+
+
+def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array],
+                 copy_bw: float, log: Callable) -> list[Row]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch, context in setup.decode_shapes:
+        width = context // setup.page_size
+        shape = f"{batch}x{context}"
+        tables = rotation_tables(setup, pools, batch, width, rng)
+        calls = decode_calls(setup, batch, context, len(tables))
+        q = random_q(setup, batch, seed=batch)
+        lens = jnp.full((batch,), context, jnp.int32)
+        kv_bytes = setup.kv_bytes(batch, context)
+        splits = choose_num_kv_splits(batch, setup.num_kv_heads, width)
+
+        q_scaled = q * jnp.asarray(setup.sm_scale, q.dtype)  # the built-in does not scale q
+        ours_args = (pools.k, pools.v, tables, q, lens)
+        candidates = [("ours", f"splits={splits}", ours_decode(setup), ours_args)]
+        for k_splits in sorted({s for s in (1, 4, 16) if width % s == 0}):
+            pages_per_block = min(8, width // k_splits)
+            candidates.append(("builtin", f"k_splits={k_splits},ppcb={pages_per_block}",
+                               builtin_decode(setup, k_splits, pages_per_block),
+                               (*pools_t, tables, q_scaled, lens)))
+        candidates.append(("xla", "gather+einsum", xla_decode(setup), ours_args))
+        measured = []
+        for impl, config, kernel, args in candidates:
+            timing = try_time(setup, log, f"decode {shape} {impl} {config}",
+                              repeated(kernel, calls), args, calls)
+            if timing is not None:
+                measured.append(_decode_row(setup, "decode", shape, impl, config, timing,
+                                            kv_bytes, copy_bw))
+        builtins = [r for r in measured if r.impl == "builtin"]
+        best_builtin = min(builtins, key=lambda r: r.best_ms) if builtins else None
+        for row in measured:
+            if row.impl == "builtin" and row is not best_builtin:
+                continue  # only the built-in's best k_splits is reported
+            if best_builtin is not None:
+                row.speedup_vs_builtin = best_builtin.best_ms / row.best_ms
+            rows.append(row)
+            log(_format_row(row))
+    return rows
+
+
+def bench_small_pool(setup: Setup, copy_bw: float, log: Callable) -> list[Row]:
+    """One shape on a pool under 4 GiB (32-bit offsets) to show what 64-bit addressing costs."""
+    batch, context = setup.decode_shapes[min(3, len(setup.decode_shapes) - 1)]
+    width = context // setup.page_size
+    pools = make_pools(setup, batch * width, seed=1)
+    tables = [jnp.asarray(pools.take(batch * width, np.random.default_rng(1)).reshape(batch,
+                                                                                       width))]
+    calls = decode_calls(setup, batch, context, 1)
+    q, lens = random_q(setup, batch, seed=3), jnp.full((batch,), context, jnp.int32)
+    timing = try_time(setup, log, "small pool", repeated(ours_decode(setup), calls),
+                      (pools.k, pools.v, tables, q, lens), calls)
+    if timing is None:
+        return []
+    row = _decode_row(setup, "decode", f"{batch}x{context}", "ours", "small pool (<4 GiB)",
+                      timing, setup.kv_bytes(batch, context), copy_bw)
+    log(_format_row(row))
+    return [row]
+
+
+def bench_decode_sweep(setup: Setup, pools: Pools, copy_bw: float, log: Callable) -> list[Row]:
+    """Tile parameters of the decode kernel on a small-batch and a large-batch shape."""
+    rng = np.random.default_rng(2)
+    shapes = [setup.decode_shapes[0], setup.decode_shapes[-2]]
+    rows = []
+    for index, (batch, context) in enumerate(shapes):
+        width = context // setup.page_size
+        tables = rotation_tables(setup, pools, batch, width, rng)
+        calls = decode_calls(setup, batch, context, len(tables))
+        q, lens = random_q(setup, batch, seed=7), jnp.full((batch,), context, jnp.int32)
+        auto = choose_num_kv_splits(batch, setup.num_kv_heads, width)
+        if index == 0:  # split-K bound: splits x pages per step
+            configs = [(s, DecodeTuning(pages_per_step=p)) for s in sorted({auto // 2, auto,
+                                                                            2 * auto} - {0})
+                       for p in (2, 4, 8)]
+        else:  # one split: pages per step x warps x stages
+            configs = [(None, DecodeTuning(pages_per_step=p, num_warps=w, num_stages=st))
+                       for p in (2, 4, 8) for w in (4, 8) for st in (2, 3)]
+        if setup.interpret:
+            configs = configs[:2]
+        for splits, tuning in configs:
+            config = (f"splits={splits or auto},pps={tuning.pages_per_step},"
+                      f"warps={tuning.num_warps},stages={tuning.num_stages}")
+            timing = try_time(setup, log, f"sweep {batch}x{context} {config}",
+                              repeated(ours_decode(setup, splits, tuning), calls),
+                              (pools.k, pools.v, tables, q, lens), calls)
+            if timing is None:
+                continue
+            row = _decode_row(setup, "sweep", f"{batch}x{context}", "ours", config, timing,
+                              setup.kv_bytes(batch, context), copy_bw)
+            rows.append(row)
+            log(_format_row(row))
+    return rows
+
+
+# ---------------------------------------------------------------------------------- prefill
+
+@dataclasses.dataclass(frozen=True)
+class RaggedCase:
+    name: str
+    q_lens: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+
+    def flops(self, setup: Setup) -> float:
+        """Causal attention matmul FLOPs: 2 matmuls x 2 FLOP x Hq x D per (query, key) pair."""
+        pairs = sum(n * (total - n) + n * (n + 1) // 2
+                    for n, total in zip(self.q_lens, self.seq_lens))
+        return 4.0 * setup.num_q_heads * setup.head_dim * pairs
+
+
+def ragged_cases(setup: Setup) -> list[RaggedCase]:
+    if setup.interpret:
+        return [RaggedCase("prefill 1x64", (64,), (64,)),
+                RaggedCase("mixed 4 dec + 32 chunk", (1, 1, 1, 1, 32), (40, 60, 9, 100, 64))]
+    return [RaggedCase("prefill 1x2048", (2048,), (2048,)),
+            RaggedCase("prefill 16x512", (512,) * 16, (512,) * 16),
+            RaggedCase("mixed 64 dec@1024 + 512 chunk@2048", (1,) * 64 + (512,),
+                       (1024,) * 64 + (2048,))]
+
+
+def _ragged_inputs(setup: Setup, pools: Pools, case: RaggedCase, rng: np.random.Generator):
+    width = max(-(-n // setup.page_size) for n in case.seq_lens)
+    tables = jnp.asarray(pools.take(len(case.q_lens) * width, rng).reshape(-1, width))
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(case.q_lens)]), jnp.int32)
+    return (random_q(setup, sum(case.q_lens), seed=11), pools.k, pools.v, tables,
+            jnp.asarray(case.seq_lens, jnp.int32), qsl)
+
+
+def bench_ragged(setup: Setup, pools: Pools, log: Callable) -> list[Row]:
+    rng = np.random.default_rng(3)
+    tile_configs = [RaggedTuning(), RaggedTuning(block_q=32), RaggedTuning(pages_per_step=8),
+                    RaggedTuning(block_q=32, pages_per_step=8, num_warps=8)]
+    rows = []
+    for case in ragged_cases(setup):
+        args = _ragged_inputs(setup, pools, case, rng)
+        max_q = max(case.q_lens)
+        calls = setup.min_calls
+        configs = tile_configs[:1] if (setup.interpret or "mixed" in case.name) else tile_configs
+        for tuning in configs:
+            def kernel(q, k, v, tables, lens, qsl, tuning=tuning):
+                return ragged_paged_attention(q, k, v, tables, lens, qsl, sm_scale=setup.sm_scale,
+                                              max_query_len=max_q, impl="pallas",
+                                              interpret=setup.interpret, tuning=tuning)
+            fn = jax.jit(lambda *a, kernel=kernel: [kernel(*a) for _ in range(calls)])
+            config = (f"block_q={tuning.block_q or 'auto'},pps={tuning.pages_per_step},"
+                      f"warps={tuning.num_warps}")
+            timing = try_time(setup, log, f"ragged {case.name} {config}", fn, args, calls)
+            if timing is None:
+                continue
+            rows.append(Row("ragged", case.name, "ours", config, timing.best_ms,
+                            timing.median_ms,
+                            tflops=case.flops(setup) / (timing.best_ms * 1e-3) / 1e12))
+            log(_format_row(rows[-1]))
+        if "mixed" not in case.name:  # the dense-per-sequence reference needs S*Hq*Q*L scores
+            fn = jax.jit(lambda q, k, v, t, lens, qsl: ragged_paged_attention_reference(
+                q, k, v, t, lens, qsl, sm_scale=setup.sm_scale, max_query_len=max_q))
+            timing = try_time(setup, log, f"ragged {case.name} xla", fn, args, 1)
+            if timing is None:
+                continue
+            rows.append(Row("ragged", case.name, "xla", "reference", timing.best_ms,
+                            timing.median_ms,
+                            tflops=case.flops(setup) / (timing.best_ms * 1e-3) / 1e12))
+            log(_format_row(rows[-1]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------- checks
+
+def _rel_err(actual, expected) -> float:
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
+
+
+def run_checks(setup: Setup, log: Callable) -> bool:
+    """Kernels (bf16) vs the f32 references on small ragged/decode batches; write_kv exactly."""
+    f32 = jnp.float32
+    pools = make_pools(setup, 64 if setup.interpret else 4096, seed=5)
+    rng = np.random.default_rng(5)
+    k32, v32 = pools.k.astype(f32), pools.v.astype(f32)
+    results = {}
+
+    lens_host = [4000, 17, 0, 1, 256, 999] if not setup.interpret else [200, 17, 0, 1]
+    width = -(-max(lens_host) // setup.page_size)
+    tables = jnp.asarray(pools.take(len(lens_host) * width, rng).reshape(-1, width))
+    lens = jnp.asarray(lens_host, jnp.int32)
+    q = random_q(setup, len(lens_host), seed=5)
+    for splits in (None, 1, 3):
+        out = paged_decode_attention(q, pools.k, pools.v, tables, lens, sm_scale=setup.sm_scale,
+                                     num_kv_splits=splits, impl="pallas",
+                                     interpret=setup.interpret)
+        ref = paged_decode_attention_reference(q.astype(f32), k32, v32, tables, lens,
+                                               sm_scale=setup.sm_scale)
+        results[f"decode splits={splits}"] = _rel_err(out.astype(f32), ref)
+
+    case = ragged_cases(setup)[-1] if setup.interpret else RaggedCase(
+        "mixed: decodes, chunks, prefix hits", (1,) * 6 + (200, 100, 0, 37),
+        (1000, 17, 1, 16, 33, 500, 2000, 100, 50, 64))
+    q, _, _, tables, seq_lens, qsl = _ragged_inputs(setup, pools, case, rng)
+    for max_q in (max(case.q_lens), None):
+        out = ragged_paged_attention(q, pools.k, pools.v, tables, seq_lens, qsl,
+                                     sm_scale=setup.sm_scale, max_query_len=max_q,
+                                     impl="pallas", interpret=setup.interpret)
+        ref = ragged_paged_attention_reference(q.astype(f32), k32, v32, tables, seq_lens, qsl,
+                                               sm_scale=setup.sm_scale, max_query_len=max_q)
+        results[f"ragged {case.name} max_query_len={max_q}"] = _rel_err(out.astype(f32), ref)
+    dec_qsl = jnp.arange(len(lens_host) + 1, dtype=jnp.int32)
+    dec_q = random_q(setup, len(lens_host), seed=6)
+    dec_tables = jnp.asarray(pools.take(len(lens_host) * width, rng).reshape(-1, width))
+    out = ragged_paged_attention(dec_q, pools.k, pools.v, dec_tables, lens, dec_qsl,
+                                 sm_scale=setup.sm_scale, max_query_len=1, impl="pallas",
+                                 interpret=setup.interpret)
+    ref = ragged_paged_attention_reference(dec_q.astype(f32), k32, v32, dec_tables, lens, dec_qsl,
+                                           sm_scale=setup.sm_scale)
+    results["ragged decode-only (max_query_len=1)"] = _rel_err(out.astype(f32), ref)
+
+    ok = all(err < 1e-2 for err in results.values())
+    slots = jnp.asarray(np.where(rng.random(256) < 0.2, -1,
+                                 rng.choice(pools.k.shape[0] * setup.page_size, 256,
+                                            replace=False)), jnp.int32)
+    new = jax.random.normal(jax.random.PRNGKey(9), (256, setup.num_kv_heads, setup.head_dim),
+                            setup.dtype)
+    expected = write_kv_reference(pools.k, pools.v, new, -new, slots)
+    got = write_kv(jnp.array(pools.k, copy=True), jnp.array(pools.v, copy=True), new, -new, slots,
+                   impl="pallas", interpret=setup.interpret)
+    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, expected))
+    ok &= same
+    for name, err in results.items():
+        log(f"check {name:55s} rel-norm err {err:.2e} {'ok' if err < 1e-2 else 'FAIL'}")
+    log(f"check {'write_kv (whole pools, exact)':55s} {'ok' if same else 'FAIL'}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------- report
+
+def _format_row(row: Row) -> str:
+    parts = [f"{row.section:6s} {row.shape:34s} {row.impl:8s} {row.config:38s}",
+             f"best {row.best_ms:8.4f} ms  median {row.median_ms:8.4f} ms"]
+    if row.tbps is not None:
+        parts.append(f"{row.tbps:5.2f} TB/s {row.pct_copy:5.1f}% of copy")
+    if row.tflops is not None:
+        parts.append(f"{row.tflops:6.1f} TFLOP/s")
+    if row.speedup_vs_builtin is not None:
+        parts.append(f"{row.speedup_vs_builtin:4.2f}x builtin")
+    return "  ".join(parts)
+
+
+def summary_table(rows: list[Row]) -> str:
+    decode = [r for r in rows if r.section == "decode" and r.config != "small pool (<4 GiB)"]
+    lines = ["", "SUMMARY decode (best ms / TB/s / % copy BW)",
+             f"{'B x L':>10s} | {'ours':>22s} | {'builtin':>22s} | {'xla':>22s} | ours/builtin"]
+    for shape in dict.fromkeys(r.shape for r in decode):
+        by_impl = {r.impl: r for r in decode if r.shape == shape}
+        cells = [f"{by_impl[i].best_ms:7.4f} {by_impl[i].tbps:4.2f} {by_impl[i].pct_copy:4.0f}%"
+                 if i in by_impl else "failed" for i in ("ours", "builtin", "xla")]
+        ours = by_impl.get("ours")
+        speedup = (f"{ours.speedup_vs_builtin:.2f}x"
+                   if ours is not None and ours.speedup_vs_builtin is not None else "-")
+        lines.append(f"{shape:>10s} | {cells[0]:>22s} | {cells[1]:>22s} | {cells[2]:>22s} | "
+                     f"{speedup}")
+    ragged = [r for r in rows if r.section == "ragged"]
+    if ragged:
+        lines.append("SUMMARY ragged (best config per case, TFLOP/s)")
+        for case in dict.fromkeys(r.shape for r in ragged):
+            ours_rows = [r for r in ragged if r.shape == case and r.impl == "ours"]
+            if not ours_rows:
+                continue
+            ours = max(ours_rows, key=lambda r: r.tflops)
+            xla = [r for r in ragged if r.shape == case and r.impl == "xla"]
+            xla_text = f"  xla {xla[0].tflops:.1f}" if xla else ""
+            lines.append(f"{case:>36s}: ours {ours.tflops:6.1f} ({ours.config}) "
+                         f"{ours.best_ms:.3f} ms{xla_text}")
+    sweep = [r for r in rows if r.section == "sweep"]
+    for shape in dict.fromkeys(r.shape for r in sweep):
+        best = min((r for r in sweep if r.shape == shape), key=lambda r: r.best_ms)
+        lines.append(f"SWEEP best {shape}: {best.config} {best.tbps:.2f} TB/s")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit,
+                device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+                jax=jax.__version__, command=" ".join(sys.argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="numerics checks before timing")
+    parser.add_argument("--check-only", action="store_true", help="numerics checks, no timing")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the decode tile sweep")
+    parser.add_argument("--out", type=pathlib.Path, help="write kernels.json + kernels.log here")
+    args = parser.parse_args(argv)
+    setup = SMOKE if args.smoke else Setup()
+    lines: list[str] = []
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    env = environment()
+    log(" ".join(f"{k}={v}" for k, v in env.items()))
+    if not setup.interpret and jax.default_backend() != "gpu":
+        log("no GPU: timings would be meaningless; use --smoke for a CPU run of the script")
+        return 2
+    started = time.perf_counter()
+    ok = True
+    if args.check or args.check_only:
+        ok = run_checks(setup, log)
+        if not ok or args.check_only:
+            log("CHECKS " + ("PASSED" if ok else "FAILED"))
+            _write(args.out, env, None, [], lines)
+            return 0 if ok else 1
+
+    copy_bw = measure_copy_bandwidth(setup)
+    log(f"copy bandwidth (read + write, {setup.copy_bytes / 2**30:.2f} GiB): "
+        f"{copy_bw / 1e12:.3f} TB/s")
+    pools = make_pools(setup, setup.pool_pages)
+    pools_t = tuple(jnp.transpose(p, (2, 0, 1, 3)) for p in (pools.k, pools.v))
+    rows = bench_decode(setup, pools, pools_t, copy_bw, log)
+    del pools_t
+    rows += bench_small_pool(setup, copy_bw, log)
+    rows += bench_ragged(setup, pools, log)
+    if not args.no_sweep:
+        rows += bench_decode_sweep(setup, pools, copy_bw, log)
+    log(summary_table(rows))
+    log(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s; total {time.perf_counter() - started:.0f} s")
+    _write(args.out, env, copy_bw, rows, lines)
+    return 0
+
+
+def _write(out: pathlib.Path | None, env: dict, copy_bw: float | None, rows: list[Row],
+           lines: list[str]) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    payload = dict(env, copy_bandwidth_tbps=None if copy_bw is None else copy_bw / 1e12,
+                   rows=[dataclasses.asdict(r) for r in rows])
+    (out / "kernels.json").write_text(json.dumps(payload, indent=1))
+    (out / "kernels.log").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The engine: requests in, one scheduled step at a time, ``RequestOutput``s out.
+
+``step()`` is the whole loop body: schedule -> run the model -> apply the sampled tokens ->
+detokenize and check stop strings -> outputs. Requests with ``n > 1`` run as ``n`` child sequences
+(see ``scheduler``); their outputs are gathered back under the parent's id here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+
+import jax
+
+from jaxpaged.buckets import BucketLadder
+from jaxpaged.config import ModelConfig
+from jaxpaged.detokenizer import IncrementalDetokenizer
+from jaxpaged.engine_config import EngineConfig
+from jaxpaged.kv_sizing import KVPlan, activation_reserve_bytes, plan_kv_cache
+from jaxpaged.model_loader import jax_dtype, load_model
+from jaxpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxpaged.request import Request, RequestStatus
+from jaxpaged.runner import ModelRunner, TokenLogprobs
+from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.scheduler import Scheduler, SchedulerConfig
+from jaxpaged.scheduler_output import RequestUpdate
+from jaxpaged.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """One of a request's n samples, as the engine reports it."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def completion(self) -> CompletionOutput:
+        text = self.detokenizer.output_text if self.detokenizer else ""
+        return CompletionOutput(index=self.index, text=text, token_ids=list(self.token_ids),
+                                cumulative_logprob=self.cumulative_logprob,
+                                logprobs=self.logprobs, finish_reason=self.finish_reason,
+                                stop_reason=self.stop_reason)
+
+
+@dataclasses.dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    sequences: dict[int, _Sequence] = dataclasses.field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return (len(self.sequences) == self.params.n
+                and all(s.finish_reason is not None for s in self.sequences.values()))
+
+    def output(self, num_cached_tokens: int | None = None) -> RequestOutput:
+        outputs = [self.sequences[i].completion() for i in sorted(self.sequences)]
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
+                             prompt_token_ids=self.prompt_token_ids, prompt_logprobs=None,
+                             outputs=outputs, finished=self.finished, metrics=self.metrics,
+                             num_cached_tokens=num_cached_tokens)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        start = time.perf_counter()
+        _enable_compilation_cache(config.compilation_cache_dir)
+        model_dir = pathlib.Path(config.model)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.tokenizer = (None if config.skip_tokenizer_init
+                          else load_tokenizer(config.tokenizer or model_dir))
+        self.generation_config = _read_json(model_dir / "generation_config.json")
+        self.max_model_len = self._resolve_max_model_len()
+        on_cpu = jax.default_backend() == "cpu"
+        self.max_num_seqs = config.max_num_seqs or (16 if on_cpu else 256)
+        self.max_num_batched_tokens = self._resolve_max_num_batched_tokens()
+        dtype = _resolve_dtype(config.dtype, model_dir)
+        model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl)
+        load_seconds = time.perf_counter() - start
+        self.kv_plan = self._plan_kv(dtype)
+        self.eos_token_id = self._eos_token_id()
+        self.scheduler = Scheduler(self._scheduler_config(), self.kv_plan.num_blocks)
+        self.runner = ModelRunner(
+            model, num_blocks=self.kv_plan.num_blocks, block_size=config.block_size,
+            kv_dtype=jax_dtype(dtype), ladder=self._ladder(),
+            eos_token_ids=tuple(sorted(self._all_eos_ids())), seed=config.seed,
+            penalty_width=self.max_model_len)
+        compile_seconds = self.runner.warmup()
+        self._requests: dict[str, _RequestState] = {}
+        logger.info("jaxpaged engine ready: weights %.1f s, compile %.1f s; KV cache %d tokens "
+                    "(%d blocks of %d), max concurrency %.2fx at max_model_len=%d",
+                    load_seconds, compile_seconds, self.kv_plan.capacity_tokens,
+                    self.kv_plan.num_blocks - 1, config.block_size,
+                    self.kv_plan.max_concurrency(self.max_model_len), self.max_model_len)
+
+    # ----- set-up -----
+
+    def _resolve_max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        value = self.config.max_model_len or limit
+        if value > limit:
+            raise ValueError(f"max_model_len={value} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        return value
+
+    def _resolve_max_num_batched_tokens(self) -> int:
+        c = self.config
+        if c.max_num_batched_tokens is not None:
+            value = c.max_num_batched_tokens
+        else:
+            value = max(512 if jax.default_backend() == "cpu" else 8192, self.max_num_seqs)
+            if not c.enable_chunked_prefill:
+                value = max(value, self.max_model_len)
+        if value < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({value}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs})")
+        if not c.enable_chunked_prefill and value < self.max_model_len:
+            raise ValueError(f"without chunked prefill max_num_batched_tokens ({value}) must be "
+                             f">= max_model_len ({self.max_model_len})")
+        return value
+
+    def _plan_kv(self, dtype: str) -> KVPlan:
+        c = self.config
+        return plan_kv_cache(
+            self.model_config, dtype=jax_dtype(dtype), block_size=c.block_size,
+            max_model_len=self.max_model_len, gpu_memory_utilization=c.gpu_memory_utilization,
+            activation_bytes=activation_reserve_bytes(self.model_config,
+                                                      self.max_num_batched_tokens, self.max_num_seqs),
+            kv_cache_memory_bytes=c.kv_cache_memory_bytes,
+            num_blocks_override=c.num_gpu_blocks_override)
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        c = self.config
+        return SchedulerConfig(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
+                               enable_chunked_prefill=c.enable_chunked_prefill,
+                               block_size=c.block_size,
+                               enable_prefix_caching=c.enable_prefix_caching,
+                               policy=c.scheduling_policy)
+
+    def _ladder(self) -> BucketLadder:
+        return BucketLadder.create(max_num_batched_tokens=self.max_num_batched_tokens,
+                                   max_num_seqs=self.max_num_seqs,
+                                   max_model_len=self.max_model_len,
+                                   block_size=self.config.block_size)
+
+    def _eos_token_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        ids = self.model_config.eos_token_ids
+        return ids[0] if ids else None
+
+    def _all_eos_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        extra = self.generation_config.get("eos_token_id")
+        ids.update([extra] if isinstance(extra, int) else extra or [])
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        return ids
+
+    # ----- requests -----
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None,
+                    params: SamplingParams | None = None, *,
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                    priority: int = 0) -> None:
+        """Queues a prompt: text, token ids, or both (text reported, ids run, e.g. after a chat
+        template). Bad input raises ValueError and queues nothing."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params)!r}")
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if prompt_token_ids is not None:
+            text, token_ids = prompt, self._tokenize(prompt_token_ids)[1]
+        else:
+            text, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        params = params.clone()
+        params.update_from_generation_config(
+            {"eos_token_id": sorted(self._all_eos_ids())}, self.eos_token_id)
+        arrival = arrival_time if arrival_time is not None else time.time()
+        request = Request(request_id=request_id, prompt_token_ids=token_ids,
+                          sampling_params=params, arrival_time=arrival, priority=priority,
+                          eos_token_id=self.eos_token_id)
+        self.scheduler.add_request(request)
+        self._requests[request_id] = _RequestState(request_id, text, token_ids, params,
+                                                   RequestMetrics(arrival_time=arrival))
+
+    def _tokenize(self, prompt: str | list[int] | None) -> tuple[str | None, list[int]]:
+        if prompt is None:
+            raise ValueError("a prompt (text or prompt_token_ids) is required")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True)")
+            return prompt, list(self.tokenizer.encode(prompt))
+        token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        for t in token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.model_config.vocab_size:
+                raise ValueError(f"prompt token id {t!r} is not in [0, {self.model_config.vocab_size})")
+        return None, token_ids
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; with max_model_len="
+                             f"{self.max_model_len} at most {self.max_model_len - 1} fit")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.config.max_logprobs:
+                raise ValueError(f"{name}={value} exceeds max_logprobs={self.config.max_logprobs}")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.scheduler.abort_request(request_id)
+            self._requests.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ----- the loop -----
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the outputs of the requests that progressed in it."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        now = time.time()
+        for s in scheduler_output.scheduled:
+            state = self._requests.get(_parent_id(s.req_id, self.scheduler))
+            if state is not None and state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = now
+                state.metrics.time_in_queue = now - state.metrics.arrival_time
+        runner_output = self.runner.execute(scheduler_output)
+        updates = self.scheduler.update_from_output(scheduler_output,
+                                                    runner_output.sampled_token_ids)
+        return self._process(updates, runner_output.logprobs)
+
+    def _process(self, updates: list[RequestUpdate],
+                 logprobs: dict[str, TokenLogprobs]) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, _RequestState] = {}
+        for update in updates:
+            request = update.request
+            state = self._requests.get(request.parent_id or request.request_id)
+            if state is None:
+                continue
+            seq = state.sequences.get(request.sample_index)
+            if seq is None:
+                seq = state.sequences[request.sample_index] = self._new_sequence(request, state)
+            self._append(seq, request, update, logprobs.get(request.request_id))
+            if state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
+            state.metrics.last_token_time = now
+            touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            if state.finished:
+                state.metrics.finished_time = now
+                del self._requests[state.request_id]
+            outputs.append(state.output())
+        return outputs
+
+    def _new_sequence(self, request: Request, state: _RequestState) -> _Sequence:
+        detokenizer = (IncrementalDetokenizer(self.tokenizer, state.prompt_token_ids,
+                                              request.sampling_params)
+                       if self.tokenizer is not None else None)
+        wants_logprobs = request.sampling_params.logprobs is not None
+        return _Sequence(index=request.sample_index, detokenizer=detokenizer,
+                         logprobs=[] if wants_logprobs else None,
+                         cumulative_logprob=0.0 if wants_logprobs else None)
+
+    def _append(self, seq: _Sequence, request: Request, update: RequestUpdate,
+                token_logprobs: TokenLogprobs | None) -> None:
+        seq.token_ids.extend(update.new_token_ids)
+        if seq.logprobs is not None and token_logprobs is not None and update.new_token_ids:
+            token = update.new_token_ids[-1]
+            entry = {t: Logprob(v, rank=i + 1) for i, (t, v) in enumerate(token_logprobs.top.items())}
+            entry[token] = Logprob(token_logprobs.sampled_logprob, rank=token_logprobs.sampled_rank)
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += token_logprobs.sampled_logprob
+        stop_string = seq.detokenizer.update(update.new_token_ids) if seq.detokenizer else None
+        if stop_string is not None and not request.is_finished():
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED,
+                                          stop_string)
+        if stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
+        elif request.is_finished():
+            seq.finish_reason = request.get_finished_reason()
+            seq.stop_reason = request.stop_reason
+
+
+def _parent_id(req_id: str, scheduler: Scheduler) -> str:
+    request = scheduler.requests.get(req_id)
+    return request.parent_id or req_id if request is not None else req_id
+
+
+def _enable_compilation_cache(directory: str | None) -> None:
+    if directory is None or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(directory).expanduser()))
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _resolve_dtype(dtype: str, model_dir: pathlib.Path) -> str:
+    if dtype != "auto":
+        return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+    config = _read_json(model_dir / "config.json")
+    saved = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return "fp32" if saved == "float32" else "bf16"

@@ -1,0 +1,105 @@
+"""Engine arguments with vLLM's names, defaults and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+# vLLM arguments that change nothing in jaxpaged when left at these values (accepted so vLLM code
+# runs unchanged); any other value is refused rather than silently ignored.
+_NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
+    "trust_remote_code": (False, True),  # jaxpaged never runs code from a checkpoint
+    "tokenizer_mode": ("auto",),
+    "revision": (None,),
+    "tokenizer_revision": (None,),
+    "enforce_eager": (False, True),  # XLA programs are always compiled ahead of serving
+    "swap_space": (None, 0, 4),
+    "disable_log_stats": (False, True),
+    "disable_custom_all_reduce": (False, True),
+    "max_seq_len_to_capture": (None, 8192),
+    "quantization": (None,),
+    "hf_token": (None,),
+    "task": ("auto", "generate"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    """Model directory: a Hugging Face checkpoint or one made by ``jaxpaged convert``."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to ``model``."""
+    skip_tokenizer_init: bool = False
+    """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
+    dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32"] = "auto"
+    """Weights and activations; "auto" takes the checkpoint's (fp16/bf16 -> bf16, fp32 -> fp32)."""
+    kv_cache_dtype: Literal["auto"] = "auto"
+    """KV cache dtype; "auto" = the model dtype."""
+    max_model_len: int | None = None
+    """Context length (prompt + output); defaults to the model's max_position_embeddings."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the accelerator memory jaxpaged may use; the KV pool gets what is left."""
+    kv_cache_memory_bytes: int | None = None
+    """Exact KV pool size in bytes (overrides gpu_memory_utilization; the default on CPU is 256 MiB)."""
+    num_gpu_blocks_override: int | None = None
+    """Exact number of KV blocks (testing and benchmarks)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_num_seqs: int | None = None
+    """Most sequences in one step; defaults to 256 on a GPU, 16 on the CPU."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step; defaults to 8192 on a GPU, 512 on the CPU (at least
+    max_num_seqs, and max_model_len when chunked prefill is off)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of identical prompt prefixes."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps and mix them with decodes."""
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    """Order of admission."""
+    seed: int = 0
+    """Seed of the engine's random stream (requests with their own seed ignore it)."""
+    max_logprobs: int = 20
+    """Largest ``logprobs`` / ``prompt_logprobs`` a request may ask for."""
+    tensor_parallel_size: int = 1
+    """Devices to shard the model over (only 1 for now)."""
+    attention_impl: Literal["auto", "pallas", "reference"] = "auto"
+    """Attention kernels: Pallas on GPU ("auto"), or the jnp reference."""
+    compilation_cache_dir: str | None = "~/.cache/jaxpaged/xla"
+    """JAX's persistent compilation cache (makes the second start fast); None disables it.
+    Ignored when the process already set ``jax_compilation_cache_dir``."""
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_logprobs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "num_gpu_blocks_override", "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported "
+                             "yet (only 1)")
+        if self.dtype not in ("auto", "bfloat16", "bf16", "float32", "fp32"):
+            raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, kwargs: dict[str, Any]) -> "EngineConfig":
+        """``LLM(model, **kwargs)``: fields by name; unknown names are a TypeError, like vLLM."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        chosen = {}
+        for name, value in kwargs.items():
+            if name in fields:
+                chosen[name] = value
+            elif name in _NO_OP_VLLM_ARGS:
+                if value not in _NO_OP_VLLM_ARGS[name]:
+                    raise ValueError(f"{name}={value!r} is not supported by jaxpaged")
+            else:
+                raise TypeError(f"unexpected keyword argument {name!r}")
+        return cls(model=model, **chosen)

@@ -1,0 +1,72 @@
+"""How many KV blocks fit: the pool gets what the weights and the largest step leave over."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+
+from jaxpaged.config import ModelConfig
+from jaxpaged.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+# Without an accelerator there is no memory limit to read; the pool gets this much.
+DEFAULT_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    num_blocks: int  # per layer, including null block 0
+    block_size: int
+    bytes_per_block: int  # K + V over all layers
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    def max_concurrency(self, max_model_len: int) -> float:
+        return self.capacity_tokens / max_model_len
+
+
+def activation_reserve_bytes(cfg: ModelConfig, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """Upper estimate of the largest step's live activations (f32 worst case, x2 for temporaries):
+    per token the residual, q/k/v, attention output and gate/up; per sequence the logits and the
+    sampler's sorted copy."""
+    per_token = (3 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+                 + cfg.num_heads * cfg.head_dim + 3 * cfg.intermediate_size)
+    per_seq = 4 * cfg.vocab_size
+    return 2 * 4 * (max_num_batched_tokens * per_token + max_num_seqs * per_seq)
+
+
+def plan_kv_cache(cfg: ModelConfig, *, dtype, block_size: int, max_model_len: int,
+                  gpu_memory_utilization: float, activation_bytes: int,
+                  kv_cache_memory_bytes: int | None = None,
+                  num_blocks_override: int | None = None) -> KVPlan:
+    """Sizes the pool; a ValueError says what to change when one max_model_len sequence can't fit."""
+    bytes_per_block = KVCache.bytes_per_block(num_layers=cfg.num_layers, block_size=block_size,
+                                              num_kv_heads=cfg.num_kv_heads,
+                                              head_dim=cfg.head_dim, dtype=dtype)
+    if num_blocks_override is not None:
+        num_blocks = num_blocks_override
+    else:
+        budget = kv_cache_memory_bytes or _free_bytes(gpu_memory_utilization, activation_bytes)
+        num_blocks = budget // bytes_per_block
+    plan = KVPlan(num_blocks=int(num_blocks), block_size=block_size, bytes_per_block=bytes_per_block)
+    needed = -(-max_model_len // block_size) + 1
+    if plan.num_blocks < needed:
+        raise ValueError(
+            f"the KV cache holds {max(plan.capacity_tokens, 0)} tokens ({plan.num_blocks} blocks of "
+            f"{block_size}), fewer than one sequence of max_model_len={max_model_len} needs "
+            f"({needed} blocks): lower max_model_len or max_num_batched_tokens, or raise "
+            "gpu_memory_utilization / kv_cache_memory_bytes")
+    return plan
+
+
+def _free_bytes(gpu_memory_utilization: float, activation_bytes: int) -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    budget = stats["bytes_limit"] * gpu_memory_utilization - stats.get("bytes_in_use", 0)
+    return max(int(budget - activation_bytes), 0)

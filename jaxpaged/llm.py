@@ -1,0 +1,125 @@
+"""``LLM``: vLLM's offline API (``generate``, ``chat``) on the jaxpaged engine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from jaxpaged.engine import LLMEngine
+from jaxpaged.engine_config import EngineConfig
+from jaxpaged.outputs import RequestOutput
+from jaxpaged.sampling_params import SamplingParams
+
+# vLLM's prompt forms: "text", {"prompt": "text"}, {"prompt_token_ids": [...]}.
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """An LLM for offline batched generation, with vLLM's constructor arguments.
+
+    ``LLM(model="path/to/model", max_model_len=4096, gpu_memory_utilization=0.9, ...)``; see
+    ``EngineConfig`` for every argument.
+    """
+
+    def __init__(self, model: str, **kwargs: Any):
+        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(model, kwargs))
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 prompt_token_ids: list[int] | list[list[int]] | None = None,
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
+        """Generates completions for ``prompts``; outputs come back in input order."""
+        requests = _normalize_prompts(prompts, prompt_token_ids)
+        params = _per_prompt(sampling_params, len(requests))
+        priorities = priority if priority is not None else [0] * len(requests)
+        if len(priorities) != len(requests):
+            raise ValueError(f"priority has {len(priorities)} entries for {len(requests)} prompts")
+        return self._run(requests, params, priorities, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Generates replies to one conversation or a list of them, through the chat template."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True)")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        requests = []
+        for conversation in conversations:
+            if not conversation:
+                raise ValueError("messages must not be empty")
+            text = tokenizer.apply_chat_template(
+                conversation, tokenize=False, chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)
+            # The template already writes the special tokens (BOS ...): don't add them twice.
+            requests.append({"prompt": text,
+                             "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        params = _per_prompt(sampling_params, len(requests))
+        return self._run(requests, params, [0] * len(requests), use_tqdm)
+
+    def _run(self, requests: list[dict[str, Any]], params: list[SamplingParams],
+             priorities: list[int], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = [str(next(self._request_counter)) for _ in requests]
+        try:
+            for request_id, request, p, prio in zip(ids, requests, params, priorities):
+                engine.add_request(request_id, request.get("prompt"), p,
+                                   prompt_token_ids=request.get("prompt_token_ids"),
+                                   priority=prio)
+        except Exception:
+            engine.abort_request(ids)  # all or nothing: a bad prompt queues none of the batch
+            raise
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
+                  dynamic_ncols=True) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[i] for i in ids]
+
+
+def _normalize_prompts(prompts, prompt_token_ids) -> list[dict[str, Any]]:
+    if prompts is not None and prompt_token_ids is not None:
+        raise ValueError("pass prompts or prompt_token_ids, not both")
+    if prompt_token_ids is not None:
+        batch = prompt_token_ids if prompt_token_ids and isinstance(prompt_token_ids[0], list) \
+            else [prompt_token_ids]
+        return [{"prompt_token_ids": ids} for ids in batch]
+    if prompts is None:
+        raise ValueError("prompts must be given")
+    batch = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+    if not batch:
+        raise ValueError("prompts must not be empty")
+    out = []
+    for p in batch:
+        if isinstance(p, str):
+            out.append({"prompt": p})
+        elif isinstance(p, dict) and ("prompt" in p or "prompt_token_ids" in p):
+            out.append({k: p[k] for k in ("prompt", "prompt_token_ids") if k in p})
+        else:
+            raise ValueError(f"a prompt must be a str or a dict with 'prompt' or "
+                             f"'prompt_token_ids', got {type(p).__name__}")
+    return out
+
+
+def _per_prompt(sampling_params, count: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams() for _ in range(count)]
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    params = list(sampling_params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
+    return params

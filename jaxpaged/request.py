@@ -1,0 +1,223 @@
+"""One generation request as the scheduler sees it (vLLM v1's ``Request``).
+
+The scheduler is phase-free: a request only knows how many of its tokens are in the KV cache
+(``num_computed_tokens``) and how many tokens it has (``num_tokens`` = prompt + output). Prefill,
+chunked prefill, recompute after preemption and decode are all "compute the tokens from
+``num_computed_tokens`` to ``num_tokens``". The request's KV blocks belong to the block manager
+(``BlockManager.get_block_ids(request_id)``), not to the request.
+
+Parallel sampling (``n > 1``): the request is a *parent* that computes the shared part of the prompt
+and is then forked into ``n`` children (``f"{request_id}-{i}"``, ``parent_id`` set, ``n = 1``) that
+generate independently; see ``Scheduler`` for the block-sharing rule.
+
+The waiting queues (``FCFSRequestQueue``, ``PriorityRequestQueue``) live here too: both offer
+``add`` (a new request), ``prepend`` (a preempted one), ``peek``, ``pop`` and ``remove``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import heapq
+import itertools
+import operator
+import time
+from collections.abc import Iterable, Iterator
+
+from .outputs import FinishReason
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Where a request is in its life. Every value above ``PREEMPTED`` is a finished state."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @staticmethod
+    def is_finished(status: RequestStatus) -> bool:
+        return status > RequestStatus.PREEMPTED
+
+    @staticmethod
+    def get_finished_reason(status: RequestStatus) -> FinishReason | None:
+        return _FINISH_REASONS.get(status)
+
+
+_FINISH_REASONS: dict[RequestStatus, FinishReason] = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A prompt, its sampling parameters and the scheduler's progress on it."""
+
+    request_id: str  # unique among live requests
+    prompt_token_ids: list[int]  # [num_prompt_tokens]
+    sampling_params: SamplingParams
+    arrival_time: float | None = None  # seconds since the epoch; None = now
+    priority: int = 0  # "priority" policy: lower values are scheduled first
+    eos_token_id: int | None = None  # the tokenizer's EOS; ends the request unless ignore_eos
+    parent_id: str | None = None  # set on the children of an n > 1 request
+    sample_index: int = 0  # which of the parent's n samples this is (CompletionOutput.index)
+
+    status: RequestStatus = dataclasses.field(default=RequestStatus.WAITING, init=False)
+    output_token_ids: list[int] = dataclasses.field(default_factory=list, init=False)
+    # Tokens whose K/V are in the cache (or being written by the step in flight).
+    num_computed_tokens: int = dataclasses.field(default=0, init=False)
+    # Prompt tokens served by the prefix cache at the last admission.
+    num_cached_tokens: int = dataclasses.field(default=0, init=False)
+    num_preemptions: int = dataclasses.field(default=0, init=False)
+    stop_reason: int | str | None = dataclasses.field(default=None, init=False)
+    # prompt + output, kept as one list so slicing the next chunk costs no concatenation.
+    _all_token_ids: list[int] = dataclasses.field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}.")
+        if not isinstance(self.sampling_params, SamplingParams):
+            raise ValueError(
+                f"sampling_params must be a SamplingParams, got {type(self.sampling_params)!r}."
+            )
+        self.prompt_token_ids = _as_token_ids(self.prompt_token_ids, self.request_id)
+        if not isinstance(self.priority, int):
+            raise ValueError(f"priority must be an int, got {self.priority!r}.")
+        if self.arrival_time is None:
+            self.arrival_time = time.time()
+        self._all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt then output token ids. Read-only: append through ``append_output_token_ids``."""
+        return self._all_token_ids
+
+    def append_output_token_ids(self, token_ids: int | list[int]) -> None:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        self.output_token_ids.extend(token_ids)
+        self._all_token_ids.extend(token_ids)
+
+    def is_finished(self) -> bool:
+        return RequestStatus.is_finished(self.status)
+
+    def get_finished_reason(self) -> FinishReason | None:
+        return RequestStatus.get_finished_reason(self.status)
+
+    def make_child(self, index: int) -> Request:
+        """The ``index``-th sample of an ``n > 1`` request: its own id, n = 1, seed + index.
+
+        Shifting the seed (as vLLM does) keeps seeded children reproducible yet different.
+        """
+        params = self.sampling_params.clone()
+        params.n = 1
+        if params.seed is not None:
+            params.seed += index
+        return Request(
+            request_id=f"{self.request_id}-{index}",
+            prompt_token_ids=self.prompt_token_ids,
+            sampling_params=params,
+            arrival_time=self.arrival_time,
+            priority=self.priority,
+            eos_token_id=self.eos_token_id,
+            parent_id=self.request_id,
+            sample_index=index,
+        )
+
+
+class FCFSRequestQueue:
+    """Waiting requests in arrival order; preempted ones go back to the front."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Request] = collections.deque()
+
+    def add(self, request: Request) -> None:
+        self._queue.append(request)
+
+    def prepend(self, request: Request) -> None:
+        self._queue.appendleft(request)
+
+    def peek(self) -> Request:
+        return self._queue[0]
+
+    def pop(self) -> Request:
+        return self._queue.popleft()
+
+    def remove(self, request: Request) -> None:
+        self._queue.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._queue)
+
+
+class PriorityRequestQueue:
+    """Waiting requests by (priority, arrival_time); a preempted request keeps its place."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._tiebreak = itertools.count()
+
+    def add(self, request: Request) -> None:
+        entry = (request.priority, request.arrival_time, next(self._tiebreak), request)
+        heapq.heappush(self._heap, entry)
+
+    prepend = add
+
+    def peek(self) -> Request:
+        return self._heap[0][-1]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[-1]
+
+    def remove(self, request: Request) -> None:
+        self._heap = [entry for entry in self._heap if entry[-1] is not request]
+        heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (entry[-1] for entry in sorted(self._heap, key=lambda e: e[:3]))
+
+
+def create_request_queue(policy: str) -> FCFSRequestQueue | PriorityRequestQueue:
+    """The waiting queue for a scheduling policy ("fcfs" or "priority")."""
+    if policy == "priority":
+        return PriorityRequestQueue()
+    if policy == "fcfs":
+        return FCFSRequestQueue()
+    raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}.")
+
+
+def _as_token_ids(token_ids: Iterable[int], request_id: str) -> list[int]:
+    """A plain list of non-negative Python ints (numpy integers accepted)."""
+    try:
+        ids = [operator.index(t) for t in token_ids]
+    except TypeError as e:
+        raise ValueError(f"prompt_token_ids must be ints (request {request_id!r}): {e}") from None
+    if not ids:
+        raise ValueError(f"prompt_token_ids must not be empty (request {request_id!r}).")
+    if min(ids) < 0:
+        raise ValueError(f"prompt_token_ids must be >= 0, got {min(ids)} (request {request_id!r}).")
+    return ids

@@ -1,0 +1,219 @@
+"""Sampling parameters for text generation, with vLLM's names, defaults and checks.
+
+Code written for ``vllm.SamplingParams`` should run unchanged: the same keyword arguments, the same
+defaults, the same normalisation (``stop`` becomes a list; greedy sampling switches top-p, top-k
+and min-p off).
+Bad values raise ``ValueError`` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+from collections.abc import Mapping
+from numbers import Real
+from typing import Any
+
+# Temperatures below this are treated as greedy (argmax) sampling, as in vLLM.
+SAMPLING_EPS = 1e-5
+
+
+class SamplingType(enum.IntEnum):
+    """How the sampler picks a token for one request (vLLM's ``SamplingType``)."""
+
+    GREEDY = 0  # argmax; temperature < SAMPLING_EPS
+    RANDOM = 1  # random sampling from the engine's generator
+    RANDOM_SEED = 2  # random sampling from a per-request generator seeded with ``seed``
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to sample the output tokens of one request (vLLM's ``SamplingParams``)."""
+
+    n: int = 1
+    """Number of output sequences to return for the prompt."""
+    best_of: int | None = None
+    """Not supported (vLLM V1 dropped it); only ``None`` is accepted."""
+    presence_penalty: float = 0.0
+    """Penalises tokens already in the output (> 0: favour new tokens, < 0: repeats). [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Penalises tokens by how often they appear in the output. [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """Multiplicative penalty on tokens in the prompt or output (> 1 discourages repeats). > 0."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 (below 1e-5) means greedy sampling. >= 0."""
+    top_p: float = 1.0
+    """Keep the smallest set of top tokens whose probabilities sum to at least ``top_p``. (0, 1]."""
+    top_k: int = 0
+    """Keep only the ``top_k`` most likely tokens; 0 disables (older vLLM's -1 is stored as 0)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below ``min_p`` times the top token's. [0, 1]."""
+    seed: int | None = None
+    """Seed of a per-request generator (reproducible sampling); ``None``: the engine's generator."""
+    stop: str | list[str] | None = None
+    """Strings that stop generation (checked by the detokenizer); normalised to a list."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that stop generation (kept in the output unless they are special tokens)."""
+    ignore_eos: bool = False
+    """Keep generating after the EOS token (benchmarks)."""
+    max_tokens: int | None = 16
+    """Maximum number of generated tokens; ``None`` = up to the model's context length."""
+    min_tokens: int = 0
+    """Minimum number of generated tokens before EOS / stop tokens may end the request."""
+    logprobs: int | None = None
+    """Number of log-probabilities to return per generated token (plus the sampled one)."""
+    prompt_logprobs: int | None = None
+    """Number of log-probabilities to return per prompt token."""
+    detokenize: bool = True
+    """Whether to turn output token ids into text."""
+    skip_special_tokens: bool = True
+    """Drop special tokens from the output text."""
+    spaces_between_special_tokens: bool = True
+    """Put spaces between special tokens in the output text."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the output text."""
+
+    # Stop token ids plus the model's EOS ids (see ``update_from_generation_config``); the sampler
+    # masks these while fewer than ``min_tokens`` tokens have been generated.
+    _all_stop_token_ids: set[int] = dataclasses.field(
+        default_factory=set, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k == -1:
+            self.top_k = 0  # NOTE: -1 is older vLLM's "disabled"; keep one spelling downstream.
+        self._verify_args()
+        if self.temperature < SAMPLING_EPS:
+            # Greedy sampling: the filters cannot change the argmax, so switch them off.
+            self.top_p = 1.0
+            self.top_k = 0
+            self.min_p = 0.0
+        self._all_stop_token_ids = set(self.stop_token_ids)
+
+    def _verify_args(self) -> None:
+        _check_int("n", self.n, minimum=1)
+        if self.best_of is not None:
+            raise ValueError(f"best_of is not supported; got best_of={self.best_of!r} (use n).")
+        _check_real("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_real("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_real("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(
+                f"repetition_penalty must be greater than zero, got {self.repetition_penalty}."
+            )
+        _check_real("temperature", self.temperature, 0.0)
+        _check_real("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        _check_int("top_k", self.top_k, minimum=-1, hint="0 or -1 disables, else >= 1")
+        _check_real("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+                f"got {self.min_tokens}."
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=0)
+        self._verify_stop()
+
+    def _verify_stop(self) -> None:
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}.")
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop cannot contain an empty string, got {self.stop!r}.")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(
+                f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}."
+            )
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.temperature < SAMPLING_EPS:
+            return SamplingType.GREEDY
+        if self.seed is not None:
+            return SamplingType.RANDOM_SEED
+        return SamplingType.RANDOM
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.sampling_type == SamplingType.GREEDY
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        """``stop_token_ids`` plus the model's EOS ids (for min_tokens masking)."""
+        return self._all_stop_token_ids
+
+    @property
+    def output_text_buffer_length(self) -> int:
+        """Characters the detokenizer holds back from streaming so a stop string can be cut."""
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self.stop) - 1
+
+    def update_from_generation_config(
+        self, generation_config: Mapping[str, Any], model_eos_token_id: int | None = None
+    ) -> None:
+        """Add the EOS ids of the model's ``generation_config.json`` as stop tokens (as vLLM does).
+
+        LLaMA-3 lists several EOS ids there (``<|eot_id|>`` ...); the tokenizer's own EOS
+        (``model_eos_token_id``) is handled by the scheduler through ``Request.eos_token_id``.
+        """
+        if model_eos_token_id is not None:
+            self._all_stop_token_ids.add(model_eos_token_id)
+        eos_ids = generation_config.get("eos_token_id")
+        if eos_ids is None:
+            return
+        extra = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+        extra.discard(model_eos_token_id)
+        if not extra:
+            return
+        self._all_stop_token_ids.update(extra)
+        if not self.ignore_eos:
+            self.stop_token_ids = sorted(extra.union(self.stop_token_ids))
+
+    def clone(self) -> SamplingParams:
+        """A copy that can be changed without touching this one (keeps the EOS additions)."""
+        cloned = copy.copy(self)
+        cloned.stop = list(self.stop)
+        cloned.stop_token_ids = list(self.stop_token_ids)
+        cloned._all_stop_token_ids = set(self._all_stop_token_ids)
+        return cloned
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None, hint: str = "") -> None:
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an int, got {value!r}.")
+    if minimum is not None and value < minimum:
+        detail = hint or f"at least {minimum}"
+        raise ValueError(f"{name} must be {detail}, got {value}.")
+
+
+def _check_real(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    if not isinstance(value, Real) or isinstance(value, bool) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bounds}, got {value}.")

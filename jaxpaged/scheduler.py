@@ -1,0 +1,446 @@
+"""Continuous batching without phases (vLLM v1's scheduler, nano-vllm sized).
+
+Each request has ``num_computed_tokens`` and ``num_tokens``; one step has one token budget
+(``max_num_batched_tokens``). ``schedule()`` first gives every running request its next tokens (one
+decode token, or its next prefill chunk), then admits waiting requests while tokens, sequence slots
+(``max_num_seqs``) and KV blocks last. So prefill chunks and decodes share a batch, and chunked
+prefill is just "fewer tokens than the request has left".
+
+When a running request cannot get a block, the scheduler preempts by recompute: the latest (or
+lowest-priority) running request loses its blocks, resets ``num_computed_tokens`` to 0 and goes to
+the front of the waiting queue; its output tokens stay and are recomputed as part of its prompt.
+
+Parallel sampling (``n > 1``) shares the prompt's KV blocks between the ``n`` samples without any
+device-side copy. The parent computes its prompt only up to the last block boundary that leaves at
+least one prompt token uncomputed, ``B = (num_prompt_tokens - 1) // block_size * block_size``; then
+it is forked into ``n`` children (``f"{request_id}-{i}"``, ``parent_id`` set) that share those
+``B / block_size`` full blocks (ref_cnt = n) and each compute the remaining prompt tokens into their
+own blocks, sample and decode independently::
+
+    parent prompt (block_size 4, 10 tokens):  [p0 p1 p2 p3][p4 p5 p6 p7][p8 p9]
+    parent computes B = 8 tokens:              [ shared #3 ][ shared #5 ]
+    child i then computes p8 p9 + its samples:                           [p8 p9 a b][c ...]
+
+Because ``B`` is a block boundary no child ever writes into a shared block. A prompt of at most one
+block (``B == 0``) is forked at once; a parent whose first ``B`` tokens are all prefix-cache hits is
+forked on admission and its children find the same blocks in the cache. A waiting parent reserves
+``n`` of the ``max_num_seqs`` slots so that the fork never overfills the batch. A preempted child
+recomputes like any request (with prefix caching it finds the shared blocks again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from .block_manager import BlockManager
+from .request import Request, RequestStatus, create_request_queue
+from .scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
+
+SchedulingPolicy = Literal["fcfs", "priority"]
+# Sampled ids from the runner: req_id -> ids, or one row per scheduled request in batch order.
+SampledTokenIds = Mapping[str, Sequence[int] | int] | Sequence[Sequence[int] | int]
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue already holds ``max_waiting`` requests (the server answers 503)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Scheduling limits (vLLM's ``SchedulerConfig`` names)."""
+
+    max_model_len: int
+    """Context length: prompt + output tokens of one sequence."""
+    max_num_seqs: int = 256
+    """Most sequences in one step (and in the running set)."""
+    max_num_batched_tokens: int = 8192
+    """Token budget of one step, prefill chunks and decode tokens together."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over steps; when False a prompt is only scheduled whole."""
+    block_size: int = 16
+    """Token slots per KV block."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of identical prompt prefixes."""
+    policy: SchedulingPolicy = "fcfs"
+    """"fcfs": arrival order; "priority": lower ``Request.priority`` first, then arrival."""
+    max_waiting: int | None = None
+    """Most requests in the waiting queue; ``add_request`` raises QueueFullError beyond it."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
+        if self.max_waiting is not None and (
+            not isinstance(self.max_waiting, int) or self.max_waiting < 1
+        ):
+            raise ValueError(
+                f"max_waiting must be None or a positive int, got {self.max_waiting!r}."
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
+                f"max_model_len={self.max_model_len}: without chunked prefill long prompts "
+                "would never fit."
+            )
+
+
+@dataclasses.dataclass
+class _StepPlan:
+    """The step being built: (request, num_new_tokens) in batch order and what is left."""
+
+    token_budget: int
+    scheduled: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
+    preempted_req_ids: set[str] = dataclasses.field(default_factory=set)
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        self.scheduled.append((request, num_new_tokens))
+        self.token_budget -= num_new_tokens
+
+    def drop(self, request: Request) -> None:
+        for i, (scheduled, num_new_tokens) in enumerate(self.scheduled):
+            if scheduled is request:
+                del self.scheduled[i]
+                self.token_budget += num_new_tokens
+                return
+
+
+class Scheduler:
+    """Decides which tokens of which requests each step computes, and owns their KV blocks."""
+
+    def __init__(self, config: SchedulerConfig, num_blocks: int) -> None:
+        self.config = config
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        # NOTE: progress needs one max_model_len sequence to fit alone (as vLLM checks at start-up).
+        if self.block_manager.num_blocks_for(config.max_model_len) > num_blocks - 1:
+            raise ValueError(
+                f"num_blocks={num_blocks} cannot hold one sequence of max_model_len="
+                f"{config.max_model_len} tokens ({config.block_size}-token blocks, block 0 "
+                "reserved)."
+            )
+        self.requests: dict[str, Request] = {}  # live (waiting or running) requests by id
+        self.waiting = create_request_queue(config.policy)
+        self.running: list[Request] = []  # admission order; the tail is preempted first (fcfs)
+        self._children: dict[str, list[str]] = {}  # forked parent id -> ids of its live children
+        self._finished_req_ids: set[str] = set()  # since the last schedule()
+        self.num_preemptions = 0
+        self._prefix_cache_queries = 0
+        self._prefix_cache_hits = 0
+
+    # ----- requests in and out -----
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request. Raises ValueError for bad requests, QueueFullError when full."""
+        rid, n = request.request_id, request.sampling_params.n
+        self._check_request_id_free(request)
+        if request.num_prompt_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"prompt of request {rid!r} has {request.num_prompt_tokens} tokens, more than "
+                f"max_model_len={self.config.max_model_len}."
+            )
+        if n > self.config.max_num_seqs:
+            raise ValueError(f"n={n} is larger than max_num_seqs={self.config.max_num_seqs}.")
+        if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests).")
+        request.status = RequestStatus.WAITING
+        if n > 1 and self._shared_prefix_len(request) == 0:
+            for child in self._fork(request):
+                self.waiting.add(child)
+            return
+        self.requests[rid] = request
+        self.waiting.add(request)
+
+    def _check_request_id_free(self, request: Request) -> None:
+        """Neither the id nor (for n > 1) its children's ids may clash with live requests."""
+        rid, n = request.request_id, request.sampling_params.n
+        ids = [rid] + [f"{rid}-{i}" for i in range(n if n > 1 else 0)]
+        for request_id in ids:
+            if request_id in self.requests or request_id in self._children:
+                raise ValueError(f"request_id {request_id!r} is already in use.")
+        parent_id, _, index = rid.rpartition("-")
+        parent = self.requests.get(parent_id)
+        if parent is not None and index.isdigit() and int(index) < parent.sampling_params.n:
+            raise ValueError(f"request_id {rid!r} is reserved for a sample of {parent_id!r}.")
+
+    def abort_request(self, request_id: str) -> list[Request]:
+        """Abort a request (waiting or running; a parent id aborts all its children)."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(
+        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> list[Request]:
+        """Finish a request from outside (abort, or a stop string seen by the detokenizer).
+
+        Frees its blocks; unknown or already finished ids are ignored. Returns the requests that
+        this call finished (the children, for the id of a forked parent).
+        """
+        if not RequestStatus.is_finished(status):
+            raise ValueError(f"status must be a finished status, got {status!r}.")
+        ids = list(self._children.get(request_id, [request_id]))
+        finished = [self.requests[rid] for rid in ids if rid in self.requests]
+        for request in finished:
+            self._finish(request, status, stop_reason)
+        return finished
+
+    # ----- one step -----
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and tokens; allocates blocks, may preempt and fork."""
+        plan = _StepPlan(token_budget=self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        # NOTE: after a preemption the pool is tight; admitting new work would thrash.
+        if not plan.preempted_req_ids:
+            self._schedule_waiting(plan)
+        return self._commit(plan)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: SampledTokenIds
+    ) -> list[RequestUpdate]:
+        """Apply the step's sampled tokens: append, check stops, free finished requests.
+
+        ``sampled_token_ids`` maps req_id -> the ids sampled for it (or is a list of rows aligned
+        with ``scheduler_output.scheduled``); entries of requests with ``do_sample == False`` are
+        ignored. Requests finished, aborted or preempted since ``schedule()`` are skipped.
+        """
+        sampled = _by_request_id(scheduler_output, sampled_token_ids)
+        updates: list[RequestUpdate] = []
+        for scheduled in scheduler_output.scheduled:
+            request = self.requests.get(scheduled.req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            self.block_manager.cache_full_blocks(request)
+            if not scheduled.do_sample:
+                continue
+            if sampled.get(scheduled.req_id) is None:
+                raise ValueError(f"no sampled token ids for request {scheduled.req_id!r}.")
+            new_token_ids = self._append_until_stop(request, _as_ids(sampled[scheduled.req_id]))
+            updates.append(RequestUpdate(request, new_token_ids, request.is_finished()))
+        return updates
+
+    # ----- queries -----
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def make_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.block_manager.usage,
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queries=self._prefix_cache_queries,
+            prefix_cache_hits=self._prefix_cache_hits,
+        )
+
+    # ----- scheduling internals -----
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        for request in list(self.running):
+            if plan.token_budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted by an earlier request of this loop
+            num_new_tokens = min(self._num_tokens_to_compute(request), plan.token_budget)
+            if num_new_tokens == 0:
+                continue
+            if not self._allocate_or_preempt(request, num_new_tokens, plan):
+                break
+            plan.add(request, num_new_tokens)
+
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: _StepPlan) -> bool:
+        """Allocate, preempting victims until it fits; False if the request itself was preempted."""
+        while self.block_manager.allocate_slots(request, num_new_tokens) is None:
+            victim = self._pick_victim()
+            self._preempt(victim, plan)
+            if victim is request:
+                return False
+        return True
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            ranked = ((r.priority, r.arrival_time, i) for i, r in enumerate(self.running))
+            return self.running[max(ranked)[2]]
+        return self.running[-1]
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        plan.drop(request)
+        plan.preempted_req_ids.add(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.prepend(request)
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        seats_used = sum(r.sampling_params.n for r in self.running)
+        while len(self.waiting) and plan.token_budget > 0:
+            request = self.waiting.peek()
+            if seats_used + request.sampling_params.n > self.config.max_num_seqs:
+                break
+            hit = self.block_manager.get_computed_blocks(request)
+            num_new_tokens = self._num_tokens_to_compute(request) - hit.num_computed_tokens
+            if request.sampling_params.n > 1 and num_new_tokens == 0:  # shared prefix all cached
+                self.waiting.pop()
+                for child in reversed(self._fork(request)):
+                    self.waiting.prepend(child)
+                continue
+            if not self.config.enable_chunked_prefill and num_new_tokens > plan.token_budget:
+                break
+            num_new_tokens = min(num_new_tokens, plan.token_budget)
+            if self.block_manager.allocate_slots(request, num_new_tokens, hit.block_ids) is None:
+                break
+            self.waiting.pop()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = request.num_cached_tokens = hit.num_computed_tokens
+            self._prefix_cache_queries += request.num_tokens
+            self._prefix_cache_hits += hit.num_computed_tokens
+            self.running.append(request)
+            seats_used += request.sampling_params.n
+            plan.add(request, num_new_tokens)
+
+    def _num_tokens_to_compute(self, request: Request) -> int:
+        """Tokens left to compute; an n > 1 parent stops at its shared prefix."""
+        target = request.num_tokens
+        if request.sampling_params.n > 1:
+            target = self._shared_prefix_len(request)
+        return max(0, target - request.num_computed_tokens)
+
+    def _shared_prefix_len(self, parent: Request) -> int:
+        bs = self.config.block_size
+        return (parent.num_prompt_tokens - 1) // bs * bs
+
+    def _commit(self, plan: _StepPlan) -> SchedulerOutput:
+        """Turn the plan into the runner's view, advance num_computed_tokens, fork parents."""
+        finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
+        scheduled = []
+        for request, num_new_tokens in plan.scheduled:
+            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
+            scheduled.append(
+                ScheduledRequest(
+                    req_id=request.request_id,
+                    token_ids=request.all_token_ids[start:end],
+                    num_computed_tokens=start,
+                    block_ids=self.block_manager.get_block_ids(request.request_id),
+                    do_sample=end == request.num_tokens,
+                    sampling_params=request.sampling_params,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=request.output_token_ids,
+                )
+            )
+            request.num_computed_tokens = end
+            if request.sampling_params.n > 1 and end == self._shared_prefix_len(request):
+                self._fork_running(request)
+        return SchedulerOutput(
+            scheduled=scheduled,
+            total_num_scheduled_tokens=sum(s.num_new_tokens for s in scheduled),
+            finished_req_ids=finished_req_ids,
+            preempted_req_ids=plan.preempted_req_ids,
+        )
+
+    # ----- parallel sampling -----
+
+    def _fork(self, parent: Request) -> list[Request]:
+        """Replace an n > 1 parent by its n children; they share any blocks the parent holds."""
+        children = [parent.make_child(i) for i in range(parent.sampling_params.n)]
+        for child in children:
+            if child.request_id in self.requests or child.request_id in self._children:
+                raise ValueError(f"request_id {child.request_id!r} (a child) is already in use.")
+        if self.block_manager.get_block_ids(parent.request_id):
+            self.block_manager.fork(parent.request_id, [c.request_id for c in children])
+        for child in children:
+            child.status = parent.status
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.requests[child.request_id] = child
+        if self.requests.pop(parent.request_id, None) is not None:
+            self._finished_req_ids.add(parent.request_id)  # the runner may drop the parent's state
+        self._children[parent.request_id] = [c.request_id for c in children]
+        return children
+
+    def _fork_running(self, parent: Request) -> None:
+        index = self.running.index(parent)
+        self.running[index : index + 1] = self._fork(parent)
+
+    # ----- finishing -----
+
+    def _append_until_stop(self, request: Request, token_ids: list[int]) -> list[int]:
+        for i, token_id in enumerate(token_ids):
+            request.append_output_token_ids(token_id)
+            stop = self._check_stop(request)
+            if stop is not None:
+                self._finish(request, *stop)
+                return token_ids[: i + 1]
+        return token_ids
+
+    def _check_stop(self, request: Request) -> tuple[RequestStatus, int | None] | None:
+        """(finished status, stop_reason) if the last token ends the request, as vLLM decides."""
+        params = request.sampling_params
+        if request.num_tokens >= self.config.max_model_len or (
+            params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
+        ):
+            return RequestStatus.FINISHED_LENGTH_CAPPED, None
+        if request.num_output_tokens < params.min_tokens:
+            return None
+        last_token_id = request.output_token_ids[-1]
+        if not params.ignore_eos and last_token_id == request.eos_token_id:
+            return RequestStatus.FINISHED_STOPPED, None
+        if last_token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, last_token_id
+        return None
+
+    def _finish(
+        self, request: Request, status: RequestStatus, stop_reason: int | str | None
+    ) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.block_manager.free(request)
+        request.status = status
+        request.stop_reason = stop_reason
+        del self.requests[request.request_id]
+        self._finished_req_ids.add(request.request_id)
+        siblings = self._children.get(request.parent_id) if request.parent_id else None
+        if siblings is not None:
+            siblings.remove(request.request_id)
+            if not siblings:
+                del self._children[request.parent_id]
+
+
+def _by_request_id(output: SchedulerOutput, sampled: SampledTokenIds) -> Mapping[str, object]:
+    if isinstance(sampled, Mapping):
+        return sampled
+    if len(sampled) != len(output.scheduled):
+        raise ValueError(
+            f"sampled_token_ids has {len(sampled)} rows for {len(output.scheduled)} "
+            "scheduled requests."
+        )
+    return {s.req_id: row for s, row in zip(output.scheduled, sampled)}
+
+
+def _as_ids(token_ids: object) -> list[int]:
+    """One id or a sequence/array of ids -> a list of Python ints."""
+    try:
+        return [operator.index(token_ids)]
+    except TypeError:
+        return [operator.index(t) for t in token_ids]

@@ -1,0 +1,188 @@
+"""Shared helpers of the kernel tests: random paged batches and an independent numpy reference.
+
+A batch is built the way the engine lays memory out, with the traps a kernel must survive:
+pages handed out in a random order, every slot no sequence owns (whole unused pages, the tail of
+each last page, the null page 0) filled with NaN, block-table entries past a sequence's end
+pointing at random pages (NaN ones included), and padding tokens whose q is NaN. ``dense_attention``
+recomputes the expected output in float64 numpy, one token at a time, from the host-side block
+tables, so it checks the jnp references as well as the kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Relative-norm error bounds by dtype (bf16: a few output ulps of accumulated rounding).
+REL_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1.2e-2}
+ABS_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 4e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: jnp.dtype = jnp.float32
+    soft_cap: float | None = None
+
+    @property
+    def sm_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def __str__(self) -> str:
+        dt = jnp.dtype(self.dtype).name
+        return (f"Hq{self.num_q_heads}-Hkv{self.num_kv_heads}-D{self.head_dim}-bs{self.page_size}"
+                f"-{dt}-cap{self.soft_cap}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedBatch:
+    q: jax.Array  # [T, Hq, D]; padding tokens hold NaN
+    k_cache: jax.Array  # [P, page_size, Hkv, D]; slots owned by no sequence hold NaN
+    v_cache: jax.Array  # [P, page_size, Hkv, D]
+    block_tables: jax.Array  # i32[S, W]; entries past each sequence's end are random pages
+    seq_lens: jax.Array  # i32[S]
+    query_start_loc: jax.Array  # i32[S + 1]
+    q_lens: tuple[int, ...]  # host copy of the query lengths
+
+    @property
+    def num_real_tokens(self) -> int:
+        return sum(self.q_lens)
+
+    def attention_args(self) -> tuple[jax.Array, ...]:
+        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens,
+                self.query_start_loc)
+
+
+def make_paged_batch(seed: int, config: AttentionConfig, *, q_lens: list[int],
+                     seq_lens: list[int], num_padding_tokens: int = 0,
+                     extra_table_width: int = 1, spare_pages: int = 3) -> PagedBatch:
+    """A ragged batch: sequence ``s`` has ``q_lens[s]`` new tokens, ``seq_lens[s]`` of context."""
+    if len(q_lens) != len(seq_lens) or any(q > n for q, n in zip(q_lens, seq_lens)):
+        raise ValueError(f"need q_len <= seq_len per sequence, got {q_lens} / {seq_lens}")
+    rng = np.random.default_rng(seed)
+    c = config
+    pages_needed = [-(-n // c.page_size) for n in seq_lens]
+    width = max(pages_needed + [1]) + extra_table_width
+    num_pages = 1 + sum(pages_needed) + spare_pages  # page 0: the null page, never owned
+    order = rng.permutation(np.arange(1, num_pages))
+
+    kv_shape = (num_pages, c.page_size, c.num_kv_heads, c.head_dim)
+    k_pool = np.full(kv_shape, np.nan, np.float32)
+    v_pool = np.full(kv_shape, np.nan, np.float32)
+    tables = rng.integers(0, num_pages, size=(len(seq_lens), width)).astype(np.int32)
+    next_page = 0
+    for s, (n, pages) in enumerate(zip(seq_lens, pages_needed)):
+        tables[s, :pages] = order[next_page:next_page + pages]
+        next_page += pages
+        for pos in range(n):
+            page, offset = tables[s, pos // c.page_size], pos % c.page_size
+            k_pool[page, offset] = rng.standard_normal((c.num_kv_heads, c.head_dim))
+            v_pool[page, offset] = rng.standard_normal((c.num_kv_heads, c.head_dim))
+
+    num_tokens = sum(q_lens) + num_padding_tokens
+    q = rng.standard_normal((num_tokens, c.num_q_heads, c.head_dim)).astype(np.float32)
+    q[sum(q_lens):] = np.nan
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    return PagedBatch(
+        q=jnp.asarray(q, c.dtype), k_cache=jnp.asarray(k_pool, c.dtype),
+        v_cache=jnp.asarray(v_pool, c.dtype), block_tables=jnp.asarray(tables),
+        seq_lens=jnp.asarray(seq_lens, jnp.int32), query_start_loc=jnp.asarray(qsl),
+        q_lens=tuple(q_lens))
+
+
+def make_decode_batch(seed: int, config: AttentionConfig, *, seq_lens: list[int],
+                      extra_table_width: int = 1) -> PagedBatch:
+    """One query token per sequence (``q_len = 1``; a ``seq_len`` of 0 is a padding row)."""
+    q_lens = [1 if n > 0 else 0 for n in seq_lens]
+    batch = make_paged_batch(seed, config, q_lens=q_lens, seq_lens=seq_lens,
+                             extra_table_width=extra_table_width)
+    # Decode takes one q row per sequence: padding rows get a NaN query.
+    rng = np.random.default_rng(seed + 1)
+    q = rng.standard_normal((len(seq_lens), config.num_q_heads, config.head_dim))
+    q[np.asarray(seq_lens) == 0] = np.nan
+    return dataclasses.replace(batch, q=jnp.asarray(q, config.dtype))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+def _attend(q: np.ndarray,  # [Hq, D]
+            k: np.ndarray,  # [n, Hkv, D]
+            v: np.ndarray,  # [n, Hkv, D]
+            sm_scale: float, soft_cap: float | None) -> np.ndarray:  # [Hq, D]
+    group = q.shape[0] // k.shape[1]
+    k = np.repeat(k, group, axis=1)  # [n, Hq, D]: query head h reads kv head h // group
+    v = np.repeat(v, group, axis=1)
+    logits = np.einsum("hd,nhd->hn", q, k) * sm_scale
+    if soft_cap is not None:
+        logits = soft_cap * np.tanh(logits / soft_cap)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hn,nhd->hd", p, v)
+
+
+def _context(batch: PagedBatch, s: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """K and V of sequence ``s``'s first ``length`` positions, slot by slot: [length, Hkv, D]."""
+    tables = np.asarray(batch.block_tables)
+    page_size = batch.k_cache.shape[1]
+    pages = [tables[s, pos // page_size] for pos in range(length)]
+    offsets = [pos % page_size for pos in range(length)]
+    return _host(batch.k_cache)[pages, offsets], _host(batch.v_cache)[pages, offsets]
+
+
+def dense_attention(batch: PagedBatch, *, sm_scale: float,
+                    soft_cap: float | None = None) -> np.ndarray:  # f64[T, Hq, D]
+    """Expected ragged attention output: one token at a time over its causal context."""
+    q = _host(batch.q)
+    out = np.zeros(q.shape, np.float64)
+    qsl, seq_lens = np.asarray(batch.query_start_loc), np.asarray(batch.seq_lens)
+    for s, q_len in enumerate(batch.q_lens):
+        k, v = _context(batch, s, int(seq_lens[s]))
+        for i in range(q_len):
+            pos = int(seq_lens[s]) - q_len + i
+            out[qsl[s] + i] = _attend(q[qsl[s] + i], k[:pos + 1], v[:pos + 1], sm_scale, soft_cap)
+    return out
+
+
+def dense_decode_attention(batch: PagedBatch, *, sm_scale: float,
+                           soft_cap: float | None = None) -> np.ndarray:  # f64[S, Hq, D]
+    """Expected decode output: each sequence's query row over its whole context (0 if empty)."""
+    q = _host(batch.q)
+    out = np.zeros(q.shape, np.float64)
+    for s, n in enumerate(np.asarray(batch.seq_lens)):
+        if n > 0:
+            k, v = _context(batch, s, int(n))
+            out[s] = _attend(q[s], k, v, sm_scale, soft_cap)
+    return out
+
+
+def assert_close(actual: jax.Array, expected: np.ndarray | jax.Array, dtype: jnp.dtype,
+                 what: str = "") -> None:
+    """Relative-norm and max-abs error within the dtype's bounds; also no NaN anywhere."""
+    actual = _host(actual)
+    expected = _host(expected) if isinstance(expected, jax.Array) else np.asarray(expected)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert np.isfinite(actual).all(), f"{what}: non-finite output"
+    err = np.abs(actual - expected)
+    rel = np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
+    dtype = jnp.dtype(dtype)
+    assert rel <= REL_TOL[dtype] and err.max() <= ABS_TOL[dtype], (
+        f"{what}: relative-norm error {rel:.3g} (bound {REL_TOL[dtype]}), max abs error "
+        f"{err.max():.3g} (bound {ABS_TOL[dtype]})")
+
+
+def assert_pools_equal(actual: jax.Array, expected: np.ndarray) -> None:
+    """Bit-for-bit equality of a whole pool, NaN matching NaN."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape
+    same = (actual == expected) | (np.isnan(actual) & np.isnan(expected))
+    assert same.all(), f"{(~same).sum()} pool values differ, first at {np.argwhere(~same)[0]}"

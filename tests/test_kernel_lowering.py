@@ -1,0 +1,148 @@
+"""Lower every kernel for CUDA on the CPU with an abstract H100 (no GPU needed).
+
+Interpret mode does not apply the Triton rules (power-of-2 sizes, 2-D dots >= 16, no slicing of
+loaded values, ...); lowering through the real Triton path does, and fails here instead of on the
+GPU. Shapes are the serving ones (Llama-3-8B attention: Hq=32, Hkv=8, D=128, 16-token pages, bf16)
+plus MHA / GQA-8 / D=64 / f32 variants. Only abstract shapes are used, so a > 4 GiB pool costs
+nothing and shows that its offsets are computed in 64 bits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.pallas.triton import pallas_call_registration
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+from jaxpaged.pallas_kernels.kv_write import write_kv
+from jaxpaged.pallas_kernels.paged_decode_attention import DecodeTuning, paged_decode_attention
+from jaxpaged.pallas_kernels.ragged_paged_attention import RaggedTuning, ragged_paged_attention
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
+SMALL_POOL, LARGE_POOL = 300, 300_000  # pages; 300k x 16 x 8 x 128 bf16 = 9.2 GiB per pool
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _lower_for_h100(fn, *args, **kwargs) -> str:
+    with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+        lowered = fn.trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
+    return lowered.as_text()
+
+
+def _pool(pages=SMALL_POOL, kv_heads=8, head_dim=128, page_size=16, dtype=BF16):
+    return _sds((pages, page_size, kv_heads, head_dim), dtype)
+
+
+def _ragged_args(*, tokens=512, seqs=8, width=37, q_heads=32, kv_heads=8, head_dim=128,
+                 pages=SMALL_POOL, dtype=BF16):
+    pool = _pool(pages, kv_heads, head_dim, dtype=dtype)
+    return (_sds((tokens, q_heads, head_dim), dtype), pool, pool, _sds((seqs, width), I32),
+            _sds((seqs,), I32), _sds((seqs + 1,), I32))
+
+
+def test_write_kv_lowers_with_aliased_pools():
+    pool, new = _pool(), _sds((64, 8, 128), BF16)
+    text = _lower_for_h100(write_kv, pool, pool, new, new, _sds((64,), I32), impl="pallas")
+    assert text.count(TRITON_CALL) == 1
+    assert text.count("tf.aliasing_output") == 2
+
+
+def test_write_kv_lowers_for_a_kv_head_count_that_is_not_a_power_of_2():
+    pool, new = _pool(kv_heads=6), _sds((64, 6, 128), BF16)
+    assert TRITON_CALL in _lower_for_h100(write_kv, pool, pool, new, new, _sds((64,), I32),
+                                          impl="pallas")
+
+
+@pytest.mark.parametrize("soft_cap", [None, 30.0])
+@pytest.mark.parametrize("tuning", [RaggedTuning(), RaggedTuning(block_q=32, pages_per_step=8,
+                                                                 num_warps=8, num_stages=3)])
+def test_ragged_lowers(tuning, soft_cap):
+    text = _lower_for_h100(ragged_paged_attention, *_ragged_args(), sm_scale=0.088,
+                           soft_cap=soft_cap, max_query_len=512, impl="pallas", tuning=tuning)
+    assert text.count(TRITON_CALL) == 1
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,dtype", [
+    (32, 32, 128, BF16),  # MHA (llama2-7b)
+    (64, 8, 64, BF16),  # GQA 8, head_dim 64
+    (12, 4, 64, BF16),  # group of 3: padded to 4 query heads per kv head
+    (32, 8, 128, F32),  # f32 tiles (full-precision dots)
+])
+def test_ragged_lowers_for_other_head_layouts(q_heads, kv_heads, head_dim, dtype):
+    args = _ragged_args(q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+    assert TRITON_CALL in _lower_for_h100(ragged_paged_attention, *args, sm_scale=0.1,
+                                          impl="pallas")
+
+
+def test_ragged_decode_only_batch_lowers_the_decode_kernel():
+    text = _lower_for_h100(ragged_paged_attention, *_ragged_args(tokens=64, seqs=64),
+                           sm_scale=0.088, max_query_len=1, impl="pallas")
+    assert "paged_decode_attention" in text and TRITON_CALL in text
+
+
+@pytest.mark.parametrize("seqs,splits,tuning", [
+    (256, None, DecodeTuning()),  # large batch: one split, normalized output
+    (1, None, DecodeTuning()),  # small batch: split-K with partials combined in XLA
+    (4, 7, DecodeTuning(pages_per_step=8, num_warps=8, num_stages=3)),
+    (8, 2, DecodeTuning(pages_per_step=1)),
+])
+def test_decode_lowers(seqs, splits, tuning):
+    pool = _pool()
+    text = _lower_for_h100(paged_decode_attention, _sds((seqs, 32, 128), BF16), pool, pool,
+                           _sds((seqs, 256), I32), _sds((seqs,), I32), sm_scale=0.088,
+                           num_kv_splits=splits, impl="pallas", tuning=tuning)
+    assert text.count(TRITON_CALL) == 1
+
+
+def test_decode_lowers_with_soft_cap_mha_and_f32():
+    for q_heads, kv_heads, dtype in ((32, 32, BF16), (32, 8, F32)):
+        pool = _pool(kv_heads=kv_heads, dtype=dtype)
+        assert TRITON_CALL in _lower_for_h100(
+            paged_decode_attention, _sds((4, q_heads, 128), dtype), pool, pool,
+            _sds((4, 64), I32), _sds((4,), I32), sm_scale=0.088, soft_cap=50.0, impl="pallas")
+
+
+@pytest.fixture
+def triton_modules(monkeypatch):
+    """Capture the Triton IR text of every kernel lowered in the test (caches cleared first)."""
+    jax.clear_caches()
+    modules = []
+    lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        modules.append(result.module.operation.get_asm())
+        return result
+
+    monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module",
+                        capture)
+    return modules
+
+
+def _pool_offsets_are_64_bit(module_text: str) -> bool:
+    """Whether the page gathers (4 pages x 16 tokens x 128 of bf16) use 64-bit offsets."""
+    gathers = [line for line in module_text.splitlines()
+               if "tt.addptr" in line and "tensor<4x16x128x!tt.ptr<bf16>>" in line]
+    assert gathers, "no page gather found in the kernel"
+    return all("tensor<4x16x128xi64>" in line for line in gathers)
+
+
+@pytest.mark.parametrize("pages,wide", [(SMALL_POOL, False), (LARGE_POOL, True)])
+def test_pools_over_4_gib_use_64_bit_offsets(triton_modules, pages, wide):
+    pool = _pool(pages)
+    _lower_for_h100(paged_decode_attention, _sds((4, 32, 128), BF16), pool, pool,
+                    _sds((4, 64), I32), _sds((4,), I32), sm_scale=0.088, impl="pallas")
+    _lower_for_h100(ragged_paged_attention, *_ragged_args(pages=pages), sm_scale=0.088,
+                    impl="pallas")
+    new = _sds((64, 8, 128), BF16)
+    _lower_for_h100(write_kv, pool, pool, new, new, _sds((64,), I32), impl="pallas")
+    decode, ragged, kv_write = triton_modules
+    assert _pool_offsets_are_64_bit(decode) == wide
+    assert _pool_offsets_are_64_bit(ragged) == wide
+    assert ("xi64" in kv_write or "i64" in kv_write) == wide
