@@ -24,7 +24,7 @@ from jaxpaged.model_loader import jax_dtype, load_model
 from jaxpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.runner import ModelRunner, TokenLogprobs
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.scheduler import Scheduler, SchedulerConfig
 from jaxpaged.scheduler_output import RequestUpdate
 from jaxpaged.tokenizer import load_tokenizer
@@ -43,12 +43,18 @@ class _Sequence:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_reported_tokens: int = 0  # tokens already sent in DELTA outputs
 
-    def completion(self) -> CompletionOutput:
-        text = self.detokenizer.output_text if self.detokenizer else ""
-        return CompletionOutput(index=self.index, text=text, token_ids=list(self.token_ids),
+    def completion(self, delta: bool) -> CompletionOutput:
+        finished = self.finish_reason is not None
+        text = (self.detokenizer.get_next_output_text(finished, delta)
+                if self.detokenizer else "")
+        start = self.num_reported_tokens if delta else 0
+        self.num_reported_tokens = len(self.token_ids)
+        logprobs = self.logprobs[start:] if self.logprobs is not None else None
+        return CompletionOutput(index=self.index, text=text, token_ids=self.token_ids[start:],
                                 cumulative_logprob=self.cumulative_logprob,
-                                logprobs=self.logprobs, finish_reason=self.finish_reason,
+                                logprobs=logprobs, finish_reason=self.finish_reason,
                                 stop_reason=self.stop_reason)
 
 
@@ -66,12 +72,20 @@ class _RequestState:
         return (len(self.sequences) == self.params.n
                 and all(s.finish_reason is not None for s in self.sequences.values()))
 
-    def output(self, num_cached_tokens: int | None = None) -> RequestOutput:
-        outputs = [self.sequences[i].completion() for i in sorted(self.sequences)]
+    def output(self, changed: set[int]) -> RequestOutput | None:
+        """This step's output for the request per its ``output_kind`` (None: nothing to send).
+
+        CUMULATIVE: every sequence so far; DELTA: the sequences that changed, with only their new
+        tokens and text; FINAL_ONLY: everything, once, when the last sequence finishes."""
+        kind = self.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not self.finished:
+            return None
+        delta = kind == RequestOutputKind.DELTA
+        indices = sorted(changed) if delta else sorted(self.sequences)
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=self.prompt_token_ids, prompt_logprobs=None,
-                             outputs=outputs, finished=self.finished, metrics=self.metrics,
-                             num_cached_tokens=num_cached_tokens)
+                             outputs=[self.sequences[i].completion(delta) for i in indices],
+                             finished=self.finished, metrics=self.metrics)
 
 
 class LLMEngine:
@@ -81,15 +95,15 @@ class LLMEngine:
         _enable_compilation_cache(config.compilation_cache_dir)
         model_dir = pathlib.Path(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
-        self.tokenizer = (None if config.skip_tokenizer_init
-                          else load_tokenizer(config.tokenizer or model_dir))
+        self.tokenizer = self._load_tokenizer(model_dir)
         self.generation_config = _read_json(model_dir / "generation_config.json")
         self.max_model_len = self._resolve_max_model_len()
         on_cpu = jax.default_backend() == "cpu"
         self.max_num_seqs = config.max_num_seqs or (16 if on_cpu else 256)
         self.max_num_batched_tokens = self._resolve_max_num_batched_tokens()
         dtype = _resolve_dtype(config.dtype, model_dir)
-        model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl)
+        model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl,
+                           load_format=config.load_format, seed=config.seed)
         load_seconds = time.perf_counter() - start
         self.kv_plan = self._plan_kv(dtype)
         self.eos_token_id = self._eos_token_id()
@@ -108,6 +122,14 @@ class LLMEngine:
                     self.kv_plan.max_concurrency(self.max_model_len), self.max_model_len)
 
     # ----- set-up -----
+
+    def _load_tokenizer(self, model_dir: pathlib.Path):
+        c = self.config
+        tokenizer_dir = pathlib.Path(c.tokenizer) if c.tokenizer else model_dir
+        has_files = any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        if c.skip_tokenizer_init or (c.load_format == "dummy" and not has_files):
+            return None  # prompts must then be token ids
+        return load_tokenizer(tokenizer_dir)
 
     def _resolve_max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -263,7 +285,7 @@ class LLMEngine:
     def _process(self, updates: list[RequestUpdate],
                  logprobs: dict[str, TokenLogprobs]) -> list[RequestOutput]:
         now = time.time()
-        touched: dict[str, _RequestState] = {}
+        touched: dict[str, tuple[_RequestState, set[int]]] = {}
         for update in updates:
             request = update.request
             state = self._requests.get(request.parent_id or request.request_id)
@@ -276,13 +298,15 @@ class LLMEngine:
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             state.metrics.last_token_time = now
-            touched[state.request_id] = state
+            touched.setdefault(state.request_id, (state, set()))[1].add(seq.index)
         outputs = []
-        for state in touched.values():
+        for state, changed in touched.values():
             if state.finished:
                 state.metrics.finished_time = now
                 del self._requests[state.request_id]
-            outputs.append(state.output())
+            output = state.output(changed)
+            if output is not None:
+                outputs.append(output)
         return outputs
 
     def _new_sequence(self, request: Request, state: _RequestState) -> _Sequence:

@@ -27,6 +27,9 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
 class EngineConfig:
     model: str
     """Model directory: a Hugging Face checkpoint or one made by ``jaxpaged convert``."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """"auto": the checkpoint's weights; "dummy": random weights of config.json's shapes, made on
+    the device (benchmarks; the directory needs only config.json)."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to ``model``."""
     skip_tokenizer_init: bool = False

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxpaged.config import ModelConfig
 from jaxpaged.converters.checkpoint import is_converted, restore_params
 from jaxpaged.converters.hf_to_params import params_from_hf
+from jaxpaged.dummy_weights import dummy_params
 from jaxpaged.models.llama import LlamaForCausalLM
 
 JAX_DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
@@ -30,16 +31,24 @@ def abstract_model(cfg: ModelConfig, dtype: str, attn_impl: str) -> LlamaForCaus
                                                    rngs=nnx.Rngs(0)))
 
 
-def load_model(model_dir: str | pathlib.Path, *, dtype: str = "bf16",
-               attn_impl: str = "auto") -> LlamaForCausalLM:
-    """Loads weights from ``model_dir`` (converted or HF layout) into a ``LlamaForCausalLM``."""
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def load_model(model_dir: str | pathlib.Path, *, dtype: str = "bf16", attn_impl: str = "auto",
+               load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+    """Loads weights from ``model_dir`` (converted or HF layout) into a ``LlamaForCausalLM``;
+    ``load_format="dummy"`` needs only its config.json and makes random weights on the device."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model directory {str(model_dir)!r} does not exist")
     cfg = ModelConfig.from_dir(model_dir)
     graphdef, state = nnx.split(abstract_model(cfg, dtype, attn_impl))
     target = jax.tree.map(_device_struct, nnx.to_pure_dict(state))
-    if is_converted(model_dir):
+    if load_format == "dummy":
+        params = dummy_params(target, seed)
+    elif is_converted(model_dir):
         params = restore_params(model_dir, target)
     else:
         params = _to_device(params_from_hf(model_dir, cfg, dtype), target)

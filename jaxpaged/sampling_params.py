@@ -27,6 +27,14 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2  # random sampling from a per-request generator seeded with ``seed``
 
 
+class RequestOutputKind(enum.Enum):
+    """What each ``RequestOutput`` of a request carries (vLLM's ``RequestOutputKind``)."""
+
+    CUMULATIVE = 0  # everything generated so far, every step
+    DELTA = 1  # only what is new since the previous output (streaming)
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How to sample the output tokens of one request (vLLM's ``SamplingParams``)."""
@@ -73,6 +81,8 @@ class SamplingParams:
     """Put spaces between special tokens in the output text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the output text."""
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    """Cumulative outputs every step, deltas for streaming, or only the final output."""
 
     # Stop token ids plus the model's EOS ids (see ``update_from_generation_config``); the sampler
     # masks these while fewer than ``min_tokens`` tokens have been generated.

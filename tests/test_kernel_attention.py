@@ -212,6 +212,8 @@ def test_kernel_only_limits_and_tuning_checks():
 # ------------------------------------------------------------------------- GPU (real lowering)
 
 GPU_CONFIG = AttentionConfig(32, 8, 128, 16, BF16)
+# f32 on the GPU: approximate exp2 and other summation orders than XLA's; bf16 bounds unchanged.
+GPU_SLACK = {F32: 10.0, BF16: 1.0}
 
 
 def _as_f32(batch):
@@ -228,7 +230,8 @@ def test_ragged_kernel_on_gpu(dtype, soft_cap):
                              seq_lens=[700, 1000, 17, 40, 77, 1, 129, 0], num_padding_tokens=5)
     out = _ragged(batch, config, impl="pallas", max_query_len=300)
     expected = _ragged(_as_f32(batch), config, impl="reference", max_query_len=300)
-    assert_close(out, expected, dtype, "ragged kernel (GPU) vs f32 reference")
+    assert_close(out, expected, dtype, "ragged kernel (GPU) vs f32 reference",
+                 slack=GPU_SLACK[dtype])
     _assert_padding_is_zero(out, batch)
 
 
@@ -240,7 +243,8 @@ def test_decode_kernel_on_gpu(dtype, splits):
     batch = make_decode_batch(11, config, seq_lens=[3000, 1, 0, 16, 17, 2048, 999, 64])
     out = _decode(batch, config, impl="pallas", num_kv_splits=splits)
     expected = _decode(_as_f32(batch), config, impl="reference")
-    assert_close(out, expected, dtype, "decode kernel (GPU) vs f32 reference")
+    assert_close(out, expected, dtype, "decode kernel (GPU) vs f32 reference",
+                 slack=GPU_SLACK[dtype])
     assert np.all(np.asarray(out[2].astype(F32)) == 0.0)
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks and measures, in one call; a short table last.
+#   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
+# Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/jaxpaged-out}
+mkdir -p "$OUT"
+stages=${*:-env tests kernels engine throughput}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+export JAXPAGED_CACHE=/tmp/jaxpaged-cache
+# Let XLA's allocator reach nearly the whole card; gpu_memory_utilization then applies to it.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+summary="$OUT/summary.txt"
+: > "$summary"
+
+run() {  # run NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - start))" \
+    "$(grep -E 'passed|failed|error' "$OUT/$name.log" | tail -1 | cut -c1-90)" >> "$summary"
+}
+
+for stage in $stages; do
+  case $stage in
+    env) run env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+           python3 -c "import jax, flax, jaxlib; print(jax.__version__, flax.__version__, jax.devices())";
+           git log -1 --format=%H 2>/dev/null || true' ;;
+    tests) run gpu-tests 420 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
+             tests/test_kernel_kv_write.py tests/test_kernel_attention.py tests/test_gpu_engine.py ;;
+    kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
+    kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
+    engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;
+    throughput) run throughput 540 python3 bench/throughput.py --workload nano --kv-waste --out "$OUT" ;;
+    roofline) run roofline 120 python3 bench/roofline.py --out "$OUT" ;;
+    *) echo "unknown stage $stage" >> "$summary" ;;
+  esac
+done
+for f in "$OUT"/*.json; do [ -f "$f" ] && echo "== $(basename "$f")" && head -c 1500 "$f" && echo; done
+echo "== summary"; cat "$summary"

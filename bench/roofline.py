@@ -1,0 +1,122 @@
+"""The physical floor of a workload on this GPU (BENCHMARKS.md, "The physical floor").
+
+Measured in the same run: device-to-device copy bandwidth BW (>= 4 GiB, bytes read + written) and
+the bf16 matmul rate F (8192^3). The floor of a workload is prefill FLOPs / F plus, for every
+decode step of the ideal schedule that keeps all requests in flight, max(bytes / BW, FLOPs / F),
+with bytes = weight bytes + the K/V bytes of every context read in that step.
+
+    python bench/roofline.py --model bench/configs/llama3-8b     # prints BW, F and the nano floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from workloads import nano_workload  # noqa: E402
+
+from jaxpaged.config import ModelConfig  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    bandwidth: float  # bytes / s, device-to-device copy (read + write)
+    matmul_flops: float  # FLOP / s, bf16 8192^3
+
+
+def _best_time(fn, *args, repeats: int = 10) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_ceilings(copy_bytes: int = 4 << 30) -> Ceilings:
+    n = copy_bytes // 2
+    x = jnp.arange(n, dtype=jnp.int32).astype(jnp.bfloat16)
+    copy = jax.jit(lambda v: v + jnp.bfloat16(1))  # one read + one write per element
+    bandwidth = 2 * copy_bytes / _best_time(copy, x)
+    del x
+    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    matmul = jax.jit(lambda p, q: p @ q)
+    flops = 2 * 8192**3 / _best_time(matmul, a, b)
+    return Ceilings(bandwidth=bandwidth, matmul_flops=flops)
+
+
+def weight_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h
+                 + 3 * h * i + 2 * h)
+    head = 0 if cfg.tie_word_embeddings else h * cfg.vocab_size
+    # the embedding table is gathered (a few rows per step), not read whole
+    return itemsize * (cfg.num_layers * per_layer + h + head)
+
+
+def matmul_flops_per_token(cfg: ModelConfig) -> int:
+    return 2 * (weight_bytes(cfg) // 2)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, itemsize: int = 2) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def attention_flops(cfg: ModelConfig, context: np.ndarray) -> float:
+    """FLOPs of QK^T and PV for one query token per entry of ``context``."""
+    return float(4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * np.sum(context))
+
+
+def workload_floor(cfg: ModelConfig, prompt_lens: list[int], output_lens: list[int],
+                   ceilings: Ceilings) -> dict[str, float]:
+    """Seconds of the ideal schedule: all prompts prefilled, then every request decodes each
+    step until its output is done (the first output token comes from the prefill)."""
+    prompts, outputs = np.asarray(prompt_lens), np.asarray(output_lens)
+    prefill_flops = matmul_flops_per_token(cfg) * prompts.sum() + sum(
+        attention_flops(cfg, np.arange(p)) / 2 for p in prompts)
+    prefill = prefill_flops / ceilings.matmul_flops
+    weights = weight_bytes(cfg)
+    decode = weight_time = kv_time = 0.0
+    for step in range(1, int(outputs.max())):
+        active = outputs > step
+        context = prompts[active] + step
+        step_bytes = weights + kv_bytes_per_token(cfg) * context.sum()
+        step_flops = matmul_flops_per_token(cfg) * active.sum() + attention_flops(cfg, context)
+        decode += max(step_bytes / ceilings.bandwidth, step_flops / ceilings.matmul_flops)
+        weight_time += weights / ceilings.bandwidth
+        kv_time += kv_bytes_per_token(cfg) * context.sum() / ceilings.bandwidth
+    return {"floor_s": prefill + decode, "prefill_s": prefill, "decode_s": decode,
+            "decode_weight_read_s": weight_time, "decode_kv_read_s": kv_time}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bench/configs/llama3-8b")
+    parser.add_argument("--out", type=pathlib.Path)
+    args = parser.parse_args()
+    cfg = ModelConfig.from_dir(args.model)
+    ceilings = measure_ceilings()
+    prompts, outputs = nano_workload()
+    floor = workload_floor(cfg, [len(p) for p in prompts], outputs, ceilings)
+    result = {"device": jax.devices()[0].device_kind, "bandwidth_TBps": ceilings.bandwidth / 1e12,
+              "matmul_TFLOPps": ceilings.matmul_flops / 1e12, "nano": floor,
+              "nano_floor_output_tok_s": sum(outputs) / floor["floor_s"]}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "roofline.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Offline throughput of jaxpaged (BENCHMARKS.md "nano" and "fixed" workloads), with the floor.
+
+    python bench/throughput.py --model bench/configs/llama3-8b --workload nano --out OUT
+
+Random ("dummy") bf16 weights of the config's shapes are made on the device. One warm-up generate
+precedes the timed one. Prints output tok/s, total tok/s, the workload's floor on this GPU
+(bench/roofline.py, measured in the same run) and the efficiency floor / measured. With
+``--kv-waste`` the run drives the engine step by step and reports KV waste: allocated but
+unused slots / allocated slots, averaged over steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from roofline import measure_ceilings, workload_floor  # noqa: E402
+from workloads import fixed_workload, nano_workload  # noqa: E402
+
+from jaxpaged import LLM, SamplingParams  # noqa: E402
+
+
+def build_requests(workload: str, num_requests: int | None):
+    if workload == "nano":
+        prompts, outputs = nano_workload(num_requests or 256)
+        temperature = 0.6
+    else:
+        prompts, outputs = fixed_workload(num_requests or 128)
+        temperature = 0.0
+    params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n)
+              for n in outputs]
+    return [{"prompt_token_ids": p} for p in prompts], params, outputs
+
+
+def run_with_kv_waste(llm: LLM, prompts, params) -> tuple[float, float, int]:
+    """Drives the engine by hand; returns (seconds, mean KV waste, steps)."""
+    engine = llm.llm_engine
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"bench-{i}", None, p, prompt_token_ids=prompt["prompt_token_ids"])
+    block_size = engine.config.block_size
+    wastes = []
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        running = engine.scheduler.running
+        allocated = sum(len(engine.scheduler.block_manager.get_block_ids(r.request_id))
+                        for r in running) * block_size
+        used = sum(r.num_computed_tokens for r in running)
+        if allocated:
+            wastes.append(1 - used / allocated)
+    return time.perf_counter() - start, sum(wastes) / max(len(wastes), 1), len(wastes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bench/configs/llama3-8b")
+    parser.add_argument("--workload", choices=["nano", "fixed"], default="nano")
+    parser.add_argument("--num-requests", type=int)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-waste", action="store_true")
+    parser.add_argument("--out", type=pathlib.Path)
+    args = parser.parse_args()
+
+    ceilings = measure_ceilings()  # before the engine takes the memory
+    start = time.perf_counter()
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    startup = time.perf_counter() - start
+    prompts, params, outputs = build_requests(args.workload, args.num_requests)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    waste = steps = None
+    if args.kv_waste:
+        elapsed, waste, steps = run_with_kv_waste(llm, prompts, params)
+    else:
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+    prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+    output_tokens = sum(outputs)
+    floor = workload_floor(llm.llm_engine.model_config,
+                           [len(p["prompt_token_ids"]) for p in prompts], outputs, ceilings)
+    result = {
+        "device": jax.devices()[0].device_kind, "workload": args.workload,
+        "num_requests": len(prompts), "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens, "seconds": elapsed,
+        "output_tok_s": output_tokens / elapsed,
+        "total_tok_s": (prompt_tokens + output_tokens) / elapsed,
+        "bandwidth_TBps": ceilings.bandwidth / 1e12,
+        "matmul_TFLOPps": ceilings.matmul_flops / 1e12,
+        "floor": floor, "efficiency": floor["floor_s"] / elapsed,
+        "startup_s": startup, "kv_capacity_tokens": llm.llm_engine.kv_plan.capacity_tokens,
+        "kv_waste": waste, "steps": steps,
+        "preemptions": llm.llm_engine.scheduler.num_preemptions,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"throughput-{args.workload}.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

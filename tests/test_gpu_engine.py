@@ -1,0 +1,47 @@
+"""The engine on the GPU with the Pallas kernels (run with `-m gpu` on the GPU machine)."""
+
+import numpy as np
+import pytest
+
+from conftest import GOLDEN_DIR
+from jaxpaged import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+MODEL = "llama3-rope"
+
+
+def golden_prompts():
+    data = np.load(GOLDEN_DIR / f"{MODEL}.npz")
+    return ([{"prompt_token_ids": data[f"prompt_ids_{i}"].tolist()} for i in range(3)],
+            [data[f"greedy_ids_{i}"].tolist() for i in range(3)])
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint):
+    args = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+                gpu_memory_utilization=0.3)
+    path = str(tiny_checkpoint(MODEL))
+    return {impl: LLM(path, attention_impl=impl, **args) for impl in ("pallas", "reference")}
+
+
+def test_pallas_engine_matches_hf_greedy_tokens(engines):
+    prompts, expected = golden_prompts()
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in engines["pallas"].generate(prompts, params,
+                                                                     use_tqdm=False)]
+    assert got == expected
+
+
+def test_pallas_and_reference_engines_agree(engines):
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(5, 430, rng.integers(2, 90)).tolist()}
+               for _ in range(10)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
+    outs = {impl: llm.generate(prompts, params, use_tqdm=False) for impl, llm in engines.items()}
+    for a, b in zip(outs["pallas"], outs["reference"]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        np.testing.assert_allclose(
+            [e[t].logprob for t, e in zip(a.outputs[0].token_ids, a.outputs[0].logprobs)],
+            [e[t].logprob for t, e in zip(b.outputs[0].token_ids, b.outputs[0].logprobs)],
+            atol=2e-2)
