@@ -32,6 +32,10 @@ for stage in $stages; do
            git log -1 --format=%H 2>/dev/null || true' ;;
     tests) run gpu-tests 420 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
              tests/test_kernel_kv_write.py tests/test_kernel_attention.py tests/test_gpu_engine.py ;;
+    engine-tests) run gpu-engine-tests 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
+             tests/test_gpu_engine.py ;;
+    decode) run decode 300 python3 bench/decode_steps.py --batches 1 64 256 --steps 10 \
+             --kv-bytes 8 0 --dump-hlo --out "$OUT" ;;
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
     engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;

@@ -39,7 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from roofline import measure_bandwidth  # noqa: E402
+
+from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference  # noqa: E402
 from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits,
                                                             paged_decode_attention,
                                                             paged_decode_attention_reference)
@@ -139,11 +142,8 @@ def repeated(kernel: Callable, calls: int) -> Callable:
 
 
 def measure_copy_bandwidth(setup: Setup) -> float:
-    """Bytes read + written per second of a large elementwise copy (GB/s * 1e-3 = TB/s)."""
-    x = jnp.ones((setup.copy_bytes // 2,), jnp.bfloat16)
-    timing = time_per_call(setup, jax.jit(lambda a: a + jnp.bfloat16(1)), (x,), 1)
-    del x
-    return 2 * setup.copy_bytes / (timing.best_ms * 1e-3)
+    """Bytes read + written per second of a large device-to-device copy (bench/roofline.py)."""
+    return measure_bandwidth(setup.copy_bytes)
 
 
 # ---------------------------------------------------------------------------------- inputs

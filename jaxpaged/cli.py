@@ -1,4 +1,4 @@
-"""The ``jaxpaged`` command: ``generate``, ``convert``."""
+"""The ``jaxpaged`` command: ``generate``, ``convert``, ``serve``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands.add_parser("generate", help="continue a prompt with a model"))
     _add_convert(commands.add_parser("convert", help="convert a Hugging Face checkpoint"))
+    _add_serve(commands.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -37,6 +38,13 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_convert)
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    from jaxpaged.server.args import add_server_arguments
+
+    add_server_arguments(p)
+    p.set_defaults(run=_serve)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from jaxpaged import LLM, SamplingParams
     from jaxpaged.converters.tiny import default_model_dir
@@ -57,6 +65,12 @@ def _convert(args: argparse.Namespace) -> int:
     convert(args.hf_dir, args.out_dir, dtype=args.dtype)
     print(f"converted {args.hf_dir} -> {args.out_dir} ({args.dtype})")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from jaxpaged.server.launch import run_server
+
+    return run_server(args)
 
 
 if __name__ == "__main__":

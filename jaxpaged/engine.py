@@ -172,7 +172,7 @@ class LLMEngine:
                                enable_chunked_prefill=c.enable_chunked_prefill,
                                block_size=c.block_size,
                                enable_prefix_caching=c.enable_prefix_caching,
-                               policy=c.scheduling_policy)
+                               policy=c.scheduling_policy, max_waiting=c.max_waiting)
 
     def _ladder(self) -> BucketLadder:
         return BucketLadder.create(max_num_batched_tokens=self.max_num_batched_tokens,
@@ -268,6 +268,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the outputs of the requests that progressed in it."""
+        start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
@@ -280,7 +281,10 @@ class LLMEngine:
         runner_output = self.runner.execute(scheduler_output)
         updates = self.scheduler.update_from_output(scheduler_output,
                                                     runner_output.sampled_token_ids)
-        return self._process(updates, runner_output.logprobs)
+        outputs = self._process(updates, runner_output.logprobs)
+        self.runner.timings.steps += 1
+        self.runner.timings.total_s += time.perf_counter() - start
+        return outputs
 
     def _process(self, updates: list[RequestUpdate],
                  logprobs: dict[str, TokenLogprobs]) -> list[RequestOutput]:

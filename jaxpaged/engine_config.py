@@ -59,6 +59,9 @@ class EngineConfig:
     """Split long prompts across steps and mix them with decodes."""
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     """Order of admission."""
+    max_waiting: int | None = None
+    """Most requests in the waiting queue (None: unbounded); beyond it ``add_request`` raises
+    ``QueueFullError`` (the server answers 503)."""
     seed: int = 0
     """Seed of the engine's random stream (requests with their own seed ignore it)."""
     max_logprobs: int = 20
@@ -77,7 +80,7 @@ class EngineConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "num_gpu_blocks_override", "kv_cache_memory_bytes"):
+                     "num_gpu_blocks_override", "kv_cache_memory_bytes", "max_waiting"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")

@@ -39,6 +39,20 @@ class TokenLogprobs:
     top: dict[int, float]  # top-N token id -> logprob, most likely first
 
 
+@dataclasses.dataclass
+class StepTimings:
+    """Where the wall time of steps goes: the host works while the device runs the step, then
+    waits for the sampled ids. host_s = total_s - device_wait_s is time the device may sit idle."""
+
+    steps: int = 0
+    total_s: float = 0.0  # whole engine steps (schedule, run, update, detokenize)
+    device_wait_s: float = 0.0  # blocked on the sampled ids after dispatching the step
+
+    @property
+    def host_s(self) -> float:
+        return self.total_s - self.device_wait_s
+
+
 @dataclasses.dataclass(frozen=True)
 class RunnerOutput:
     sampled_token_ids: dict[str, int]  # req_id -> its new token (only do_sample requests)
@@ -75,6 +89,7 @@ class ModelRunner:
                                       head_dim=cfg.head_dim, dtype=kv_dtype)
         self._base_key = jax.random.key(seed)
         self._num_steps = 0
+        self.timings = StepTimings()
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         scheduled = scheduler_output.scheduled
@@ -91,7 +106,9 @@ class ModelRunner:
         rows[:len(sampled_rows)] = sampled_rows
         out = _sample(logits, rows, tensors)
         self._num_steps += 1
+        dispatched = time.perf_counter()
         token_ids = np.asarray(out.token_ids)
+        self.timings.device_wait_s += time.perf_counter() - dispatched
         requests = [scheduled[i] for i in sampled_rows]
         sampled = {r.req_id: int(token_ids[j]) for j, r in enumerate(requests)}
         logprobs = _logprobs_by_request(requests, out.logprobs)

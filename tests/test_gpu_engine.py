@@ -20,7 +20,7 @@ def golden_prompts():
 @pytest.fixture(scope="module")
 def engines(tiny_checkpoint):
     args = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
-                gpu_memory_utilization=0.3)
+                kv_cache_memory_bytes=64 * 2**20)
     path = str(tiny_checkpoint(MODEL))
     return {impl: LLM(path, attention_impl=impl, **args) for impl in ("pallas", "reference")}
 

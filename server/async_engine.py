@@ -1,0 +1,310 @@
+"""The engine thread: one thread owns the ``LLMEngine`` (and so the accelerator); HTTP handlers
+talk to it without polling.
+
+::
+
+    handler (event loop)                       engine thread
+    ---------------------                      -------------
+    submit(inputs) --_Add--> command list ---> between steps: engine.add_request(...)
+         await admitted <--call_soon_threadsafe-- ok / ValueError / QueueFullError
+    async for out in stream <--call_soon_threadsafe-- engine.step() -> DELTA RequestOutputs
+    stream.close() --_Abort--> command list ---> engine.abort_request(...)  (blocks freed)
+
+The thread sleeps on a ``threading.Condition`` while there are no commands and no unfinished
+requests, and loops ``engine.step()`` otherwise; commands are applied only between steps, so the
+engine is never touched by two threads. Outputs of one step go to the event loop in one
+``call_soon_threadsafe`` callback, which feeds each request's ``asyncio.Queue``.
+
+A step that raises does not kill the thread: ``recover_from_failed_step`` aborts the requests the
+failed step may have left half-updated, their streams get ``RequestFailedError`` (HTTP 500), and
+the loop goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+from jaxpaged.engine import LLMEngine
+from jaxpaged.outputs import RequestOutput
+from jaxpaged.sampling_params import SamplingParams
+
+from .metrics import ServerMetrics
+from .recovery import recover_from_failed_step
+
+logger = logging.getLogger(__name__)
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine takes no new requests: the server is draining or the engine thread is gone
+    (the server answers 503)."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while running this request (the server answers 500)."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInput:
+    """One prompt for the engine, tokenized by the handler."""
+
+    request_id: str
+    prompt: str | None  # the text, when the prompt came as text (reported back, not re-tokenized)
+    prompt_token_ids: list[int]
+    params: SamplingParams  # output_kind DELTA: the stream carries what each step added
+    arrival_time: float  # when the HTTP request was accepted (time.time())
+
+
+class OutputStream:
+    """The outputs of one HTTP request's engine requests, in step order (event loop side).
+
+    ``async for output in stream`` ends once every request finished; an engine failure is raised
+    from the iteration. ``close()`` aborts whatever has not finished (idempotent)."""
+
+    def __init__(self, engine: AsyncEngine, request_ids: list[str]):
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._unfinished = set(request_ids)
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._unfinished.discard(getattr(item, "request_id", None))
+            raise item
+        if item.finished:
+            self._unfinished.discard(item.request_id)
+        return item
+
+    def close(self) -> None:
+        if self._unfinished:
+            self._engine.abort(sorted(self._unfinished))
+            self._unfinished.clear()
+
+
+@dataclasses.dataclass
+class _Add:
+    inputs: list[EngineInput]
+    stream: OutputStream
+    admitted: asyncio.Future  # resolved with None, or the add_request error
+
+
+@dataclasses.dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+# (target, value): a stream gets an output or an error; an admission future gets None or an error.
+_Delivery = tuple[OutputStream | asyncio.Future, Any]
+
+
+class AsyncEngine:
+    """Runs an ``LLMEngine`` on its own thread for asyncio handlers (see the module docstring)."""
+
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
+        self.engine = engine
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._commands: list[_Add | _Abort] = []  # guarded by _cond
+        self._stopping = False  # guarded by _cond
+        self._closed_error: BaseException | None = None  # set (under _cond) when the thread ends
+        self._draining = False
+        self._streams: dict[str, OutputStream] = {}  # engine thread only: live request -> stream
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----- event loop side -----
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="jaxpaged-engine", daemon=True)
+        self._thread.start()
+
+    def drain(self) -> None:
+        """Refuse new requests from now on (in-flight ones go on)."""
+        self._draining = True
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._closed_error is None
+
+    async def submit(self, inputs: list[EngineInput]) -> OutputStream:
+        """Queue the prompts of one HTTP request, all or none.
+
+        Raises what ``LLMEngine.add_request`` raises (ValueError, QueueFullError), or
+        EngineUnavailableError while draining or after the engine thread ended."""
+        if self._draining:
+            raise EngineUnavailableError("the server is shutting down")
+        stream = OutputStream(self, [i.request_id for i in inputs])
+        admitted = self._loop.create_future()
+        self._post(_Add(inputs, stream, admitted))
+        try:
+            await admitted
+        except asyncio.CancelledError:
+            stream.close()
+            raise
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._post(_Abort(list(request_ids)))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread: requests still running are aborted. Blocks until it ended."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _post(self, command: _Add | _Abort) -> None:
+        with self._cond:
+            if self._closed_error is None:
+                self._commands.append(command)
+                self._cond.notify()
+                return
+        if isinstance(command, _Add):
+            command.admitted.set_exception(EngineUnavailableError(str(self._closed_error)))
+
+    # ----- engine thread -----
+
+    def _run(self) -> None:
+        try:
+            while self._run_once():
+                pass
+        except BaseException as e:  # a bug outside a step: fail everything, stay answerable
+            logger.exception("the engine thread failed")
+            self._close(EngineUnavailableError(f"the engine stopped: {type(e).__name__}: {e}"))
+        else:
+            self._close(EngineUnavailableError("the server is shutting down"))
+
+    def _run_once(self) -> bool:
+        with self._cond:
+            while not (self._commands or self._stopping
+                       or self.engine.has_unfinished_requests()):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            commands, self._commands = self._commands, []
+        for command in commands:
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self._abort(command.request_ids)
+        if self.engine.has_unfinished_requests():
+            self._step()
+        if self._metrics is not None:
+            self._metrics.observe_step(self.engine.scheduler.make_stats())
+        return True
+
+    def _add(self, command: _Add) -> None:
+        added: list[str] = []
+        try:
+            for i in command.inputs:
+                self.engine.add_request(i.request_id, i.prompt, i.params,
+                                        prompt_token_ids=i.prompt_token_ids,
+                                        arrival_time=i.arrival_time)
+                added.append(i.request_id)
+        except Exception as e:  # bad input (ValueError), queue full, or a bug: nothing stays queued
+            self.engine.abort_request(added)
+            self._deliver([(command.admitted, e)])
+            return
+        for i in command.inputs:
+            self._streams[i.request_id] = command.stream
+            if self._metrics is not None:
+                self._metrics.observe_admission(i.request_id, i.arrival_time)
+        self._deliver([(command.admitted, None)])
+
+    def _abort(self, request_ids: list[str]) -> None:
+        self.engine.abort_request(request_ids)
+        for request_id in request_ids:
+            if self._streams.pop(request_id, None) is not None and self._metrics is not None:
+                self._metrics.observe_abort(request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logger.exception("an engine step failed; failing its requests")
+            self._fail(recover_from_failed_step(self.engine, set(self._streams)), e)
+            return
+        now = time.time()
+        deliveries: list[_Delivery] = []
+        for output in outputs:
+            stream = (self._streams.pop(output.request_id, None) if output.finished
+                      else self._streams.get(output.request_id))
+            if self._metrics is not None:
+                self._metrics.observe_output(output, now)
+            if stream is not None:
+                deliveries.append((stream, output))
+        self._deliver(deliveries)
+
+    def _fail(self, request_ids: set[str], error: Exception) -> None:
+        message = f"the engine failed while running this request ({type(error).__name__}: {error})"
+        deliveries: list[_Delivery] = []
+        for request_id in sorted(request_ids):
+            stream = self._streams.pop(request_id, None)
+            if self._metrics is not None:
+                self._metrics.observe_failure(request_id)
+            if stream is not None:
+                deliveries.append((stream, RequestFailedError(request_id, message)))
+        self._deliver(deliveries)
+
+    def _close(self, error: EngineUnavailableError) -> None:
+        """The thread is ending: fail every pending admission and live stream with ``error``."""
+        with self._cond:
+            self._closed_error = error
+            commands, self._commands = self._commands, []
+        deliveries: list[_Delivery] = [(c.admitted, error) for c in commands
+                                       if isinstance(c, _Add)]
+        try:
+            self.engine.abort_request(list(self._streams))
+        except Exception:
+            logger.exception("aborting the remaining requests failed")
+        for request_id, stream in self._streams.items():
+            deliveries.append((stream, EngineUnavailableError(str(error), request_id)))
+            if self._metrics is not None:
+                self._metrics.observe_abort(request_id)
+        self._streams.clear()
+        self._deliver(deliveries)
+
+    def _deliver(self, deliveries: list[_Delivery]) -> None:
+        if not deliveries:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_deliver_on_loop, deliveries)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+def _deliver_on_loop(deliveries: list[_Delivery]) -> None:
+    for target, value in deliveries:
+        if isinstance(target, OutputStream):
+            target.put(value)
+        elif not target.done():  # an admission whose handler may have been cancelled
+            if value is None:
+                target.set_result(None)
+            else:
+                target.set_exception(value)

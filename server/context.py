@@ -1,0 +1,44 @@
+"""What every handler needs: the engine thread, the HTTP side's tokenizer, names and limits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from starlette.requests import Request
+from transformers import PreTrainedTokenizerBase
+
+from .async_engine import AsyncEngine
+from .errors import bad_request
+from .metrics import ServerMetrics
+from .responses import TokenTexts
+from .settings import ServerSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerContext:
+    settings: ServerSettings
+    engine: AsyncEngine
+    # The HTTP side's own tokenizer (chat templates, prompts, logprob token texts): the engine
+    # thread keeps using the engine's, so the two threads never share a tokenizer object.
+    tokenizer: PreTrainedTokenizerBase | None
+    token_texts: TokenTexts
+    metrics: ServerMetrics
+    max_model_len: int
+    vocab_size: int
+    max_num_seqs: int
+    max_logprobs: int
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_names[0]
+
+    def check_model(self, name: str | None) -> None:
+        """400 unless ``name`` is None or one of the served names."""
+        if name is not None and name not in self.settings.served_model_names:
+            raise bad_request(f"the model {name!r} does not exist; this server serves "
+                              f"{list(self.settings.served_model_names)}", "model",
+                              "model_not_found")
+
+
+def context_of(request: Request) -> ServerContext:
+    return request.app.state.context

@@ -1,0 +1,97 @@
+"""Helpers for the server tests: a real uvicorn server on a free loopback port, in a thread.
+
+Each test module starts one server (engine start-up is the slow part) through ``start_server``
+and stops it at the end. The server runs the real app, the real engine thread and the real tiny
+model; tests reach the engine through ``RunningServer.engine`` only to check the block pool or
+to inject failures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+
+from jaxpaged.engine import LLMEngine
+from jaxpaged.engine_config import EngineConfig
+from jaxpaged.server.app import build_app
+from jaxpaged.server.async_engine import AsyncEngine
+from jaxpaged.server.settings import ServerSettings
+
+MODEL = "llama3-rope"
+MODEL_NAME = "tiny"
+API_KEY = "sk-test-key"
+
+
+def engine_config(model_dir: pathlib.Path, **overrides) -> EngineConfig:
+    """Small limits: 128-token context, 8 sequences, 63 usable blocks of 16 tokens."""
+    args = dict(dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
+                num_gpu_blocks_override=64, seed=0)
+    return EngineConfig(model=str(model_dir), **{**args, **overrides})
+
+
+@dataclasses.dataclass
+class RunningServer:
+    base_url: str
+    engine: LLMEngine
+    async_engine: AsyncEngine
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise RuntimeError("the test server did not stop")
+
+    def pool_is_full(self) -> bool:
+        """Every allocatable KV block is free (block 0 is the null block)."""
+        block_manager = self.engine.scheduler.block_manager
+        return block_manager.num_free_blocks == block_manager.num_blocks - 1
+
+
+def start_server(config: EngineConfig, **settings) -> RunningServer:
+    """Builds the engine and serves it; ``settings``: ServerSettings fields (the served model
+    name defaults to MODEL_NAME)."""
+    engine = LLMEngine(config)
+    settings.setdefault("served_model_names", (MODEL_NAME,))
+    app = build_app(engine, ServerSettings(**settings))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), timeout=60)
+    if not server.started:
+        raise RuntimeError("the test server did not start")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(f"http://127.0.0.1:{port}", engine, app.state.context.engine, server,
+                         thread)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
+               interval: float = 0.02) -> bool:
+    """Polls ``predicate`` until it holds or ``timeout`` seconds passed; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return predicate()
+        time.sleep(interval)
+    return True
+
+
+def metric_value(metrics_text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition (0.0 when absent)."""
+    for line in metrics_text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        sample, _, label_text = head.partition("{")
+        if sample != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            return float(value)
+    return 0.0
