@@ -11,8 +11,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
 export JAXPAGED_CACHE=/tmp/jaxpaged-cache
-# Let XLA's allocator reach nearly the whole card; gpu_memory_utilization then applies to it.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+# Let XLA's allocator reach nearly the whole card (gpu_memory_utilization then applies to it), but
+# grow on demand so that torch (the HF baselines, the copy-bandwidth check) can share the card.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 XLA_PYTHON_CLIENT_PREALLOCATE=false
 summary="$OUT/summary.txt"
 : > "$summary"
 

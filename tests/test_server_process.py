@@ -1,0 +1,95 @@
+"""`jaxpaged serve` as users run it: a subprocess that says where it listens, serves, and on
+SIGTERM finishes the requests in flight and exits with status 0."""
+
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import jax
+
+from server_testing import MODEL, MODEL_NAME
+
+BIN = pathlib.Path(sys.executable).parent
+READY = re.compile(r"jaxpaged server ready at (http://127\.0\.0\.1:\d+)")
+
+
+def start_serve(model_dir: pathlib.Path) -> tuple[subprocess.Popen, str, list[str]]:
+    """Starts `jaxpaged serve --port 0`; returns the process, its URL and its growing log."""
+    command = [str(BIN / "jaxpaged"), "serve", "--model", str(model_dir), "--port", "0",
+               "--served-model-name", MODEL_NAME, "--dtype", "float32", "--max-model-len", "128",
+               "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+               "--num-gpu-blocks-override", "64", "--disable-access-log",
+               # the test session's cache: the same step shapes compile once
+               "--compilation-cache-dir", jax.config.jax_compilation_cache_dir or ""]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True)
+    log: list[str] = []
+    found = threading.Event()
+    url: list[str] = []
+
+    def read_log():
+        for line in process.stderr:
+            log.append(line)
+            match = READY.search(line)
+            if match and not found.is_set():
+                url.append(match.group(1))
+                found.set()
+        found.set()  # the process ended
+
+    threading.Thread(target=read_log, daemon=True).start()
+    if not found.wait(timeout=120) or not url:
+        process.kill()
+        raise AssertionError("jaxpaged serve did not get ready:\n" + "".join(log))
+    return process, url[0], log
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(tiny_checkpoint):
+    process, url, log = start_serve(tiny_checkpoint(MODEL))
+    try:
+        streams_started = threading.Barrier(4)
+        results: list[tuple[int, str]] = []
+
+        def stream_one():
+            body = {"model": MODEL_NAME, "prompt": "Drain me", "max_tokens": 60,
+                    "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                streams_started.wait(timeout=60)
+                rest = [line for line in lines if line.startswith("data: ")]
+                results.append((r.status_code, ([first] + rest)[-1]))
+
+        clients = [threading.Thread(target=stream_one) for _ in range(3)]
+        for c in clients:
+            c.start()
+        streams_started.wait(timeout=60)  # every request is mid-stream
+        process.send_signal(signal.SIGTERM)
+        try:  # new work is refused: 503 while draining, or no listener any more
+            late = httpx.post(f"{url}/v1/completions", timeout=30,
+                              json={"model": MODEL_NAME, "prompt": "late", "max_tokens": 2})
+            assert late.status_code == 503
+        except httpx.ConnectError:
+            pass
+        for c in clients:
+            c.join(timeout=120)
+        assert results == [(200, "data: [DONE]")] * 3
+        assert process.wait(timeout=60) == 0, "".join(log)
+        text = "".join(log)
+        assert "Shutting down" in text and "Traceback" not in text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_module_entry_point_takes_the_same_arguments():
+    result = subprocess.run([sys.executable, "-m", "jaxpaged.server", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ("--api-key", "--served-model-name", "--max-model-len", "--max-waiting",
+                 "--gpu-memory-utilization", "--no-enable-prefix-caching"):
+        assert flag in result.stdout
