@@ -10,7 +10,10 @@ all at once. Reported per rate: TTFT, TPOT = (latency - TTFT) / (output tokens -
 between streamed chunks) and end-to-end latency at mean/p50/p99, output tokens/s, goodput
 (requests with TTFT <= 1 s and TPOT <= 50 ms, per second), and failed requests with reasons.
 
-Only the standard library and httpx: it runs on the GPU machine, which has no ``openai`` package.
+The server needs ``--max-model-len`` >= 1536 for the default lengths (1024 + 512), and both
+processes need file descriptors for one connection per request (``ulimit -n`` above 1024 when
+``--num-requests`` is large). Only the standard library and httpx: it runs on the GPU machine,
+which has no ``openai`` package. Exits 1 when any request failed.
 """
 
 from __future__ import annotations

@@ -43,15 +43,11 @@ def run_with_kv_waste(llm: LLM, prompts, params) -> tuple[float, float, int]:
     engine = llm.llm_engine
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"bench-{i}", None, p, prompt_token_ids=prompt["prompt_token_ids"])
-    block_size = engine.config.block_size
     wastes = []
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
-        running = engine.scheduler.running
-        allocated = sum(len(engine.scheduler.block_manager.get_block_ids(r.request_id))
-                        for r in running) * block_size
-        used = sum(r.num_computed_tokens for r in running)
+        allocated, used = engine.kv_slot_usage()
         if allocated:
             wastes.append(1 - used / allocated)
     return time.perf_counter() - start, sum(wastes) / max(len(wastes), 1), len(wastes)

@@ -132,7 +132,15 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._req_blocks: dict[str, list[KVCacheBlock]] = {}  # request id -> its block table
-        self._req_hashes: dict[str, list[BlockHash]] = {}  # request id -> hashes of its full blocks
+        # request id -> the ids of its block table. NOTE: replaced, never mutated, when the table
+        # changes, so a list handed out by get_block_ids stays a valid snapshot and an unchanged
+        # table is the very same object from step to step (the runner skips unchanged rows).
+        self._req_block_ids: dict[str, list[int]] = {}
+        self._req_num_cached: dict[str, int] = {}  # request id -> leading blocks offered to the cache
+        # request id -> (the request, hashes of its leading full blocks so far). A request's tokens
+        # only grow, so its block hashes are computed once each, whether by a prefix-cache lookup
+        # (every step a waiting request is retried) or by caching its computed blocks.
+        self._req_hashes: dict[str, tuple[Request, list[BlockHash]]] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -148,7 +156,9 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / (self.num_blocks - 1)
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._req_blocks.get(request_id, ())]
+        """The request's block table ids (a snapshot: the manager never mutates it; nor may you)."""
+        ids = self._req_block_ids.get(request_id)
+        return ids if ids is not None else []
 
     def ref_count(self, block_id: int) -> int:
         return self.pool.blocks[block_id].ref_cnt
@@ -164,16 +174,26 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return PrefixHit([], 0)
-        bs, tokens = self.block_size, request.all_token_ids
         hits: list[int] = []
-        parent: BlockHash | None = None
-        for i in range((request.num_tokens - 1) // bs):
-            parent = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs])
-            block = self.pool.get_cached_block(parent)
+        for i in range((request.num_tokens - 1) // self.block_size):
+            block = self.pool.get_cached_block(self._block_hashes(request, i + 1)[i])
             if block is None:
                 break
             hits.append(block.block_id)
-        return PrefixHit(hits, len(hits) * bs)
+        return PrefixHit(hits, len(hits) * self.block_size)
+
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
+        """Hashes of (at least) the request's first ``num_blocks`` full blocks, memoised."""
+        entry = self._req_hashes.get(request.request_id)
+        if entry is None or entry[0] is not request:  # a new request under a reused id
+            entry = self._req_hashes[request.request_id] = (request, [])
+        hashes = entry[1]
+        if len(hashes) < num_blocks:
+            bs, tokens = self.block_size, request.all_token_ids
+            for i in range(len(hashes), num_blocks):
+                hashes.append(hash_block_tokens(hashes[-1] if i else None,
+                                                tokens[i * bs : (i + 1) * bs]))
+        return hashes
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[int] = ()
@@ -197,9 +217,10 @@ class BlockManager:
         """
         if not isinstance(num_new_tokens, int) or num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be a non-negative int, got {num_new_tokens!r}.")
-        held = self._req_blocks.get(request.request_id, [])
+        rid = request.request_id
+        held = self._req_blocks.get(rid, [])
         if held and new_computed_blocks:
-            raise ValueError(f"request {request.request_id!r} already holds blocks; no cache hits.")
+            raise ValueError(f"request {rid!r} already holds blocks; no cache hits.")
         hits = [self.pool.blocks[i] for i in new_computed_blocks]
         num_tokens = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         num_needed = max(0, self.num_blocks_for(num_tokens) - len(held) - len(hits))
@@ -211,12 +232,14 @@ class BlockManager:
             return None
         self.pool.touch(hits)
         new_blocks = self.pool.get_new_blocks(num_needed)
-        if request.request_id not in self._req_blocks:
-            self._req_blocks[request.request_id] = held
-            self._req_hashes[request.request_id] = [b.block_hash for b in hits]
+        if rid not in self._req_blocks:
+            self._req_blocks[rid] = held
+            self._req_num_cached[rid] = len(hits)  # hits are in the cache already
         held.extend(hits)
         held.extend(new_blocks)
-        return [b.block_id for b in new_blocks]
+        added = [b.block_id for b in hits] + [b.block_id for b in new_blocks]
+        self._req_block_ids[rid] = self._req_block_ids.get(rid, []) + added
+        return added[len(hits):]
 
     def cache_full_blocks(self, request: Request) -> None:
         """Enter the request's full blocks among its first ``num_computed_tokens`` in the cache.
@@ -224,17 +247,18 @@ class BlockManager:
         Call only once those tokens' K/V have been written (after the step that computed them):
         another request may read a cached block as soon as it is in the map.
         """
-        blocks = self._req_blocks.get(request.request_id)
+        rid = request.request_id
+        blocks = self._req_blocks.get(rid)
         if not self.enable_prefix_caching or not blocks:
             return
-        bs, tokens = self.block_size, request.all_token_ids
-        hashes = self._req_hashes[request.request_id]
-        num_full = min(request.num_computed_tokens // bs, len(blocks))
-        for i in range(len(hashes), num_full):
-            parent = hashes[-1] if hashes else None
-            block_hash = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs])
-            hashes.append(block_hash)
-            self.pool.cache_block(blocks[i], block_hash)
+        num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
+        first = self._req_num_cached[rid]
+        if first >= num_full:
+            return  # the common decode step: no block filled up
+        hashes = self._block_hashes(request, num_full)
+        for i in range(first, num_full):
+            self.pool.cache_block(blocks[i], hashes[i])
+        self._req_num_cached[rid] = num_full
 
     def fork(self, parent_id: str, child_ids: Sequence[str]) -> None:
         """Hand the parent's blocks to its children, shared (each block's ref_cnt += n - 1)."""
@@ -246,16 +270,21 @@ class BlockManager:
             if child_id in self._req_blocks:
                 raise ValueError(f"request {child_id!r} already holds blocks.")
         blocks = self._req_blocks.pop(parent_id)
-        hashes = self._req_hashes.pop(parent_id)
+        block_ids = self._req_block_ids.pop(parent_id)
+        num_cached = self._req_num_cached.pop(parent_id)
+        self._req_hashes.pop(parent_id, None)
         for child_id in child_ids:
             self._req_blocks[child_id] = list(blocks)
-            self._req_hashes[child_id] = list(hashes)
+            self._req_block_ids[child_id] = block_ids  # shared: never mutated
+            self._req_num_cached[child_id] = num_cached
         for block in blocks:
             block.ref_cnt += len(child_ids) - 1
 
     def free(self, request: Request) -> None:
-        """Release the request's blocks (a no-op if it holds none)."""
+        """Release the request's blocks and forget its hashes (a no-op if it holds none)."""
         blocks = self._req_blocks.pop(request.request_id, [])
+        self._req_block_ids.pop(request.request_id, None)
+        self._req_num_cached.pop(request.request_id, None)
         self._req_hashes.pop(request.request_id, None)
         # NOTE: tail blocks first, so they are evicted before the request's shared prefix.
         self.pool.free_blocks(reversed(blocks))

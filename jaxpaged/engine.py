@@ -250,6 +250,10 @@ class LLMEngine:
                 raise ValueError(f"{name}={value} exceeds max_logprobs={self.config.max_logprobs}")
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported yet")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are not in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
 
@@ -260,6 +264,13 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    def kv_slot_usage(self) -> tuple[int, int]:
+        """(slots allocated to running sequences, slots they fill): KV waste is 1 - used/allocated."""
+        manager = self.scheduler.block_manager
+        running = self.scheduler.running
+        allocated = sum(len(manager.get_block_ids(r.request_id)) for r in running)
+        return allocated * self.config.block_size, sum(r.num_computed_tokens for r in running)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)

@@ -23,9 +23,10 @@ from jaxpaged.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
 from jaxpaged.sampler import SampleLogprobs, sample
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.sampling_tensors import SamplingTensors, build_sampling_tensors
+from jaxpaged.sampling_tensors import (SamplingTensorBuilder, SamplingTensors, StepKeys,
+                                       build_sampling_tensors)
 from jaxpaged.scheduler_output import ScheduledRequest, SchedulerOutput
-from jaxpaged.step_inputs import StepInputs, pack_step
+from jaxpaged.step_inputs import StepInputs, StepPacker, pack_step
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +90,18 @@ class ModelRunner:
                                       head_dim=cfg.head_dim, dtype=kv_dtype)
         self._base_key = jax.random.key(seed)
         self._num_steps = 0
+        # Host-side per-step builders; they keep per-request work from one step to the next.
+        self._packer = StepPacker(block_size=block_size, table_width=ladder.table_width)
+        self._sampling_builder = SamplingTensorBuilder(cfg.vocab_size, eos_token_ids,
+                                                       penalty_width=penalty_width)
+        self._step_keys = StepKeys(self._base_key)
         self.timings = StepTimings()
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         scheduled = scheduler_output.scheduled
         shape = self.ladder.shape_for(scheduler_output.total_num_scheduled_tokens, len(scheduled),
                                       decode_only=scheduler_output.max_query_len == 1)
-        inputs = pack_step(scheduled, shape, block_size=self.block_size,
-                           table_width=self.ladder.table_width)
+        inputs = self._packer.pack(scheduled, shape)
         logits, self.kv_cache = _model_step(self.graphdef, self.state, self.kv_cache, inputs)
         sampled_rows = [i for i, r in enumerate(scheduled) if r.do_sample]
         if not sampled_rows:
@@ -115,11 +120,11 @@ class ModelRunner:
         return RunnerOutput(sampled, logprobs)
 
     def _sampling_tensors(self, requests: list[ScheduledRequest], pad_to: int) -> SamplingTensors:
-        step_key = jax.random.fold_in(self._base_key, self._num_steps)
-        return build_sampling_tensors(
-            [r.sampling_params for r in requests], [r.prompt_token_ids for r in requests],
-            [r.output_token_ids for r in requests], self.eos_token_ids, pad_to,
-            self.config.vocab_size, step_key, penalty_width=self.penalty_width)
+        """Host (numpy) tensors: the jitted sampler's call moves them to the device."""
+        return self._sampling_builder.build(
+            [r.req_id for r in requests], [r.sampling_params for r in requests],
+            [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
+            pad_to, self._step_keys(self._num_steps))
 
     def warmup(self) -> float:
         """Compiles every step shape, and greedy and random sampling for every batch size.

@@ -1,7 +1,9 @@
 """Per-step sampling tensors: every request's sampling parameters as one row of device arrays.
 
-The host builds a ``SamplingTensors`` once per step from the scheduled requests
-(``build_sampling_tensors``); the jitted step hands it to ``sampler.sample``. Rows are padded to a
+The host builds a ``SamplingTensors`` once per step from the scheduled requests (a runner keeps a
+``SamplingTensorBuilder``, which does the per-request work once per request; the one-shot
+``build_sampling_tensors`` validates everything on every call); the jitted step hands it to
+``sampler.sample``. Rows are padded to a
 static batch bucket ``B``; padding rows are greedy and use no penalties, so whatever logits they
 carry cannot disturb real rows.
 
@@ -17,13 +19,17 @@ Random keys (reproducibility): the key of row ``i`` is derived on the device by 
   ``fold_in(fold_in(key(seed_lo32), seed_hi32), num_generated_tokens)``. It depends only on the
   request's seed and on how many tokens it has generated so far, so a seeded request yields the
   same tokens whichever batch, row or step it lands in.
-* unseeded request: ``fold_in(step_key, i)``, where ``step_key`` is a fresh engine key per step.
+* unseeded request: ``fold_in(step_key, i)``, where ``step_key`` is a fresh engine key per step
+  (the runner's is ``fold_in(base_key, step)``, derived in blocks by ``StepKeys``). The tensors
+  carry the step key as raw key data, so the host can make it without a device dispatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import operator
+from collections.abc import Hashable, Sequence
 from typing import Protocol
 
 import jax
@@ -75,7 +81,7 @@ class SamplingTensors:
     seeds: jax.Array  # u32[B, 2]: low and high 32 bits of the request seed (see row_keys)
     has_seed: jax.Array  # bool[B]: the request set a seed
     gen_counts: jax.Array  # i32[B]: tokens the request has generated so far
-    step_key: jax.Array  # key[]: this step's engine key, for unseeded rows
+    step_key: jax.Array  # u32[2]: raw data of this step's engine key (default impl), for unseeded rows
     prompt_ids: jax.Array | None  # i32[B, Lp]: prompt token ids, -1 = padding; None unless use_penalties
     output_ids: jax.Array | None  # i32[B, Lo]: output token ids, -1 = padding; None unless use_penalties
     # Every row is greedy: sampling (temperature, top-k/p, min-p, random keys) is skipped entirely.
@@ -105,8 +111,10 @@ def row_keys(
       seeds: u32[B, 2], (low, high) 32-bit halves of each request's seed.
       has_seed: bool[B].
       gen_counts: i32[B], tokens generated so far by each request.
-      step_key: typed key[], the engine's key for this step.
+      step_key: the engine's key for this step: a typed key[] or its raw key data (default impl).
     """
+    if not jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):
+        step_key = jax.random.wrap_key_data(step_key)
     impl = jax.random.key_impl(step_key)
 
     def seeded_key(seed_halves, count):  # [2], []
@@ -162,80 +170,8 @@ def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"{name} holds token id {int(bad)} outside [0, vocab_size={vocab_size})")
 
 
-def _is_greedy(p: SamplingParamsLike) -> bool:
-    return p.temperature < GREEDY_EPS
-
-
-def _uses_penalties(p: SamplingParamsLike) -> bool:
-    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
-
-
-def _top_k_or_off(p: SamplingParamsLike, vocab_size: int) -> int:
-    return 0 if p.top_k <= 0 or p.top_k >= vocab_size else p.top_k
-
-
-def _uses_filters(p: SamplingParamsLike, vocab_size: int) -> bool:
-    return not _is_greedy(p) and (_top_k_or_off(p, vocab_size) > 0 or p.top_p < 1.0 or p.min_p > 0.0)
-
-
-def _pad_rows(rows: list[np.ndarray], num_rows: int, width: int) -> np.ndarray:
-    """Stack id lists into i32[num_rows, width], -1 padded."""
-    out = np.full((num_rows, width), -1, np.int32)
-    for i, ids in enumerate(rows):
-        out[i, : len(ids)] = ids
-    return out
-
-
-def _banned_ids(
-    params_list: Sequence[SamplingParamsLike], output_lens: list[int], eos_ids: Sequence[int], pad_to: int
-) -> np.ndarray:
-    """i32[B, K] stop ids of the rows still below min_tokens.
-
-    Like vLLM, the model's eos ids count as stop ids here even with ``ignore_eos`` (vLLM adds them to
-    ``all_stop_token_ids``, which the min-tokens processor bans).
-    """
-    rows = []
-    for p, n_out in zip(params_list, output_lens):
-        if n_out < p.min_tokens:
-            rows.append(np.unique(np.asarray([*eos_ids, *(p.stop_token_ids or ())], np.int64)))
-        else:
-            rows.append(np.zeros((0,), np.int64))
-    width = _next_pow2(max((len(r) for r in rows), default=0), MIN_BANNED_WIDTH)
-    return _pad_rows(rows, pad_to, width)
-
-
-def _penalty_ids(
-    id_lists: list[np.ndarray], use_rows: list[bool], pad_to: int, width: int | None, name: str
-) -> np.ndarray | None:
-    """i32[B, L] ids of the rows that use penalties (others empty), or None if no row does."""
-    if not any(use_rows):
-        return None
-    rows = [ids if use else ids[:0] for ids, use in zip(id_lists, use_rows)]
-    longest = max((len(r) for r in rows), default=0)
-    if width is None:
-        width = _next_pow2(longest, MIN_PENALTY_WIDTH)
-    elif longest > width:
-        raise ValueError(f"penalty_width={width} is shorter than a row of {name} ({longest} ids)")
-    return _pad_rows(rows, pad_to, width)
-
-
-def _seed_halves(seed: int | None) -> tuple[int, int]:
-    if seed is None:
-        return 0, 0
-    seed64 = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
-    return seed64 & 0xFFFF_FFFF, seed64 >> 32
-
-
-def _validate_ids(
-    params_list, prompts: list[np.ndarray], outputs: list[np.ndarray], eos_ids, vocab_size: int
-) -> None:
-    for row, (prompt, output) in enumerate(zip(prompts, outputs)):
-        _check_ids(f"prompt_ids_list[{row}]", prompt, vocab_size)
-        _check_ids(f"output_ids_list[{row}]", output, vocab_size)
-    _check_ids("eos_ids", np.asarray(eos_ids, np.int64).reshape(-1), vocab_size)
-    for row, p in enumerate(params_list):
-        stop_ids = np.asarray(p.stop_token_ids or (), np.int64).reshape(-1)
-        _check_ids(f"params_list[{row}].stop_token_ids", stop_ids, vocab_size)
+def _as_ids(ids: Sequence[int]) -> np.ndarray:
+    return np.asarray(ids, np.int64).reshape(-1)
 
 
 def _validate_batch(params_list, prompt_ids_list, output_ids_list, pad_to: int, vocab_size: int) -> None:
@@ -250,8 +186,244 @@ def _validate_batch(params_list, prompt_ids_list, output_ids_list, pad_to: int, 
             f"params_list, prompt_ids_list and output_ids_list must have equal lengths, got "
             f"{len(params_list)}, {len(prompt_ids_list)} and {len(output_ids_list)}"
         )
-    for row, p in enumerate(params_list):
-        _validate_params(row, p)
+
+
+def _validate_ids(prompt_ids_list, output_ids_list, vocab_size: int) -> None:
+    for row, (prompt, output) in enumerate(zip(prompt_ids_list, output_ids_list)):
+        _check_ids(f"prompt_ids_list[{row}]", _as_ids(prompt), vocab_size)
+        _check_ids(f"output_ids_list[{row}]", _as_ids(output), vocab_size)
+
+
+def _seed_halves(seed: int | None) -> tuple[int, int]:
+    if seed is None:
+        return 0, 0
+    seed64 = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+    return seed64 & 0xFFFF_FFFF, seed64 >> 32
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """Mark an array that is reused across steps read-only (a stray write would corrupt them)."""
+    array.flags.writeable = False
+    return array
+
+
+# Padding values of the float columns, in _Row.floats order: a padding row is greedy, unpenalised.
+_FLOAT_PADS = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Row:
+    """One request's sampling parameters as the values of its row: built once per request."""
+
+    params: SamplingParamsLike  # the object it was built from; another object means a new request
+    prompt_ids: Sequence[int]  # likewise
+    # temperature, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty
+    floats: tuple[float, float, float, float, float, float]
+    top_k: int  # 0 = off
+    min_tokens: int
+    seed_halves: tuple[int, int]
+    has_seed: bool
+    stop_ids: np.ndarray  # i64[k]: eos + stop token ids (sorted, unique), banned below min_tokens
+    greedy: bool
+    uses_penalties: bool
+    uses_filters: bool  # a sampling row with top-k, top-p or min-p
+    logprobs: int | None
+    prompt_array: np.ndarray | None  # i64[Lp] prompt ids; only for rows that use penalties
+
+
+def _make_row(row: int, p: SamplingParamsLike, prompt_ids: Sequence[int], eos_ids: np.ndarray,
+              vocab_size: int) -> _Row:
+    """Validate one request's parameters (and its ids where they are used) and fix its row."""
+    _validate_params(row, p)
+    stop_ids = _as_ids(p.stop_token_ids or ())
+    _check_ids(f"params_list[{row}].stop_token_ids", stop_ids, vocab_size)
+    greedy = p.temperature < GREEDY_EPS
+    top_k = 0 if p.top_k <= 0 or p.top_k >= vocab_size else p.top_k
+    uses_penalties = (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                      or p.repetition_penalty != 1.0)
+    prompt_array = None
+    if uses_penalties:
+        prompt_array = _as_ids(prompt_ids)
+        _check_ids(f"prompt_ids_list[{row}]", prompt_array, vocab_size)
+    return _Row(
+        params=p, prompt_ids=prompt_ids,
+        floats=(p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                p.repetition_penalty),
+        top_k=top_k, min_tokens=p.min_tokens, seed_halves=_seed_halves(p.seed),
+        has_seed=p.seed is not None, stop_ids=np.unique(np.concatenate([eos_ids, stop_ids])),
+        greedy=greedy, uses_penalties=uses_penalties,
+        uses_filters=not greedy and (top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0),
+        logprobs=p.logprobs, prompt_array=prompt_array)
+
+
+def _pad_rows(rows: Sequence[np.ndarray], row_index: Sequence[int], num_rows: int,
+              width: int) -> np.ndarray:
+    """i32[num_rows, width]: rows[j] at row row_index[j], -1 everywhere else."""
+    out = np.full((num_rows, width), -1, np.int32)
+    for i, ids in zip(row_index, rows):
+        out[i, : len(ids)] = ids
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _BatchColumns:
+    """The per-request (static) columns of one batch, reused while the batch stays the same."""
+
+    rows: list[_Row]
+    pad_to: int
+    floats: np.ndarray  # f32[6, B], rows in _Row.floats order
+    top_k: np.ndarray  # i32[B]
+    min_tokens: np.ndarray  # i64[n]: real rows only
+    seeds: np.ndarray  # u32[B, 2]
+    has_seed: np.ndarray  # bool[B]
+    penalty_rows: np.ndarray  # i64[P]: rows that use penalties
+    prompt_ids: np.ndarray | None  # i32[B, Lp]; None unless a row uses penalties
+    all_greedy: bool
+    use_top_k_top_p_min_p: bool
+    num_logprobs: int | None
+
+
+class SamplingTensorBuilder:
+    """Builds each step's host ``SamplingTensors`` from the rows that need a token.
+
+    The per-request work (validating the parameters, turning them into row values, the stop ids
+    banned below ``min_tokens``, the prompt ids for penalties) is done once per request and kept
+    under its key (the request id) while the request keeps coming back; the static columns of a
+    batch are reused while the batch is unchanged (the steady decode step). So a step costs
+    O(rows) of list work plus a few numpy calls, not O(prompt + output tokens).
+
+    A cached row is trusted only while the request hands in the very same params and prompt
+    objects; a new object (a reused request id) rebuilds the row. Output ids are checked only
+    where they are read (rows with penalties): a runner's output ids come from the sampler.
+    Returned arrays may be shared with later steps and are read-only.
+    """
+
+    def __init__(self, vocab_size: int, eos_ids: Sequence[int], *,
+                 penalty_width: int | None = None):
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.penalty_width = penalty_width
+        self._eos_ids = _as_ids(eos_ids)
+        _check_ids("eos_ids", self._eos_ids, vocab_size)
+        self._rows: dict[Hashable, _Row] = {}  # the last step's rows by key
+        self._columns: _BatchColumns | None = None  # the last step's static columns
+        self._no_bans: dict[int, np.ndarray] = {}  # pad_to -> i32[pad_to, MIN_BANNED_WIDTH] of -1
+
+    def build(
+        self,
+        keys: Sequence[Hashable],
+        params_list: Sequence[SamplingParamsLike],
+        prompt_ids_list: Sequence[Sequence[int]],
+        output_ids_list: Sequence[Sequence[int]],
+        pad_to: int,
+        step_key: jax.Array | np.ndarray,
+    ) -> SamplingTensors:
+        """Host (numpy) ``SamplingTensors`` of one step; see ``build_sampling_tensors`` for the
+        arguments. ``keys`` name the rows' requests (unique within a step)."""
+        _validate_batch(params_list, prompt_ids_list, output_ids_list, pad_to, self.vocab_size)
+        if len(keys) != len(params_list):
+            raise ValueError(f"keys has {len(keys)} entries for {len(params_list)} rows")
+        rows = self._rows_for(keys, params_list, prompt_ids_list)
+        columns = self._columns
+        if (columns is None or columns.pad_to != pad_to or len(columns.rows) != len(rows)
+                or not all(map(operator.is_, columns.rows, rows))):
+            columns = self._columns = self._stack(rows, pad_to)
+        num_rows = len(rows)
+        gen_counts = np.zeros(pad_to, np.int32)
+        gen_counts[:num_rows] = np.fromiter(map(len, output_ids_list), np.int64, num_rows)
+        floats = columns.floats
+        return SamplingTensors(
+            temperature=floats[0], top_k=columns.top_k, top_p=floats[1], min_p=floats[2],
+            presence_penalty=floats[3], frequency_penalty=floats[4],
+            repetition_penalty=floats[5],
+            banned_ids=self._banned_ids(columns, gen_counts[:num_rows]),
+            seeds=columns.seeds, has_seed=columns.has_seed, gen_counts=gen_counts,
+            step_key=step_key, prompt_ids=columns.prompt_ids,
+            output_ids=self._output_ids(columns, output_ids_list),
+            all_greedy=columns.all_greedy, use_penalties=columns.prompt_ids is not None,
+            use_top_k_top_p_min_p=columns.use_top_k_top_p_min_p,
+            num_logprobs=columns.num_logprobs,
+        )
+
+    def _rows_for(self, keys, params_list, prompt_ids_list) -> list[_Row]:
+        """This step's rows: cached where the request is the same, built where it is new."""
+        cache, rows = self._rows, []
+        for i, (key, p, prompt) in enumerate(zip(keys, params_list, prompt_ids_list)):
+            row = cache.get(key)
+            if row is None or row.params is not p or row.prompt_ids is not prompt:
+                row = _make_row(i, p, prompt, self._eos_ids, self.vocab_size)
+            rows.append(row)
+        self._rows = dict(zip(keys, rows))  # requests gone from the batch are dropped
+        if len(self._rows) != len(rows):
+            raise ValueError(f"keys must be unique within a step, got {list(keys)!r}")
+        return rows
+
+    def _stack(self, rows: list[_Row], pad_to: int) -> _BatchColumns:
+        num_rows = len(rows)
+        floats = np.empty((len(_FLOAT_PADS), pad_to), np.float32)
+        floats[:] = np.asarray(_FLOAT_PADS, np.float32)[:, None]
+        top_k = np.zeros(pad_to, np.int32)
+        seeds = np.zeros((pad_to, 2), np.uint32)
+        has_seed = np.zeros(pad_to, np.bool_)
+        if num_rows:
+            floats[:, :num_rows] = np.asarray([r.floats for r in rows], np.float32).T
+            top_k[:num_rows] = [r.top_k for r in rows]
+            seeds[:num_rows] = [r.seed_halves for r in rows]
+            has_seed[:num_rows] = [r.has_seed for r in rows]
+        penalty_rows = np.asarray([i for i, r in enumerate(rows) if r.uses_penalties], np.int64)
+        return _BatchColumns(
+            rows=rows, pad_to=pad_to, floats=_frozen(floats), top_k=_frozen(top_k),
+            min_tokens=np.asarray([r.min_tokens for r in rows], np.int64).reshape(-1),
+            seeds=_frozen(seeds), has_seed=_frozen(has_seed), penalty_rows=penalty_rows,
+            prompt_ids=self._prompt_ids(rows, penalty_rows, pad_to),
+            all_greedy=all(r.greedy for r in rows),
+            use_top_k_top_p_min_p=any(r.uses_filters for r in rows),
+            num_logprobs=_logprobs_bucket([r.logprobs for r in rows], self.vocab_size),
+        )
+
+    def _penalty_width(self, longest: int, name: str) -> int:
+        if self.penalty_width is None:
+            return _next_pow2(longest, MIN_PENALTY_WIDTH)
+        if longest > self.penalty_width:
+            raise ValueError(f"penalty_width={self.penalty_width} is shorter than a row of {name} "
+                             f"({longest} ids)")
+        return self.penalty_width
+
+    def _prompt_ids(self, rows: list[_Row], penalty_rows: np.ndarray, pad_to: int):
+        """i32[B, Lp] prompt ids of the rows that use penalties (others -1); None if none does."""
+        if not penalty_rows.size:
+            return None
+        prompts = [rows[i].prompt_array for i in penalty_rows]
+        width = self._penalty_width(max(map(len, prompts)), "prompt_ids_list")
+        return _frozen(_pad_rows(prompts, penalty_rows, pad_to, width))
+
+    def _output_ids(self, columns: _BatchColumns, output_ids_list) -> np.ndarray | None:
+        """i32[B, Lo] output ids of the rows that use penalties (others -1); None if none does."""
+        if columns.prompt_ids is None:
+            return None
+        outputs = [_as_ids(output_ids_list[i]) for i in columns.penalty_rows]
+        for i, ids in zip(columns.penalty_rows, outputs):
+            _check_ids(f"output_ids_list[{i}]", ids, self.vocab_size)
+        width = self._penalty_width(max(map(len, outputs)), "output_ids_list")
+        return _pad_rows(outputs, columns.penalty_rows, columns.pad_to, width)
+
+    def _banned_ids(self, columns: _BatchColumns, gen_counts: np.ndarray) -> np.ndarray:
+        """i32[B, K] stop ids of the rows still below min_tokens (-1 elsewhere).
+
+        Like vLLM, the model's eos ids count as stop ids here even with ``ignore_eos`` (vLLM adds
+        them to ``all_stop_token_ids``, which the min-tokens processor bans).
+        """
+        below = np.flatnonzero(gen_counts < columns.min_tokens)
+        if not below.size:
+            no_bans = self._no_bans.get(columns.pad_to)
+            if no_bans is None:
+                no_bans = np.full((columns.pad_to, MIN_BANNED_WIDTH), -1, np.int32)
+                no_bans = self._no_bans[columns.pad_to] = _frozen(no_bans)
+            return no_bans
+        stop_ids = [columns.rows[i].stop_ids for i in below]
+        width = _next_pow2(max(map(len, stop_ids)), MIN_BANNED_WIDTH)
+        return _pad_rows(stop_ids, below, columns.pad_to, width)
 
 
 def build_sampling_tensors(
@@ -267,6 +439,9 @@ def build_sampling_tensors(
 ) -> SamplingTensors:
     """Build the device ``SamplingTensors`` of one step (host side, numpy, then one transfer).
 
+    Every input is validated on every call; a runner building one batch per step should keep a
+    ``SamplingTensorBuilder`` instead, which validates each request once.
+
     Args:
       params_list: one sampling-params object per row that needs a token this step.
       prompt_ids_list: each row's prompt token ids (read only for penalties).
@@ -274,44 +449,49 @@ def build_sampling_tensors(
       eos_ids: the model's eos token id(s), banned with the stop ids while below min_tokens.
       pad_to: the static batch bucket B (>= number of rows).
       vocab_size: V, the width of the logits.
-      step_key: typed PRNG key for this step's unseeded rows (a raw u32[2] is wrapped).
+      step_key: typed PRNG key, or its raw key data, for this step's unseeded rows.
       penalty_width: fixed width for the prompt/output id matrices (avoids a compile per
         power-of-two width); by default they are rounded up to a power of two >= 16.
     """
     _validate_batch(params_list, prompt_ids_list, output_ids_list, pad_to, vocab_size)
-    prompts = [np.asarray(ids, np.int64).reshape(-1) for ids in prompt_ids_list]
-    outputs = [np.asarray(ids, np.int64).reshape(-1) for ids in output_ids_list]
-    _validate_ids(params_list, prompts, outputs, eos_ids, vocab_size)
-    if not jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):
-        step_key = jax.random.wrap_key_data(step_key)
-
-    def column(values, dtype, pad_value):  # one value per real row -> [B]
-        out = np.full((pad_to,), pad_value, dtype)
-        out[: len(values)] = values
-        return out
-
-    ps = list(params_list)
-    penalty_rows = [_uses_penalties(p) for p in ps]
-    seeds = np.zeros((pad_to, 2), np.uint32)
-    seeds[: len(ps)] = np.asarray([_seed_halves(p.seed) for p in ps], np.uint32).reshape(-1, 2)
-    host = SamplingTensors(
-        temperature=column([p.temperature for p in ps], np.float32, 0.0),
-        top_k=column([_top_k_or_off(p, vocab_size) for p in ps], np.int32, 0),
-        top_p=column([p.top_p for p in ps], np.float32, 1.0),
-        min_p=column([p.min_p for p in ps], np.float32, 0.0),
-        presence_penalty=column([p.presence_penalty for p in ps], np.float32, 0.0),
-        frequency_penalty=column([p.frequency_penalty for p in ps], np.float32, 0.0),
-        repetition_penalty=column([p.repetition_penalty for p in ps], np.float32, 1.0),
-        banned_ids=_banned_ids(ps, [len(o) for o in outputs], eos_ids, pad_to),
-        seeds=seeds,
-        has_seed=column([p.seed is not None for p in ps], np.bool_, False),
-        gen_counts=column([len(o) for o in outputs], np.int32, 0),
-        step_key=step_key,
-        prompt_ids=_penalty_ids(prompts, penalty_rows, pad_to, penalty_width, "prompt_ids_list"),
-        output_ids=_penalty_ids(outputs, penalty_rows, pad_to, penalty_width, "output_ids_list"),
-        all_greedy=all(_is_greedy(p) for p in ps),
-        use_penalties=any(penalty_rows),
-        use_top_k_top_p_min_p=any(_uses_filters(p, vocab_size) for p in ps),
-        num_logprobs=_logprobs_bucket([p.logprobs for p in ps], vocab_size),
-    )
+    for row, p in enumerate(params_list):
+        _validate_params(row, p)
+    _validate_ids(prompt_ids_list, output_ids_list, vocab_size)
+    builder = SamplingTensorBuilder(vocab_size, eos_ids, penalty_width=penalty_width)
+    host = builder.build(range(len(params_list)), params_list, prompt_ids_list, output_ids_list,
+                         pad_to, step_key_data(step_key))
     return jax.device_put(host)
+
+
+def step_key_data(step_key: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """The raw key data (u32[2] for the default impl) that ``SamplingTensors.step_key`` holds."""
+    if jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(step_key)
+    return step_key
+
+
+@functools.partial(jax.jit, static_argnames=("count",))
+def _fold_in_range(base_key: jax.Array, first: jax.Array, count: int) -> jax.Array:
+    steps = first + jnp.arange(count, dtype=jnp.uint32)
+    return jax.random.key_data(jax.vmap(lambda s: jax.random.fold_in(base_key, s))(steps))
+
+
+class StepKeys:
+    """``key_data(fold_in(base_key, step))`` for each step, as host arrays.
+
+    Derived on the device ``block`` steps at a time (one jitted call and one copy per block),
+    instead of an eager ``fold_in`` dispatch per step; the values are those of the eager call.
+    """
+
+    def __init__(self, base_key: jax.Array, block: int = 1024):
+        self._base_key = base_key
+        self._block = block
+        self._first = -1  # step of the cached block's first row
+        self._data: np.ndarray | None = None  # u32[block, *key_shape]
+
+    def __call__(self, step: int) -> np.ndarray:
+        first = step - step % self._block
+        if first != self._first:
+            self._data = np.asarray(_fold_in_range(self._base_key, np.uint32(first), self._block))
+            self._first = first
+        return self._data[step - first]

@@ -367,6 +367,8 @@ class Scheduler:
                 raise ValueError(f"request_id {child.request_id!r} (a child) is already in use.")
         if self.block_manager.get_block_ids(parent.request_id):
             self.block_manager.fork(parent.request_id, [c.request_id for c in children])
+        else:
+            self.block_manager.free(parent)  # holds no blocks: only drops its memoised hashes
         for child in children:
             child.status = parent.status
             child.num_computed_tokens = parent.num_computed_tokens

@@ -4,11 +4,18 @@ Padding rules (they let every step of a bucket share one compiled program):
   - token axis T: padding tokens have id 0, position 0 and slot -1 (never written);
   - sequence axis S: padding rows have seq_len 0, an empty query range, block table of null
     block 0, and logits index 0 (their logits are computed and ignored).
+
+Packing is vectorised: a few list comprehensions over the requests, then numpy over the tokens.
+The block tables (S x W ids) are the bulk of it; ``StepPacker`` keeps the previous step's tables
+and rewrites only the rows whose block ids changed (in a steady decode batch, one row in
+``block_size`` steps), so a step costs O(requests), not O(requests x blocks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -27,33 +34,102 @@ class StepInputs:
     md: AttentionMetadata
 
 
-def pack_step(scheduled: list[ScheduledRequest], shape: StepShape, *, block_size: int,
+class StepPacker:
+    """Packs steps into ``StepInputs``, reusing the block-table rows of the previous step.
+
+    A row is rewritten when its request's ``block_ids`` is a different list object or has a
+    different length than last step. ``BlockManager`` hands out a new list whenever a request's
+    blocks change and never mutates one it handed out, so an unchanged object is an unchanged
+    table. Each step gets its own copy of the tables: arrays handed to the device are never
+    written again.
+    """
+
+    def __init__(self, *, block_size: int, table_width: int):
+        self.block_size = block_size
+        self.table_width = table_width
+        self._tables: np.ndarray | None = None  # i32[S, W] of the previous step
+        self._row_ids: list[Sequence[int] | None] = []  # block_ids written into each row
+        self._row_lens: list[int] = []  # len of those ids when written (0 for an empty row)
+
+    def pack(self, scheduled: Sequence[ScheduledRequest], shape: StepShape) -> StepInputs:
+        """Numpy StepInputs for ``scheduled`` padded to ``shape`` (moved to device by the caller)."""
+        t, s, n = shape.num_tokens, shape.num_seqs, len(scheduled)
+        counts = np.fromiter([len(r.token_ids) for r in scheduled], np.int64, n)  # [n] new tokens
+        starts = np.fromiter([r.num_computed_tokens for r in scheduled], np.int64, n)  # [n]
+        total = int(counts.sum())
+        if n > s or total > t:
+            raise ValueError(f"{n} requests with {total} tokens do not fit the step shape {shape}")
+        tables = self._block_tables(scheduled, s, starts + counts)
+        token_ids = np.zeros(t, np.int32)
+        positions = np.zeros(t, np.int32)
+        slots = np.full(t, -1, np.int32)
+        seq_lens = np.zeros(s, np.int32)
+        query_start = np.zeros(s + 1, np.int32)
+        logits_indices = np.zeros(s, np.int32)
+        ends = np.cumsum(counts)  # [n] exclusive end of each request's tokens
+        if total == n and (n == 0 or counts.min() == 1):  # decode only: one token per request
+            token_ids[:n] = [r.token_ids[0] for r in scheduled]
+            pos, rows = starts, np.arange(n)
+        else:
+            token_ids[:total] = np.fromiter(
+                itertools.chain.from_iterable(r.token_ids for r in scheduled), np.int32, total)
+            rows = np.repeat(np.arange(n), counts)  # [total] request of each token
+            pos = np.arange(total) + np.repeat(starts - (ends - counts), counts)  # [total]
+        positions[:total] = pos
+        blocks = tables[rows, pos // self.block_size]  # [total]
+        slots[:total] = blocks * self.block_size + pos % self.block_size
+        seq_lens[:n] = starts + counts
+        query_start[1:n + 1] = ends
+        query_start[n + 1:] = total
+        logits_indices[:n] = ends - 1
+        md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
+                               query_start_loc=query_start,
+                               max_query_len=1 if shape.decode_only else t)
+        return StepInputs(token_ids=token_ids, positions=positions,
+                          logits_indices=logits_indices, md=md)
+
+    def _block_tables(self, scheduled: Sequence[ScheduledRequest], num_seqs: int,
+                      seq_lens: np.ndarray) -> np.ndarray:
+        """i32[S, W] block tables (null block 0 past each request's blocks and in padding rows);
+        ``seq_lens`` i64[n] are the requests' context lengths after the step."""
+        if self._tables is None or self._tables.shape[0] != num_seqs:
+            tables = np.zeros((num_seqs, self.table_width), np.int32)
+            self._row_ids, self._row_lens = [None] * num_seqs, [0] * num_seqs
+        else:
+            tables = self._tables.copy()
+        row_ids, row_lens = self._row_ids, self._row_lens
+        for row, request in enumerate(scheduled):
+            ids = request.block_ids
+            if ids is not row_ids[row] or len(ids) != row_lens[row]:
+                self._write_row(tables, row, request)
+        for row in range(len(scheduled), num_seqs):  # padding rows: back to the null block
+            if row_lens[row]:
+                tables[row, :row_lens[row]] = 0
+                row_ids[row], row_lens[row] = None, 0
+        self._check_coverage(scheduled, seq_lens)
+        self._tables = tables
+        return tables
+
+    def _write_row(self, tables: np.ndarray, row: int, request: ScheduledRequest) -> None:
+        ids, old_len = request.block_ids, self._row_lens[row]
+        if len(ids) > self.table_width:
+            raise ValueError(f"request {request.req_id!r} has {len(ids)} blocks, more than the "
+                             f"table width {self.table_width}")
+        tables[row, :len(ids)] = ids
+        tables[row, len(ids):old_len] = 0
+        self._row_ids[row], self._row_lens[row] = ids, len(ids)
+
+    def _check_coverage(self, scheduled: Sequence[ScheduledRequest], seq_lens: np.ndarray) -> None:
+        """Every new token's position must fall inside its request's blocks."""
+        num_blocks = np.asarray(self._row_lens[:len(scheduled)], np.int64)
+        short = np.flatnonzero(num_blocks * self.block_size < seq_lens)
+        if short.size:
+            request = scheduled[int(short[0])]
+            raise ValueError(f"request {request.req_id!r} has {len(request.block_ids)} blocks "
+                             f"for {request.seq_len} tokens (block_size {self.block_size})")
+
+
+def pack_step(scheduled: Sequence[ScheduledRequest], shape: StepShape, *, block_size: int,
               table_width: int) -> StepInputs:
-    """Numpy StepInputs for ``scheduled`` padded to ``shape`` (moved to device by the caller)."""
-    t, s = shape.num_tokens, shape.num_seqs
-    token_ids = np.zeros(t, np.int32)
-    positions = np.zeros(t, np.int32)
-    slots = np.full(t, -1, np.int32)
-    tables = np.zeros((s, table_width), np.int32)
-    seq_lens = np.zeros(s, np.int32)
-    query_start = np.zeros(s + 1, np.int32)
-    logits_indices = np.zeros(s, np.int32)
-    offset = 0
-    for row, req in enumerate(scheduled):
-        n = req.num_new_tokens
-        pos = np.arange(req.num_computed_tokens, req.seq_len, dtype=np.int32)
-        blocks = np.asarray(req.block_ids, np.int32)
-        token_ids[offset:offset + n] = req.token_ids
-        positions[offset:offset + n] = pos
-        slots[offset:offset + n] = blocks[pos // block_size] * block_size + pos % block_size
-        tables[row, :len(blocks)] = blocks
-        seq_lens[row] = req.seq_len
-        offset += n
-        query_start[row + 1] = offset
-        logits_indices[row] = offset - 1
-    query_start[len(scheduled) + 1:] = offset
-    md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
-                           query_start_loc=query_start,
-                           max_query_len=1 if shape.decode_only else t)
-    return StepInputs(token_ids=token_ids, positions=positions, logits_indices=logits_indices,
-                      md=md)
+    """Numpy StepInputs for ``scheduled`` padded to ``shape`` (one-shot ``StepPacker.pack``)."""
+    return StepPacker(block_size=block_size, table_width=table_width).pack(scheduled, shape)

@@ -35,6 +35,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights of config.json's shapes, made on the device")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="no tokenizer: token-id prompts only, no text in outputs")
@@ -70,7 +72,7 @@ def resolve_model_dir(args: argparse.Namespace) -> str:
 
 def engine_config_from_args(args: argparse.Namespace, model_dir: str) -> EngineConfig:
     return EngineConfig(
-        model=model_dir, tokenizer=args.tokenizer, skip_tokenizer_init=args.skip_tokenizer_init,
+        model=model_dir, load_format=args.load_format, tokenizer=args.tokenizer, skip_tokenizer_init=args.skip_tokenizer_init,
         dtype=args.dtype, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,

@@ -151,6 +151,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._closed_error is None
 
+    @property
+    def is_accepting(self) -> bool:
+        """Running and not draining: new requests are welcome (what /health reports)."""
+        return self.is_running and not self._draining
+
     async def submit(self, inputs: list[EngineInput]) -> OutputStream:
         """Queue the prompts of one HTTP request, all or none.
 
@@ -249,6 +254,13 @@ class AsyncEngine:
         except Exception as e:
             logger.exception("an engine step failed; failing its requests")
             self._fail(recover_from_failed_step(self.engine, set(self._streams)), e)
+            return
+        if not outputs and not self.engine.scheduler.has_unfinished_requests():
+            # NOTE: the engine tracks requests its scheduler lost; nothing would ever finish them
+            # and this loop would spin. Never seen; fail them rather than burn a core.
+            lost = RuntimeError("the scheduler lost these requests")
+            logger.error("%s", lost)
+            self._fail(recover_from_failed_step(self.engine, set(self._streams)), lost)
             return
         now = time.time()
         deliveries: list[_Delivery] = []

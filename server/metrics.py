@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.scheduler_output import SchedulerStats
@@ -43,66 +43,54 @@ class _InFlight:
 
 
 class ServerMetrics:
+    """The server's metrics; the attributes are the ``model_name``-labelled series."""
+
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry(auto_describe=True)
         self._model_name = model_name
         self._in_flight: dict[str, _InFlight] = {}
         self._last_stats: SchedulerStats | None = None
-        labels = ["model_name"]
-        reg = self.registry
-        self.num_requests_running = Gauge(
-            "vllm:num_requests_running", "Requests in the running batch.", labels, registry=reg)
-        self.num_requests_waiting = Gauge(
-            "vllm:num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=reg)
-        self.kv_cache_usage = Gauge(
-            "vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", labels,
-            registry=reg)
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Prefilled prompt tokens.", labels, registry=reg)
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Generated tokens.", labels, registry=reg)
-        self.num_preemptions = Counter(
-            "vllm:num_preemptions", "Preemptions (by recompute).", labels, registry=reg)
-        self.prefix_cache_queries = Counter(
-            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels,
-            registry=reg)
-        self.prefix_cache_hits = Counter(
-            "vllm:prefix_cache_hits", "Prompt tokens served by the prefix cache.", labels,
-            registry=reg)
-        self.request_success = Counter(
-            "vllm:request_success", "Requests that finished.", labels + ["finished_reason"],
-            registry=reg)
-        self.request_aborted = Counter(
-            "jaxpaged:request_aborted", "Requests aborted (client gone or shutdown).", labels,
-            registry=reg)
-        self.request_failed = Counter(
-            "jaxpaged:request_failed", "Requests failed by an engine error (HTTP 500).", labels,
-            registry=reg)
-        self.time_to_first_token = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token.", labels,
-            buckets=_TTFT_BUCKETS, registry=reg)
-        self.inter_token_latency = Histogram(
-            "vllm:inter_token_latency_seconds", "Time between consecutive outputs of a request.",
-            labels, buckets=_TOKEN_GAP_BUCKETS, registry=reg)
-        self.time_per_output_token = Histogram(
-            "vllm:time_per_output_token_seconds",
-            "Per request: (last token time - first token time) / (output tokens - 1).", labels,
-            buckets=_TOKEN_GAP_BUCKETS, registry=reg)
-        self.e2e_request_latency = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels,
-            buckets=_REQUEST_BUCKETS, registry=reg)
-        self._show_zeros()
+        self.num_requests_running = self._series(
+            Gauge, "vllm:num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = self._series(
+            Gauge, "vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage = self._series(
+            Gauge, "vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).")
+        self.prompt_tokens = self._series(Counter, "vllm:prompt_tokens", "Prefilled prompt tokens.")
+        self.generation_tokens = self._series(
+            Counter, "vllm:generation_tokens", "Generated tokens.")
+        self.num_preemptions = self._series(
+            Counter, "vllm:num_preemptions", "Preemptions (by recompute).")
+        self.prefix_cache_queries = self._series(
+            Counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = self._series(
+            Counter, "vllm:prefix_cache_hits", "Prompt tokens served by the prefix cache.")
+        self.request_aborted = self._series(
+            Counter, "jaxpaged:request_aborted", "Requests aborted (client gone or shutdown).")
+        self.request_failed = self._series(
+            Counter, "jaxpaged:request_failed", "Requests failed by an engine error (HTTP 500).")
+        self.time_to_first_token = self._series(
+            Histogram, "vllm:time_to_first_token_seconds", "Time to first token.",
+            buckets=_TTFT_BUCKETS)
+        self.inter_token_latency = self._series(
+            Histogram, "vllm:inter_token_latency_seconds",
+            "Time between consecutive outputs of a request.", buckets=_TOKEN_GAP_BUCKETS)
+        self.time_per_output_token = self._series(
+            Histogram, "vllm:time_per_output_token_seconds",
+            "Per request: (last token time - first token time) / (output tokens - 1).",
+            buckets=_TOKEN_GAP_BUCKETS)
+        self.e2e_request_latency = self._series(
+            Histogram, "vllm:e2e_request_latency_seconds", "End-to-end request latency.",
+            buckets=_REQUEST_BUCKETS)
+        success = Counter("vllm:request_success", "Requests that finished.",
+                          ["model_name", "finished_reason"], registry=self.registry)
+        self.request_success = {reason: success.labels(model_name, reason)
+                                for reason in ("stop", "length", "abort")}
 
-    def _show_zeros(self) -> None:
-        """Create every labelled series up front, so a fresh server exposes them at 0."""
-        for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage,
-                       self.prompt_tokens, self.generation_tokens, self.num_preemptions,
-                       self.prefix_cache_queries, self.prefix_cache_hits, self.request_aborted,
-                       self.request_failed, self.time_to_first_token, self.inter_token_latency,
-                       self.time_per_output_token, self.e2e_request_latency):
-            metric.labels(self._model_name)
-        for reason in ("stop", "length", "abort"):
-            self.request_success.labels(self._model_name, reason)
+    def _series(self, kind, name: str, documentation: str, **kwargs):
+        """A metric with the ``model_name`` label, created at 0 so a fresh server shows it."""
+        family = kind(name, documentation, ["model_name"], registry=self.registry, **kwargs)
+        return family.labels(self._model_name)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -114,17 +102,16 @@ class ServerMetrics:
         self._in_flight[request_id] = _InFlight(arrival_time)
 
     def observe_step(self, stats: SchedulerStats) -> None:
-        name = self._model_name
-        self.num_requests_running.labels(name).set(stats.num_running_reqs)
-        self.num_requests_waiting.labels(name).set(stats.num_waiting_reqs)
-        self.kv_cache_usage.labels(name).set(stats.kv_cache_usage)
+        self.num_requests_running.set(stats.num_running_reqs)
+        self.num_requests_waiting.set(stats.num_waiting_reqs)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
         last = self._last_stats
         for counter, field in ((self.num_preemptions, "num_preemptions"),
                                (self.prefix_cache_queries, "prefix_cache_queries"),
                                (self.prefix_cache_hits, "prefix_cache_hits")):
             delta = getattr(stats, field) - (getattr(last, field) if last else 0)
             if delta > 0:
-                counter.labels(name).inc(delta)
+                counter.inc(delta)
         self._last_stats = stats
 
     def observe_output(self, output: RequestOutput, now: float | None = None) -> None:
@@ -134,37 +121,36 @@ class ServerMetrics:
         if flight is None:
             return
         now = time.time() if now is None else now
-        name = self._model_name
         if flight.first_token_time is None:
             flight.first_token_time = now
-            self.time_to_first_token.labels(name).observe(now - flight.arrival_time)
-            self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids or ()))
+            self.time_to_first_token.observe(now - flight.arrival_time)
+            self.prompt_tokens.inc(len(output.prompt_token_ids or ()))
         else:
-            self.inter_token_latency.labels(name).observe(now - flight.last_output_time)
+            self.inter_token_latency.observe(now - flight.last_output_time)
         flight.last_output_time = now
+        new_tokens = 0
         for seq in output.outputs:
-            flight.tokens_per_sequence[seq.index] = (
-                flight.tokens_per_sequence.get(seq.index, 0) + len(seq.token_ids))
-            self.generation_tokens.labels(name).inc(len(seq.token_ids))
+            counts = flight.tokens_per_sequence
+            counts[seq.index] = counts.get(seq.index, 0) + len(seq.token_ids)
+            new_tokens += len(seq.token_ids)
+        self.generation_tokens.inc(new_tokens)
         if output.finished:
             self._observe_finish(output, flight, now)
 
     def _observe_finish(self, output: RequestOutput, flight: _InFlight, now: float) -> None:
-        name = self._model_name
         del self._in_flight[output.request_id]
-        self.e2e_request_latency.labels(name).observe(now - flight.arrival_time)
+        self.e2e_request_latency.observe(now - flight.arrival_time)
         longest = max(flight.tokens_per_sequence.values(), default=0)
         if longest > 1:
-            self.time_per_output_token.labels(name).observe(
-                (now - flight.first_token_time) / (longest - 1))
+            self.time_per_output_token.observe((now - flight.first_token_time) / (longest - 1))
         reason = next((s.finish_reason for s in reversed(output.outputs) if s.finish_reason),
                       "stop")
-        self.request_success.labels(name, reason).inc()
+        self.request_success.get(reason, self.request_success["stop"]).inc()
 
     def observe_abort(self, request_id: str) -> None:
         if self._in_flight.pop(request_id, None) is not None:
-            self.request_aborted.labels(self._model_name).inc()
+            self.request_aborted.inc()
 
     def observe_failure(self, request_id: str) -> None:
         if self._in_flight.pop(request_id, None) is not None:
-            self.request_failed.labels(self._model_name).inc()
+            self.request_failed.inc()

@@ -8,6 +8,7 @@ to inject failures.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import pathlib
 import threading
@@ -80,6 +81,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
         if time.monotonic() > deadline:
             return predicate()
         time.sleep(interval)
+    return True
+
+
+async def poll(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """``wait_until`` for coroutines: awaits (not blocks) between checks."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.005)
     return True
 
 

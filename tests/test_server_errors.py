@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from server_testing import MODEL, MODEL_NAME, engine_config, metric_value, start_server, wait_until
+from server_testing import (MODEL, MODEL_NAME, engine_config, metric_value, poll, start_server,
+                            wait_until)
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -206,16 +207,8 @@ def test_draining_server_refuses_new_requests_with_503(server, http):
         response = http.post("/v1/completions", json=completion())
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "unavailable"
+        assert http.get("/health").status_code == 503
     finally:
         server.async_engine._draining = False  # let later tests in this module run
     assert http.post("/v1/completions", json=completion()).status_code == 200
 
-
-async def poll(predicate, timeout: float = 30.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True

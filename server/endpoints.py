@@ -1,0 +1,67 @@
+"""The small routes: health, metrics, version, models, and vLLM's /tokenize and /detokenize."""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import version as package_version
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .context import context_of
+from .errors import bad_request
+from .json_body import read_json_object
+from .metrics import CONTENT_TYPE
+from .prompts import chat_token_ids, encode, render_chat
+from .protocol import parse_detokenize_request, parse_tokenize_request
+
+
+async def health(request: Request) -> Response:
+    """200 while the engine takes requests; 503 once it drains or its thread is gone."""
+    return Response(status_code=200 if context_of(request).engine.is_accepting else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(context_of(request).metrics.render(), headers={"content-type": CONTENT_TYPE})
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": package_version("jaxpaged")})
+
+
+async def list_models(request: Request) -> Response:
+    ctx = context_of(request)
+    created = int(time.time())
+    return JSONResponse({"object": "list", "data": [
+        {"id": name, "object": "model", "created": created, "owned_by": "jaxpaged",
+         "max_model_len": ctx.max_model_len} for name in ctx.settings.served_model_names]})
+
+
+async def tokenize(request: Request) -> Response:
+    """vLLM's /tokenize: a prompt or chat messages -> token ids."""
+    ctx = context_of(request)
+    parsed = parse_tokenize_request(await read_json_object(request, ctx.settings.max_body_bytes))
+    ctx.check_model(parsed.model)
+    if parsed.messages is not None:
+        text = render_chat(ctx, parsed.messages, add_generation_prompt=parsed.add_generation_prompt,
+                           continue_final_message=False)
+        tokens = chat_token_ids(ctx, text)
+    else:
+        tokens = encode(ctx, parsed.prompt, parsed.add_special_tokens)
+    body = {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens,
+            "token_strs": ctx.tokenizer.convert_ids_to_tokens(tokens)
+            if parsed.return_token_strs else None}
+    return JSONResponse(body)
+
+
+async def detokenize(request: Request) -> Response:
+    """vLLM's /detokenize: token ids -> text."""
+    ctx = context_of(request)
+    parsed = parse_detokenize_request(await read_json_object(request, ctx.settings.max_body_bytes))
+    ctx.check_model(parsed.model)
+    for token_id in parsed.tokens:
+        if not 0 <= token_id < ctx.vocab_size:
+            raise bad_request(f"token id {token_id} is not in [0, {ctx.vocab_size})", "tokens")
+    if ctx.tokenizer is None:
+        raise bad_request("this server has no tokenizer", "tokens")
+    return JSONResponse({"prompt": ctx.tokenizer.decode(parsed.tokens)})
