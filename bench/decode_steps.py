@@ -13,6 +13,7 @@ must not). ``--dump-hlo`` writes the optimized HLO of the decode step of the lar
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import pathlib
 import sys
@@ -83,6 +84,7 @@ def main() -> None:
         if args.dump_hlo and args.out:
             dump_hlo(llm, max(args.batches), args.out)
         del llm
+        gc.collect()  # free the pool before the next size is planned
     summary = {"device": jax.devices()[0].device_kind, "bandwidth_TBps": ceilings.bandwidth / 1e12,
                "matmul_TFLOPps": ceilings.matmul_flops / 1e12, "context": args.context,
                "rows": results}

@@ -37,6 +37,14 @@ for stage in $stages; do
              tests/test_gpu_engine.py ;;
     decode) run decode 300 python3 bench/decode_steps.py --batches 1 64 256 --steps 10 \
              --kv-bytes 8 0 --dump-hlo --out "$OUT" ;;
+    decode-dsf) XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" run decode-dsf 300 \
+             python3 bench/decode_steps.py --batches 1 64 256 --steps 10 --kv-bytes 8 --dump-hlo \
+             --out "$OUT/dsf" ;;
+    decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 64 256 --steps 10 \
+             --kv-bytes 8 --out "$OUT" ;;
+    hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;
+    nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 --out "$OUT/nano64" ;;
+    startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
     engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;

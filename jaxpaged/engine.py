@@ -14,6 +14,7 @@ import pathlib
 import time
 
 import jax
+from flax import nnx
 
 from jaxpaged.buckets import BucketLadder
 from jaxpaged.config import ModelConfig
@@ -30,6 +31,13 @@ from jaxpaged.scheduler_output import RequestUpdate
 from jaxpaged.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StartupTimings:
+    weights_s: float  # config, tokenizer and weights onto the device
+    kv_alloc_s: float  # the KV pool
+    compile_s: float  # warm-up: every step shape (the persistent cache makes a second start fast)
 
 
 @dataclasses.dataclass
@@ -104,22 +112,29 @@ class LLMEngine:
         dtype = _resolve_dtype(config.dtype, model_dir)
         model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl,
                            load_format=config.load_format, seed=config.seed)
-        load_seconds = time.perf_counter() - start
+        jax.block_until_ready(nnx.state(model))
+        weights_s = time.perf_counter() - start
         self.kv_plan = self._plan_kv(dtype)
         self.eos_token_id = self._eos_token_id()
         self.scheduler = Scheduler(self._scheduler_config(), self.kv_plan.num_blocks)
+        start = time.perf_counter()
         self.runner = ModelRunner(
             model, num_blocks=self.kv_plan.num_blocks, block_size=config.block_size,
             kv_dtype=jax_dtype(dtype), ladder=self._ladder(),
             eos_token_ids=tuple(sorted(self._all_eos_ids())), seed=config.seed,
             penalty_width=self.max_model_len)
-        compile_seconds = self.runner.warmup()
+        jax.block_until_ready(self.runner.kv_cache.k)
+        kv_alloc_s = time.perf_counter() - start
+        self.startup = StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
+                                      compile_s=self.runner.warmup())
         self._requests: dict[str, _RequestState] = {}
-        logger.info("jaxpaged engine ready: weights %.1f s, compile %.1f s; KV cache %d tokens "
-                    "(%d blocks of %d), max concurrency %.2fx at max_model_len=%d",
-                    load_seconds, compile_seconds, self.kv_plan.capacity_tokens,
-                    self.kv_plan.num_blocks - 1, config.block_size,
-                    self.kv_plan.max_concurrency(self.max_model_len), self.max_model_len)
+        logger.info("KV cache: %d tokens (%d blocks of %d), maximum concurrency %.2fx at "
+                    "max_model_len=%d", self.kv_plan.capacity_tokens, self.kv_plan.num_blocks - 1,
+                    config.block_size, self.kv_plan.max_concurrency(self.max_model_len),
+                    self.max_model_len)
+        logger.info("engine ready: weights %.1f s, KV allocation %.1f s, compilation %.1f s "
+                    "(%d step shapes)", self.startup.weights_s, self.startup.kv_alloc_s,
+                    self.startup.compile_s, len(self.runner.ladder.all_shapes()))
 
     # ----- set-up -----
 
@@ -362,6 +377,8 @@ def _enable_compilation_cache(directory: str | None) -> None:
     if directory is None or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(directory).expanduser()))
+    # Warm start should compile nothing: keep even the sub-second programs (sampler variants).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _read_json(path: pathlib.Path) -> dict:
