@@ -34,22 +34,33 @@ class StepInputs:
     md: AttentionMetadata
 
 
-class StepPacker:
-    """Packs steps into ``StepInputs``, reusing the block-table rows of the previous step.
+@dataclasses.dataclass
+class _TableRow:
+    """Where one request's block table lives in ``StepPacker``'s store, and what it holds."""
 
-    A row is rewritten when its request's ``block_ids`` is a different list object or has a
-    different length than last step. ``BlockManager`` hands out a new list whenever a request's
-    blocks change and never mutates one it handed out, so an unchanged object is an unchanged
-    table. Each step gets its own copy of the tables: arrays handed to the device are never
-    written again.
+    slot: int  # row of the store
+    block_ids: Sequence[int] | None = None  # the list last written (compared by identity)
+    num_blocks: int = 0  # its length when written
+
+
+class StepPacker:
+    """Packs steps into ``StepInputs``, keeping every request's block table between steps.
+
+    Each scheduled request owns a row of a host-side store (released the first step it is not
+    scheduled). A row is rewritten only when the request's ``block_ids`` is a different list
+    object or has a different length than when it was written: ``BlockManager`` hands out a new
+    list whenever a request's blocks change and never mutates one it handed out. A step's tables
+    are then one gather of the store rows in batch order, so a request finishing or joining does
+    not make the others' rows be rewritten. Arrays handed out are fresh each step.
     """
 
     def __init__(self, *, block_size: int, table_width: int):
         self.block_size = block_size
         self.table_width = table_width
-        self._tables: np.ndarray | None = None  # i32[S, W] of the previous step
-        self._row_ids: list[Sequence[int] | None] = []  # block_ids written into each row
-        self._row_lens: list[int] = []  # len of those ids when written (0 for an empty row)
+        self._store = np.zeros((0, table_width), np.int32)  # [slots, W] block tables by slot
+        self._slot_lens: list[int] = []  # blocks written in each store row (the rest is 0)
+        self._free_slots: list[int] = []
+        self._rows: dict[str, _TableRow] = {}  # req_id -> its row, for last step's requests
 
     def pack(self, scheduled: Sequence[ScheduledRequest], shape: StepShape) -> StepInputs:
         """Numpy StepInputs for ``scheduled`` padded to ``shape`` (moved to device by the caller)."""
@@ -92,36 +103,49 @@ class StepPacker:
                       seq_lens: np.ndarray) -> np.ndarray:
         """i32[S, W] block tables (null block 0 past each request's blocks and in padding rows);
         ``seq_lens`` i64[n] are the requests' context lengths after the step."""
-        if self._tables is None or self._tables.shape[0] != num_seqs:
-            tables = np.zeros((num_seqs, self.table_width), np.int32)
-            self._row_ids, self._row_lens = [None] * num_seqs, [0] * num_seqs
-        else:
-            tables = self._tables.copy()
-        row_ids, row_lens = self._row_ids, self._row_lens
-        for row, request in enumerate(scheduled):
+        previous = self._rows
+        rows = {r.req_id: previous.pop(r.req_id, None) for r in scheduled}
+        self._free_slots.extend(row.slot for row in previous.values())  # gone from the batch
+        slots, num_blocks = [], []
+        for request in scheduled:
+            row = rows[request.req_id]
+            if row is None:
+                row = rows[request.req_id] = _TableRow(self._take_slot())
             ids = request.block_ids
-            if ids is not row_ids[row] or len(ids) != row_lens[row]:
-                self._write_row(tables, row, request)
-        for row in range(len(scheduled), num_seqs):  # padding rows: back to the null block
-            if row_lens[row]:
-                tables[row, :row_lens[row]] = 0
-                row_ids[row], row_lens[row] = None, 0
-        self._check_coverage(scheduled, seq_lens)
-        self._tables = tables
+            if ids is not row.block_ids or len(ids) != row.num_blocks:
+                self._write_row(row, request)
+            slots.append(row.slot)
+            num_blocks.append(row.num_blocks)
+        self._rows = rows
+        self._check_coverage(scheduled, np.asarray(num_blocks, np.int64), seq_lens)
+        tables = np.zeros((num_seqs, self.table_width), np.int32)
+        np.take(self._store, np.asarray(slots, np.intp), axis=0, out=tables[:len(slots)],
+                mode="clip")  # slots are valid: clip only skips the buffered bounds check
         return tables
 
-    def _write_row(self, tables: np.ndarray, row: int, request: ScheduledRequest) -> None:
-        ids, old_len = request.block_ids, self._row_lens[row]
+    def _take_slot(self) -> int:
+        if not self._free_slots:  # grow the store (doubling)
+            old = self._store.shape[0]
+            grown = max(16, 2 * old)
+            self._store = np.concatenate(
+                [self._store, np.zeros((grown - old, self.table_width), np.int32)])
+            self._slot_lens.extend([0] * (grown - old))
+            self._free_slots.extend(range(grown - 1, old - 1, -1))
+        return self._free_slots.pop()
+
+    def _write_row(self, row: _TableRow, request: ScheduledRequest) -> None:
+        ids, old_len = request.block_ids, self._slot_lens[row.slot]
         if len(ids) > self.table_width:
             raise ValueError(f"request {request.req_id!r} has {len(ids)} blocks, more than the "
                              f"table width {self.table_width}")
-        tables[row, :len(ids)] = ids
-        tables[row, len(ids):old_len] = 0
-        self._row_ids[row], self._row_lens[row] = ids, len(ids)
+        self._store[row.slot, :len(ids)] = ids
+        self._store[row.slot, len(ids):old_len] = 0
+        self._slot_lens[row.slot] = row.num_blocks = len(ids)
+        row.block_ids = ids
 
-    def _check_coverage(self, scheduled: Sequence[ScheduledRequest], seq_lens: np.ndarray) -> None:
+    def _check_coverage(self, scheduled: Sequence[ScheduledRequest], num_blocks: np.ndarray,
+                        seq_lens: np.ndarray) -> None:
         """Every new token's position must fall inside its request's blocks."""
-        num_blocks = np.asarray(self._row_lens[:len(scheduled)], np.int64)
         short = np.flatnonzero(num_blocks * self.block_size < seq_lens)
         if short.size:
             request = scheduled[int(short[0])]
