@@ -3,6 +3,9 @@
     python bench/kernels.py --check --out bench/out/kernels-$(date +%F)   # checks, then timing
     python bench/kernels.py --check-only                                  # numerics only
     python bench/kernels.py --smoke                                       # CPU, interpret mode
+    python bench/kernels.py --variants-only --decode-variants all       # decode structures
+    python bench/kernels.py --variants-only --decode-variants last,hpp2_pps2 \
+        --decode-shapes 1x4096,4x16384,8x4096 --decode-splits 8,16,32,64      # split counts
 
 Decode, Llama-3-8B attention (Hq=32, Hkv=8, D=128, 16-token pages, bf16), B x L in {1x4096,
 4x16384, 8x4096, 64x2048, 256x1024}, all in one run: our split-K decode kernel, JAX's built-in
@@ -12,6 +15,12 @@ reference. Also measured in the run: device-to-device copy bandwidth (a 4 GiB el
 bytes read + written). Reported: ms per call, TB/s of K+V bytes, % of copy bandwidth, speedup vs
 the built-in. Then prefill / mixed batches through the ragged kernel (TFLOP/s of causal attention),
 and a small sweep of decode tile parameters (pages per step, splits, warps, stages).
+
+Decode variants (``--decode-variants``): named ``DecodeTuning`` structures of the decode kernel
+(``DECODE_VARIANTS``; ``name+field=value+...`` overrides fields, ``+splits=N`` fixes the split
+count), each first checked on the GPU against the f32 reference on a batch whose unowned pool
+slots hold NaN, then timed on every decode shape next to the built-in and XLA; ``--decode-splits``
+adds fixed split counts on the shapes whose ``B * Hkv`` is below the SM count.
 
 Method: the pools are one layer-flattened pool per K and V larger than 4 GiB, as in serving (so
 the kernels use 64-bit offsets; one extra row shows a small pool), with randomly permuted pages.
@@ -54,6 +63,7 @@ warnings.filterwarnings("ignore", message="jax.experimental.pallas.ops.gpu.paged
 from jax.experimental.pallas.ops.gpu import paged_attention as builtin  # noqa: E402
 
 L2_BYTES = 50 * 2**20  # H100 L2
+SM_COUNT = 132  # H100 / H200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,45 +245,88 @@ def xla_decode(setup: Setup) -> Callable:
     return kernel
 
 
+@dataclasses.dataclass
+class DecodeCase:
+    """One decode shape's timed inputs: rotating tables over disjoint pages, q, full lengths."""
+
+    batch: int
+    context: int
+    width: int  # pages per sequence
+    tables: list[jax.Array]  # i32[B, width] each
+    calls: int  # kernel calls per timed jit
+    q: jax.Array  # [B, Hq, D]
+    lens: jax.Array  # i32[B]
+    kv_bytes: int
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.context}"
+
+
+def decode_case(setup: Setup, pools: Pools, batch: int, context: int,
+                rng: np.random.Generator) -> DecodeCase:
+    width = context // setup.page_size
+    tables = rotation_tables(setup, pools, batch, width, rng)
+    return DecodeCase(batch, context, width, tables,
+                      decode_calls(setup, batch, context, len(tables)),
+                      random_q(setup, batch, seed=batch), jnp.full((batch,), context, jnp.int32),
+                      setup.kv_bytes(batch, context))
+
+
+def time_ours(setup: Setup, log: Callable, pools: Pools, case: DecodeCase, copy_bw: float, *,
+              section: str, config: str, tuning: DecodeTuning,
+              splits: int | None = None) -> Row | None:
+    timing = try_time(setup, log, f"{section} {case.shape} {config}",
+                      repeated(ours_decode(setup, splits, tuning), case.calls),
+                      (pools.k, pools.v, case.tables, case.q, case.lens), case.calls)
+    if timing is None:
+        return None
+    return _decode_row(setup, section, case.shape, "ours", config, timing, case.kv_bytes, copy_bw)
+
+
+def time_baselines(setup: Setup, log: Callable, pools: Pools,
+                   pools_t: tuple[jax.Array, jax.Array], case: DecodeCase,
+                   copy_bw: float) -> tuple[Row | None, Row | None]:
+    """(best built-in over k_splits in {1, 4, 16}, XLA gather + einsum) on ``case``."""
+    q_scaled = case.q * jnp.asarray(setup.sm_scale, case.q.dtype)  # the built-in does not scale q
+    builtins = []
+    for k_splits in sorted({s for s in (1, 4, 16) if case.width % s == 0}):
+        pages_per_block = min(8, case.width // k_splits)
+        config = f"k_splits={k_splits},ppcb={pages_per_block}"
+        timing = try_time(setup, log, f"decode {case.shape} builtin {config}",
+                          repeated(builtin_decode(setup, k_splits, pages_per_block), case.calls),
+                          (*pools_t, case.tables, q_scaled, case.lens), case.calls)
+        if timing is not None:
+            builtins.append(_decode_row(setup, "decode", case.shape, "builtin", config, timing,
+                                        case.kv_bytes, copy_bw))
+    timing = try_time(setup, log, f"decode {case.shape} xla", repeated(xla_decode(setup),
+                                                                        case.calls),
+                      (pools.k, pools.v, case.tables, case.q, case.lens), case.calls)
+    xla = None if timing is None else _decode_row(setup, "decode", case.shape, "xla",
+                                                  "gather+einsum", timing, case.kv_bytes, copy_bw)
+    return (min(builtins, key=lambda r: r.best_ms) if builtins else None), xla
+
+
+def _set_speedup(row: Row, builtin: Row | None) -> Row:
+    if builtin is not None:
+        row.speedup_vs_builtin = builtin.best_ms / row.best_ms
+    return row
+
+
 def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array],
                  copy_bw: float, log: Callable) -> list[Row]:
     rows = []
     rng = np.random.default_rng(0)
     for batch, context in setup.decode_shapes:
-        width = context // setup.page_size
-        shape = f"{batch}x{context}"
-        tables = rotation_tables(setup, pools, batch, width, rng)
-        calls = decode_calls(setup, batch, context, len(tables))
-        q = random_q(setup, batch, seed=batch)
-        lens = jnp.full((batch,), context, jnp.int32)
-        kv_bytes = setup.kv_bytes(batch, context)
-        splits = choose_num_kv_splits(batch, setup.num_kv_heads, width)
-
-        q_scaled = q * jnp.asarray(setup.sm_scale, q.dtype)  # the built-in does not scale q
-        ours_args = (pools.k, pools.v, tables, q, lens)
-        candidates = [("ours", f"splits={splits}", ours_decode(setup), ours_args)]
-        for k_splits in sorted({s for s in (1, 4, 16) if width % s == 0}):
-            pages_per_block = min(8, width // k_splits)
-            candidates.append(("builtin", f"k_splits={k_splits},ppcb={pages_per_block}",
-                               builtin_decode(setup, k_splits, pages_per_block),
-                               (*pools_t, tables, q_scaled, lens)))
-        candidates.append(("xla", "gather+einsum", xla_decode(setup), ours_args))
-        measured = []
-        for impl, config, kernel, args in candidates:
-            timing = try_time(setup, log, f"decode {shape} {impl} {config}",
-                              repeated(kernel, calls), args, calls)
-            if timing is not None:
-                measured.append(_decode_row(setup, "decode", shape, impl, config, timing,
-                                            kv_bytes, copy_bw))
-        builtins = [r for r in measured if r.impl == "builtin"]
-        best_builtin = min(builtins, key=lambda r: r.best_ms) if builtins else None
-        for row in measured:
-            if row.impl == "builtin" and row is not best_builtin:
-                continue  # only the built-in's best k_splits is reported
-            if best_builtin is not None:
-                row.speedup_vs_builtin = best_builtin.best_ms / row.best_ms
-            rows.append(row)
-            log(_format_row(row))
+        case = decode_case(setup, pools, batch, context, rng)
+        splits = choose_num_kv_splits(batch, setup.num_kv_heads, case.width)
+        ours = time_ours(setup, log, pools, case, copy_bw, section="decode",
+                         config=f"splits={splits}", tuning=DecodeTuning())
+        builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
+        for row in (ours, builtin, xla):
+            if row is not None:
+                rows.append(_set_speedup(row, builtin))
+                log(_format_row(row))
     return rows
 
 
@@ -297,16 +350,13 @@ def bench_small_pool(setup: Setup, copy_bw: float, log: Callable) -> list[Row]:
 
 
 def bench_decode_sweep(setup: Setup, pools: Pools, copy_bw: float, log: Callable) -> list[Row]:
-    """Tile parameters of the decode kernel on a small-batch and a large-batch shape."""
+    """Tile parameters of the default decode structure on a small- and a large-batch shape."""
     rng = np.random.default_rng(2)
     shapes = [setup.decode_shapes[0], setup.decode_shapes[-2]]
     rows = []
     for index, (batch, context) in enumerate(shapes):
-        width = context // setup.page_size
-        tables = rotation_tables(setup, pools, batch, width, rng)
-        calls = decode_calls(setup, batch, context, len(tables))
-        q, lens = random_q(setup, batch, seed=7), jnp.full((batch,), context, jnp.int32)
-        auto = choose_num_kv_splits(batch, setup.num_kv_heads, width)
+        case = decode_case(setup, pools, batch, context, rng)
+        auto = choose_num_kv_splits(batch, setup.num_kv_heads, case.width)
         if index == 0:  # split-K bound: splits x pages per step
             configs = [(s, DecodeTuning(pages_per_step=p)) for s in sorted({auto // 2, auto,
                                                                             2 * auto} - {0})
@@ -319,15 +369,174 @@ def bench_decode_sweep(setup: Setup, pools: Pools, copy_bw: float, log: Callable
         for splits, tuning in configs:
             config = (f"splits={splits or auto},pps={tuning.pages_per_step},"
                       f"warps={tuning.num_warps},stages={tuning.num_stages}")
-            timing = try_time(setup, log, f"sweep {batch}x{context} {config}",
-                              repeated(ours_decode(setup, splits, tuning), calls),
-                              (pools.k, pools.v, tables, q, lens), calls)
-            if timing is None:
-                continue
-            row = _decode_row(setup, "sweep", f"{batch}x{context}", "ours", config, timing,
-                              setup.kv_bytes(batch, context), copy_bw)
-            rows.append(row)
-            log(_format_row(row))
+            row = time_ours(setup, log, pools, case, copy_bw, section="sweep", config=config,
+                            tuning=tuning, splits=splits)
+            if row is not None:
+                rows.append(row)
+                log(_format_row(row))
+    return rows
+
+
+# ---------------------------------------------------------------------------------- variants
+
+def _structure(launch_order: str, mask_steps: str, guard: str, **fields) -> DecodeTuning:
+    """A decode structure with every field spelled out, so that a change of DecodeTuning's
+    defaults changes no variant."""
+    spelled = dict(pages_per_step=4, num_warps=4, num_stages=2, target_programs=528,
+                   min_pages_per_split=8, combine="pallas", heads_per_program=1, gather="rows")
+    return DecodeTuning(launch_order=launch_order, mask_steps=mask_steps, guard=guard,
+                        **(spelled | fields))
+
+
+# Decode kernel structures compared by --decode-variants ("default" = DecodeTuning()). Registers
+# and resident programs per SM below are from compiling each for sm_90 with Triton 3.9 (pip) on
+# a CPU box: a proxy for XLA's own Triton, not a measurement.
+DECODE_VARIANTS: dict[str, DecodeTuning] = {
+    # The kernel before this change (kv heads on CUDA's x axis, unmasked loop + masked tail,
+    # jnp.where guards, page gather + reshape, split combine in XLA): V pipelined through
+    # registers, ~166 regs, 3 programs/SM.
+    "legacy": _structure("head_inner", "last", "where", gather="pages", combine="xla"),
+    # shared/examples/pallas_paged_example.py: sequences on x, every step masked with jnp.where.
+    "example_like": _structure("seq_inner", "every", "where", gather="pages"),
+    # Row gather + masked loads (~88-144 regs, 39 KB smem); one loop or unmasked loop + tail.
+    "every": _structure("seq_inner", "every", "masked_load"),
+    "last": _structure("seq_inner", "last", "masked_load"),  # ~88 regs, 5 programs/SM
+    "last_head_inner": _structure("head_inner", "last", "masked_load"),
+    "last_xla_combine": _structure("seq_inner", "last", "masked_load", combine="xla"),
+    "last_pps2": _structure("seq_inner", "last", "masked_load", pages_per_step=2),
+    "last_pps8": _structure("seq_inner", "last", "masked_load", pages_per_step=8),
+    "last_w8": _structure("seq_inner", "last", "masked_load", num_warps=8),
+    "last_s3": _structure("seq_inner", "last", "masked_load", num_stages=3),
+    # Several kv heads per program: 512 B / 1 KB contiguous K/V rows instead of 256 B.
+    "hpp2_pps2": _structure("seq_inner", "last", "masked_load", heads_per_program=2,
+                            pages_per_step=2),
+    "hpp4_pps1": _structure("seq_inner", "last", "masked_load", heads_per_program=4,
+                            pages_per_step=1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeVariant:
+    name: str  # the spec it was parsed from
+    tuning: DecodeTuning
+    splits: int | None = None  # None: choose_num_kv_splits
+
+
+def parse_variant(spec: str) -> DecodeVariant:
+    """``name[+field=value...]``: a DECODE_VARIANTS entry or "default", with DecodeTuning fields
+    overridden and ``splits=N`` fixing the split count, e.g. ``last+pages_per_step=8+splits=16``."""
+    base, *overrides = spec.split("+")
+    if base == "default":
+        tuning = DecodeTuning()
+    elif base in DECODE_VARIANTS:
+        tuning = DECODE_VARIANTS[base]
+    else:
+        raise ValueError(f"unknown decode variant {base!r}; known: default, "
+                         f"{', '.join(DECODE_VARIANTS)}")
+    names = {f.name for f in dataclasses.fields(DecodeTuning)}
+    fields, splits = {}, None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "splits":
+            splits = int(value)
+        elif key in names:
+            fields[key] = int(value) if value.isdigit() else value
+        else:
+            raise ValueError(f"decode variant {spec!r}: {key!r} is not splits or a DecodeTuning "
+                             f"field ({', '.join(sorted(names))})")
+    return DecodeVariant(spec, dataclasses.replace(tuning, **fields), splits)
+
+
+def parse_variants(text: str) -> list[DecodeVariant]:
+    """Comma-separated specs; "all" stands for every DECODE_VARIANTS entry."""
+    specs = [s for t in text.split(",") if t for s in (DECODE_VARIANTS if t == "all" else [t])]
+    return [parse_variant(spec) for spec in dict.fromkeys(specs)]
+
+
+def poisoned_decode_batch(setup: Setup, seed: int = 13):
+    """A small decode batch whose pool slots that no sequence owns hold NaN (page 0, the tail of
+    each last page, whatever table entries past the end point at): (q, k, v, tables, lens)."""
+    rng = np.random.default_rng(seed)
+    lens = [200, 17, 0, 1, 33] if setup.interpret else [4000, 17, 0, 1, 256, 999, 16, 33]
+    page = setup.page_size
+    pages = [-(-n // page) for n in lens]
+    width = max(pages) + 3
+    num_pages = 2 + sum(pages)  # page 0 and one spare page are never owned
+    shape = (num_pages, page, setup.num_kv_heads, setup.head_dim)
+    k, v = (rng.standard_normal(shape, np.float32) for _ in range(2))
+    owned = np.zeros((num_pages, page), bool)
+    tables = rng.integers(0, num_pages, size=(len(lens), width)).astype(np.int32)
+    order, next_page = rng.permutation(np.arange(1, num_pages)), 0
+    for seq, (n, count) in enumerate(zip(lens, pages)):
+        tables[seq, :count] = order[next_page:next_page + count]
+        next_page += count
+        for j in range(n):
+            owned[tables[seq, j // page], j % page] = True
+    k[~owned], v[~owned] = np.nan, np.nan
+    q = random_q(setup, len(lens), seed=seed)
+    return (q, jnp.asarray(k, setup.dtype), jnp.asarray(v, setup.dtype), jnp.asarray(tables),
+            jnp.asarray(lens, jnp.int32))
+
+
+def check_decode_variants(setup: Setup, variants: list[DecodeVariant],
+                          log: Callable) -> dict[str, bool]:
+    """Each variant (its split count, and 1 split) vs the f32 reference on the poisoned batch."""
+    q, k, v, tables, lens = poisoned_decode_batch(setup)
+    f32 = jnp.float32
+    ref = paged_decode_attention_reference(q.astype(f32), k.astype(f32), v.astype(f32), tables,
+                                           lens, sm_scale=setup.sm_scale)
+    ok = {}
+    for variant in variants:
+        errors = []
+        for splits in dict.fromkeys((variant.splits, 1)):
+            try:
+                out = paged_decode_attention(q, k, v, tables, lens, sm_scale=setup.sm_scale,
+                                             num_kv_splits=splits, impl="pallas",
+                                             interpret=setup.interpret, tuning=variant.tuning)
+                out = np.asarray(out.astype(f32))
+                errors.append(_rel_err(out, ref) if np.isfinite(out).all() else float("nan"))
+            except Exception as error:  # noqa: BLE001 - a variant that fails to compile
+                log(f"check variant {variant.name}: {type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}")
+                errors.append(float("nan"))
+        ok[variant.name] = all(err < 1e-2 for err in errors)  # NaN compares False
+        log(f"check variant {variant.name:40s} rel-norm err "
+            f"{' / '.join(f'{e:.2e}' for e in errors)} {'ok' if ok[variant.name] else 'FAIL'}")
+    return ok
+
+
+def bench_decode_variants(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array],
+                          copy_bw: float, log: Callable, variants: list[DecodeVariant],
+                          extra_splits: list[int], check: bool) -> list[Row]:
+    """Every variant on every decode shape (auto splits, plus ``extra_splits`` where B * Hkv is
+    below the SM count), next to the best built-in and XLA measured on the same inputs."""
+    started = time.perf_counter()
+    passed = check_decode_variants(setup, variants, log) if check else {}
+    rng = np.random.default_rng(4)
+    rows = []
+    for batch, context in setup.decode_shapes:
+        log(f"variants: {batch}x{context} at {time.perf_counter() - started:.0f} s")
+        case = decode_case(setup, pools, batch, context, rng)
+        builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
+        for row in (builtin, xla):
+            if row is not None:
+                row.section = "variant"
+                rows.append(_set_speedup(row, builtin))
+                log(_format_row(row))
+        small = batch * setup.num_kv_heads < SM_COUNT
+        for variant in variants:
+            auto = variant.splits or choose_num_kv_splits(batch, setup.num_kv_heads, case.width,
+                                                          variant.tuning)
+            fixed = [s for s in extra_splits if small and variant.splits is None
+                     and s != auto and s <= case.width]
+            for splits in [auto, *fixed]:
+                flag = "" if passed.get(variant.name, True) else " CHECK-FAILED"
+                row = time_ours(setup, log, pools, case, copy_bw, section="variant",
+                                config=f"{variant.name} splits={splits}{flag}",
+                                tuning=variant.tuning, splits=splits)
+                if row is not None:
+                    rows.append(_set_speedup(row, builtin))
+                    log(_format_row(row))
     return rows
 
 
@@ -452,6 +661,7 @@ def run_checks(setup: Setup, log: Callable) -> bool:
     results["ragged decode-only (max_query_len=1)"] = _rel_err(out.astype(f32), ref)
 
     ok = all(err < 1e-2 for err in results.values())
+    ok &= all(check_decode_variants(setup, [parse_variant("default")], log).values())
     slots = jnp.asarray(np.where(rng.random(256) < 0.2, -1,
                                  rng.choice(pools.k.shape[0] * setup.page_size, 256,
                                             replace=False)), jnp.int32)
@@ -514,6 +724,36 @@ def summary_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def variant_summary(rows: list[Row], top: int = 8) -> str:
+    """Per shape the fastest ``top`` variant rows; then variants ranked by the geometric mean,
+    over shapes, of their best TB/s over split counts."""
+    variant_rows = [r for r in rows if r.section == "variant"]
+    if not variant_rows:
+        return ""
+    lines = ["", "SUMMARY decode variants (best ms / TB/s / % copy BW / x builtin)"]
+    best_per_variant: dict[str, dict[str, float]] = {}
+    for shape in dict.fromkeys(r.shape for r in variant_rows):
+        here = [r for r in variant_rows if r.shape == shape]
+        base = {r.impl: r for r in here if r.impl != "ours"}
+        lines.append(f"{shape}: " + "  ".join(
+            f"{impl} {r.best_ms:.4f} ms {r.tbps:.2f} TB/s" for impl, r in base.items()))
+        ours = sorted((r for r in here if r.impl == "ours"), key=lambda r: r.best_ms)
+        for rank, r in enumerate(ours[:top], 1):
+            speedup = f"{r.speedup_vs_builtin:.2f}x" if r.speedup_vs_builtin else "-"
+            lines.append(f"  {rank:2d}. {r.config:48s} {r.best_ms:8.4f} ms {r.tbps:5.2f} TB/s "
+                         f"{r.pct_copy:5.1f}% {speedup}")
+        for r in ours:
+            name = r.config.split(" splits=")[0]
+            best = best_per_variant.setdefault(name, {})
+            best[shape] = max(best.get(shape, 0.0), r.tbps)
+    shapes = list(dict.fromkeys(r.shape for r in variant_rows))
+    complete = {n: b for n, b in best_per_variant.items() if len(b) == len(shapes)}
+    ranked = sorted(complete, key=lambda n: -statistics.geometric_mean(complete[n].values()))
+    lines.append("RANK (geomean over shapes of best TB/s over splits): " + ", ".join(
+        f"{n} {statistics.geometric_mean(complete[n].values()):.2f}" for n in ranked))
+    return "\n".join(lines)
+
+
 def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -532,8 +772,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the decode tile sweep")
     parser.add_argument("--out", type=pathlib.Path, help="write kernels.json + kernels.log here")
+    parser.add_argument("--decode-variants", default="",
+                        help="comma-separated decode variants to compare, or 'all' (names: "
+                             "default, " + ", ".join(DECODE_VARIANTS) + "; name+field=value+"
+                             "...+splits=N overrides)")
+    parser.add_argument("--decode-splits", default="",
+                        help="extra fixed split counts for every variant on shapes with "
+                             "B * Hkv < SMs, e.g. 8,16,32,64")
+    parser.add_argument("--decode-shapes", default="",
+                        help="restrict the decode shapes, e.g. 1x4096,64x2048")
+    parser.add_argument("--variants-only", action="store_true",
+                        help="with --decode-variants: skip the standard decode, small-pool, "
+                             "ragged and sweep sections")
+    parser.add_argument("--no-variant-checks", action="store_true",
+                        help="skip the per-variant numerics check on the GPU")
     args = parser.parse_args(argv)
     setup = SMOKE if args.smoke else Setup()
+    if args.decode_shapes:
+        shapes = tuple(tuple(int(x) for x in shape.split("x"))
+                       for shape in args.decode_shapes.split(","))
+        setup = dataclasses.replace(setup, decode_shapes=shapes)
+    variants = parse_variants(args.decode_variants) if args.decode_variants else []
+    extra_splits = [int(x) for x in args.decode_splits.split(",") if x]
     lines: list[str] = []
 
     def log(text: str) -> None:
@@ -559,13 +819,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{copy_bw / 1e12:.3f} TB/s")
     pools = make_pools(setup, setup.pool_pages)
     pools_t = tuple(jnp.transpose(p, (2, 0, 1, 3)) for p in (pools.k, pools.v))
-    rows = bench_decode(setup, pools, pools_t, copy_bw, log)
+    standard = not (variants and args.variants_only)
+    rows = bench_decode(setup, pools, pools_t, copy_bw, log) if standard else []
+    if variants:
+        rows += bench_decode_variants(setup, pools, pools_t, copy_bw, log, variants,
+                                      extra_splits, check=not args.no_variant_checks)
     del pools_t
-    rows += bench_small_pool(setup, copy_bw, log)
-    rows += bench_ragged(setup, pools, log)
-    if not args.no_sweep:
-        rows += bench_decode_sweep(setup, pools, copy_bw, log)
+    if standard:
+        rows += bench_small_pool(setup, copy_bw, log)
+        rows += bench_ragged(setup, pools, log)
+        if not args.no_sweep:
+            rows += bench_decode_sweep(setup, pools, copy_bw, log)
     log(summary_table(rows))
+    if variants:
+        log(variant_summary(rows))
     log(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s; total {time.perf_counter() - started:.0f} s")
     _write(args.out, env, copy_bw, rows, lines)
     return 0

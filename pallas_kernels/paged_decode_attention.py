@@ -4,37 +4,42 @@ Layout. q ``[S, Hq, D]``; K/V pools ``[P, page_size, Hkv, D]``; block tables ``i
 ``seq_lens`` i32[S] (0 for padding rows, which output zeros). GQA: query head ``h`` reads kv head
 ``h // G`` with ``G = Hq // Hkv``.
 
-Kernel. One program per (sequence, kv head, KV split); the grid is ``(S, Hkv, splits)`` (CUDA's x
-axis, the fastest-launched, runs over sequences) or ``(Hkv, S, splits)`` (``launch_order``). A
-program owns one contiguous range of its sequence's pages: the ``ceil(pages / splits)`` pages
-(rounded up to whole steps) of its split, computed from the *actual* length, so short sequences in
-a wide table still spread over all splits. Its G query heads are the M rows of the matmuls, loaded
-straight from q with a row mask and padded to ``Gp >= 16`` rows (tl.dot's minimum). Each inner step
-gathers ``pages_per_step`` pages of K and V through the block table as one
-``[pages_per_step * page_size, D]`` tile per operand and runs an online softmax in f32 (base-2
-exponent, finite mask value). With one split the kernel stores the normalized output of its G rows
-straight into ``[S, Hq, D]``; with several it stores f32 partials (acc, max, sum) of its G rows,
-combined in XLA. So no XLA pass pads q or slices the output.
+Kernel. One program per (sequence, group of ``heads_per_program`` adjacent kv heads, KV split);
+the grid is ``(S, Hkv / hpp, splits)`` (CUDA's x axis, launched fastest, runs over sequences) or
+``(Hkv / hpp, S, splits)`` (``launch_order="head_inner"``). A program owns one contiguous range
+of its sequence's pages: the ``ceil(pages / splits)`` pages (rounded up to whole steps) of its
+split, computed from the *actual* length, so short sequences in a wide table still spread over
+all splits. Each inner step gathers ``pages_per_step`` pages of K and V through the block table as
+one ``[pages_per_step * page_size, hpp * D]`` tile per operand (the hpp kv heads of a token are
+adjacent in the pool: one contiguous row) and runs an online softmax in f32 (base-2 exponent,
+finite mask value). The program's ``hpp * G`` query heads are the M rows of the matmuls (padded to
+a power of 2 >= 16, tl.dot's minimum), loaded straight from q block-diagonally: row ``r`` holds its
+q in the D columns of its own kv head and zeros elsewhere, so ``q @ k.T`` scores every row against
+its own head only. One split stores the normalized output rows straight into ``[S, Hq, D]``;
+several store f32 partials (acc, max, sum) merged by a second small kernel (``combine="pallas"``)
+or in XLA. No XLA pass pads q, slices the output or clips lengths.
 
 Positions past the context. Table entries past a sequence's end may hold anything and the slots
 after its last token may hold NaN, so those rows must neither be read from a bad address nor
 reach the P @ V product. ``guard="masked_load"`` loads K/V rows with a row mask (on the GPU a
 zero-filling predicated copy: such rows are never read); ``guard="where"`` replaces table entries
 past the end by page 0 and zeroes V rows with ``jnp.where`` after the load. Logits of those rows
-get ``MASK_VALUE`` either way. ``mask_steps="every"`` applies this in every step (one loop);
-``"last"`` runs the steps wholly inside the context unmasked and masks only the tail.
+get ``MASK_VALUE`` either way. ``mask_steps="last"`` runs the steps wholly inside the context
+unmasked and masks only the tail; ``"every"`` masks every step (one loop).
 
-Why these knobs exist. Decode is a stream of K/V bytes; each program keeps about one tile per
-operand in flight (the Triton pipeliner waits for step i's copy before issuing step i+1's with
-``num_stages=2``), so bandwidth comes from programs resident per SM, i.e. from registers and
-shared memory per program. Compiled for sm_90 with Triton 3.9, a step whose V tile feeds the dot
-with no mask/select is software-pipelined through *registers* (a [block_k, D] tile carried across
-iterations: ~160 registers instead of ~120, 3 resident programs per SM instead of 4), which is what
-made the two-loop kernel ~25% slower than the one-loop example at large batch. Which combination
-wins on a given card is decided by ``bench/kernels.py --decode-variants``.
+Why the structure matters (Triton 3.9 compiled for sm_90 on a CPU box as a proxy for XLA's Triton;
+measure with ``bench/kernels.py --decode-variants``). Decode streams K/V bytes, and each program
+keeps about one tile per operand in flight (with ``num_stages`` 2-4 the pipeliner prefetches the
+table entries, not a second tile), so bandwidth follows resident programs per SM, i.e. registers
+and shared memory per program. The old kernel gathered ``[pps, page, D]`` pages and reshaped them;
+in its unmasked loop the V tile went to the dot with no select and was pipelined through
+*registers* (~166 registers: 3 programs/SM, vs ~121 and 4 for the one-loop example that reached
+3.1 TB/s). Gathering rows directly as ``[pps * page, D]`` and guarding with masked loads (so V needs
+no second trip through shared memory) gives ~88 registers and 39 KB of shared memory at
+``pages_per_step=4``: 5 programs/SM. ``gather="pages"`` keeps the old structure for comparison.
 
 Splits. ``choose_num_kv_splits`` fills one wave of ``target_programs`` (4 resident programs x 132
-SMs) when ``S * Hkv`` alone does not, without splits shorter than ``min_pages_per_split`` pages.
+SMs) when the batch alone does not, without splits shorter than ``min_pages_per_split`` pages.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ from .backend import (MASK_VALUE, block_tables_within_context, dot_precision,
 LAUNCH_ORDERS = ("seq_inner", "head_inner")
 MASK_STEPS = ("every", "last")
 GUARDS = ("masked_load", "where")
+COMBINES = ("pallas", "xla")
+GATHERS = ("rows", "pages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +75,14 @@ class DecodeTuning:
     target_programs: int = 528  # split-K fills one wave: 4 resident programs x 132 SMs
     min_pages_per_split: int = 8  # never split a sequence into pieces shorter than this
     launch_order: str = "seq_inner"  # CUDA x axis over sequences ("seq_inner") or kv heads
-    mask_steps: str = "every"  # mask every step (one loop) or only the tail ("last": two loops)
+    mask_steps: str = "last"  # mask only the tail steps (two loops) or every step ("every")
     guard: str = "masked_load"  # keep rows past the context out: masked loads or jnp.where
+    combine: str = "pallas"  # split-K partials merged by a second Pallas kernel or in XLA
+    heads_per_program: int = 1  # adjacent kv heads one program reads as one contiguous row
+    gather: str = "rows"  # K/V tile as one row gather, or pages then a reshape (the old kernel's)
 
     def __post_init__(self):
-        for name in ("pages_per_step", "num_warps"):
+        for name in ("pages_per_step", "num_warps", "heads_per_program"):
             if not is_power_of_2(getattr(self, name)):
                 raise ValueError(f"DecodeTuning.{name} must be a power of 2, got "
                                  f"{getattr(self, name)}")
@@ -80,21 +90,25 @@ class DecodeTuning:
             if getattr(self, name) < 1:
                 raise ValueError(f"DecodeTuning.{name} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("launch_order", LAUNCH_ORDERS), ("mask_steps", MASK_STEPS),
-                              ("guard", GUARDS)):
+                              ("guard", GUARDS), ("combine", COMBINES),
+                              ("gather", GATHERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DecodeTuning.{name} must be one of {allowed}, got "
                                  f"{getattr(self, name)!r}")
+        if self.gather == "pages" and self.guard != "where":
+            raise ValueError("DecodeTuning.gather='pages' needs guard='where' (a masked load of a "
+                             "page gather does not run in interpret mode)")
 
 
 def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, table_width: int,
                          tuning: DecodeTuning = DecodeTuning()) -> int:
     """KV splits per sequence so that small batches x long contexts still fill the GPU.
 
-    The most splits whose programs (``num_seqs * num_kv_heads * splits``) still fit in one wave
-    of ``target_programs``, and no split shorter than ``min_pages_per_split`` pages; 1 once the
-    batch alone fills half a wave.
+    The most splits whose programs (``num_seqs * num_kv_heads / heads_per_program * splits``)
+    still fit in one wave of ``target_programs``, and no split shorter than
+    ``min_pages_per_split`` pages; 1 once the batch alone fills half a wave.
     """
-    programs = max(1, num_seqs * num_kv_heads)
+    programs = max(1, num_seqs * max(1, num_kv_heads // tuning.heads_per_program))
     fitting = max(1, tuning.target_programs // programs)
     useful = max(1, table_width // tuning.min_pages_per_split)
     return min(fitting, useful)
@@ -107,42 +121,82 @@ class _KernelShape:
     sm_scale: float
     soft_cap: float | None
     group: int  # G: query heads per kv head
-    padded_group: int  # Gp: G rounded up to a power of 2, >= 16
+    head_dim: int  # D
     table_width: int  # W before padding: lengths are clipped to W * page_size
     num_splits: int
     tuning: DecodeTuning
 
+    @property
+    def real_rows(self) -> int:  # query heads of one program: heads_per_program x G
+        return self.tuning.heads_per_program * self.group
+
+    @property
+    def rows(self) -> int:  # M of the matmuls: real rows rounded up to a power of 2, >= 16
+        return max(16, pl.next_power_of_2(self.real_rows))
+
+    @property
+    def row_width(self) -> int:  # K of q @ k.T: the D values of every kv head of the program
+        return self.tuning.heads_per_program * self.head_dim
+
+
+def _load_q(q_ref, shape: _KernelShape, head_group: jax.Array) -> jax.Array:
+    """The program's query heads as a block-diagonal ``[M, heads_per_program * D]`` tile.
+
+    Row ``r`` is query head ``head_group * real_rows + r``; it attends through kv head
+    ``r // G`` of the program, whose D values are columns ``(r // G) * D ...`` of a K/V row, so
+    its q fills only that block of columns (zeros elsewhere, and in the padding rows).
+    """
+    row = jnp.arange(shape.rows, dtype=jnp.int32)[:, None]
+    col = jnp.arange(shape.row_width, dtype=jnp.int32)[None, :]
+    on_block = (row < shape.real_rows) & (row // shape.group == col // shape.head_dim)
+    return plt.load(q_ref.at[head_group * shape.real_rows + row, col % shape.head_dim],
+                    mask=on_block, other=0)
+
+
+def _own_block(acc: jax.Array, shape: _KernelShape) -> jax.Array:
+    """``[M, hpp * D] -> [M, D]``: each row's block of its own kv head (the others are junk)."""
+    hpp, head_dim = shape.tuning.heads_per_program, shape.head_dim
+    if hpp == 1:
+        return acc
+    row = jnp.arange(shape.rows, dtype=jnp.int32)[:, None, None]
+    block = jnp.arange(hpp, dtype=jnp.int32)[None, :, None]
+    blocks = acc.reshape(shape.rows, hpp, head_dim)
+    return jnp.where(row // shape.group == block, blocks, 0.0).sum(axis=1)
+
 
 def _program_ids(launch_order: str) -> tuple[jax.Array, jax.Array]:
-    """(sequence, kv head) of this program under the grid of ``_grid``."""
+    """(sequence, kv head group) of this program under the grid of ``_grid``."""
     if launch_order == "seq_inner":
         return pl.program_id(0), pl.program_id(1)
     return pl.program_id(1), pl.program_id(0)
 
 
-def _grid(launch_order: str, num_seqs: int, num_kv_heads: int, splits: int):
-    """Grid, and index_map adapter taking (seq, head, split) order to the grid's order."""
+def _grid(launch_order: str, num_seqs: int, num_head_groups: int, splits: int):
+    """Grid, and an adapter from index maps written as ``f(seq, head group, split)``."""
     if launch_order == "seq_inner":
-        return (num_seqs, num_kv_heads, splits), lambda f: (lambda s, h, k: f(s, h, k))
-    return (num_kv_heads, num_seqs, splits), lambda f: (lambda h, s, k: f(s, h, k))
+        return (num_seqs, num_head_groups, splits), lambda f: (lambda s, h, k: f(s, h, k))
+    return (num_head_groups, num_seqs, splits), lambda f: (lambda h, s, k: f(s, h, k))
 
 
 def _kv_tile(pool_ref, page_ids: jax.Array, valid: jax.Array | None, *, page_size: int,
-             guard: str) -> jax.Array:
-    """Rows ``page_ids[j] * page_size + t`` of one kv head's pool, as a ``[n * page_size, D]`` tile.
+             tuning: DecodeTuning) -> jax.Array:
+    """Rows ``page_ids[j] * page_size + t`` of a pool, as a ``[n * page_size, D']`` tile.
 
-    pool_ref: [P, page_size, D]; page_ids: i32[n]; valid: bool[n * page_size] or None (all rows
-    inside the context). With ``guard="masked_load"`` invalid rows are not read and come back 0;
-    with ``"where"`` the caller has made their page ids safe and their values are loaded as is.
+    pool_ref: [P, page_size, D'] (the program's kv heads, D' = hpp * D); page_ids: i32[n];
+    valid: bool[n * page_size] or None (all rows inside the context). With
+    ``guard="masked_load"`` invalid rows are not read and come back 0; with ``"where"`` the
+    caller has made their page ids safe and their values are loaded as is.
     """
     n, head_dim = page_ids.shape[0], pool_ref.shape[2]
     block_k = n * page_size
+    if tuning.gather == "pages":  # [n, page_size, D] then a reshape of the loaded value
+        return pool_ref[page_ids].reshape(block_k, head_dim)
     page_of_row = jnp.broadcast_to(page_ids[:, None], (n, page_size)).reshape(block_k, 1)
     slot_of_row = jnp.broadcast_to(jnp.arange(page_size, dtype=jnp.int32)[None, :],
                                    (n, page_size)).reshape(block_k, 1)
     col = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
-    rows = pool_ref.at[page_of_row, slot_of_row, col]  # one gather indexer -> [block_k, D]
-    if valid is None or guard == "where":
+    rows = pool_ref.at[page_of_row, slot_of_row, col]  # one gather indexer -> [block_k, D']
+    if valid is None or tuning.guard == "where":
         return plt.load(rows)
     return plt.load(rows, mask=jnp.broadcast_to(valid[:, None], (block_k, head_dim)), other=0)
 
@@ -150,8 +204,8 @@ def _kv_tile(pool_ref, page_ids: jax.Array, valid: jax.Array | None, *, page_siz
 def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
                    table_ref,  # i32[Wp]: its block table, padded to whole steps
                    q_ref,  # [Hq, D]: all query heads of this sequence
-                   k_ref,  # [P, page_size, D]: the K pool of this kv head
-                   v_ref,  # [P, page_size, D]
+                   k_ref,  # [P, page_size, hpp * D]: the K pool of this program's kv heads
+                   v_ref,  # [P, page_size, hpp * D]
                    *out_refs,  # 1 split: o [Hq, D]; else o f32[Hq, D], m f32[Hq], l f32[Hq]
                    shape: _KernelShape):
     tuning = shape.tuning
@@ -159,12 +213,10 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
     page_size = k_ref.shape[1]
     block_k = pps * page_size
     precision = dot_precision(q_ref.dtype)
-    _, head = _program_ids(tuning.launch_order)
+    _, head_group = _program_ids(tuning.launch_order)
     length = jnp.clip(length_ref[0], 0, shape.table_width * page_size)
 
-    rows = pl.ds(head * shape.group, shape.padded_group)  # this kv head's query heads (+ padding)
-    real_row = jnp.arange(shape.padded_group, dtype=jnp.int32) < shape.group
-    q = plt.load(q_ref.at[rows], mask=real_row[:, None], other=0)  # [Gp, D]
+    q = _load_q(q_ref, shape, head_group)  # [M, hpp * D]
 
     num_pages = pl.cdiv(length, page_size)
     if shape.num_splits == 1:
@@ -185,10 +237,10 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
             if tuning.guard == "where":  # never dereference entries past the end
                 page_idx = page0 + jnp.arange(pps, dtype=jnp.int32)
                 page_ids = jnp.where(page_idx < num_pages, page_ids, 0)
-        k = _kv_tile(k_ref, page_ids, valid, page_size=page_size, guard=tuning.guard)
-        v = _kv_tile(v_ref, page_ids, valid, page_size=page_size, guard=tuning.guard)
+        k = _kv_tile(k_ref, page_ids, valid, page_size=page_size, tuning=tuning)
+        v = _kv_tile(v_ref, page_ids, valid, page_size=page_size, tuning=tuning)
         logits = scaled_logits(matmul_f32(q, k, transpose_b=True, precision=precision),
-                               sm_scale=shape.sm_scale, soft_cap=shape.soft_cap)  # f32[Gp, bk]
+                               sm_scale=shape.sm_scale, soft_cap=shape.soft_cap)  # f32[M, bk]
         if masked:
             logits = jnp.where(valid[None, :], logits, MASK_VALUE)
             if tuning.guard == "where":
@@ -204,7 +256,10 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
         acc, m, l = lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True),
                                   carry)
 
-    # Only the G real query heads are stored: the padded rows belong to the next kv head.
+    # Only the real query heads are stored (the padding rows would overwrite the next program's).
+    acc = _own_block(acc, shape)  # [M, D]
+    rows = pl.ds(head_group * shape.real_rows, shape.rows)
+    real_row = jnp.arange(shape.rows, dtype=jnp.int32) < shape.real_rows
     if shape.num_splits == 1:
         (o_ref,) = out_refs
         out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
@@ -216,10 +271,10 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
         masked_store(l_ref.at[rows], l, real_row)
 
 
-def _combine_splits(acc: jax.Array,  # f32[S, K, Hq, D]: unnormalized partial outputs
-                    m: jax.Array,  # f32[S, K, Hq]: partial maxima (base-2 logits)
-                    l: jax.Array,  # f32[S, K, Hq]: partial softmax sums
-                    ) -> jax.Array:  # f32[S, Hq, D]
+def _combine_splits_xla(acc: jax.Array,  # f32[S, K, Hq, D]: unnormalized partial outputs
+                        m: jax.Array,  # f32[S, K, Hq]: partial maxima (base-2 logits)
+                        l: jax.Array,  # f32[S, K, Hq]: partial softmax sums
+                        ) -> jax.Array:  # f32[S, Hq, D]
     m_max = m.max(axis=1, keepdims=True)
     weight = jnp.exp2(m - m_max)  # empty splits: exp2(MASK - real max) == 0
     denom = (l * weight).sum(axis=1)
@@ -227,22 +282,77 @@ def _combine_splits(acc: jax.Array,  # f32[S, K, Hq, D]: unnormalized partial ou
     return num / jnp.where(denom == 0.0, 1.0, denom)[..., None]
 
 
+def _combine_kernel(acc_ref,  # f32[K, D]: one query head's partial outputs
+                    m_ref,  # f32[K]
+                    l_ref,  # f32[K]
+                    o_ref,  # [D]
+                    *, padded_splits: int):
+    splits = acc_ref.shape[0]
+    real = jnp.arange(padded_splits, dtype=jnp.int32) < splits  # K rounded up to a power of 2
+    part = pl.ds(0, padded_splits)
+    m = plt.load(m_ref.at[part], mask=real, other=MASK_VALUE)
+    l = plt.load(l_ref.at[part], mask=real, other=0.0)
+    acc = plt.load(acc_ref.at[part], mask=real[:, None], other=0.0)  # [Kp, D]
+    weight = jnp.exp2(m - m.max())  # empty splits: exp2(MASK - real max) == 0
+    denom = (l * weight).sum()
+    out = (acc * weight[:, None]).sum(axis=0) / jnp.where(denom == 0.0, 1.0, denom)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _combine_splits_pallas(acc: jax.Array, m: jax.Array, l: jax.Array, *, dtype: jnp.dtype,
+                           interpret: bool) -> jax.Array:
+    """``_combine_splits_xla`` as one small kernel launch (one program per query head)."""
+    num_seqs, splits, num_q_heads, head_dim = acc.shape
+    padded_splits = pl.next_power_of_2(splits)
+    return triton_call(
+        functools.partial(_combine_kernel, padded_splits=padded_splits),
+        name=f"paged_decode_combine_splits{splits}",
+        grid=(num_seqs, num_q_heads),
+        in_specs=[pl.BlockSpec((None, splits, None, head_dim), lambda s, h: (s, 0, h, 0)),
+                  pl.BlockSpec((None, splits, None), lambda s, h: (s, 0, h)),
+                  pl.BlockSpec((None, splits, None), lambda s, h: (s, 0, h))],
+        out_specs=pl.BlockSpec((None, None, head_dim), lambda s, h: (s, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_seqs, num_q_heads, head_dim), dtype),
+        num_warps=4 if padded_splits * head_dim <= 8192 else 8,
+        num_stages=1,
+        interpret=interpret,
+    )(acc, m, l)
+
+
+def _output_specs(in_order, num_seqs: int, splits: int, num_q_heads: int, head_dim: int,
+                  dtype: jnp.dtype):
+    """(out_specs, out_shape): the output ``[S, Hq, D]``, or the f32 partials of every split."""
+    if splits == 1:
+        return (pl.BlockSpec((None, num_q_heads, head_dim), in_order(lambda s, h, k: (s, 0, 0))),
+                jax.ShapeDtypeStruct((num_seqs, num_q_heads, head_dim), dtype))
+    part_shape = (num_seqs, splits, num_q_heads)
+    row_spec = pl.BlockSpec((None, None, num_q_heads), in_order(lambda s, h, k: (s, k, 0)))
+    return ([pl.BlockSpec((None, None, num_q_heads, head_dim),
+                          in_order(lambda s, h, k: (s, k, 0, 0))), row_spec, row_spec],
+            [jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
+             jax.ShapeDtypeStruct(part_shape, jnp.float32),
+             jax.ShapeDtypeStruct(part_shape, jnp.float32)])
+
+
 def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, soft_cap,
                    num_kv_splits, tuning: DecodeTuning, interpret: bool):
     num_seqs, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
     table_width = block_tables.shape[1]
-    group = num_q_heads // num_kv_heads
-    pps = tuning.pages_per_step
+    pps, hpp = tuning.pages_per_step, tuning.heads_per_program
     splits = num_kv_splits or choose_num_kv_splits(num_seqs, num_kv_heads, table_width, tuning)
-    shape = _KernelShape(sm_scale=sm_scale, soft_cap=soft_cap, group=group,
-                         padded_group=max(16, pl.next_power_of_2(group)),
+    shape = _KernelShape(sm_scale=sm_scale, soft_cap=soft_cap,
+                         group=num_q_heads // num_kv_heads, head_dim=head_dim,
                          table_width=table_width, num_splits=splits, tuning=tuning)
-    # The last step reads whole steps of the table (a no-op pad when W is a multiple of pps).
-    tables = jnp.pad(block_tables, ((0, 0), (0, -table_width % pps)))
+    # hpp adjacent kv heads of a token are one contiguous row of hpp * D values (a free reshape).
+    pools = [c.reshape(num_pages, page_size, num_kv_heads // hpp, hpp * head_dim)
+             for c in (k_cache, v_cache)]
+    tables = block_tables
+    if table_width % pps:  # the last step reads a whole step of the table
+        tables = jnp.pad(block_tables, ((0, 0), (0, -table_width % pps)))
 
-    grid, in_order = _grid(tuning.launch_order, num_seqs, num_kv_heads, splits)
-    pool_spec = pl.BlockSpec((num_pages, page_size, None, head_dim),
+    grid, in_order = _grid(tuning.launch_order, num_seqs, num_kv_heads // hpp, splits)
+    pool_spec = pl.BlockSpec((num_pages, page_size, None, hpp * head_dim),
                              in_order(lambda s, h, k: (0, 0, h, 0)))
     in_specs = [
         pl.BlockSpec((1,), in_order(lambda s, h, k: (s,))),
@@ -250,21 +360,8 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, sof
         pl.BlockSpec((None, num_q_heads, head_dim), in_order(lambda s, h, k: (s, 0, 0))),
         pool_spec, pool_spec,
     ]
-    if splits == 1:
-        out_specs = pl.BlockSpec((None, num_q_heads, head_dim),
-                                 in_order(lambda s, h, k: (s, 0, 0)))
-        out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    else:
-        part_shape = (num_seqs, splits, num_q_heads)
-        out_specs = [
-            pl.BlockSpec((None, None, num_q_heads, head_dim),
-                         in_order(lambda s, h, k: (s, k, 0, 0))),
-            pl.BlockSpec((None, None, num_q_heads), in_order(lambda s, h, k: (s, k, 0))),
-            pl.BlockSpec((None, None, num_q_heads), in_order(lambda s, h, k: (s, k, 0))),
-        ]
-        out_shape = [jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
-                     jax.ShapeDtypeStruct(part_shape, jnp.float32),
-                     jax.ShapeDtypeStruct(part_shape, jnp.float32)]
+    out_specs, out_shape = _output_specs(in_order, num_seqs, splits, num_q_heads, head_dim,
+                                         q.dtype)
     out = triton_call(
         functools.partial(_decode_kernel, shape=shape),
         name=f"paged_decode_attention_pps{pps}_splits{splits}",
@@ -275,10 +372,12 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, sof
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
         interpret=interpret,
-    )(seq_lens, tables, q, k_cache, v_cache)
-    if splits > 1:
-        out = _combine_splits(*out)
-    return out.astype(q.dtype)
+    )(seq_lens, tables, q, *pools)
+    if splits == 1:
+        return out
+    if tuning.combine == "pallas":
+        return _combine_splits_pallas(*out, dtype=q.dtype, interpret=interpret)
+    return _combine_splits_xla(*out).astype(q.dtype)
 
 
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, soft_cap,
@@ -296,9 +395,12 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, soft_cap,
 
 
 def _validate_for_kernel(k_cache, tuning: DecodeTuning) -> None:
-    page_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    page_size, num_kv_heads, head_dim = k_cache.shape[1:]
     require_power_of_2("page_size", page_size)
     require_power_of_2("head_dim", head_dim)
+    if num_kv_heads % tuning.heads_per_program:
+        raise ValueError(f"DecodeTuning.heads_per_program ({tuning.heads_per_program}) must "
+                         f"divide the number of kv heads ({num_kv_heads})")
     if head_dim < 16 or tuning.pages_per_step * page_size < 16:
         raise ValueError(f"head_dim ({head_dim}) and pages_per_step * page_size "
                          f"({tuning.pages_per_step * page_size}) must be >= 16 (matmul tiles)")

@@ -38,6 +38,24 @@ DECODE_CASES = [
     (AttentionConfig(8, 2, 128, 32, BF16, soft_cap=30.0), 3, DecodeTuning()),
     (AttentionConfig(16, 2, 64, 16, BF16), 1, DecodeTuning()),
     (AttentionConfig(8, 2, 64, 16, F32, soft_cap=2.0), 2, DecodeTuning(pages_per_step=1)),
+    # the other kernel structures (benchmarked side by side by bench/kernels.py)
+    (AttentionConfig(6, 2, 64, 16, F32), 1, DecodeTuning(mask_steps="every")),
+    (AttentionConfig(8, 2, 64, 16, F32), 2, DecodeTuning(mask_steps="every", guard="where")),
+    (AttentionConfig(8, 2, 64, 16, F32), 1, DecodeTuning(launch_order="head_inner",
+                                                         guard="where", pages_per_step=2)),
+    (AttentionConfig(12, 4, 64, 16, F32), 3, DecodeTuning(launch_order="head_inner")),
+    (AttentionConfig(8, 2, 64, 16, BF16), 5, DecodeTuning(combine="xla")),
+    # one program reads several kv heads (block-diagonal q); MHA, GQA 4, a group of 3
+    (AttentionConfig(4, 4, 64, 16, F32), None, DecodeTuning(heads_per_program=4)),
+    (AttentionConfig(8, 2, 64, 16, F32, soft_cap=3.0), 1,
+     DecodeTuning(heads_per_program=2, mask_steps="every")),
+    (AttentionConfig(12, 4, 32, 16, BF16), 3,
+     DecodeTuning(heads_per_program=2, launch_order="head_inner", guard="where")),
+    # the kernel's old structure (page gather + reshape, jnp.where guards), kept for the bench
+    (AttentionConfig(8, 2, 64, 16, F32), 2,
+     DecodeTuning(gather="pages", guard="where", launch_order="head_inner", combine="xla")),
+    (AttentionConfig(8, 2, 64, 16, BF16), 1,
+     DecodeTuning(gather="pages", guard="where", mask_steps="every")),
 ]
 
 
@@ -149,11 +167,30 @@ def test_work_list_covers_every_real_token_once():
     assert work.shape[0] >= sum(-(-q // 4) for q in MIXED_Q_LENS)
 
 
-def test_split_count_fills_the_gpu_only_when_the_batch_is_small():
-    assert choose_num_kv_splits(1, 8, 256) == 32  # 1 x 4096 tokens: 256 programs
-    assert choose_num_kv_splits(4, 8, 1024) == 9
+def test_split_count_fills_one_wave_only_when_the_batch_is_small():
+    assert choose_num_kv_splits(1, 8, 256) == 32  # 1 x 4096 tokens: 256 programs of 8 pages
+    assert choose_num_kv_splits(4, 8, 1024) == 16  # 512 programs: one wave of 528
+    assert choose_num_kv_splits(8, 8, 256) == 8
+    assert choose_num_kv_splits(40, 8, 128) == 1  # 320 programs already fill most of a wave
     assert choose_num_kv_splits(256, 8, 64) == 1
     assert choose_num_kv_splits(1, 8, 4) == 1  # too short to split
+    assert choose_num_kv_splits(1, 8, 256, DecodeTuning(target_programs=132,
+                                                        min_pages_per_split=16)) == 16
+
+
+def test_decode_tuning_rejects_unknown_structures():
+    for field in ("launch_order", "mask_steps", "guard", "combine"):
+        with pytest.raises(ValueError, match=field):
+            DecodeTuning(**{field: "fastest"})
+    with pytest.raises(ValueError, match="heads_per_program"):
+        DecodeTuning(heads_per_program=3)
+    with pytest.raises(ValueError, match="gather"):
+        DecodeTuning(gather="pages")  # needs guard="where"
+    batch = make_decode_batch(0, AttentionConfig(8, 2, 64, 16, F32), seq_lens=[5])
+    with pytest.raises(ValueError, match="heads_per_program"):
+        _decode(batch, AttentionConfig(8, 2, 64, 16, F32), impl="pallas", interpret=True,
+                tuning=DecodeTuning(heads_per_program=4))
+    assert choose_num_kv_splits(4, 8, 1024, DecodeTuning(heads_per_program=4)) == 528 // 8
 
 
 def _args(**over):

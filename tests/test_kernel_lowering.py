@@ -86,18 +86,38 @@ def test_ragged_decode_only_batch_lowers_the_decode_kernel():
     assert "paged_decode_attention" in text and TRITON_CALL in text
 
 
-@pytest.mark.parametrize("seqs,splits,tuning", [
-    (256, None, DecodeTuning()),  # large batch: one split, normalized output
-    (1, None, DecodeTuning()),  # small batch: split-K with partials combined in XLA
-    (4, 7, DecodeTuning(pages_per_step=8, num_warps=8, num_stages=3)),
-    (8, 2, DecodeTuning(pages_per_step=1)),
+@pytest.mark.parametrize("seqs,splits,tuning,kernels", [
+    (256, None, DecodeTuning(), 1),  # large batch: one split, normalized output
+    (1, None, DecodeTuning(), 2),  # small batch: split-K, partials merged by a second kernel
+    (1, None, DecodeTuning(combine="xla"), 1),  # ... or in XLA
+    (4, 7, DecodeTuning(pages_per_step=8, num_warps=8, num_stages=3), 2),
+    (8, 2, DecodeTuning(pages_per_step=1), 2),
+    (8, 1, DecodeTuning(mask_steps="every"), 1),
+    (8, 3, DecodeTuning(launch_order="head_inner", guard="where"), 2),
+    (8, 1, DecodeTuning(mask_steps="every", guard="where", pages_per_step=2), 1),
+    (1, 200, DecodeTuning(), 2),  # 256 partials per head in the combine kernel
+    (64, 1, DecodeTuning(heads_per_program=2), 1),  # 2 kv heads per program: rows of 512 B
+    (4, None, DecodeTuning(heads_per_program=4, pages_per_step=2, num_warps=8), 2),
+    (64, 1, DecodeTuning(gather="pages", guard="where", launch_order="head_inner"), 1),
 ])
-def test_decode_lowers(seqs, splits, tuning):
+def test_decode_lowers(seqs, splits, tuning, kernels):
     pool = _pool()
     text = _lower_for_h100(paged_decode_attention, _sds((seqs, 32, 128), BF16), pool, pool,
                            _sds((seqs, 256), I32), _sds((seqs,), I32), sm_scale=0.088,
                            num_kv_splits=splits, impl="pallas", tuning=tuning)
+    assert text.count(TRITON_CALL) == kernels
+
+
+def test_one_split_decode_is_the_kernel_alone():
+    """q is read and the output written as [S, Hq, D] by the kernel: no XLA pad, slice or
+    clip around it (a small-batch decode step pays for every extra launch)."""
+    pool = _pool()
+    text = _lower_for_h100(paged_decode_attention, _sds((64, 32, 128), BF16), pool, pool,
+                           _sds((64, 128), I32), _sds((64,), I32), sm_scale=0.088,
+                           num_kv_splits=1, impl="pallas")
     assert text.count(TRITON_CALL) == 1
+    for op in ("stablehlo.pad", "stablehlo.slice", "stablehlo.maximum", "stablehlo.minimum"):
+        assert op not in text, op
 
 
 def test_decode_lowers_with_soft_cap_mha_and_f32():
@@ -125,24 +145,25 @@ def triton_modules(monkeypatch):
     return modules
 
 
-def _pool_offsets_are_64_bit(module_text: str) -> bool:
-    """Whether the page gathers (4 pages x 16 tokens x 128 of bf16) use 64-bit offsets."""
+def _pool_offsets_are_64_bit(module_text: str, tile: str) -> bool:
+    """Whether the page gathers (a ``tile`` of bf16, e.g. "4x16x128") use 64-bit offsets."""
     gathers = [line for line in module_text.splitlines()
-               if "tt.addptr" in line and "tensor<4x16x128x!tt.ptr<bf16>>" in line]
+               if "tt.addptr" in line and f"tensor<{tile}x!tt.ptr<bf16>>" in line]
     assert gathers, "no page gather found in the kernel"
-    return all("tensor<4x16x128xi64>" in line for line in gathers)
+    return all(f"tensor<{tile}xi64>" in line for line in gathers)
 
 
 @pytest.mark.parametrize("pages,wide", [(SMALL_POOL, False), (LARGE_POOL, True)])
 def test_pools_over_4_gib_use_64_bit_offsets(triton_modules, pages, wide):
     pool = _pool(pages)
     _lower_for_h100(paged_decode_attention, _sds((4, 32, 128), BF16), pool, pool,
-                    _sds((4, 64), I32), _sds((4,), I32), sm_scale=0.088, impl="pallas")
+                    _sds((4, 64), I32), _sds((4,), I32), sm_scale=0.088, num_kv_splits=1,
+                    impl="pallas")
     _lower_for_h100(ragged_paged_attention, *_ragged_args(pages=pages), sm_scale=0.088,
                     impl="pallas")
     new = _sds((64, 8, 128), BF16)
     _lower_for_h100(write_kv, pool, pool, new, new, _sds((64,), I32), impl="pallas")
     decode, ragged, kv_write = triton_modules
-    assert _pool_offsets_are_64_bit(decode) == wide
-    assert _pool_offsets_are_64_bit(ragged) == wide
+    assert _pool_offsets_are_64_bit(decode, "64x128") == wide  # 4 pages x 16 tokens as rows
+    assert _pool_offsets_are_64_bit(ragged, "4x16x128") == wide
     assert ("xi64" in kv_write or "i64" in kv_write) == wide
