@@ -45,6 +45,10 @@ for stage in $stages; do
     hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;
+    kernel-variants) run kernel-variants 330 python3 bench/kernels.py --variants-only \
+             --decode-variants all --out "$OUT/var" ;;
+    kernel-tests) run kernel-tests 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
+             tests/test_kernel_attention.py tests/test_kernel_kv_write.py ;;
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
     engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;

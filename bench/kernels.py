@@ -267,8 +267,11 @@ def decode_case(setup: Setup, pools: Pools, batch: int, context: int,
                 rng: np.random.Generator) -> DecodeCase:
     width = context // setup.page_size
     tables = rotation_tables(setup, pools, batch, width, rng)
-    return DecodeCase(batch, context, width, tables,
-                      decode_calls(setup, batch, context, len(tables)),
+    calls = decode_calls(setup, batch, context, len(tables))
+    # One table argument per call: identical calls on one argument would be merged by XLA's CSE,
+    # and the time per call would look shorter than it is.
+    tables = [jnp.array(tables[i % len(tables)], copy=True) for i in range(calls)]
+    return DecodeCase(batch, context, width, tables, calls,
                       random_q(setup, batch, seed=batch), jnp.full((batch,), context, jnp.int32),
                       setup.kv_bytes(batch, context))
 
@@ -338,6 +341,7 @@ def bench_small_pool(setup: Setup, copy_bw: float, log: Callable) -> list[Row]:
     tables = [jnp.asarray(pools.take(batch * width, np.random.default_rng(1)).reshape(batch,
                                                                                        width))]
     calls = decode_calls(setup, batch, context, 1)
+    tables = [jnp.array(tables[0], copy=True) for _ in range(calls)]  # no CSE (see decode_case)
     q, lens = random_q(setup, batch, seed=3), jnp.full((batch,), context, jnp.int32)
     timing = try_time(setup, log, "small pool", repeated(ours_decode(setup), calls),
                       (pools.k, pools.v, tables, q, lens), calls)

@@ -136,7 +136,8 @@ class BlockManager:
         # changes, so a list handed out by get_block_ids stays a valid snapshot and an unchanged
         # table is the very same object from step to step (the runner skips unchanged rows).
         self._req_block_ids: dict[str, list[int]] = {}
-        self._req_num_cached: dict[str, int] = {}  # request id -> leading blocks offered to the cache
+        # request id -> how many of its leading blocks were offered to the prefix cache
+        self._req_num_cached: dict[str, int] = {}
         # request id -> (the request, hashes of its leading full blocks so far). A request's tokens
         # only grow, so its block hashes are computed once each, whether by a prefix-cache lookup
         # (every step a waiting request is retried) or by caching its computed blocks.
@@ -219,13 +220,14 @@ class BlockManager:
             raise ValueError(f"num_new_tokens must be a non-negative int, got {num_new_tokens!r}.")
         rid = request.request_id
         held = self._req_blocks.get(rid, [])
+        if held and not new_computed_blocks and (
+                request.num_computed_tokens + num_new_tokens <= len(held) * self.block_size):
+            return []  # the common decode step: the last block still has room
         if held and new_computed_blocks:
             raise ValueError(f"request {rid!r} already holds blocks; no cache hits.")
         hits = [self.pool.blocks[i] for i in new_computed_blocks]
         num_tokens = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         num_needed = max(0, self.num_blocks_for(num_tokens) - len(held) - len(hits))
-        if held and num_needed == 0:
-            return []  # the common decode step: the last block still has room
         # Hits that sit in the free queue stop being allocatable once touched.
         num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
         if num_needed + num_free_hits > self.pool.num_free_blocks:
@@ -248,11 +250,11 @@ class BlockManager:
         another request may read a cached block as soon as it is in the map.
         """
         rid = request.request_id
-        blocks = self._req_blocks.get(rid)
-        if not self.enable_prefix_caching or not blocks:
+        first = self._req_num_cached.get(rid)  # None: holds no blocks
+        if first is None or not self.enable_prefix_caching:
             return
+        blocks = self._req_blocks[rid]
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
-        first = self._req_num_cached[rid]
         if first >= num_full:
             return  # the common decode step: no block filled up
         hashes = self._block_hashes(request, num_full)

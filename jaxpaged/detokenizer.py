@@ -151,11 +151,12 @@ class IncrementalDetokenizer:
         num_quiet = min(len(new_ids), max(0, self._min_tokens - len(self._token_ids)))
         if num_quiet:
             self._append_tokens(new_ids[:num_quiet])
+            new_ids = new_ids[num_quiet:]
         check_from = len(self._text)
-        if num_quiet == len(new_ids):
+        if not new_ids:
             return None
-        self._append_tokens(new_ids[num_quiet:])
-        return self._apply_stop_strings(check_from)
+        self._append_tokens(new_ids)
+        return self._apply_stop_strings(check_from) if self._stop else None
 
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """Text for the client: all of it (``delta=False``) or only what was not returned yet.
@@ -182,29 +183,31 @@ class IncrementalDetokenizer:
 
     def _append_tokens(self, new_ids: list[int]) -> None:
         # One id at a time, so the whole characters before an incomplete one are not held back.
-        pieces = []
+        token_ids = self._token_ids
         for token_id in new_ids:
-            self._token_ids.append(token_id)
-            pieces.append(self._emit_new_text(final=False))
-        self._text += "".join(pieces)
+            token_ids.append(token_id)
+            new_text = self._emit_new_text(final=False)
+            if new_text:
+                self._text += new_text
 
     def _emit_new_text(self, final: bool) -> str:
         """Text the waiting ids ``ids[read_offset:]`` add; "" while a character is incomplete.
 
         With ``final`` the waiting ids are emitted even if their text ends in "\\ufffd".
         """
-        if self._read_offset == len(self._token_ids):
+        ids, prefix_offset, read_offset = self._token_ids, self._prefix_offset, self._read_offset
+        if read_offset == len(ids):
             return ""
-        if self._prefix_text is None:
-            self._prefix_text = self._decode(self._token_ids[self._prefix_offset:self._read_offset])
-        window_text = self._decode(self._token_ids[self._prefix_offset:])
-        grew = len(window_text) > len(self._prefix_text)
+        prefix_text = self._prefix_text
+        if prefix_text is None:
+            prefix_text = self._prefix_text = self._decode(ids[prefix_offset:read_offset])
+        window_text = self._decode(ids[prefix_offset:])
+        grew = len(window_text) > len(prefix_text)
         if not final and (not grew or window_text.endswith(REPLACEMENT_CHAR)):
             return ""  # NOTE: keep the prefix unchanged so the window's context stays valid
-        new_text = window_text[len(self._prefix_text):]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._token_ids)
+        self._prefix_offset, self._read_offset = read_offset, len(ids)
         self._prefix_text = None  # decoded lazily: a final step never needs it
-        return new_text
+        return window_text[len(prefix_text):]
 
     def _flush_pending(self) -> None:
         if self._stop_string is not None or not self._detokenize:
@@ -236,6 +239,6 @@ def _checked_token_ids(token_ids: Iterable[int]) -> list[int]:
         ids = [operator.index(t) for t in token_ids]
     except TypeError:
         raise ValueError(f"new_token_ids must be a sequence of ints, got {token_ids!r}") from None
-    if any(t < 0 for t in ids):
+    if ids and min(ids) < 0:
         raise ValueError(f"new_token_ids must be non-negative, got {ids!r}")
     return ids

@@ -1,7 +1,7 @@
 """Random weights of a config's shapes, made on the device (vLLM's ``load_format="dummy"``).
 
-For benchmarks: nothing passes through host memory. Each stacked ``[L, ...]`` parameter is drawn
-one layer at a time (``lax.map``), so the random-bit temporaries stay one layer large.
+For benchmarks: nothing passes through host memory; each parameter (every layer has its own) is
+drawn by one small jitted program straight into its device buffer.
 """
 
 from __future__ import annotations
@@ -33,9 +33,4 @@ def _make(leaf: jax.ShapeDtypeStruct, key: jax.Array, is_norm: bool) -> jax.Arra
 def _draw(key, shape, dtype, is_norm: bool) -> jax.Array:
     if is_norm:
         return jnp.ones(shape, dtype)
-    if len(shape) < 3:  # embeddings, lm_head, per-layer vectors: small enough to draw whole
-        return (DUMMY_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-    layer_keys = jax.random.split(key, shape[0])
-    return jax.lax.map(
-        lambda k: (DUMMY_STDDEV * jax.random.normal(k, shape[1:], jnp.float32)).astype(dtype),
-        layer_keys)
+    return (DUMMY_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype)

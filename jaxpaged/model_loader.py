@@ -49,11 +49,33 @@ def load_model(model_dir: str | pathlib.Path, *, dtype: str = "bf16", attn_impl:
     if load_format == "dummy":
         params = dummy_params(target, seed)
     elif is_converted(model_dir):
-        params = restore_params(model_dir, target)
+        params = unstack_layers(restore_params(model_dir, stack_layers(target)))
     else:
-        params = _to_device(params_from_hf(model_dir, cfg, dtype), target)
+        params = _to_device(unstack_layers(params_from_hf(model_dir, cfg, dtype)), target)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def stack_layers(tree: dict[str, Any]) -> dict[str, Any]:
+    """Model tree (``layers`` keyed 0..L-1) -> checkpoint tree (each leaf stacked on a layer axis)."""
+    layers = [tree["layers"][i] for i in range(len(tree["layers"]))]
+    stacked = jax.tree.map(lambda *leaves: _stacked_struct(leaves), *layers)
+    return {**tree, "layers": stacked}
+
+
+def unstack_layers(tree: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint tree ([L, ...] leaves under ``layers``) -> model tree (``layers`` keyed 0..L-1).
+
+    Each layer gets its own array: slicing a stacked array inside the model would make XLA copy
+    every layer's weights out of the stack at every step."""
+    num_layers = jax.tree.leaves(tree["layers"])[0].shape[0]
+    layers = {i: jax.tree.map(lambda a: a[i], tree["layers"]) for i in range(num_layers)}
+    return {**tree, "layers": layers}
+
+
+def _stacked_struct(leaves: tuple[jax.ShapeDtypeStruct, ...]) -> jax.ShapeDtypeStruct:
+    first = leaves[0]
+    return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype, sharding=first.sharding)
 
 
 def _device_struct(leaf: Any) -> jax.ShapeDtypeStruct:

@@ -116,6 +116,11 @@ class Request:
         self.output_token_ids.extend(token_ids)
         self._all_token_ids.extend(token_ids)
 
+    def append_output_token_id(self, token_id: int) -> None:
+        """``append_output_token_ids`` of a single id (the per-step hot path)."""
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+
     def is_finished(self) -> bool:
         return RequestStatus.is_finished(self.status)
 

@@ -8,9 +8,11 @@ The model step and the sampler are two jitted programs, so the compile count is
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import time
 
 import jax
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpaged.buckets import BucketLadder
+from jaxpaged.buckets import BucketLadder, StepShape
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
 from jaxpaged.sampler import SampleLogprobs, sample
@@ -96,17 +98,19 @@ class ModelRunner:
                                                        penalty_width=penalty_width)
         self._step_keys = StepKeys(self._base_key)
         self.timings = StepTimings()
+        self._executables: dict[StepShape, jax.stages.Compiled] = {}
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         scheduled = scheduler_output.scheduled
         shape = self.ladder.shape_for(scheduler_output.total_num_scheduled_tokens, len(scheduled),
                                       decode_only=scheduler_output.max_query_len == 1)
         inputs = self._packer.pack(scheduled, shape)
-        logits, self.kv_cache = _model_step(self.graphdef, self.state, self.kv_cache, inputs)
+        logits, self.kv_cache = self._executable(shape, inputs)(self.state, self.kv_cache, inputs)
         sampled_rows = [i for i, r in enumerate(scheduled) if r.do_sample]
         if not sampled_rows:
             return RunnerOutput({}, {})
-        tensors = self._sampling_tensors([scheduled[i] for i in sampled_rows], shape.num_seqs)
+        requests = [scheduled[i] for i in sampled_rows]
+        tensors = self._sampling_tensors(requests, shape.num_seqs)
         rows = np.zeros(shape.num_seqs, np.int32)
         rows[:len(sampled_rows)] = sampled_rows
         out = _sample(logits, rows, tensors)
@@ -114,8 +118,7 @@ class ModelRunner:
         dispatched = time.perf_counter()
         token_ids = np.asarray(out.token_ids)
         self.timings.device_wait_s += time.perf_counter() - dispatched
-        requests = [scheduled[i] for i in sampled_rows]
-        sampled = {r.req_id: int(token_ids[j]) for j, r in enumerate(requests)}
+        sampled = dict(zip([r.req_id for r in requests], token_ids.tolist()))  # drops padding
         logprobs = _logprobs_by_request(requests, out.logprobs)
         return RunnerOutput(sampled, logprobs)
 
@@ -126,23 +129,34 @@ class ModelRunner:
             [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
             pad_to, self._step_keys(self._num_steps))
 
-    def warmup(self) -> float:
-        """Compiles every step shape, and greedy and random sampling for every batch size.
+    def _executable(self, shape: StepShape, inputs: StepInputs) -> jax.stages.Compiled:
+        """The compiled model step of ``shape`` (compiled now if warm-up did not)."""
+        if shape not in self._executables:
+            self._executables[shape] = _model_step.lower(self.graphdef, self.state, self.kv_cache,
+                                                         inputs).compile()
+        return self._executables[shape]
 
-        Warm-up steps are padding only (every slot -1), so the pool is never touched. Returns
-        the seconds it took."""
+    def warmup(self, max_parallel_compiles: int | None = None) -> float:
+        """Compiles every step shape ahead of time, several at once (XLA compiles release the
+        GIL), then greedy and random sampling for every batch size; returns the seconds taken."""
         start = time.perf_counter()
-        logits_by_batch: dict[int, jax.Array] = {}
-        for shape in self.ladder.all_shapes():
-            inputs = pack_step([], shape, block_size=self.block_size,
-                               table_width=self.ladder.table_width)
-            logits, self.kv_cache = _model_step(self.graphdef, self.state, self.kv_cache, inputs)
-            logits_by_batch[shape.num_seqs] = logits
-        for batch, logits in logits_by_batch.items():
+        shapes = self.ladder.all_shapes()
+        workers = max_parallel_compiles or min(len(shapes), os.cpu_count() or 1)
+
+        def compile_shape(shape: StepShape) -> None:
+            self._executable(shape, pack_step([], shape, block_size=self.block_size,
+                                              table_width=self.ladder.table_width))
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(compile_shape, shapes))
+        vocab = self.config.vocab_size
+        for batch in self.ladder.sampler_batch_sizes:
+            # committed to the device like the model step's logits, so the same program is cached
+            logits = jax.device_put(np.zeros((batch, vocab), np.float32), jax.devices()[0])
             for params in _WARMUP_SAMPLING:
                 tensors = build_sampling_tensors(
                     [params] * batch, [[0]] * batch, [[]] * batch, self.eos_token_ids, batch,
-                    self.config.vocab_size, self._base_key, penalty_width=self.penalty_width)
+                    vocab, self._base_key, penalty_width=self.penalty_width)
                 _sample(logits, np.arange(batch, dtype=np.int32), tensors).token_ids.block_until_ready()
         return time.perf_counter() - start
 

@@ -1,11 +1,11 @@
 """Per-step sampling tensors: every request's sampling parameters as one row of device arrays.
 
-The host builds a ``SamplingTensors`` once per step from the scheduled requests (a runner keeps a
-``SamplingTensorBuilder``, which does the per-request work once per request; the one-shot
-``build_sampling_tensors`` validates everything on every call); the jitted step hands it to
-``sampler.sample``. Rows are padded to a
-static batch bucket ``B``; padding rows are greedy and use no penalties, so whatever logits they
-carry cannot disturb real rows.
+The host builds a ``SamplingTensors`` of numpy arrays once per step from the scheduled requests
+(a runner keeps a ``SamplingTensorBuilder``, which does the per-request work once per request; the
+one-shot ``build_sampling_tensors`` validates everything on every call); the jitted step that
+takes it moves it to the device and hands it to ``sampler.sample``. Rows are padded to a static
+batch bucket ``B``; padding rows are greedy and use no penalties, so whatever logits they carry
+cannot disturb real rows.
 
 Compilation: array shapes (``B``, the banned-id width ``K``, the penalty widths ``Lp``/``Lo``) and
 the four static switches (``all_greedy``, ``use_penalties``, ``use_top_k_top_p_min_p``,
@@ -81,7 +81,7 @@ class SamplingTensors:
     seeds: jax.Array  # u32[B, 2]: low and high 32 bits of the request seed (see row_keys)
     has_seed: jax.Array  # bool[B]: the request set a seed
     gen_counts: jax.Array  # i32[B]: tokens the request has generated so far
-    step_key: jax.Array  # u32[2]: raw data of this step's engine key (default impl), for unseeded rows
+    step_key: jax.Array  # u32[2]: raw data of this step's engine key (default impl), unseeded rows
     prompt_ids: jax.Array | None  # i32[B, Lp]: prompt token ids, -1 = padding; None unless use_penalties
     output_ids: jax.Array | None  # i32[B, Lo]: output token ids, -1 = padding; None unless use_penalties
     # Every row is greedy: sampling (temperature, top-k/p, min-p, random keys) is skipped entirely.
@@ -207,53 +207,43 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-# Padding values of the float columns, in _Row.floats order: a padding row is greedy, unpenalised.
+# The per-request values kept in SamplingTensorBuilder's store, one row per live request.
+# f32 columns, with the value a padding row gets (greedy, no filters, no penalties):
+_FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty")
 _FLOAT_PADS = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# i64 columns (padding rows get 0): top_k 0 = off; logprobs -2 = None, -1 = whole vocabulary.
+_INT_COLUMNS = ("top_k", "min_tokens", "has_seed", "seed_lo", "seed_hi", "logprobs", "greedy",
+                "uses_penalties", "uses_filters")
+_INT = {name: i for i, name in enumerate(_INT_COLUMNS)}
+_NO_LOGPROBS = -2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Row:
-    """One request's sampling parameters as the values of its row: built once per request."""
+    """One request in the builder: where its values live and what is not a column."""
 
     params: SamplingParamsLike  # the object it was built from; another object means a new request
     prompt_ids: Sequence[int]  # likewise
-    # temperature, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty
-    floats: tuple[float, float, float, float, float, float]
-    top_k: int  # 0 = off
-    min_tokens: int
-    seed_halves: tuple[int, int]
-    has_seed: bool
+    slot: int  # row of the builder's store
     stop_ids: np.ndarray  # i64[k]: eos + stop token ids (sorted, unique), banned below min_tokens
-    greedy: bool
-    uses_penalties: bool
-    uses_filters: bool  # a sampling row with top-k, top-p or min-p
-    logprobs: int | None
     prompt_array: np.ndarray | None  # i64[Lp] prompt ids; only for rows that use penalties
 
 
-def _make_row(row: int, p: SamplingParamsLike, prompt_ids: Sequence[int], eos_ids: np.ndarray,
-              vocab_size: int) -> _Row:
-    """Validate one request's parameters (and its ids where they are used) and fix its row."""
-    _validate_params(row, p)
-    stop_ids = _as_ids(p.stop_token_ids or ())
-    _check_ids(f"params_list[{row}].stop_token_ids", stop_ids, vocab_size)
+def _row_values(p: SamplingParamsLike, vocab_size: int) -> tuple[tuple, tuple]:
+    """(float column values, int column values) of one request's row."""
     greedy = p.temperature < GREEDY_EPS
     top_k = 0 if p.top_k <= 0 or p.top_k >= vocab_size else p.top_k
     uses_penalties = (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
                       or p.repetition_penalty != 1.0)
-    prompt_array = None
-    if uses_penalties:
-        prompt_array = _as_ids(prompt_ids)
-        _check_ids(f"prompt_ids_list[{row}]", prompt_array, vocab_size)
-    return _Row(
-        params=p, prompt_ids=prompt_ids,
-        floats=(p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
-                p.repetition_penalty),
-        top_k=top_k, min_tokens=p.min_tokens, seed_halves=_seed_halves(p.seed),
-        has_seed=p.seed is not None, stop_ids=np.unique(np.concatenate([eos_ids, stop_ids])),
-        greedy=greedy, uses_penalties=uses_penalties,
-        uses_filters=not greedy and (top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0),
-        logprobs=p.logprobs, prompt_array=prompt_array)
+    uses_filters = not greedy and (top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
+    seed_lo, seed_hi = _seed_halves(p.seed)
+    floats = (p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+              p.repetition_penalty)
+    ints = (top_k, p.min_tokens, p.seed is not None, seed_lo, seed_hi,
+            _NO_LOGPROBS if p.logprobs is None else p.logprobs, greedy, uses_penalties,
+            uses_filters)
+    return floats, ints
 
 
 def _pad_rows(rows: Sequence[np.ndarray], row_index: Sequence[int], num_rows: int,
@@ -271,7 +261,7 @@ class _BatchColumns:
 
     rows: list[_Row]
     pad_to: int
-    floats: np.ndarray  # f32[6, B], rows in _Row.floats order
+    floats: np.ndarray  # f32[6, B], rows in _FLOAT_COLUMNS order
     top_k: np.ndarray  # i32[B]
     min_tokens: np.ndarray  # i64[n]: real rows only
     seeds: np.ndarray  # u32[B, 2]
@@ -287,10 +277,11 @@ class SamplingTensorBuilder:
     """Builds each step's host ``SamplingTensors`` from the rows that need a token.
 
     The per-request work (validating the parameters, turning them into row values, the stop ids
-    banned below ``min_tokens``, the prompt ids for penalties) is done once per request and kept
-    under its key (the request id) while the request keeps coming back; the static columns of a
-    batch are reused while the batch is unchanged (the steady decode step). So a step costs
-    O(rows) of list work plus a few numpy calls, not O(prompt + output tokens).
+    banned below ``min_tokens``, the prompt ids for penalties) is done once per request: its values
+    go to a row of a store kept while the request keeps coming back (under its key, the request
+    id), and a step's static columns are one gather of the store rows in batch order, reused while
+    the batch is unchanged (the steady decode step). So a step costs O(rows) of list work plus a
+    few numpy calls, not O(prompt + output tokens).
 
     A cached row is trusted only while the request hands in the very same params and prompt
     objects; a new object (a reused request id) rebuilds the row. Output ids are checked only
@@ -306,7 +297,12 @@ class SamplingTensorBuilder:
         self.penalty_width = penalty_width
         self._eos_ids = _as_ids(eos_ids)
         _check_ids("eos_ids", self._eos_ids, vocab_size)
+        self._float_store = np.zeros((0, len(_FLOAT_COLUMNS)), np.float32)  # [slots, 6]
+        self._int_store = np.zeros((0, len(_INT_COLUMNS)), np.int64)  # [slots, 9]
+        self._free_slots: list[int] = []
         self._rows: dict[Hashable, _Row] = {}  # the last step's rows by key
+        # The last step's (keys, params, prompts, rows), for a step with the very same requests.
+        self._last_batch: tuple[list, list, list, list[_Row]] = ([], [], [], [])
         self._columns: _BatchColumns | None = None  # the last step's static columns
         self._no_bans: dict[int, np.ndarray] = {}  # pad_to -> i32[pad_to, MIN_BANNED_WIDTH] of -1
 
@@ -347,39 +343,82 @@ class SamplingTensorBuilder:
         )
 
     def _rows_for(self, keys, params_list, prompt_ids_list) -> list[_Row]:
-        """This step's rows: cached where the request is the same, built where it is new."""
-        cache, rows = self._rows, []
-        for i, (key, p, prompt) in enumerate(zip(keys, params_list, prompt_ids_list)):
-            row = cache.get(key)
-            if row is None or row.params is not p or row.prompt_ids is not prompt:
-                row = _make_row(i, p, prompt, self._eos_ids, self.vocab_size)
-            rows.append(row)
-        self._rows = dict(zip(keys, rows))  # requests gone from the batch are dropped
-        if len(self._rows) != len(rows):
-            raise ValueError(f"keys must be unique within a step, got {list(keys)!r}")
+        """This step's rows: kept where the request is the same, made where it is new; the rows
+        of requests gone from the batch are released."""
+        keys, last = list(keys), self._last_batch
+        if (keys == last[0] and all(map(operator.is_, params_list, last[1]))
+                and all(map(operator.is_, prompt_ids_list, last[2]))):
+            return last[3]  # the same requests as last step, in the same order
+        rows = self._update_rows(keys, params_list, prompt_ids_list)
+        self._last_batch = (keys, list(params_list), list(prompt_ids_list), rows)
         return rows
 
+    def _update_rows(self, keys, params_list, prompt_ids_list) -> list[_Row]:
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be unique within a step, got {list(keys)!r}")
+        previous = self._rows
+        rows = [previous.pop(key, None) for key in keys]
+        self._free_slots.extend(row.slot for row in previous.values())
+        for i, (row, p, prompt) in enumerate(zip(rows, params_list, prompt_ids_list)):
+            if row is None or row.params is not p or row.prompt_ids is not prompt:
+                if row is not None:
+                    self._free_slots.append(row.slot)
+                rows[i] = self._make_row(i, p, prompt)
+        self._rows = dict(zip(keys, rows))
+        return rows
+
+    def _make_row(self, row: int, p: SamplingParamsLike, prompt_ids: Sequence[int]) -> _Row:
+        """Validate one request's parameters (and its ids where they are used); store its row."""
+        _validate_params(row, p)
+        stop_ids = _as_ids(p.stop_token_ids or ())
+        _check_ids(f"params_list[{row}].stop_token_ids", stop_ids, self.vocab_size)
+        floats, ints = _row_values(p, self.vocab_size)
+        prompt_array = None
+        if ints[_INT["uses_penalties"]]:
+            prompt_array = _as_ids(prompt_ids)
+            _check_ids(f"prompt_ids_list[{row}]", prompt_array, self.vocab_size)
+        slot = self._take_slot()
+        self._float_store[slot] = floats
+        self._int_store[slot] = ints
+        return _Row(params=p, prompt_ids=prompt_ids, slot=slot,
+                    stop_ids=np.unique(np.concatenate([self._eos_ids, stop_ids])),
+                    prompt_array=prompt_array)
+
+    def _take_slot(self) -> int:
+        if not self._free_slots:  # grow the store (doubling)
+            old = self._float_store.shape[0]
+            grown = max(16, 2 * old)
+            self._float_store = np.concatenate(
+                [self._float_store, np.zeros((grown - old, len(_FLOAT_COLUMNS)), np.float32)])
+            self._int_store = np.concatenate(
+                [self._int_store, np.zeros((grown - old, len(_INT_COLUMNS)), np.int64)])
+            self._free_slots.extend(range(grown - 1, old - 1, -1))
+        return self._free_slots.pop()
+
     def _stack(self, rows: list[_Row], pad_to: int) -> _BatchColumns:
+        """The batch's static columns: one gather of the rows' store rows, padded to pad_to."""
         num_rows = len(rows)
-        floats = np.empty((len(_FLOAT_PADS), pad_to), np.float32)
+        slots = np.fromiter([r.slot for r in rows], np.intp, num_rows)
+        floats = np.empty((len(_FLOAT_COLUMNS), pad_to), np.float32)
         floats[:] = np.asarray(_FLOAT_PADS, np.float32)[:, None]
-        top_k = np.zeros(pad_to, np.int32)
-        seeds = np.zeros((pad_to, 2), np.uint32)
-        has_seed = np.zeros(pad_to, np.bool_)
-        if num_rows:
-            floats[:, :num_rows] = np.asarray([r.floats for r in rows], np.float32).T
-            top_k[:num_rows] = [r.top_k for r in rows]
-            seeds[:num_rows] = [r.seed_halves for r in rows]
-            has_seed[:num_rows] = [r.has_seed for r in rows]
-        penalty_rows = np.asarray([i for i, r in enumerate(rows) if r.uses_penalties], np.int64)
+        floats[:, :num_rows] = self._float_store[slots].T
+        ints = np.zeros((len(_INT_COLUMNS), pad_to), np.int64)
+        ints[:, :num_rows] = self._int_store[slots].T
+        logprobs = ints[_INT["logprobs"], :num_rows]
+        penalty_rows = np.flatnonzero(ints[_INT["uses_penalties"], :num_rows])
         return _BatchColumns(
-            rows=rows, pad_to=pad_to, floats=_frozen(floats), top_k=_frozen(top_k),
-            min_tokens=np.asarray([r.min_tokens for r in rows], np.int64).reshape(-1),
-            seeds=_frozen(seeds), has_seed=_frozen(has_seed), penalty_rows=penalty_rows,
+            rows=rows, pad_to=pad_to, floats=_frozen(floats),
+            top_k=_frozen(ints[_INT["top_k"]].astype(np.int32)),
+            min_tokens=ints[_INT["min_tokens"], :num_rows].copy(),
+            seeds=_frozen(np.stack([ints[_INT["seed_lo"]], ints[_INT["seed_hi"]]], axis=1)
+                          .astype(np.uint32)),
+            has_seed=_frozen(ints[_INT["has_seed"]].astype(np.bool_)),
+            penalty_rows=penalty_rows,
             prompt_ids=self._prompt_ids(rows, penalty_rows, pad_to),
-            all_greedy=all(r.greedy for r in rows),
-            use_top_k_top_p_min_p=any(r.uses_filters for r in rows),
-            num_logprobs=_logprobs_bucket([r.logprobs for r in rows], self.vocab_size),
+            all_greedy=bool(ints[_INT["greedy"], :num_rows].all()),
+            use_top_k_top_p_min_p=bool(ints[_INT["uses_filters"], :num_rows].any()),
+            num_logprobs=_logprobs_bucket(
+                logprobs[logprobs != _NO_LOGPROBS].tolist(), self.vocab_size),
         )
 
     def _penalty_width(self, longest: int, name: str) -> int:
@@ -490,10 +529,12 @@ class StepKeys:
         self._block = block
         self._first = -1  # step of the cached block's first row
         self._data: np.ndarray | None = None  # u32[block, *key_shape]
+        self(0)  # compiles the derivation now (start-up), not at the first step
 
     def __call__(self, step: int) -> np.ndarray:
         first = step - step % self._block
         if first != self._first:
-            self._data = np.asarray(_fold_in_range(self._base_key, np.uint32(first), self._block))
+            self._data = _frozen(np.array(
+                _fold_in_range(self._base_key, np.uint32(first), self._block)))
             self._first = first
         return self._data[step - first]

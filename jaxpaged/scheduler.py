@@ -211,16 +211,19 @@ class Scheduler:
         """
         sampled = _by_request_id(scheduler_output, sampled_token_ids)
         updates: list[RequestUpdate] = []
+        requests, running = self.requests, RequestStatus.RUNNING
+        cache_full_blocks = self.block_manager.cache_full_blocks
         for scheduled in scheduler_output.scheduled:
-            request = self.requests.get(scheduled.req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(scheduled.req_id)
+            if request is None or request.status != running:
                 continue
-            self.block_manager.cache_full_blocks(request)
+            cache_full_blocks(request)
             if not scheduled.do_sample:
                 continue
-            if sampled.get(scheduled.req_id) is None:
+            token_ids = sampled.get(scheduled.req_id)
+            if token_ids is None:
                 raise ValueError(f"no sampled token ids for request {scheduled.req_id!r}.")
-            new_token_ids = self._append_until_stop(request, _as_ids(sampled[scheduled.req_id]))
+            new_token_ids = self._append_until_stop(request, _as_ids(token_ids))
             updates.append(RequestUpdate(request, new_token_ids, request.is_finished()))
         return updates
 
@@ -253,10 +256,11 @@ class Scheduler:
     # ----- scheduling internals -----
 
     def _schedule_running(self, plan: _StepPlan) -> None:
+        running = RequestStatus.RUNNING
         for request in list(self.running):
             if plan.token_budget == 0:
                 break
-            if request.status != RequestStatus.RUNNING:
+            if request.status != running:
                 continue  # preempted by an earlier request of this loop
             num_new_tokens = min(self._num_tokens_to_compute(request), plan.token_budget)
             if num_new_tokens == 0:
@@ -320,10 +324,9 @@ class Scheduler:
 
     def _num_tokens_to_compute(self, request: Request) -> int:
         """Tokens left to compute; an n > 1 parent stops at its shared prefix."""
-        target = request.num_tokens
         if request.sampling_params.n > 1:
-            target = self._shared_prefix_len(request)
-        return max(0, target - request.num_computed_tokens)
+            return max(0, self._shared_prefix_len(request) - request.num_computed_tokens)
+        return max(0, request.num_tokens - request.num_computed_tokens)
 
     def _shared_prefix_len(self, parent: Request) -> int:
         bs = self.config.block_size
@@ -333,26 +336,30 @@ class Scheduler:
         """Turn the plan into the runner's view, advance num_computed_tokens, fork parents."""
         finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
         scheduled = []
+        get_block_ids = self.block_manager.get_block_ids
         for request, num_new_tokens in plan.scheduled:
-            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
+            start = request.num_computed_tokens
+            end = start + num_new_tokens
+            all_token_ids = request.all_token_ids
+            params = request.sampling_params
             scheduled.append(
                 ScheduledRequest(
                     req_id=request.request_id,
-                    token_ids=request.all_token_ids[start:end],
+                    token_ids=all_token_ids[start:end],
                     num_computed_tokens=start,
-                    block_ids=self.block_manager.get_block_ids(request.request_id),
-                    do_sample=end == request.num_tokens,
-                    sampling_params=request.sampling_params,
+                    block_ids=get_block_ids(request.request_id),
+                    do_sample=end == len(all_token_ids),
+                    sampling_params=params,
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=request.output_token_ids,
                 )
             )
             request.num_computed_tokens = end
-            if request.sampling_params.n > 1 and end == self._shared_prefix_len(request):
+            if params.n > 1 and end == self._shared_prefix_len(request):
                 self._fork_running(request)
         return SchedulerOutput(
             scheduled=scheduled,
-            total_num_scheduled_tokens=sum(s.num_new_tokens for s in scheduled),
+            total_num_scheduled_tokens=sum(num for _, num in plan.scheduled),
             finished_req_ids=finished_req_ids,
             preempted_req_ids=plan.preempted_req_ids,
         )
@@ -387,7 +394,7 @@ class Scheduler:
 
     def _append_until_stop(self, request: Request, token_ids: list[int]) -> list[int]:
         for i, token_id in enumerate(token_ids):
-            request.append_output_token_ids(token_id)
+            request.append_output_token_id(token_id)
             stop = self._check_stop(request)
             if stop is not None:
                 self._finish(request, *stop)
@@ -396,14 +403,15 @@ class Scheduler:
 
     def _check_stop(self, request: Request) -> tuple[RequestStatus, int | None] | None:
         """(finished status, stop_reason) if the last token ends the request, as vLLM decides."""
-        params = request.sampling_params
+        params, output_token_ids = request.sampling_params, request.output_token_ids
+        num_output_tokens = len(output_token_ids)
         if request.num_tokens >= self.config.max_model_len or (
-            params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
+            params.max_tokens is not None and num_output_tokens >= params.max_tokens
         ):
             return RequestStatus.FINISHED_LENGTH_CAPPED, None
-        if request.num_output_tokens < params.min_tokens:
+        if num_output_tokens < params.min_tokens:
             return None
-        last_token_id = request.output_token_ids[-1]
+        last_token_id = output_token_ids[-1]
         if not params.ignore_eos and last_token_id == request.eos_token_id:
             return RequestStatus.FINISHED_STOPPED, None
         if last_token_id in params.stop_token_ids:
@@ -442,6 +450,8 @@ def _by_request_id(output: SchedulerOutput, sampled: SampledTokenIds) -> Mapping
 
 def _as_ids(token_ids: object) -> list[int]:
     """One id or a sequence/array of ids -> a list of Python ints."""
+    if type(token_ids) is int:  # the common case: one sampled id
+        return [token_ids]
     try:
         return [operator.index(token_ids)]
     except TypeError:

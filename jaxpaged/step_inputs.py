@@ -6,8 +6,8 @@ Padding rules (they let every step of a bucket share one compiled program):
     block 0, and logits index 0 (their logits are computed and ignored).
 
 Packing is vectorised: a few list comprehensions over the requests, then numpy over the tokens.
-The block tables (S x W ids) are the bulk of it; ``StepPacker`` keeps the previous step's tables
-and rewrites only the rows whose block ids changed (in a steady decode batch, one row in
+The block tables (S x W ids) are the bulk of it; ``StepPacker`` keeps each request's table row
+between steps and rewrites it only when the request's blocks change (in decode, once every
 ``block_size`` steps), so a step costs O(requests), not O(requests x blocks).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -61,9 +62,15 @@ class StepPacker:
         self._slot_lens: list[int] = []  # blocks written in each store row (the rest is 0)
         self._free_slots: list[int] = []
         self._rows: dict[str, _TableRow] = {}  # req_id -> its row, for last step's requests
+        # Last step's batch: a batch of the same requests in the same order reuses its rows and
+        # rewrites only those whose block_ids changed (found by comparing list identities).
+        self._last_req_ids: list[str] = []
+        self._last_block_ids: list[Sequence[int]] = []
+        self._last_num_blocks = np.zeros(0, np.int64)  # [n] their lengths
+        self._last_slots = np.zeros(0, np.intp)  # [n] store row of each request
 
     def pack(self, scheduled: Sequence[ScheduledRequest], shape: StepShape) -> StepInputs:
-        """Numpy StepInputs for ``scheduled`` padded to ``shape`` (moved to device by the caller)."""
+        """Numpy StepInputs for ``scheduled`` padded to ``shape`` (the jitted step moves them)."""
         t, s, n = shape.num_tokens, shape.num_seqs, len(scheduled)
         counts = np.fromiter([len(r.token_ids) for r in scheduled], np.int64, n)  # [n] new tokens
         starts = np.fromiter([r.num_computed_tokens for r in scheduled], np.int64, n)  # [n]
@@ -103,25 +110,40 @@ class StepPacker:
                       seq_lens: np.ndarray) -> np.ndarray:
         """i32[S, W] block tables (null block 0 past each request's blocks and in padding rows);
         ``seq_lens`` i64[n] are the requests' context lengths after the step."""
-        previous = self._rows
-        rows = {r.req_id: previous.pop(r.req_id, None) for r in scheduled}
-        self._free_slots.extend(row.slot for row in previous.values())  # gone from the batch
-        slots, num_blocks = [], []
-        for request in scheduled:
-            row = rows[request.req_id]
-            if row is None:
-                row = rows[request.req_id] = _TableRow(self._take_slot())
-            ids = request.block_ids
-            if ids is not row.block_ids or len(ids) != row.num_blocks:
-                self._write_row(row, request)
-            slots.append(row.slot)
-            num_blocks.append(row.num_blocks)
-        self._rows = rows
-        self._check_coverage(scheduled, np.asarray(num_blocks, np.int64), seq_lens)
+        n = len(scheduled)
+        req_ids = [r.req_id for r in scheduled]
+        block_ids = [r.block_ids for r in scheduled]
+        num_blocks = np.fromiter(map(len, block_ids), np.int64, n)
+        if req_ids == self._last_req_ids:  # the same batch as last step: rewrite changed rows
+            slots = self._last_slots
+            same = np.fromiter(map(operator.is_, block_ids, self._last_block_ids), np.bool_, n)
+            for i in np.flatnonzero(~same | (num_blocks != self._last_num_blocks)).tolist():
+                self._write_row(self._rows[req_ids[i]], scheduled[i])
+        else:
+            slots = self._update_rows(scheduled)
+        self._last_req_ids, self._last_block_ids = req_ids, block_ids
+        self._last_num_blocks, self._last_slots = num_blocks, slots
+        self._check_coverage(scheduled, num_blocks, seq_lens)
         tables = np.zeros((num_seqs, self.table_width), np.int32)
-        np.take(self._store, np.asarray(slots, np.intp), axis=0, out=tables[:len(slots)],
-                mode="clip")  # slots are valid: clip only skips the buffered bounds check
+        # mode="clip" only skips numpy's buffered bounds check: every slot is a row of the store.
+        np.take(self._store, slots, axis=0, out=tables[:n], mode="clip")
         return tables
+
+    def _update_rows(self, scheduled: Sequence[ScheduledRequest]) -> np.ndarray:
+        """Give new requests a row, rewrite changed rows, release the rows of requests gone.
+        Returns each request's store row, intp[n]."""
+        previous = self._rows
+        rows = [previous.pop(r.req_id, None) for r in scheduled]
+        self._free_slots.extend(row.slot for row in previous.values())  # gone from the batch
+        stale = [i for i, (request, row) in enumerate(zip(scheduled, rows))
+                 if row is None or request.block_ids is not row.block_ids
+                 or len(request.block_ids) != row.num_blocks]
+        for i in stale:
+            if rows[i] is None:
+                rows[i] = _TableRow(self._take_slot())
+            self._write_row(rows[i], scheduled[i])
+        self._rows = {r.req_id: row for r, row in zip(scheduled, rows)}
+        return np.fromiter([row.slot for row in rows], np.intp, len(rows))
 
     def _take_slot(self) -> int:
         if not self._free_slots:  # grow the store (doubling)

@@ -1,14 +1,18 @@
 """The LLaMA family (LLaMA 1/2/3, Mistral without sliding window) in Flax nnx.
 
-Layers are stacked along a leading ``num_layers`` axis and run with ``jax.lax.scan``, so compile
-time stays flat in depth. The KV pool is threaded functionally through the scan carry; attention
-goes through the single paged entry point in ``jaxpaged.attention``.
+Each layer owns its weights and the layers run as an unrolled Python loop. (A ``lax.scan`` over
+weights stacked along a layer axis compiles faster, but XLA then copies every layer's weights out
+of the stack before its matmuls: measured on an H200, a batch-1 decode step of Llama-3-8B took
+11.5 ms of device time against a 3.5 ms weight-read floor. The persistent compilation cache and
+parallel warm-up compilation pay for the unrolled program instead.) The KV pool is threaded
+functionally through the layers; attention goes through the single paged entry point in
+``jaxpaged.attention``.
 
-Weight layout (x @ W, inputs first), chosen so tensor parallelism can later shard heads cleanly:
-  attn.wqkv  [L, hidden, Hkv, G + 2, D]  per KV head: its G query heads, then K, then V
-  attn.wo    [L, Hq * D, hidden]          query heads in HF order (h = kv_head * G + g)
-  mlp.w_gate_up [L, hidden, 2, I]         gate then up
-  mlp.w_down [L, I, hidden]
+Per-layer weight layout (x @ W, inputs first), chosen so tensor parallelism can later shard heads:
+  attn.wqkv  [hidden, Hkv, G + 2, D]  per KV head: its G query heads, then K, then V
+  attn.wo    [Hq * D, hidden]          query heads in HF order (h = kv_head * G + g)
+  mlp.w_gate_up [hidden, 2, I]         gate then up
+  mlp.w_down [I, hidden]
 """
 
 from __future__ import annotations
@@ -111,12 +115,8 @@ class LlamaForCausalLM(nnx.Module):
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
                                .astype(dtype))
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, dtype, rngs=rngs)
-
-        self.layers = make_layers(rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (None if cfg.tie_word_embeddings
                         else _normal(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.hidden_size, dtype))
@@ -126,18 +126,9 @@ class LlamaForCausalLM(nnx.Module):
         """token_ids, positions: i32[T] -> hidden [T, hidden] (after the final norm)."""
         x = self.embed[...][token_ids]  # [T, hidden]
         cos, sin = RotaryEmbedding(self.config).cos_sin(positions)  # f32[T, D]
-        graphdef, stacked = nnx.split(self.layers)
-
-        def one_layer(carry, layer_and_index):
-            x, kv_cache = carry
-            layer_state, index = layer_and_index
-            layer = nnx.merge(graphdef, layer_state)
-            with jax.named_scope("decoder_layer"):
+        for index, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{index}"):
                 x, kv_cache = layer(x, cos, sin, kv_cache, index, md, self.attn_impl)
-            return (x, kv_cache), None
-
-        indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, indices))
         return self.final_norm(x), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
