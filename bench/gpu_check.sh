@@ -40,13 +40,14 @@ for stage in $stages; do
     decode-dsf) XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" run decode-dsf 300 \
              python3 bench/decode_steps.py --batches 1 64 256 --steps 10 --kv-bytes 8 --dump-hlo \
              --out "$OUT/dsf" ;;
-    decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 64 256 --steps 10 \
+    decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 16 64 256 --steps 10 \
              --kv-bytes 8 --out "$OUT" ;;
     hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;
     kernel-variants) run kernel-variants 330 python3 bench/kernels.py --variants-only \
-             --decode-variants all --out "$OUT/var" ;;
+             --decode-variants legacy,example_like,every,last,last_head_inner,hpp2_pps2 \
+             --out "$OUT/var" ;;
     kernel-tests) run kernel-tests 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
              tests/test_kernel_attention.py tests/test_kernel_kv_write.py ;;
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
