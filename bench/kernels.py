@@ -53,6 +53,7 @@ from roofline import measure_bandwidth  # noqa: E402
 
 from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference  # noqa: E402
 from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits,
+                                                            default_decode_tuning,
                                                             paged_decode_attention,
                                                             paged_decode_attention_reference)
 from jaxpaged.pallas_kernels.ragged_paged_attention import (RaggedTuning, ragged_paged_attention,
@@ -222,7 +223,7 @@ def _decode_row(setup, section, shape, impl, config, timing, kv_bytes, copy_bw) 
                100 * tbps * 1e12 / copy_bw)
 
 
-def ours_decode(setup: Setup, splits=None, tuning=DecodeTuning()) -> Callable:
+def ours_decode(setup: Setup, splits=None, tuning: DecodeTuning | None = None) -> Callable:
     def kernel(k, v, tables, q, lens):
         return paged_decode_attention(q, k, v, tables, lens, sm_scale=setup.sm_scale,
                                       num_kv_splits=splits, impl="pallas",
@@ -322,9 +323,11 @@ def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array
     rng = np.random.default_rng(0)
     for batch, context in setup.decode_shapes:
         case = decode_case(setup, pools, batch, context, rng)
-        splits = choose_num_kv_splits(batch, setup.num_kv_heads, case.width)
+        tuning = default_decode_tuning(batch, setup.num_kv_heads)  # what the model uses
+        splits = choose_num_kv_splits(batch, setup.num_kv_heads, case.width, tuning)
         ours = time_ours(setup, log, pools, case, copy_bw, section="decode",
-                         config=f"splits={splits}", tuning=DecodeTuning())
+                         config=f"splits={splits},hpp={tuning.heads_per_program}",
+                         tuning=tuning)
         builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
         for row in (ours, builtin, xla):
             if row is not None:

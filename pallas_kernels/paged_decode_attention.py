@@ -416,23 +416,39 @@ def paged_decode_attention(q: jax.Array,  # [S, Hq, D]: one new token per sequen
                            *, sm_scale: float, soft_cap: float | None = None,
                            num_kv_splits: int | None = None, impl: str = "auto",
                            interpret: bool = False,
-                           tuning: DecodeTuning = DecodeTuning()) -> jax.Array:  # [S, Hq, D]
+                           tuning: DecodeTuning | None = None) -> jax.Array:  # [S, Hq, D]
     """Decode attention of each sequence's single query token over its paged context.
 
     Attends to context positions ``0 .. seq_lens[s] - 1`` (the new token's K/V must already be in
     the pool). Rows with ``seq_lens == 0`` give zeros. ``soft_cap`` applies
     ``soft_cap * tanh(logits / soft_cap)`` to the scaled logits. ``num_kv_splits=None`` picks the
-    split count from the shape (see ``choose_num_kv_splits``). ``impl``: "auto" | "pallas" |
+    split count from the shape (see ``choose_num_kv_splits``); ``tuning=None`` picks the kernel
+    structure from the shape (``default_decode_tuning``). ``impl``: "auto" | "pallas" |
     "reference"; ``interpret=True`` runs the Pallas kernel on the CPU.
     """
     _validate(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, soft_cap, num_kv_splits)
     if resolve_impl(impl) == "reference" or q.shape[0] == 0:
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
                                                 sm_scale=sm_scale, soft_cap=soft_cap)
+    tuning = tuning or default_decode_tuning(q.shape[0], k_cache.shape[2])
     _validate_for_kernel(k_cache, tuning)
     return _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=sm_scale,
                           soft_cap=soft_cap, num_kv_splits=num_kv_splits, tuning=tuning,
                           interpret=interpret)
+
+
+# Measured on an H200 (bench/RESULTS.md, 2026-11-26): with fewer than 16 (sequence, kv head)
+# pairs, reading two adjacent kv heads per program (512-byte rows) two pages at a time won at
+# 1x4096 (0.0137 ms against 0.0159 for the default); from 4x16384 on the default won.
+_FEW_PAIRS = 16
+_FEW_PAIRS_TUNING = DecodeTuning(heads_per_program=2, pages_per_step=2)
+
+
+def default_decode_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
+    """The kernel structure measured fastest for this decode shape."""
+    if num_seqs * num_kv_heads < _FEW_PAIRS and num_kv_heads % 2 == 0:
+        return _FEW_PAIRS_TUNING
+    return DecodeTuning()
 
 
 def paged_decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

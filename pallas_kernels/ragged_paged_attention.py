@@ -61,7 +61,7 @@ class RaggedTuning:
     pages_per_step: int = 4  # KV pages gathered per inner-loop step (power of 2)
     num_warps: int = 4
     num_stages: int = 2
-    decode: DecodeTuning = DecodeTuning()  # used when max_query_len == 1
+    decode: DecodeTuning | None = None  # used when max_query_len == 1; None: chosen by shape
 
     def __post_init__(self):
         for name in ("pages_per_step", "num_warps"):
