@@ -28,7 +28,8 @@ from jaxpaged import LLM, SamplingParams  # noqa: E402
 
 def build_requests(workload: str, num_requests: int | None):
     if workload == "nano":
-        prompts, outputs = nano_workload(num_requests or 256)
+        prompts, outputs = nano_workload()  # --num-requests takes the first N (as hf_baseline.py)
+        prompts, outputs = prompts[:num_requests], outputs[:num_requests]
         temperature = 0.6
     else:
         prompts, outputs = fixed_workload(num_requests or 128)
