@@ -171,12 +171,14 @@ class BlockManager:
         """The longest run of the request's leading full blocks found in the prefix cache.
 
         NOTE: never the whole request: at least its last token must be computed so the step yields
-        logits to sample from, so only blocks inside the first ``num_tokens - 1`` tokens count.
+        logits to sample from, so only blocks inside the first ``num_tokens - 1`` tokens count;
+        and a request still owed prompt logprobs only reuses positions it has already reported
+        (``Request.max_prefix_cache_tokens``). Its own blocks are still published to the cache.
         """
         if not self.enable_prefix_caching:
             return PrefixHit([], 0)
         hits: list[int] = []
-        for i in range((request.num_tokens - 1) // self.block_size):
+        for i in range(request.max_prefix_cache_tokens // self.block_size):
             block = self.pool.get_cached_block(self._block_hashes(request, i + 1)[i])
             if block is None:
                 break

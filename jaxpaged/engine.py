@@ -22,9 +22,10 @@ from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.kv_sizing import KVPlan, activation_reserve_bytes, plan_kv_cache
 from jaxpaged.model_loader import jax_dtype, load_model
-from jaxpaged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxpaged.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
+                              RequestOutput)
 from jaxpaged.request import Request, RequestStatus
-from jaxpaged.runner import ModelRunner, TokenLogprobs
+from jaxpaged.runner import ModelRunner, PromptLogprobsChunk, TokenLogprobs
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.scheduler import Scheduler, SchedulerConfig
 from jaxpaged.scheduler_output import RequestUpdate
@@ -74,6 +75,29 @@ class _RequestState:
     params: SamplingParams
     metrics: RequestMetrics
     sequences: dict[int, _Sequence] = dataclasses.field(default_factory=dict)
+    # [None] + one dict per prompt token as the steps compute them; None: not asked for
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs_sent: bool = False  # DELTA outputs send them once
+
+    def add_prompt_logprobs(self, first_index: int, entries: list[dict[int, Logprob]]) -> None:
+        """Entries for prompt tokens ``first_index ..``; the scheduler hands out each position
+        once and in order, so they always continue the list."""
+        if self.prompt_logprobs is None or first_index != len(self.prompt_logprobs):
+            have = None if self.prompt_logprobs is None else len(self.prompt_logprobs)
+            raise RuntimeError(f"request {self.request_id!r}: prompt logprobs from index "
+                               f"{first_index} do not continue the {have} collected")
+        self.prompt_logprobs.extend(entries)
+
+    def _prompt_logprobs_to_send(self, delta: bool) -> PromptLogprobs | None:
+        """The whole list once complete (every output; DELTA: only the first), else None."""
+        logprobs = self.prompt_logprobs
+        if logprobs is None or len(logprobs) < len(self.prompt_token_ids):
+            return None
+        if delta:
+            if self.prompt_logprobs_sent:
+                return None
+            self.prompt_logprobs_sent = True
+        return logprobs
 
     @property
     def finished(self) -> bool:
@@ -91,7 +115,8 @@ class _RequestState:
         delta = kind == RequestOutputKind.DELTA
         indices = sorted(changed) if delta else sorted(self.sequences)
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                             prompt_token_ids=self.prompt_token_ids, prompt_logprobs=None,
+                             prompt_token_ids=self.prompt_token_ids,
+                             prompt_logprobs=self._prompt_logprobs_to_send(delta),
                              outputs=[self.sequences[i].completion(delta) for i in indices],
                              finished=self.finished, metrics=self.metrics)
 
@@ -235,8 +260,9 @@ class LLMEngine:
                           sampling_params=params, arrival_time=arrival, priority=priority,
                           eos_token_id=self.eos_token_id)
         self.scheduler.add_request(request)
-        self._requests[request_id] = _RequestState(request_id, text, token_ids, params,
-                                                   RequestMetrics(arrival_time=arrival))
+        self._requests[request_id] = _RequestState(
+            request_id, text, token_ids, params, RequestMetrics(arrival_time=arrival),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
 
     def _tokenize(self, prompt: str | list[int] | None) -> tuple[str | None, list[int]]:
         if prompt is None:
@@ -263,8 +289,6 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > self.config.max_logprobs:
                 raise ValueError(f"{name}={value} exceeds max_logprobs={self.config.max_logprobs}")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet")
         vocab = self.model_config.vocab_size
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
@@ -305,6 +329,7 @@ class LLMEngine:
                 state.metrics.first_scheduled_time = now
                 state.metrics.time_in_queue = now - state.metrics.arrival_time
         runner_output = self.runner.execute(scheduler_output)
+        self._collect_prompt_logprobs(runner_output.prompt_logprobs)  # before finished ones go
         updates = self.scheduler.update_from_output(scheduler_output,
                                                     runner_output.sampled_token_ids)
         outputs = self._process(updates, runner_output.logprobs)
@@ -339,6 +364,13 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
+    def _collect_prompt_logprobs(self, chunks: dict[str, PromptLogprobsChunk]) -> None:
+        for req_id, chunk in chunks.items():
+            state = self._requests.get(_parent_id(req_id, self.scheduler))
+            if state is not None:
+                state.add_prompt_logprobs(chunk.first_index,
+                                          _prompt_logprob_entries(chunk, self.tokenizer))
+
     def _new_sequence(self, request: Request, state: _RequestState) -> _Sequence:
         detokenizer = (IncrementalDetokenizer(self.tokenizer, state.prompt_token_ids,
                                               request.sampling_params)
@@ -366,6 +398,29 @@ class LLMEngine:
         elif request.is_finished():
             seq.finish_reason = request.get_finished_reason()
             seq.stop_reason = request.stop_reason
+
+
+def _prompt_logprob_entries(chunk: PromptLogprobsChunk,
+                            tokenizer) -> list[dict[int, Logprob]]:
+    """One dict per prompt token: the token itself first (its own rank), then the top-N by rank
+    (vLLM's layout); ``decoded_token`` is each id's text when there is a tokenizer."""
+    top_ids, top_logprobs = chunk.top_ids.tolist(), chunk.top_logprobs.tolist()
+    token_ids = chunk.token_ids.tolist()
+    texts: dict[int, str | None] = dict.fromkeys(token_ids)
+    for ids in top_ids:
+        texts.update(dict.fromkeys(ids))
+    if tokenizer is not None:
+        ids = list(texts)
+        texts = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+    entries = []
+    for token, logprob, rank, tops, top_values in zip(token_ids, chunk.logprobs.tolist(),
+                                                      chunk.ranks.tolist(), top_ids, top_logprobs):
+        entry = {token: Logprob(logprob, rank=rank, decoded_token=texts[token])}
+        for top_rank, (top_id, value) in enumerate(zip(tops, top_values), start=1):
+            if top_id not in entry:
+                entry[top_id] = Logprob(value, rank=top_rank, decoded_token=texts[top_id])
+        entries.append(entry)
+    return entries
 
 
 def _parent_id(req_id: str, scheduler: Scheduler) -> str:

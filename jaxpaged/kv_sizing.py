@@ -9,6 +9,7 @@ import jax
 
 from jaxpaged.config import ModelConfig
 from jaxpaged.kv_cache import KVCache
+from jaxpaged.runner import PROMPT_LOGPROBS_CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,13 @@ class KVPlan:
 def activation_reserve_bytes(cfg: ModelConfig, max_num_batched_tokens: int, max_num_seqs: int) -> int:
     """Upper estimate of the largest step's live activations (f32 worst case, x2 for temporaries):
     per token the residual, q/k/v, attention output and gate/up; per sequence the logits and the
-    sampler's sorted copy."""
+    sampler's sorted copy; plus one chunk of prompt-logprob rows (logits, log-softmax, top-k)."""
     per_token = (3 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
                  + cfg.num_heads * cfg.head_dim + 3 * cfg.intermediate_size)
     per_seq = 4 * cfg.vocab_size
-    return 2 * 4 * (max_num_batched_tokens * per_token + max_num_seqs * per_seq)
+    prompt_logprob_rows = 3 * PROMPT_LOGPROBS_CHUNK * cfg.vocab_size
+    return 2 * 4 * (max_num_batched_tokens * per_token + max_num_seqs * per_seq
+                    + prompt_logprob_rows)
 
 
 def plan_kv_cache(cfg: ModelConfig, *, dtype, block_size: int, max_model_len: int,

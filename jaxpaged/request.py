@@ -75,6 +75,9 @@ class Request:
     # Prompt tokens served by the prefix cache at the last admission.
     num_cached_tokens: int = dataclasses.field(default=0, init=False)
     num_preemptions: int = dataclasses.field(default=0, init=False)
+    # prompt_logprobs requests: positions 0 .. this - 1 were scheduled to yield prompt logprobs
+    # (prompt tokens 1 .. this); kept across preemption so recomputation reports nothing twice.
+    num_prompt_logprob_positions: int = dataclasses.field(default=0, init=False)
     stop_reason: int | str | None = dataclasses.field(default=None, init=False)
     # prompt + output, kept as one list so slicing the next chunk costs no concatenation.
     _all_token_ids: list[int] = dataclasses.field(default_factory=list, init=False, repr=False)
@@ -124,19 +127,50 @@ class Request:
     def is_finished(self) -> bool:
         return RequestStatus.is_finished(self.status)
 
+    @property
+    def max_prefix_cache_tokens(self) -> int:
+        """Most leading tokens a prefix-cache hit may cover. Cached tokens are not recomputed, so
+        a request still owed prompt logprobs may only reuse positions already reported (vLLM
+        skips the cache for such requests altogether). At least the last token is computed."""
+        limit = self.num_tokens - 1
+        reported = self.num_prompt_logprob_positions
+        owed = (self.sampling_params.prompt_logprobs is not None
+                and reported < self.num_prompt_tokens - 1)
+        return min(limit, reported) if owed else limit
+
+    def take_prompt_logprob_positions(self, start: int, end: int) -> range:
+        """Positions of ``start .. end - 1`` (about to be computed) whose prompt logprobs are still
+        owed: at most up to the second-to-last prompt token (the last one predicts the first output
+        token). Marks them as scheduled. Empty unless ``prompt_logprobs`` was asked for."""
+        if self.sampling_params.prompt_logprobs is None:
+            return range(0)
+        first = max(start, self.num_prompt_logprob_positions)
+        last = min(end, self.num_prompt_tokens - 1)
+        if first >= last:
+            return range(0)
+        if first > self.num_prompt_logprob_positions:
+            raise RuntimeError(f"request {self.request_id!r} skips prompt logprob positions "
+                               f"{self.num_prompt_logprob_positions} .. {first - 1}")
+        self.num_prompt_logprob_positions = last
+        return range(first, last)
+
     def get_finished_reason(self) -> FinishReason | None:
         return RequestStatus.get_finished_reason(self.status)
 
     def make_child(self, index: int) -> Request:
         """The ``index``-th sample of an ``n > 1`` request: its own id, n = 1, seed + index.
 
-        Shifting the seed (as vLLM does) keeps seeded children reproducible yet different.
+        Shifting the seed (as vLLM does) keeps seeded children reproducible yet different. Only
+        sample 0 keeps ``prompt_logprobs``: it computes (and reports) the tail of the prompt that
+        the parent did not.
         """
         params = self.sampling_params.clone()
         params.n = 1
         if params.seed is not None:
             params.seed += index
-        return Request(
+        if index > 0:  # the prompt's logprobs are the same for every sample: sample 0 reports them
+            params.prompt_logprobs = None
+        child = Request(
             request_id=f"{self.request_id}-{index}",
             prompt_token_ids=self.prompt_token_ids,
             sampling_params=params,
@@ -146,6 +180,8 @@ class Request:
             parent_id=self.request_id,
             sample_index=index,
         )
+        child.num_prompt_logprob_positions = self.num_prompt_logprob_positions
+        return child
 
 
 class FCFSRequestQueue:

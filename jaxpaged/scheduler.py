@@ -26,6 +26,11 @@ block (``B == 0``) is forked at once; a parent whose first ``B`` tokens are all 
 forked on admission and its children find the same blocks in the cache. A waiting parent reserves
 ``n`` of the ``max_num_seqs`` slots so that the fork never overfills the batch. A preempted child
 recomputes like any request (with prefix caching it finds the shared blocks again).
+
+Prompt logprobs: each step tells the runner which computed positions still owe a prompt logprob
+(``Request.take_prompt_logprob_positions``), so chunks, the parent/child split of ``n > 1`` (only
+sample 0 asks) and recomputation after preemption each report every prompt token exactly once. Such
+a request reads the prefix cache only up to the positions it has reported.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from .request import Request, RequestStatus, create_request_queue
 from .scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
 
 SchedulingPolicy = Literal["fcfs", "priority"]
+_NO_POSITIONS = range(0)  # ScheduledRequest.prompt_logprobs_positions of nearly every request
 # Sampled ids from the runner: req_id -> ids, or one row per scheduled request in batch order.
 SampledTokenIds = Mapping[str, Sequence[int] | int] | Sequence[Sequence[int] | int]
 
@@ -352,6 +358,9 @@ class Scheduler:
                     sampling_params=params,
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=request.output_token_ids,
+                    prompt_logprobs_positions=(
+                        _NO_POSITIONS if params.prompt_logprobs is None
+                        else request.take_prompt_logprob_positions(start, end)),
                 )
             )
             request.num_computed_tokens = end

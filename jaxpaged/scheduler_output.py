@@ -36,6 +36,10 @@ class ScheduledRequest:
     # update_from_output appends this step's sample, and never mutate them.
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+    # Positions among this step's new tokens whose next-token distribution gives a prompt logprob
+    # still owed to the request (position p -> prompt token p + 1). Empty unless the request
+    # asked for prompt_logprobs; never a position already reported (recompute after preemption).
+    prompt_logprobs_positions: range = range(0)
 
     @property
     def num_new_tokens(self) -> int:
