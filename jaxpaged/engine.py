@@ -1,7 +1,10 @@
 """The engine: requests in, one scheduled step at a time, ``RequestOutput``s out.
 
 ``step()`` is the whole loop body: schedule -> run the model -> apply the sampled tokens ->
-detokenize and check stop strings -> outputs. Requests with ``n > 1`` run as ``n`` child sequences
+detokenize and check stop strings -> outputs. With ``EngineConfig.async_scheduling`` a step dispatches its model step before processing the
+previous step's results: schedule k -> dispatch k -> fetch k - 1 (done or nearly, while k is queued)
+-> apply and detokenize k - 1. So the device never waits for the host; outputs come one step later.
+Requests with ``n > 1`` run as ``n`` child sequences
 (see ``scheduler``); their outputs are gathered back under the parent's id here.
 """
 
@@ -25,10 +28,11 @@ from jaxpaged.model_loader import jax_dtype, load_model
 from jaxpaged.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
                               RequestOutput)
 from jaxpaged.request import Request, RequestStatus
-from jaxpaged.runner import ModelRunner, PromptLogprobsChunk, TokenLogprobs
+from jaxpaged.runner import (ModelRunner, PromptLogprobsChunk, RunnerOutput, StepHandle,
+                             TokenLogprobs)
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 from jaxpaged.scheduler import Scheduler, SchedulerConfig
-from jaxpaged.scheduler_output import RequestUpdate
+from jaxpaged.scheduler_output import RequestUpdate, SchedulerOutput
 from jaxpaged.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -153,6 +157,8 @@ class LLMEngine:
         self.startup = StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
                                       compile_s=self.runner.warmup())
         self._requests: dict[str, _RequestState] = {}
+        # async scheduling: the dispatched step whose results are not applied yet
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         logger.info("KV cache: %d tokens (%d blocks of %d), maximum concurrency %.2fx at "
                     "max_model_len=%d", self.kv_plan.capacity_tokens, self.kv_plan.num_blocks - 1,
                     config.block_size, self.kv_plan.max_concurrency(self.max_model_len),
@@ -212,7 +218,8 @@ class LLMEngine:
                                enable_chunked_prefill=c.enable_chunked_prefill,
                                block_size=c.block_size,
                                enable_prefix_caching=c.enable_prefix_caching,
-                               policy=c.scheduling_policy, max_waiting=c.max_waiting)
+                               policy=c.scheduling_policy, max_waiting=c.max_waiting,
+                               async_scheduling=c.async_scheduling)
 
     def _ladder(self) -> BucketLadder:
         return BucketLadder.create(max_num_batched_tokens=self.max_num_batched_tokens,
@@ -297,12 +304,21 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
 
     def abort_request(self, request_ids: str | list[str]) -> None:
+        """Safe while a step is in flight: its results for aborted requests are dropped."""
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             self.scheduler.abort_request(request_id)
             self._requests.pop(request_id, None)
+        self._drop_idle_in_flight()
+
+    def _drop_idle_in_flight(self) -> None:
+        """A step in flight whose requests are all gone has nothing left to report: forget it
+        (the device finishes it unobserved), so the engine is idle at once."""
+        if self._in_flight is not None and not self.scheduler.requests:
+            self._in_flight = None
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        """Also true while a step is in flight (async scheduling): it must still be applied."""
+        return bool(self._requests) or self._in_flight is not None
 
     def kv_slot_usage(self) -> tuple[int, int]:
         """(slots allocated to running sequences, slots they fill): KV waste is 1 - used/allocated."""
@@ -317,25 +333,71 @@ class LLMEngine:
     # ----- the loop -----
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the outputs of the requests that progressed in it."""
+        """Runs one step; returns the outputs of the requests that progressed in it (with async
+        scheduling: of the previous step, whose results arrive one step late)."""
+        if self.config.async_scheduling:
+            return self._step_async()
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        self._mark_scheduled(scheduler_output)
+        outputs = self._apply(scheduler_output, self.runner.execute(scheduler_output))
+        self.runner.timings.steps += 1
+        self.runner.timings.total_s += time.perf_counter() - start
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule and dispatch step k, then apply step k - 1 while k runs on the device.
+
+        A step whose rows use penalties needs the real output ids on the host, so the step in
+        flight is applied first (a synchronous step)."""
+        start = time.perf_counter()
+        previous, self._in_flight = self._in_flight, None
+        try:
+            scheduler_output = self.scheduler.schedule()
+            outputs: list[RequestOutput] = []
+            if not scheduler_output.is_empty:
+                self._mark_scheduled(scheduler_output)
+                if previous is not None and _uses_penalties(scheduler_output):
+                    outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
+                    previous = None
+                self._in_flight = (scheduler_output, self.runner.dispatch(scheduler_output))
+            if previous is not None:
+                outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
+            elif scheduler_output.is_empty:
+                return outputs
+        except Exception:
+            self._forget_placeholders()
+            raise
+        self._drop_idle_in_flight()
+        self.runner.timings.steps += 1
+        self.runner.timings.total_s += time.perf_counter() - start
+        return outputs
+
+    def _forget_placeholders(self) -> None:
+        """After a failed async step no in-flight results will come: requests waiting to be
+        recomputed drop their placeholders (and resample those tokens); running ones are aborted
+        by the caller's recovery (server/recovery.py)."""
+        self._in_flight = None
+        for request in self.scheduler.waiting:
+            request.num_output_placeholders = 0
+
+    def _mark_scheduled(self, scheduler_output: SchedulerOutput) -> None:
         now = time.time()
         for s in scheduler_output.scheduled:
             state = self._requests.get(_parent_id(s.req_id, self.scheduler))
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = now
                 state.metrics.time_in_queue = now - state.metrics.arrival_time
-        runner_output = self.runner.execute(scheduler_output)
+
+    def _apply(self, scheduler_output: SchedulerOutput,
+               runner_output: RunnerOutput) -> list[RequestOutput]:
+        """The step's results into the scheduler (append, stops) and the requests' outputs."""
         self._collect_prompt_logprobs(runner_output.prompt_logprobs)  # before finished ones go
         updates = self.scheduler.update_from_output(scheduler_output,
                                                     runner_output.sampled_token_ids)
-        outputs = self._process(updates, runner_output.logprobs)
-        self.runner.timings.steps += 1
-        self.runner.timings.total_s += time.perf_counter() - start
-        return outputs
+        return self._process(updates, runner_output.logprobs)
 
     def _process(self, updates: list[RequestUpdate],
                  logprobs: dict[str, TokenLogprobs]) -> list[RequestOutput]:
@@ -421,6 +483,16 @@ def _prompt_logprob_entries(chunk: PromptLogprobsChunk,
                 entry[top_id] = Logprob(value, rank=top_rank, decoded_token=texts[top_id])
         entries.append(entry)
     return entries
+
+
+def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:
+    """Whether a sampled row needs its real output ids (presence/frequency/repetition)."""
+    for s in scheduler_output.scheduled:
+        p = s.sampling_params
+        if s.do_sample and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                            or p.repetition_penalty != 1.0):
+            return True
+    return False
 
 
 def _parent_id(req_id: str, scheduler: Scheduler) -> str:

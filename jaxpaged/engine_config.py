@@ -70,6 +70,10 @@ class EngineConfig:
     """Devices to shard the model over (only 1 for now)."""
     attention_impl: Literal["auto", "pallas", "reference"] = "auto"
     """Attention kernels: Pallas on GPU ("auto"), or the jnp reference."""
+    async_scheduling: bool = False
+    """Overlap the host with the device (vLLM's name): each step's sampled ids feed the next step
+    on the device and reach the host one step late, so scheduling and detokenizing run while the
+    device computes. Outputs are the same; a request may run one extra (discarded) step."""
     compilation_cache_dir: str | None = "~/.cache/jaxpaged/xla"
     """JAX's persistent compilation cache (makes the second start fast); None disables it.
     Ignored when the process already set ``jax_compilation_cache_dir``."""

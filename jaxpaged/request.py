@@ -79,6 +79,9 @@ class Request:
     # (prompt tokens 1 .. this); kept across preemption so recomputation reports nothing twice.
     num_prompt_logprob_positions: int = dataclasses.field(default=0, init=False)
     stop_reason: int | str | None = dataclasses.field(default=None, init=False)
+    # Async scheduling: tokens sampled by a step still in flight, not yet in output_token_ids (the
+    # next step already computes them, fed on the device); update_from_output resolves them.
+    num_output_placeholders: int = dataclasses.field(default=0, init=False)
     # prompt + output, kept as one list so slicing the next chunk costs no concatenation.
     _all_token_ids: list[int] = dataclasses.field(default_factory=list, init=False, repr=False)
 

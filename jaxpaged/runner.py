@@ -9,6 +9,11 @@ Prompt logprobs: the model step also returns the final hidden states of all T to
 step schedules prompt positions of a request that asked for ``prompt_logprobs`` does a third jitted
 program (``_prompt_logprobs``) turn those rows into logits, chunk by chunk; it compiles on first use
 for each (row bucket, top-N bucket) pair, so steps without prompt logprobs never compile it.
+
+Async scheduling splits ``execute`` into ``dispatch`` (queue the step on the device, no host sync)
+and ``fetch`` (copy its sampled ids to the host). The sampler also returns its ids padded to a
+fixed ``prev_width`` on the device; the next dispatched step reads the tokens it does not know yet
+(-1, see ``step_inputs``) from there, so a step never waits for the previous one's host copy.
 """
 
 from __future__ import annotations
@@ -85,12 +90,25 @@ class RunnerOutput:
     prompt_logprobs: dict[str, PromptLogprobsChunk] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepHandle:
+    """A dispatched step whose results are still on the device (``ModelRunner.fetch``)."""
+
+    sampled: list[ScheduledRequest]  # the do_sample requests, in sampler row order
+    token_ids: jax.Array | None  # i32[B] sampled ids (None: nothing sampled)
+    logprobs: SampleLogprobs | None
+    prompt_logprobs: tuple[_PromptLogprobsPlan, SampleLogprobs] | None
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv_cache",))
 def _model_step(graphdef, state, kv_cache: KVCache, inputs: StepInputs):
     """-> logits f32[S, V] of each sequence's last new token, final hidden states [T, hidden] of
     every token (read only for prompt logprobs), updated pool."""
     model = nnx.merge(graphdef, state)
-    hidden, kv_cache = model(inputs.token_ids, inputs.positions, kv_cache, inputs.md)
+    sources = inputs.prev_source_rows  # i32[T]
+    token_ids = jnp.where(sources >= 0, inputs.prev_sampled_ids[jnp.maximum(sources, 0)],
+                          inputs.token_ids)  # [T]
+    hidden, kv_cache = model(token_ids, inputs.positions, kv_cache, inputs.md)
     return model.compute_logits(hidden[inputs.logits_indices]), hidden, kv_cache
 
 
@@ -115,10 +133,13 @@ def _prompt_logprobs(graphdef, state, hidden: jax.Array, rows: jax.Array, target
     return jax.tree.map(lambda x: x.reshape(rows.shape[0], *x.shape[2:]), out)
 
 
-@jax.jit
-def _sample(logits: jax.Array, rows: jax.Array, tensors: SamplingTensors):
-    """logits f32[S, V], rows i32[B] (which logits rows need a token) -> SamplerOutput [B]."""
-    return sample(logits[rows], tensors)
+@functools.partial(jax.jit, static_argnames=("pad_to",))
+def _sample(logits: jax.Array, rows: jax.Array, tensors: SamplingTensors, *, pad_to: int):
+    """logits f32[S, V], rows i32[B] (which logits rows need a token) -> SamplerOutput [B], and
+    its token ids padded with zeros to i32[pad_to] (the next step's ``prev_sampled_ids``)."""
+    out = sample(logits[rows], tensors)
+    ids = out.token_ids.astype(jnp.int32)
+    return out, jnp.zeros(pad_to, jnp.int32).at[:ids.shape[0]].set(ids)
 
 
 class ModelRunner:
@@ -138,7 +159,14 @@ class ModelRunner:
         self._base_key = jax.random.key(seed)
         self._num_steps = 0
         # Host-side per-step builders; they keep per-request work from one step to the next.
-        self._packer = StepPacker(block_size=block_size, table_width=ladder.table_width)
+        # Fixed length of the sampled ids handed to the next step: the largest batch.
+        self.prev_width = max([s.num_seqs for s in ladder.all_shapes()]
+                              + list(ladder.sampler_batch_sizes))
+        self._packer = StepPacker(block_size=block_size, table_width=ladder.table_width,
+                                  prev_width=self.prev_width)
+        # The last dispatched sampling step: its padded ids on the device, req_id -> row.
+        self._prev_sampled_ids: jax.Array | None = None
+        self._prev_rows: dict[str, int] = {}
         self._sampling_builder = SamplingTensorBuilder(cfg.vocab_size, eos_token_ids,
                                                        penalty_width=penalty_width)
         self._step_keys = StepKeys(self._base_key)
@@ -146,34 +174,54 @@ class ModelRunner:
         self._executables: dict[StepShape, jax.stages.Compiled] = {}
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Runs one step and waits for its sampled ids (``dispatch`` then ``fetch``)."""
+        return self.fetch(self.dispatch(scheduler_output))
+
+    def dispatch(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Queues the model step and the sampler on the device; does not wait for them. Tokens
+        of id -1 are read on the device from the previous dispatched step's samples."""
         scheduled = scheduler_output.scheduled
         shape = self.ladder.shape_for(scheduler_output.total_num_scheduled_tokens, len(scheduled),
                                       decode_only=scheduler_output.max_query_len == 1)
-        inputs = self._packer.pack(scheduled, shape)
+        inputs = self._packer.pack(scheduled, shape, self._prev_rows)
+        if self._prev_sampled_ids is not None and (inputs.prev_source_rows >= 0).any():
+            inputs = inputs.with_prev_sampled_ids(self._prev_sampled_ids)
         logits, hidden, self.kv_cache = self._executable(shape, inputs)(self.state, self.kv_cache,
                                                                         inputs)
         pending = self._dispatch_prompt_logprobs(scheduled, hidden)  # None in nearly every step
-        sampled, logprobs = self._sample_step(scheduled, logits, shape.num_seqs)
-        prompt_logprobs = pending[0].split(pending[1]) if pending is not None else {}
-        return RunnerOutput(sampled, logprobs, prompt_logprobs)
+        return self._dispatch_sample(scheduled, logits, shape.num_seqs, pending)
 
-    def _sample_step(self, scheduled: list[ScheduledRequest], logits: jax.Array, num_seqs: int
-                     ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
-        """Samples the requests that need a token: (req_id -> token id, req_id -> logprobs)."""
+    def fetch(self, handle: StepHandle) -> RunnerOutput:
+        """Waits for a dispatched step and copies its results to the host."""
+        pending = handle.prompt_logprobs
+        prompt_logprobs = pending[0].split(pending[1]) if pending is not None else {}
+        if handle.token_ids is None:
+            return RunnerOutput({}, {}, prompt_logprobs)
+        waiting = time.perf_counter()
+        token_ids = np.asarray(handle.token_ids)
+        self.timings.device_wait_s += time.perf_counter() - waiting
+        requests = handle.sampled
+        sampled = dict(zip([r.req_id for r in requests], token_ids.tolist()))  # drops padding
+        return RunnerOutput(sampled, _logprobs_by_request(requests, handle.logprobs),
+                            prompt_logprobs)
+
+    def _dispatch_sample(self, scheduled: list[ScheduledRequest], logits: jax.Array,
+                         num_seqs: int, pending) -> StepHandle:
+        """Queues sampling of the requests that need a token; remembers where their ids are for
+        the next step."""
         sampled_rows = [i for i, r in enumerate(scheduled) if r.do_sample]
         if not sampled_rows:
-            return {}, {}
+            return StepHandle([], None, None, pending)
         requests = [scheduled[i] for i in sampled_rows]
         tensors = self._sampling_tensors(requests, num_seqs)
         rows = np.zeros(num_seqs, np.int32)
         rows[:len(sampled_rows)] = sampled_rows
-        out = _sample(logits, rows, tensors)
+        out, padded_ids = _sample(logits, rows, tensors, pad_to=self.prev_width)
         self._num_steps += 1
-        dispatched = time.perf_counter()
-        token_ids = np.asarray(out.token_ids)
-        self.timings.device_wait_s += time.perf_counter() - dispatched
-        sampled = dict(zip([r.req_id for r in requests], token_ids.tolist()))  # drops padding
-        return sampled, _logprobs_by_request(requests, out.logprobs)
+        self._prev_sampled_ids = padded_ids
+        self._prev_rows = {r.req_id: j for j, r in enumerate(requests)}
+        out.token_ids.copy_to_host_async()
+        return StepHandle(requests, out.token_ids, out.logprobs, pending)
 
     def _dispatch_prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: jax.Array
                                   ) -> tuple[_PromptLogprobsPlan, SampleLogprobs] | None:
@@ -197,7 +245,7 @@ class ModelRunner:
         """Host (numpy) tensors: the jitted sampler's call moves them to the device."""
         return self._sampling_builder.build(
             [r.req_id for r in requests], [r.sampling_params for r in requests],
-            [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
+            [r.prompt_token_ids for r in requests], [_output_ids(r) for r in requests],
             pad_to, self._step_keys(self._num_steps))
 
     def _executable(self, shape: StepShape, inputs: StepInputs) -> jax.stages.Compiled:
@@ -216,7 +264,8 @@ class ModelRunner:
 
         def compile_shape(shape: StepShape) -> None:
             self._executable(shape, pack_step([], shape, block_size=self.block_size,
-                                              table_width=self.ladder.table_width))
+                                              table_width=self.ladder.table_width,
+                                              prev_width=self.prev_width))
 
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(compile_shape, shapes))
@@ -228,7 +277,9 @@ class ModelRunner:
                 tensors = build_sampling_tensors(
                     [params] * batch, [[0]] * batch, [[]] * batch, self.eos_token_ids, batch,
                     vocab, self._base_key, penalty_width=self.penalty_width)
-                _sample(logits, np.arange(batch, dtype=np.int32), tensors).token_ids.block_until_ready()
+                out, _ = _sample(logits, np.arange(batch, dtype=np.int32), tensors,
+                                 pad_to=self.prev_width)
+                out.token_ids.block_until_ready()
         return time.perf_counter() - start
 
 
@@ -295,6 +346,15 @@ def _num_top_bucket(num_top: int, vocab_size: int) -> int:
     """The top-N computed for a step: a power of two >= the largest asked for (>= 1, as top_k
     needs), capped at the vocabulary; each request keeps its own N of them."""
     return min(vocab_size, 1 if num_top <= 1 else 1 << (num_top - 1).bit_length())
+
+
+def _output_ids(request: ScheduledRequest):
+    """The request's output ids as the sampler must count them: placeholders of the step in
+    flight (not appended yet) are padded with 0; only their number matters (penalties, which need
+    the real ids, are never scheduled with a placeholder pending)."""
+    ids = request.output_token_ids
+    missing = request.num_output_tokens - len(ids)
+    return ids if missing <= 0 else list(ids) + [0] * missing
 
 
 def _logprobs_by_request(requests: list[ScheduledRequest],

@@ -27,6 +27,14 @@ forked on admission and its children find the same blocks in the cache. A waitin
 ``n`` of the ``max_num_seqs`` slots so that the fork never overfills the batch. A preempted child
 recomputes like any request (with prefix caching it finds the shared blocks again).
 
+Async scheduling: ``schedule()`` runs while the previous step is still on the device. A request whose
+step samples gets an output placeholder at once (``Request.num_output_placeholders``), so the next
+``schedule()`` already gives it its decode token, with id -1 (the runner fills it on the device
+from the previous step's samples). ``update_from_output`` of the previous step then replaces the
+placeholder by the real id and checks stops as usual; a request that finished meanwhile has its
+in-flight token dropped. Length caps known in advance (max_tokens, max_model_len, placeholders
+counted) keep a request from being scheduled past them.
+
 Prompt logprobs: each step tells the runner which computed positions still owe a prompt logprob
 (``Request.take_prompt_logprob_positions``), so chunks, the parent/child split of ``n > 1`` (only
 sample 0 asks) and recomputation after preemption each report every prompt token exactly once. Such
@@ -74,6 +82,9 @@ class SchedulerConfig:
     """"fcfs": arrival order; "priority": lower ``Request.priority`` first, then arrival."""
     max_waiting: int | None = None
     """Most requests in the waiting queue; ``add_request`` raises QueueFullError beyond it."""
+    async_scheduling: bool = False
+    """A sampling step leaves an output placeholder, so the next step is scheduled before this
+    one's token is known (see ``update_from_output``)."""
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -213,7 +224,9 @@ class Scheduler:
 
         ``sampled_token_ids`` maps req_id -> the ids sampled for it (or is a list of rows aligned
         with ``scheduler_output.scheduled``); entries of requests with ``do_sample == False`` are
-        ignored. Requests finished, aborted or preempted since ``schedule()`` are skipped.
+        ignored. Requests finished, aborted or preempted since ``schedule()`` are skipped, except
+        that (async scheduling) a request preempted after this step was dispatched still gets its
+        sampled token, which resolves its placeholder.
         """
         sampled = _by_request_id(scheduler_output, sampled_token_ids)
         updates: list[RequestUpdate] = []
@@ -221,17 +234,36 @@ class Scheduler:
         cache_full_blocks = self.block_manager.cache_full_blocks
         for scheduled in scheduler_output.scheduled:
             request = requests.get(scheduled.req_id)
-            if request is None or request.status != running:
+            if request is None:
                 continue
-            cache_full_blocks(request)
+            if request.status != running:
+                # async: a request preempted since this step was scheduled still owes its token
+                if (scheduled.do_sample and request.num_output_placeholders
+                        and request.status == RequestStatus.PREEMPTED):
+                    updates.append(self._apply_sample(request, scheduled, sampled))
+                continue
+            # async: the next step's tokens may already count as computed; their blocks can be
+            # hashed only once the placeholder is resolved (below)
+            hashed = request.num_computed_tokens <= request.num_tokens
+            if hashed:
+                cache_full_blocks(request)
             if not scheduled.do_sample:
                 continue
-            token_ids = sampled.get(scheduled.req_id)
-            if token_ids is None:
-                raise ValueError(f"no sampled token ids for request {scheduled.req_id!r}.")
-            new_token_ids = self._append_until_stop(request, _as_ids(token_ids))
-            updates.append(RequestUpdate(request, new_token_ids, request.is_finished()))
+            updates.append(self._apply_sample(request, scheduled, sampled))
+            if not hashed and request.status == running:
+                cache_full_blocks(request)
         return updates
+
+    def _apply_sample(self, request: Request, scheduled: ScheduledRequest,
+                      sampled: Mapping[str, object]) -> RequestUpdate:
+        """Append a sampled request's token(s) (resolving its placeholder) and check stops."""
+        token_ids = sampled.get(scheduled.req_id)
+        if token_ids is None:
+            raise ValueError(f"no sampled token ids for request {scheduled.req_id!r}.")
+        if request.num_output_placeholders:
+            request.num_output_placeholders -= 1
+        new_token_ids = self._append_until_stop(request, _as_ids(token_ids))
+        return RequestUpdate(request, new_token_ids, request.is_finished())
 
     # ----- queries -----
 
@@ -332,7 +364,18 @@ class Scheduler:
         """Tokens left to compute; an n > 1 parent stops at its shared prefix."""
         if request.sampling_params.n > 1:
             return max(0, self._shared_prefix_len(request) - request.num_computed_tokens)
-        return max(0, request.num_tokens - request.num_computed_tokens)
+        placeholders = request.num_output_placeholders
+        if placeholders and self._capped_by_placeholders(request):
+            return 0  # its in-flight token is its last one: nothing more to compute
+        return max(0, request.num_tokens + placeholders - request.num_computed_tokens)
+
+    def _capped_by_placeholders(self, request: Request) -> bool:
+        """True when the request reaches a length cap once its placeholders are resolved."""
+        placeholders = request.num_output_placeholders
+        max_tokens = request.sampling_params.max_tokens
+        return (request.num_tokens + placeholders >= self.config.max_model_len
+                or (max_tokens is not None
+                    and request.num_output_tokens + placeholders >= max_tokens))
 
     def _shared_prefix_len(self, parent: Request) -> int:
         bs = self.config.block_size
@@ -348,22 +391,30 @@ class Scheduler:
             end = start + num_new_tokens
             all_token_ids = request.all_token_ids
             params = request.sampling_params
+            known, placeholders = len(all_token_ids), request.num_output_placeholders
+            token_ids = all_token_ids[start:end]
+            if end > known:  # the in-flight step's samples: the runner fills them on the device
+                token_ids += [-1] * (end - max(start, known))
+            do_sample = end == known + placeholders
             scheduled.append(
                 ScheduledRequest(
                     req_id=request.request_id,
-                    token_ids=all_token_ids[start:end],
+                    token_ids=token_ids,
                     num_computed_tokens=start,
                     block_ids=get_block_ids(request.request_id),
-                    do_sample=end == len(all_token_ids),
+                    do_sample=do_sample,
                     sampling_params=params,
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=request.output_token_ids,
                     prompt_logprobs_positions=(
                         _NO_POSITIONS if params.prompt_logprobs is None
                         else request.take_prompt_logprob_positions(start, end)),
+                    num_output_tokens=request.num_output_tokens + placeholders,
                 )
             )
             request.num_computed_tokens = end
+            if do_sample and self.config.async_scheduling:
+                request.num_output_placeholders += 1
             if params.n > 1 and end == self._shared_prefix_len(request):
                 self._fork_running(request)
         return SchedulerOutput(

@@ -20,7 +20,8 @@ class ScheduledRequest:
     ``num_computed_tokens .. num_computed_tokens + num_new_tokens - 1``."""
 
     req_id: str
-    # [num_new_tokens] ids to feed: a prompt chunk, recomputed output tokens, or the last sample.
+    # [num_new_tokens] ids to feed: a prompt chunk, recomputed output tokens, or the last sample;
+    # async scheduling: -1 for the token the previous (in-flight) step samples, filled on device.
     token_ids: list[int]
     # Tokens already in the KV cache before this step (= the position of token_ids[0]).
     num_computed_tokens: int
@@ -40,6 +41,9 @@ class ScheduledRequest:
     # still owed to the request (position p -> prompt token p + 1). Empty unless the request
     # asked for prompt_logprobs; never a position already reported (recompute after preemption).
     prompt_logprobs_positions: range = range(0)
+    # Output tokens generated before this step's sample, placeholders of the step in flight
+    # included (output_token_ids may still lack those): seeded streams and min_tokens count them.
+    num_output_tokens: int = 0
 
     @property
     def num_new_tokens(self) -> int:

@@ -5,6 +5,11 @@ Padding rules (they let every step of a bucket share one compiled program):
   - sequence axis S: padding rows have seq_len 0, an empty query range, block table of null
     block 0, and logits index 0 (their logits are computed and ignored).
 
+Async scheduling: a token the previous step is still sampling has id -1; ``prev_source_rows``
+names, per token, the row of the previous step's sampled ids (``prev_sampled_ids``, always
+``prev_width`` long) that holds it, and the model step fills it in on the device. Every step
+carries both arrays (all -1 / zeros when nothing is pending), so they add no step shapes.
+
 Packing is vectorised: a few list comprehensions over the requests, then numpy over the tokens.
 The block tables (S x W ids) are the bulk of it; ``StepPacker`` keeps each request's table row
 between steps and rewrites it only when the request's blocks change (in decode, once every
@@ -16,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +38,13 @@ class StepInputs:
     positions: jax.Array  # i32[T]
     logits_indices: jax.Array  # i32[S]: token index of each sequence's last new token
     md: AttentionMetadata
+    # i32[T]: row of prev_sampled_ids holding the token (its token_ids entry is -1), else -1
+    prev_source_rows: jax.Array
+    # i32[P]: the previous step's sampled ids (device), padded; zeros when none are needed
+    prev_sampled_ids: jax.Array
+
+    def with_prev_sampled_ids(self, prev_sampled_ids: jax.Array) -> StepInputs:
+        return dataclasses.replace(self, prev_sampled_ids=prev_sampled_ids)
 
 
 @dataclasses.dataclass
@@ -55,9 +67,12 @@ class StepPacker:
     not make the others' rows be rewritten. Arrays handed out are fresh each step.
     """
 
-    def __init__(self, *, block_size: int, table_width: int):
+    def __init__(self, *, block_size: int, table_width: int, prev_width: int = 1):
+        if prev_width < 1:
+            raise ValueError(f"prev_width must be >= 1, got {prev_width}")
         self.block_size = block_size
         self.table_width = table_width
+        self.prev_width = prev_width
         self._store = np.zeros((0, table_width), np.int32)  # [slots, W] block tables by slot
         self._slot_lens: list[int] = []  # blocks written in each store row (the rest is 0)
         self._free_slots: list[int] = []
@@ -69,8 +84,10 @@ class StepPacker:
         self._last_num_blocks = np.zeros(0, np.int64)  # [n] their lengths
         self._last_slots = np.zeros(0, np.intp)  # [n] store row of each request
 
-    def pack(self, scheduled: Sequence[ScheduledRequest], shape: StepShape) -> StepInputs:
-        """Numpy StepInputs for ``scheduled`` padded to ``shape`` (the jitted step moves them)."""
+    def pack(self, scheduled: Sequence[ScheduledRequest], shape: StepShape,
+             prev_rows: Mapping[str, int] | None = None) -> StepInputs:
+        """Numpy StepInputs for ``scheduled`` padded to ``shape`` (the jitted step moves them).
+        ``prev_rows``: req_id -> its row in the previous step's sampled ids (for -1 tokens)."""
         t, s, n = shape.num_tokens, shape.num_seqs, len(scheduled)
         counts = np.fromiter([len(r.token_ids) for r in scheduled], np.int64, n)  # [n] new tokens
         starts = np.fromiter([r.num_computed_tokens for r in scheduled], np.int64, n)  # [n]
@@ -104,7 +121,31 @@ class StepPacker:
                                query_start_loc=query_start,
                                max_query_len=1 if shape.decode_only else t)
         return StepInputs(token_ids=token_ids, positions=positions,
-                          logits_indices=logits_indices, md=md)
+                          logits_indices=logits_indices, md=md,
+                          prev_source_rows=self._prev_source_rows(scheduled, token_ids, ends,
+                                                                  prev_rows),
+                          prev_sampled_ids=np.zeros(self.prev_width, np.int32))
+
+    def _prev_source_rows(self, scheduled: Sequence[ScheduledRequest], token_ids: np.ndarray,
+                          ends: np.ndarray, prev_rows: Mapping[str, int] | None) -> np.ndarray:
+        """i32[T]: for each -1 token (only ever a request's last new token) the previous step's
+        sampled row that holds it; -1 elsewhere."""
+        sources = np.full(token_ids.shape[0], -1, np.int32)
+        unknown = np.flatnonzero(token_ids < 0)
+        if not unknown.size:
+            return sources
+        owners = np.searchsorted(ends, unknown, side="right")  # [u] request of each token
+        prev_rows = prev_rows or {}
+        rows = np.fromiter([prev_rows.get(scheduled[j].req_id, -1) for j in owners.tolist()],
+                           np.int32, owners.size)  # [u]
+        bad = np.flatnonzero((rows < 0) | (unknown != ends[owners] - 1))
+        if bad.size:
+            req_id = scheduled[int(owners[bad[0]])].req_id
+            raise ValueError(f"request {req_id!r} feeds an unknown token (-1) that the previous "
+                             "step did not sample")
+        sources[unknown] = rows
+        token_ids[unknown] = 0
+        return sources
 
     def _block_tables(self, scheduled: Sequence[ScheduledRequest], num_seqs: int,
                       seq_lens: np.ndarray) -> np.ndarray:
@@ -176,6 +217,7 @@ class StepPacker:
 
 
 def pack_step(scheduled: Sequence[ScheduledRequest], shape: StepShape, *, block_size: int,
-              table_width: int) -> StepInputs:
+              table_width: int, prev_width: int = 1) -> StepInputs:
     """Numpy StepInputs for ``scheduled`` padded to ``shape`` (one-shot ``StepPacker.pack``)."""
-    return StepPacker(block_size=block_size, table_width=table_width).pack(scheduled, shape)
+    return StepPacker(block_size=block_size, table_width=table_width,
+                      prev_width=prev_width).pack(scheduled, shape)

@@ -59,6 +59,8 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "reference"])
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="overlap scheduling and detokenizing with the device step")
     g.add_argument("--compilation-cache-dir", default="~/.cache/jaxpaged/xla",
                    help="JAX's persistent compilation cache ('' disables it)")
 
@@ -82,6 +84,7 @@ def engine_config_from_args(args: argparse.Namespace, model_dir: str) -> EngineC
         enable_chunked_prefill=args.enable_chunked_prefill,
         scheduling_policy=args.scheduling_policy, max_waiting=args.max_waiting, seed=args.seed,
         max_logprobs=args.max_logprobs, attention_impl=args.attention_impl,
+        async_scheduling=args.async_scheduling,
         compilation_cache_dir=args.compilation_cache_dir or None)
 
 
