@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--kv-bytes", type=float, nargs="+", default=[0],
                         help="KV pool sizes in GiB (0 = gpu_memory_utilization 0.9)")
     parser.add_argument("--dump-hlo", action="store_true")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="overlap host work with the device (sampled ids applied one step late)")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
@@ -69,7 +71,8 @@ def main() -> None:
         start = time.perf_counter()
         llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.context + 64,
                   max_num_seqs=max(args.batches), max_num_batched_tokens=8192,
-                  kv_cache_memory_bytes=int(kv_gib * 2**30) or None)
+                  kv_cache_memory_bytes=int(kv_gib * 2**30) or None,
+                  async_scheduling=args.async_scheduling)
         startup = time.perf_counter() - start
         cfg = llm.llm_engine.model_config
         for batch in args.batches:
@@ -85,7 +88,8 @@ def main() -> None:
             dump_hlo(llm, max(args.batches), args.out)
         del llm
         gc.collect()  # free the pool before the next size is planned
-    summary = {"device": jax.devices()[0].device_kind, "bandwidth_TBps": ceilings.bandwidth / 1e12,
+    summary = {"device": jax.devices()[0].device_kind, "async_scheduling": args.async_scheduling,
+               "bandwidth_TBps": ceilings.bandwidth / 1e12,
                "matmul_TFLOPps": ceilings.matmul_flops / 1e12, "context": args.context,
                "rows": results}
     if args.out:

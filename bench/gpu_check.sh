@@ -42,6 +42,10 @@ for stage in $stages; do
              --out "$OUT/dsf" ;;
     decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 16 64 256 --steps 10 \
              --kv-bytes 8 --out "$OUT" ;;
+    decode-async) run decode-async 300 python3 bench/decode_steps.py --batches 1 16 64 256 \
+             --steps 10 --kv-bytes 8 --async-scheduling --out "$OUT/async" ;;
+    throughput-async) run throughput-async 540 python3 bench/throughput.py --workload nano \
+             --async-scheduling --out "$OUT/async" ;;
     hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;

@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-waste", action="store_true")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="overlap host work with the device (sampled ids applied one step late)")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
 
@@ -71,7 +73,8 @@ def main() -> None:
     start = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization,
+              async_scheduling=args.async_scheduling)
     startup = time.perf_counter() - start
     prompts, params, outputs = build_requests(args.workload, args.num_requests)
     llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -95,7 +98,8 @@ def main() -> None:
         "bandwidth_TBps": ceilings.bandwidth / 1e12,
         "matmul_TFLOPps": ceilings.matmul_flops / 1e12,
         "floor": floor, "efficiency": floor["floor_s"] / elapsed,
-        "startup_s": startup, "kv_capacity_tokens": llm.llm_engine.kv_plan.capacity_tokens,
+        "startup_s": startup, "async_scheduling": args.async_scheduling,
+        "kv_capacity_tokens": llm.llm_engine.kv_plan.capacity_tokens,
         "kv_waste": waste, "steps": steps,
         "preemptions": llm.llm_engine.scheduler.num_preemptions,
     }
