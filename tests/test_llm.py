@@ -214,3 +214,21 @@ def test_unknown_llm_argument_is_a_type_error(tiny_checkpoint):
         LLM(str(tiny_checkpoint(MODEL)), max_num_sequences=4)
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(str(tiny_checkpoint(MODEL)), max_model_len=10**6)
+
+
+def test_a_kv_pool_too_small_for_max_model_len_fails_clearly(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"KV cache holds 48 tokens .* max_model_len=128"):
+        make_llm(tiny_checkpoint, num_gpu_blocks_override=4)
+
+
+def test_startup_reports_kv_capacity_and_concurrency(tiny_checkpoint, caplog):
+    with caplog.at_level("INFO", logger="jaxpaged"):
+        logger = __import__("logging").getLogger("jaxpaged")
+        logger.propagate = True  # let caplog see the engine's lines for this test
+        try:
+            llm = make_llm(tiny_checkpoint, num_gpu_blocks_override=33)
+        finally:
+            logger.propagate = False
+    assert llm.llm_engine.kv_plan.capacity_tokens == 32 * 16
+    assert "KV cache: 512 tokens (32 blocks of 16), maximum concurrency 4.00x at " \
+           "max_model_len=128" in caplog.text
