@@ -2,12 +2,12 @@
 
 import random
 
-import jax
 import pytest
 
 from jaxpaged import SamplingParams
 from jaxpaged.request import RequestStatus
-from test_llm import COMPILE_EVENTS, GREEDY, golden_prompts, make_llm, random_prompts, token_ids
+from llm_testing import (GREEDY, compilations_during, golden_prompts, make_llm, random_prompts,
+                         run_varied_workload, token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +152,7 @@ def test_aborts_mid_run_free_every_block(async_llm):
 
 
 def test_no_compilation_after_warmup(async_llm):
-    events = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: events.append(event) if event in COMPILE_EVENTS else None)
-    workload = random_prompts(9, seed=4, low=1, high=100)
-    params = [SamplingParams(temperature=t, max_tokens=m, ignore_eos=True, seed=s)
-              for t, m, s in zip([0.0, 0.7, 1.0] * 3, [1, 5, 17, 2, 9, 3, 26, 4, 6],
-                                 [None, 1, None] * 3)]
-    async_llm.generate(workload, params, use_tqdm=False)
-    async_llm.generate(workload[:2], SamplingParams(temperature=0.0, max_tokens=3),
-                       use_tqdm=False)
-    assert events == []
+    assert compilations_during(lambda: run_varied_workload(async_llm)) == []
 
 
 def test_engine_is_idle_once_the_last_request_finishes(async_llm):

@@ -3,18 +3,10 @@
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_DIR
 from jaxpaged import LLM, SamplingParams
+from llm_testing import MODEL, golden_prompts
 
 pytestmark = pytest.mark.gpu
-
-MODEL = "llama3-rope"
-
-
-def golden_prompts():
-    data = np.load(GOLDEN_DIR / f"{MODEL}.npz")
-    return ([{"prompt_token_ids": data[f"prompt_ids_{i}"].tolist()} for i in range(3)],
-            [data[f"greedy_ids_{i}"].tolist() for i in range(3)])
 
 
 @pytest.fixture(scope="module")

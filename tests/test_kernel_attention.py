@@ -13,8 +13,7 @@ from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose
                                                             paged_decode_attention,
                                                             paged_decode_attention_reference)
 from jaxpaged.pallas_kernels.ragged_paged_attention import (RaggedTuning, build_work_list,
-                                                            ragged_paged_attention,
-                                                            ragged_paged_attention_reference)
+                                                            ragged_paged_attention)
 from kernel_testing import (AttentionConfig, assert_close, dense_attention,
                             dense_decode_attention, make_decode_batch, make_paged_batch)
 

@@ -1,44 +1,16 @@
 """The batched paged engine through vLLM's `LLM` API, against HF goldens and against itself."""
 
-import random
-
 import jax
-import numpy as np
 import pytest
 
-from conftest import GOLDEN_DIR
 from jaxpaged import LLM, SamplingParams
-
-MODEL = "llama3-rope"
-GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-
-
-def golden_prompts():
-    data = np.load(GOLDEN_DIR / f"{MODEL}.npz")
-    count = sum(1 for k in data.files if k.startswith("prompt_ids_"))
-    return ([{"prompt_token_ids": data[f"prompt_ids_{i}"].tolist()} for i in range(count)],
-            [data[f"greedy_ids_{i}"].tolist() for i in range(count)])
-
-
-def make_llm(tiny_checkpoint, **overrides):
-    args = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
-                seed=0)
-    return LLM(str(tiny_checkpoint(MODEL)), **{**args, **overrides})
+from llm_testing import (GREEDY, MODEL, compilations_during, golden_prompts, make_llm,
+                         random_prompts, run_varied_workload, token_ids)
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
     return make_llm(tiny_checkpoint)
-
-
-def token_ids(outputs):
-    return [o.outputs[0].token_ids for o in outputs]
-
-
-def random_prompts(count, seed, low=3, high=70):
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(5, 430) for _ in range(rng.randint(low, high))]}
-            for _ in range(count)]
 
 
 def test_batched_greedy_equals_hf_goldens_with_chunked_prefill(llm):
@@ -108,25 +80,11 @@ def test_parallel_sampling_shares_prompt_blocks_and_is_reproducible(llm):
     assert [c.index for c in again[0].outputs] == [0, 1, 2]
 
 
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
-
-
 def test_no_compilation_after_warmup(llm):
     """Lowering or compiling anything after warm-up is a stall a user would see."""
-    events = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: events.append(event) if event in COMPILE_EVENTS else None)
-    workload = random_prompts(9, seed=4, low=1, high=100)
-    params = [SamplingParams(temperature=t, max_tokens=m, ignore_eos=True, seed=s)
-              for t, m, s in zip([0.0, 0.7, 1.0] * 3, [1, 5, 17, 2, 9, 3, 26, 4, 6],
-                                 [None, 1, None] * 3)]
-    llm.generate(workload, params, use_tqdm=False)
-    llm.generate(workload[:2], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
-    assert events == []
-    # the listener must see compilations at all: a new shape outside the warm-up set compiles
-    jax.jit(lambda x: x * 3)(jax.numpy.ones(7))
-    assert events
+    assert compilations_during(lambda: run_varied_workload(llm)) == []
+    # the listener must see compilations at all: a new program compiles
+    assert compilations_during(lambda: jax.jit(lambda x: x * 3)(jax.numpy.ones(7)))
 
 
 def test_outputs_in_input_order_with_text(llm):

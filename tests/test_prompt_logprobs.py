@@ -13,10 +13,10 @@ import pytest
 
 from conftest import GOLDEN_DIR
 from engine_testing import FakeRunner, create_requests, create_scheduler
-from jaxpaged import LLM, SamplingParams
+from jaxpaged import SamplingParams
 from jaxpaged.sampling_params import RequestOutputKind
+from llm_testing import MODEL, make_llm
 
-MODEL = "llama3-rope"
 TIE = 1e-4  # logprobs closer than this may rank either way between HF and us
 
 
@@ -34,13 +34,6 @@ def goldens() -> list[tuple[list[int], np.ndarray, list[int]]]:
 
 
 GOLDENS = goldens()
-
-
-def make_llm(tiny_checkpoint, **overrides):
-    # the same engine settings as test_llm.py, so a whole-suite run reuses its compilations
-    args = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
-                seed=0)
-    return LLM(str(tiny_checkpoint(MODEL)), **{**args, **overrides})
 
 
 @pytest.fixture(scope="module")
