@@ -23,7 +23,7 @@ def paged_attention(q: jax.Array,  # [T, Hq, D]
                     k: jax.Array,  # [T, Hkv, D] new keys of this step
                     v: jax.Array,  # [T, Hkv, D] new values of this step
                     kv_cache: KVCache,
-                    layer: jax.Array,  # i32[] layer index
+                    layer: int,  # which layer's part of the pool
                     md: AttentionMetadata,
                     *,
                     sm_scale: float,

@@ -45,7 +45,7 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
 
 
-def layer_view(md: AttentionMetadata, layer: jax.Array, num_blocks: int,
+def layer_view(md: AttentionMetadata, layer: int, num_blocks: int,
                block_size: int) -> AttentionMetadata:
     """Metadata with block ids and slots moved into ``layer``'s part of the flattened pool."""
     block_offset = layer * num_blocks
