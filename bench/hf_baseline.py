@@ -11,7 +11,6 @@ tokens, as nano does. Random bf16 weights of the config's shapes are initialized
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -21,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from workloads import fixed_workload, nano_workload  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def load_random_model(model_dir: str):
@@ -73,10 +73,7 @@ def main() -> None:
               "output_tokens": sum(outputs), "seconds": seconds,
               "output_tok_s": sum(outputs) / seconds,
               "torch": torch.__version__}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"hf-{args.workload}.json").write_text(json.dumps(result, indent=2))
+    emit(result, args.out, f"hf-{args.workload}.json")
 
 
 if __name__ == "__main__":

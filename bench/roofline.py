@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from workloads import nano_workload  # noqa: E402
+from report import emit  # noqa: E402
 
 from jaxpaged.config import ModelConfig  # noqa: E402
 
@@ -149,10 +149,7 @@ def main() -> None:
     result = {"device": jax.devices()[0].device_kind, "bandwidth_TBps": ceilings.bandwidth / 1e12,
               "matmul_TFLOPps": ceilings.matmul_flops / 1e12, "nano": floor,
               "nano_floor_output_tok_s": sum(outputs) / floor["floor_s"]}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "roofline.json").write_text(json.dumps(result, indent=2))
+    emit(result, args.out, "roofline.json")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from report import emit  # noqa: E402
+
 CHILD = """
 import json, sys, time
 from jaxpaged import LLM
@@ -43,10 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         result = {"cold": start_once(args.model, args.max_model_len, cache_dir),
                   "warm": start_once(args.model, args.max_model_len, cache_dir)}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "startup.json").write_text(json.dumps(result, indent=2))
+    emit(result, args.out, "startup.json")
 
 
 if __name__ == "__main__":

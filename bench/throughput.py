@@ -12,7 +12,6 @@ unused slots / allocated slots, averaged over steps.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -22,6 +21,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from roofline import measure_ceilings, workload_floor  # noqa: E402
 from workloads import fixed_workload, nano_workload  # noqa: E402
+from report import emit  # noqa: E402
 
 from jaxpaged import LLM, SamplingParams  # noqa: E402
 
@@ -103,10 +103,7 @@ def main() -> None:
         "kv_waste": waste, "steps": steps,
         "preemptions": llm.llm_engine.scheduler.num_preemptions,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"throughput-{args.workload}.json").write_text(json.dumps(result, indent=2))
+    emit(result, args.out, f"throughput-{args.workload}.json")
 
 
 if __name__ == "__main__":

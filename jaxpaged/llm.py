@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from jaxpaged.engine import LLMEngine
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
 # vLLM's prompt forms: "text", {"prompt": "text"}, {"prompt_token_ids": [...]}.
 PromptType = str | dict[str, Any]
@@ -71,9 +71,10 @@ class LLM:
              priorities: list[int], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = [str(next(self._request_counter)) for _ in requests]
+        final_only = {id(p): _final_only(p) for p in params}
         try:
             for request_id, request, p, prio in zip(ids, requests, params, priorities):
-                engine.add_request(request_id, request.get("prompt"), p,
+                engine.add_request(request_id, request.get("prompt"), final_only[id(p)],
                                    prompt_token_ids=request.get("prompt_token_ids"),
                                    priority=prio)
         except Exception:
@@ -88,6 +89,14 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[i] for i in ids]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    """generate() returns only finished outputs, so the engine need not build the intermediate
+    (cumulative) ones every step, as vLLM's LLM does."""
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
 
 
 def _normalize_prompts(prompts, prompt_token_ids) -> list[dict[str, Any]]:
