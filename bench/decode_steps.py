@@ -8,12 +8,20 @@ outside waiting for the device (scheduling, input packing, sampling set-up, deto
 floor max(bytes / BW, FLOPs / F) with bytes = weights + the K/V of every context read.
 ``--kv-bytes`` sizes the pool (several values show whether step time depends on pool size, which it
 must not). ``--dump-hlo`` writes the optimized HLO of the decode step of the largest batch.
+
+``device_ms`` replays the last timed step's compiled model step and sampler back to back with no
+host work between them (same inputs, same pool): the device's own time per step. The GPU waits for
+Python for ``1 - device_ms / step_ms`` of a step (BENCHMARKS.md "host overhead").
+``--profile`` writes a cProfile of the timed steps of each batch (``profile_B.txt``) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
+import pstats
 import json
 import pathlib
 import sys
@@ -29,7 +37,49 @@ from jaxpaged import LLM, SamplingParams  # noqa: E402
 from jaxpaged import runner as runner_module  # noqa: E402
 
 
-def time_decode(llm: LLM, batch: int, context: int, steps: int) -> dict[str, float]:
+class StepRecorder:
+    """Keeps the last dispatched step's compiled program and arguments, for ``replay``."""
+
+    def __init__(self, runner: runner_module.ModelRunner):
+        self.runner = runner
+        self.last: tuple | None = None
+        self.last_sample: tuple | None = None
+        original_executable = runner._executable
+        original_tensors = runner._sampling_tensors
+
+        def executable(shape, inputs):
+            compiled = original_executable(shape, inputs)
+            self.last = (compiled, inputs)
+            return compiled
+
+        def sampling_tensors(requests, pad_to):
+            tensors = original_tensors(requests, pad_to)
+            self.last_sample = (tensors, pad_to, len(requests))
+            return tensors
+
+        runner._executable = executable
+        runner._sampling_tensors = sampling_tensors
+
+    def replay(self, steps: int) -> float:
+        """Seconds per step of the last model step + sampler, dispatched back to back."""
+        compiled, inputs = self.last
+        tensors, pad_to, num_rows = self.last_sample
+        rows = jax.numpy.arange(pad_to, dtype=jax.numpy.int32) % max(num_rows, 1)
+        runner = self.runner
+        out = None
+        for i in range(steps + 2):
+            if i == 2:
+                jax.block_until_ready(out)
+                start = time.perf_counter()
+            logits, _, runner.kv_cache = compiled(runner.state, runner.kv_cache, inputs)
+            out = runner_module._sample(logits, rows, tensors, pad_to=runner.prev_width)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / steps
+
+
+def time_decode(llm: LLM, batch: int, context: int, steps: int,
+                recorder: StepRecorder, profile_to: pathlib.Path | None = None
+                ) -> dict[str, float]:
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 8)
     for i in range(batch):
@@ -42,14 +92,29 @@ def time_decode(llm: LLM, batch: int, context: int, steps: int) -> dict[str, flo
         engine.step()  # warm decode steps
     timings = engine.runner.timings
     before = (timings.total_s, timings.device_wait_s)
+    profiler = cProfile.Profile() if profile_to else None
     start = time.perf_counter()
+    if profiler:
+        profiler.enable()
     for _ in range(steps):
         engine.step()
+    if profiler:
+        profiler.disable()
     wall = (time.perf_counter() - start) / steps
     total = (timings.total_s - before[0]) / steps
     wait = (timings.device_wait_s - before[1]) / steps
     engine.abort_request([f"d{batch}-{i}" for i in range(batch)])
-    return {"step_ms": wall * 1e3, "host_ms": (total - wait) * 1e3, "device_wait_ms": wait * 1e3}
+    while engine.has_unfinished_requests():
+        engine.step()
+    device = recorder.replay(steps)
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+        profile_to.mkdir(parents=True, exist_ok=True)
+        (profile_to / f"profile_{batch}.txt").write_text(text.getvalue())
+    return {"step_ms": wall * 1e3, "host_ms": (total - wait) * 1e3, "device_wait_ms": wait * 1e3,
+            "device_ms": device * 1e3, "gpu_idle_pct": 100 * max(0.0, 1 - device / wall)}
 
 
 def main() -> None:
@@ -63,6 +128,8 @@ def main() -> None:
     parser.add_argument("--dump-hlo", action="store_true")
     parser.add_argument("--async-scheduling", action="store_true",
                         help="overlap host work with the device (sampled ids applied one step late)")
+    parser.add_argument("--profile", type=int, nargs="*", default=[],
+                        help="batch sizes whose timed steps are cProfiled")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
@@ -75,8 +142,10 @@ def main() -> None:
                   async_scheduling=args.async_scheduling)
         startup = time.perf_counter() - start
         cfg = llm.llm_engine.model_config
+        recorder = StepRecorder(llm.llm_engine.runner)
         for batch in args.batches:
-            row = time_decode(llm, batch, args.context, args.steps)
+            row = time_decode(llm, batch, args.context, args.steps, recorder,
+                              args.out if batch in args.profile else None)
             step_bytes = weight_bytes(cfg) + batch * (args.context + 1) * kv_bytes_per_token(cfg)
             floor = max(step_bytes / ceilings.bandwidth,
                         batch * matmul_flops_per_token(cfg) / ceilings.matmul_flops)
@@ -101,7 +170,8 @@ def dump_hlo(llm: LLM, batch: int, out: pathlib.Path) -> None:
     runner = llm.llm_engine.runner
     shape = runner.ladder.shape_for(batch, batch, decode_only=True)
     inputs = runner_module.pack_step([], shape, block_size=runner.block_size,
-                                     table_width=runner.ladder.table_width)
+                                     table_width=runner.ladder.table_width,
+                                     prev_width=runner.prev_width)
     text = runner_module._model_step.lower(runner.graphdef, runner.state, runner.kv_cache,
                                            inputs).compile().as_text()
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ export JAXPAGED_CACHE=/tmp/jaxpaged-cache
 # Let XLA's allocator reach nearly the whole card (gpu_memory_utilization then applies to it), but
 # grow on demand so that torch (the HF baselines, the copy-bandwidth check) can share the card.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 XLA_PYTHON_CLIENT_PREALLOCATE=false
-summary="$OUT/summary.txt"
+summary=/tmp/jaxpaged-summary.txt
 : > "$summary"
 
 run() {  # run NAME TIMEOUT_S COMMAND...
@@ -41,9 +41,9 @@ for stage in $stages; do
              python3 bench/decode_steps.py --batches 1 64 256 --steps 10 --kv-bytes 8 --dump-hlo \
              --out "$OUT/dsf" ;;
     decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 16 64 256 --steps 10 \
-             --kv-bytes 8 --out "$OUT" ;;
+             --kv-bytes 8 --profile 64 256 --out "$OUT" ;;
     decode-async) run decode-async 300 python3 bench/decode_steps.py --batches 1 16 64 256 \
-             --steps 10 --kv-bytes 8 --async-scheduling --out "$OUT/async" ;;
+             --steps 10 --kv-bytes 8 --async-scheduling --profile 256 --out "$OUT/async" ;;
     throughput-async) run throughput-async 540 python3 bench/throughput.py --workload nano \
              --async-scheduling --out "$OUT/async" ;;
     hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;
@@ -63,4 +63,7 @@ for stage in $stages; do
   esac
 done
 for f in "$OUT"/*.json; do [ -f "$f" ] && echo "== $(basename "$f")" && head -c 1500 "$f" && echo; done
+# Everything in one archive: the device tool brings back at most 8 files.
+tar czf /tmp/logs.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/logs.tgz "$OUT/"
+cp "$summary" "$OUT/" 2>/dev/null || true
 echo "== summary"; cat "$summary"
