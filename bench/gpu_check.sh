@@ -62,7 +62,7 @@ for stage in $stages; do
     *) echo "unknown stage $stage" >> "$summary" ;;
   esac
 done
-for f in "$OUT"/*.json; do [ -f "$f" ] && echo "== $(basename "$f")" && head -c 1500 "$f" && echo; done
+for f in "$OUT"/*.json "$OUT"/*/*.json; do [ -f "$f" ] && echo "== $(basename "$f")" && head -c 1500 "$f" && echo; done
 # Everything in one archive: the device tool brings back at most 8 files.
 tar czf /tmp/logs.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/logs.tgz "$OUT/"
 cp "$summary" "$OUT/" 2>/dev/null || true
