@@ -12,13 +12,15 @@ must not). ``--dump-hlo`` writes the optimized HLO of the decode step of the lar
 ``device_ms`` replays the last timed step's compiled model step and sampler back to back with no
 host work between them (same inputs, same pool): the device's own time per step. The GPU waits for
 Python for ``1 - device_ms / step_ms`` of a step (BENCHMARKS.md "host overhead").
-``--profile`` writes a cProfile of the timed steps of each batch (``profile_B.txt``) to ``--out``.
+``--trace`` writes the device's kernels per replayed step of each batch (``kernels_B.txt``, see
+``gpu_trace``) to ``--out``; ``--profile`` writes a cProfile of the timed steps of each batch (``profile_B.txt``) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import io
 import pstats
@@ -30,58 +32,56 @@ import time
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gpu_trace import with_kernel_table  # noqa: E402
 from roofline import (kv_bytes_per_token, matmul_flops_per_token, measure_ceilings,  # noqa: E402
                       weight_bytes)
 
 from jaxpaged import LLM, SamplingParams  # noqa: E402
+from jaxpaged.sampling_params import RequestOutputKind  # noqa: E402
 from jaxpaged import runner as runner_module  # noqa: E402
 
 
 class StepRecorder:
-    """Keeps the last dispatched step's compiled program and arguments, for ``replay``."""
+    """Keeps the last dispatched step's model inputs and sampler arguments, for ``replay``."""
 
     def __init__(self, runner: runner_module.ModelRunner):
         self.runner = runner
-        self.last: tuple | None = None
+        self.last_inputs = None
         self.last_sample: tuple | None = None
-        original_executable = runner._executable
-        original_tensors = runner._sampling_tensors
+        run_model, run_sampler = runner._run_model, runner._run_sampler
 
-        def executable(shape, inputs):
-            compiled = original_executable(shape, inputs)
-            self.last = (compiled, inputs)
-            return compiled
+        def record_model(inputs):
+            self.last_inputs = inputs
+            return run_model(inputs)
 
-        def sampling_tensors(requests, pad_to):
-            tensors = original_tensors(requests, pad_to)
-            self.last_sample = (tensors, pad_to, len(requests))
-            return tensors
+        def record_sampler(logits, rows, tensors):
+            self.last_sample = (rows, tensors)
+            return run_sampler(logits, rows, tensors)
 
-        runner._executable = executable
-        runner._sampling_tensors = sampling_tensors
+        runner._run_model, runner._run_sampler = record_model, record_sampler
+        self._run_model, self._run_sampler = run_model, run_sampler
 
     def replay(self, steps: int) -> float:
-        """Seconds per step of the last model step + sampler, dispatched back to back."""
-        compiled, inputs = self.last
-        tensors, pad_to, num_rows = self.last_sample
-        rows = jax.numpy.arange(pad_to, dtype=jax.numpy.int32) % max(num_rows, 1)
-        runner = self.runner
+        """Seconds per step of the last model step + sampler, dispatched back to back (the host
+        only re-sends the same packed arrays: a few tens of microseconds per step)."""
         out = None
         for i in range(steps + 2):
             if i == 2:
                 jax.block_until_ready(out)
                 start = time.perf_counter()
-            logits, _, runner.kv_cache = compiled(runner.state, runner.kv_cache, inputs)
-            out = runner_module._sample(logits, rows, tensors, pad_to=runner.prev_width)
+            logits, _ = self._run_model(self.last_inputs)
+            out = self._run_sampler(logits, *self.last_sample)
         jax.block_until_ready(out)
         return (time.perf_counter() - start) / steps
 
 
 def time_decode(llm: LLM, batch: int, context: int, steps: int,
-                recorder: StepRecorder, profile_to: pathlib.Path | None = None
-                ) -> dict[str, float]:
+                recorder: StepRecorder, profile_to: pathlib.Path | None = None,
+                trace_to: pathlib.Path | None = None) -> dict[str, float]:
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 8)
+    # DELTA outputs, as a streaming server asks for them
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 8,
+                            output_kind=RequestOutputKind.DELTA)
     for i in range(batch):
         prompt = [(7 * i + j) % 1000 + 10 for j in range(context)]
         engine.add_request(f"d{batch}-{i}", None, params, prompt_token_ids=prompt)
@@ -90,6 +90,10 @@ def time_decode(llm: LLM, batch: int, context: int, steps: int,
         engine.step()
     for _ in range(2):
         engine.step()  # warm decode steps
+    running = len(engine.scheduler.running)
+    if running != batch or engine.scheduler.num_waiting:
+        raise RuntimeError(f"only {running} of {batch} requests run at once: the KV pool is too "
+                           "small for this batch and context (raise --kv-bytes)")
     timings = engine.runner.timings
     before = (timings.total_s, timings.device_wait_s)
     profiler = cProfile.Profile() if profile_to else None
@@ -107,6 +111,10 @@ def time_decode(llm: LLM, batch: int, context: int, steps: int,
     while engine.has_unfinished_requests():
         engine.step()
     device = recorder.replay(steps)
+    if trace_to:
+        trace_to.mkdir(parents=True, exist_ok=True)
+        (trace_to / f"kernels_{batch}.txt").write_text(
+            with_kernel_table(lambda: recorder.replay(steps), steps))
     if profiler:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
@@ -130,6 +138,8 @@ def main() -> None:
                         help="overlap host work with the device (sampled ids applied one step late)")
     parser.add_argument("--profile", type=int, nargs="*", default=[],
                         help="batch sizes whose timed steps are cProfiled")
+    parser.add_argument("--trace", type=int, nargs="*", default=[],
+                        help="batch sizes whose replayed steps are traced kernel by kernel")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
@@ -145,7 +155,8 @@ def main() -> None:
         recorder = StepRecorder(llm.llm_engine.runner)
         for batch in args.batches:
             row = time_decode(llm, batch, args.context, args.steps, recorder,
-                              args.out if batch in args.profile else None)
+                              args.out if batch in args.profile else None,
+                              args.out if batch in args.trace else None)
             step_bytes = weight_bytes(cfg) + batch * (args.context + 1) * kv_bytes_per_token(cfg)
             floor = max(step_bytes / ceilings.bandwidth,
                         batch * matmul_flops_per_token(cfg) / ceilings.matmul_flops)
@@ -172,8 +183,8 @@ def dump_hlo(llm: LLM, batch: int, out: pathlib.Path) -> None:
     inputs = runner_module.pack_step([], shape, block_size=runner.block_size,
                                      table_width=runner.ladder.table_width,
                                      prev_width=runner.prev_width)
-    text = runner_module._model_step.lower(runner.graphdef, runner.state, runner.kv_cache,
-                                           inputs).compile().as_text()
+    packed, layout = runner_module.bundle(dataclasses.replace(inputs, prev_sampled_ids=None))
+    text = runner._executable(layout, packed).as_text()
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_step_hlo.txt").write_text(text[:15_000_000])
 

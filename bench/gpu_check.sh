@@ -41,12 +41,17 @@ for stage in $stages; do
              python3 bench/decode_steps.py --batches 1 64 256 --steps 10 --kv-bytes 8 --dump-hlo \
              --out "$OUT/dsf" ;;
     decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 16 64 256 --steps 10 \
-             --kv-bytes 8 --profile 64 256 --out "$OUT" ;;
+             --kv-bytes 40 --profile 64 256 --trace 1 256 --out "$OUT" ;;
     decode-async) run decode-async 300 python3 bench/decode_steps.py --batches 1 16 64 256 \
-             --steps 10 --kv-bytes 8 --async-scheduling --profile 256 --out "$OUT/async" ;;
+             --steps 10 --kv-bytes 40 --async-scheduling --profile 256 --out "$OUT/async" ;;
     throughput-async) run throughput-async 540 python3 bench/throughput.py --workload nano \
              --async-scheduling --out "$OUT/async" ;;
     hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;
+    hf-cb) run hf-cb 420 python3 bench/hf_baseline.py --method generate_batch --workload nano \
+             --num-requests 64 --time-limit 240 --out "$OUT" ;;
+    hf-cb-graphs) run hf-cb-graphs 420 python3 bench/hf_baseline.py --method generate_batch \
+             --cuda-graphs on --workload nano --num-requests 64 --time-limit 240 --out "$OUT/graphs" ;;
+    serve) run serve 580 env OUT="$OUT" bash bench/serve_bench.sh 16 inf ;;
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;
     kernel-variants) run kernel-variants 330 python3 bench/kernels.py --variants-only \

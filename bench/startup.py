@@ -19,11 +19,17 @@ from report import emit  # noqa: E402
 
 CHILD = """
 import json, sys, time
+start = time.perf_counter()
 from jaxpaged import LLM
+import jax
+imported = time.perf_counter()
+jax.devices()
+backend = time.perf_counter()
 llm = LLM(sys.argv[1], load_format="dummy", dtype="bfloat16", max_model_len=int(sys.argv[2]),
           compilation_cache_dir=sys.argv[3])
 s = llm.llm_engine.startup
-print("STARTUP " + json.dumps({"weights_s": s.weights_s, "kv_alloc_s": s.kv_alloc_s,
+print("STARTUP " + json.dumps({"import_s": imported - start, "backend_init_s": backend - imported,
+                              "weights_s": s.weights_s, "kv_alloc_s": s.kv_alloc_s,
                               "compile_s": s.compile_s}), flush=True)
 """
 
@@ -34,7 +40,9 @@ def start_once(model: str, max_model_len: int, cache_dir: str) -> dict[str, floa
                           capture_output=True, text=True, check=True)
     ready = time.perf_counter() - start
     line = next(l for l in proc.stdout.splitlines() if l.startswith("STARTUP "))
-    return {"process_to_ready_s": ready, **json.loads(line[len("STARTUP "):])}
+    log = [l for l in proc.stderr.splitlines() if "engine ready" in l]
+    return {"process_to_ready_s": ready, **json.loads(line[len("STARTUP "):]),
+            "engine_log": log[-1] if log else ""}
 
 
 def main() -> None:

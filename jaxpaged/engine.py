@@ -23,6 +23,7 @@ from jaxpaged.buckets import BucketLadder
 from jaxpaged.config import ModelConfig
 from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.engine_config import EngineConfig
+from jaxpaged.executable_cache import ExecutableCache, environment_fingerprint
 from jaxpaged.kv_sizing import KVPlan, activation_reserve_bytes, plan_kv_cache
 from jaxpaged.model_loader import jax_dtype, load_model
 from jaxpaged.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
@@ -151,7 +152,7 @@ class LLMEngine:
             model, num_blocks=self.kv_plan.num_blocks, block_size=config.block_size,
             kv_dtype=jax_dtype(dtype), ladder=self._ladder(),
             eos_token_ids=tuple(sorted(self._all_eos_ids())), seed=config.seed,
-            penalty_width=self.max_model_len)
+            penalty_width=self.max_model_len, executable_cache=_executable_cache())
         jax.block_until_ready(self.runner.kv_cache.k)
         kv_alloc_s = time.perf_counter() - start
         self.startup = StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
@@ -164,8 +165,9 @@ class LLMEngine:
                     config.block_size, self.kv_plan.max_concurrency(self.max_model_len),
                     self.max_model_len)
         logger.info("engine ready: weights %.1f s, KV allocation %.1f s, compilation %.1f s "
-                    "(%d step shapes)", self.startup.weights_s, self.startup.kv_alloc_s,
-                    self.startup.compile_s, len(self.runner.ladder.all_shapes()))
+                    "(%d step shapes; %s)", self.startup.weights_s, self.startup.kv_alloc_s,
+                    self.startup.compile_s, len(self.runner.ladder.all_shapes()),
+                    self.runner.executable_cache_summary())
 
     # ----- set-up -----
 
@@ -506,6 +508,19 @@ def _enable_compilation_cache(directory: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(directory).expanduser()))
     # Warm start should compile nothing: keep even the sub-second programs (sampler variants).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _executable_cache() -> ExecutableCache | None:
+    """Compiled step programs kept on disk next to JAX's compilation cache (a warm start then
+    neither traces nor lowers them); None when there is no compilation cache directory, and on
+    the CPU backend: XLA:CPU executables loaded back into a process that compiled others fail at
+    run time ("Function ... not found"), while GPU executables serialize as JAX's own cache
+    stores them."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory or jax.default_backend() == "cpu":
+        return None
+    return ExecutableCache(pathlib.Path(directory) / "jaxpaged-executables",
+                           environment_fingerprint())
 
 
 def _read_json(path: pathlib.Path) -> dict:

@@ -75,8 +75,9 @@ class EngineConfig:
     on the device and reach the host one step late, so scheduling and detokenizing run while the
     device computes. Outputs are the same; a request may run one extra (discarded) step."""
     compilation_cache_dir: str | None = "~/.cache/jaxpaged/xla"
-    """JAX's persistent compilation cache (makes the second start fast); None disables it.
-    Ignored when the process already set ``jax_compilation_cache_dir``."""
+    """JAX's persistent compilation cache (makes the second start fast), with jaxpaged's compiled
+    step programs beside it (``jaxpaged-executables/``: a warm start loads them without tracing);
+    None disables both. Ignored when the process already set ``jax_compilation_cache_dir``."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_logprobs"):

@@ -227,7 +227,9 @@ async def _events(ctx: ServerContext, job: _Job, stream: OutputStream) -> AsyncI
             base = index_of[output.request_id] * job.n
             for seq in output.outputs:
                 text, fragment = choices[base + seq.index].add(seq)
-                if text or seq.finish_reason or fragment:
+                # new token ids alone make a chunk (vLLM's rule): without a tokenizer, or
+                # while a multi-byte character is incomplete, the text delta is empty
+                if text or seq.finish_reason or fragment or seq.token_ids:
                     yield sse(chunk(job.meta, job.kind, base + seq.index, text=text,
                                     logprobs=fragment, finish_reason=seq.finish_reason,
                                     **extra()))
