@@ -75,12 +75,17 @@ class StepRecorder:
         return (time.perf_counter() - start) / steps
 
 
+MAX_NEW_TOKENS = 63  # room for prefill steps of the largest batch, 2 warm and the timed steps
+
+
 def time_decode(llm: LLM, batch: int, context: int, steps: int,
                 recorder: StepRecorder, profile_to: pathlib.Path | None = None,
                 trace_to: pathlib.Path | None = None) -> dict[str, float]:
     engine = llm.llm_engine
     # DELTA outputs, as a streaming server asks for them
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 8,
+    # No request may finish before the timed steps end: the first ones decode while the last
+    # ones are still prefilled (max_model_len leaves room for MAX_NEW_TOKENS).
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=MAX_NEW_TOKENS,
                             output_kind=RequestOutputKind.DELTA)
     for i in range(batch):
         prompt = [(7 * i + j) % 1000 + 10 for j in range(context)]
@@ -90,10 +95,14 @@ def time_decode(llm: LLM, batch: int, context: int, steps: int,
         engine.step()
     for _ in range(2):
         engine.step()  # warm decode steps
-    running = len(engine.scheduler.running)
-    if running != batch or engine.scheduler.num_waiting:
-        raise RuntimeError(f"only {running} of {batch} requests run at once: the KV pool is too "
-                           "small for this batch and context (raise --kv-bytes)")
+    running = engine.scheduler.running
+    if len(running) != batch or engine.scheduler.num_waiting:
+        raise RuntimeError(f"only {len(running)} of {batch} requests run at once: the KV pool is "
+                           "too small for this batch and context (raise --kv-bytes)")
+    left = min(MAX_NEW_TOKENS - r.num_output_tokens for r in running)
+    if left <= steps + 1:
+        raise RuntimeError(f"a request would finish within the {steps} timed steps ({left} tokens "
+                           "left): fewer --steps")
     timings = engine.runner.timings
     before = (timings.total_s, timings.device_wait_s)
     profiler = cProfile.Profile() if profile_to else None
@@ -114,7 +123,7 @@ def time_decode(llm: LLM, batch: int, context: int, steps: int,
     if trace_to:
         trace_to.mkdir(parents=True, exist_ok=True)
         (trace_to / f"kernels_{batch}.txt").write_text(
-            with_kernel_table(lambda: recorder.replay(steps), steps))
+            with_kernel_table(lambda: recorder.replay(steps), steps + 2))  # replay runs 2 more
     if profiler:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
@@ -146,7 +155,8 @@ def main() -> None:
     results = []
     for kv_gib in args.kv_bytes:
         start = time.perf_counter()
-        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.context + 64,
+        llm = LLM(args.model, load_format="dummy", dtype="bfloat16",
+                  max_model_len=args.context + MAX_NEW_TOKENS + 1,
                   max_num_seqs=max(args.batches), max_num_batched_tokens=8192,
                   kv_cache_memory_bytes=int(kv_gib * 2**30) or None,
                   async_scheduling=args.async_scheduling)

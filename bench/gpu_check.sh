@@ -30,7 +30,8 @@ for stage in $stages; do
   case $stage in
     env) run env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
            python3 -c "import jax, flax, jaxlib; print(jax.__version__, flax.__version__, jax.devices())";
-           git log -1 --format=%H 2>/dev/null || true' ;;
+           git log -1 --format=%H 2>/dev/null || true;
+           python3 -X importtime -c "import jaxpaged.llm, jaxpaged.server.app" 2>&1 | sort -t"|" -k2 -n | tail -12' ;;
     tests) run gpu-tests 420 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
              tests/test_kernel_kv_write.py tests/test_kernel_attention.py tests/test_gpu_engine.py ;;
     engine-tests) run gpu-engine-tests 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
@@ -42,6 +43,9 @@ for stage in $stages; do
              --out "$OUT/dsf" ;;
     decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 16 64 256 --steps 10 \
              --kv-bytes 40 --profile 64 256 --trace 1 256 --out "$OUT" ;;
+    decode-cmdbuf) XLA_FLAGS='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton --xla_gpu_graph_min_graph_size=1' \
+             run decode-cmdbuf 300 python3 bench/decode_steps.py --batches 1 16 64 --steps 10 \
+             --kv-bytes 20 --async-scheduling --trace 1 --out "$OUT/cmdbuf" ;;
     decode-async) run decode-async 300 python3 bench/decode_steps.py --batches 1 16 64 256 \
              --steps 10 --kv-bytes 40 --async-scheduling --profile 256 --out "$OUT/async" ;;
     throughput-async) run throughput-async 540 python3 bench/throughput.py --workload nano \

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
 
 from jaxpaged.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # transformers loads only when a tokenizer does
+    from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole character
 

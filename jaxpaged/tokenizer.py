@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pathlib
+from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def load_tokenizer(model_dir: str | pathlib.Path) -> PreTrainedTokenizerBase:
@@ -13,4 +15,6 @@ def load_tokenizer(model_dir: str | pathlib.Path) -> PreTrainedTokenizerBase:
         raise ValueError(f"model directory {str(model_dir)!r} does not exist")
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise ValueError(f"no tokenizer in {model_dir} (expected tokenizer.json or tokenizer.model)")
+    from transformers import AutoTokenizer  # imported here: start-up without a tokenizer skips it
+
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -16,7 +17,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from transformers import PreTrainedTokenizerBase
 
 from jaxpaged.engine import LLMEngine
 from jaxpaged.tokenizer import load_tokenizer
@@ -30,6 +30,9 @@ from .generation import create_chat_completion, create_completion
 from .metrics import ServerMetrics
 from .responses import TokenTexts
 from .settings import ServerSettings
+
+if TYPE_CHECKING:  # transformers loads only when a tokenizer does
+    from transformers import PreTrainedTokenizerBase
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
-from transformers import PreTrainedTokenizerBase
 
 from .async_engine import AsyncEngine
 from .errors import bad_request
 from .metrics import ServerMetrics
 from .responses import TokenTexts
 from .settings import ServerSettings
+
+if TYPE_CHECKING:  # transformers loads only when a tokenizer does
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclasses.dataclass(frozen=True)

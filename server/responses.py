@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from transformers import PreTrainedTokenizerBase
 
 from jaxpaged.outputs import CompletionOutput, Logprob
+
+if TYPE_CHECKING:  # transformers loads only when a tokenizer does
+    from transformers import PreTrainedTokenizerBase
 
 Kind = Literal["completion", "chat"]
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
