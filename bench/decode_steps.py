@@ -140,10 +140,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-model-len", type=int, default=4096,
+                        help="as the nano workload (it sets the block-table width, and with it "
+                             "the decode kernel's KV splits)")
     parser.add_argument("--kv-bytes", type=float, nargs="+", default=[0],
                         help="KV pool sizes in GiB (0 = gpu_memory_utilization 0.9)")
     parser.add_argument("--dump-hlo", action="store_true")
-    parser.add_argument("--async-scheduling", action="store_true",
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="overlap host work with the device (sampled ids applied one step late)")
     parser.add_argument("--profile", type=int, nargs="*", default=[],
                         help="batch sizes whose timed steps are cProfiled")
@@ -151,12 +154,14 @@ def main() -> None:
                         help="batch sizes whose replayed steps are traced kernel by kernel")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
+    if args.context + MAX_NEW_TOKENS > args.max_model_len:
+        parser.error(f"--context + {MAX_NEW_TOKENS} new tokens must fit --max-model-len")
     ceilings = measure_ceilings()
     results = []
     for kv_gib in args.kv_bytes:
         start = time.perf_counter()
         llm = LLM(args.model, load_format="dummy", dtype="bfloat16",
-                  max_model_len=args.context + MAX_NEW_TOKENS + 1,
+                  max_model_len=args.max_model_len,
                   max_num_seqs=max(args.batches), max_num_batched_tokens=8192,
                   kv_cache_memory_bytes=int(kv_gib * 2**30) or None,
                   async_scheduling=args.async_scheduling)

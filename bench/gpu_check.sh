@@ -42,27 +42,32 @@ for stage in $stages; do
              python3 bench/decode_steps.py --batches 1 64 256 --steps 10 --kv-bytes 8 --dump-hlo \
              --out "$OUT/dsf" ;;
     decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 16 64 256 --steps 10 \
-             --kv-bytes 40 --profile 64 256 --trace 1 256 --out "$OUT" ;;
+             --kv-bytes 40 --no-async-scheduling --profile 64 256 --trace 1 256 --out "$OUT" ;;
     decode-cmdbuf) XLA_FLAGS='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton --xla_gpu_graph_min_graph_size=1' \
              run decode-cmdbuf 300 python3 bench/decode_steps.py --batches 1 16 64 --steps 10 \
              --kv-bytes 20 --async-scheduling --trace 1 --out "$OUT/cmdbuf" ;;
     decode-async) run decode-async 300 python3 bench/decode_steps.py --batches 1 16 64 256 \
-             --steps 10 --kv-bytes 40 --async-scheduling --profile 256 --out "$OUT/async" ;;
-    throughput-async) run throughput-async 540 python3 bench/throughput.py --workload nano \
-             --async-scheduling --out "$OUT/async" ;;
+             --steps 10 --kv-bytes 40 --profile 256 --trace 1 256 --out "$OUT/async" ;;
+    throughput-sync) run throughput-sync 540 python3 bench/throughput.py --workload nano \
+             --no-async-scheduling --out "$OUT/sync" ;;
     hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;
     hf-cb) run hf-cb 420 python3 bench/hf_baseline.py --method generate_batch --workload nano \
              --num-requests 64 --time-limit 240 --out "$OUT" ;;
     hf-cb-graphs) run hf-cb-graphs 420 python3 bench/hf_baseline.py --method generate_batch \
              --cuda-graphs on --workload nano --num-requests 64 --time-limit 240 --out "$OUT/graphs" ;;
     serve) run serve 580 env OUT="$OUT" bash bench/serve_bench.sh 16 inf ;;
-    nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 --out "$OUT/nano64" ;;
+    nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 \
+             --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;
     kernel-variants) run kernel-variants 330 python3 bench/kernels.py --variants-only \
              --decode-variants legacy,example_like,every,last,last_head_inner,hpp2_pps2 \
              --out "$OUT/var" ;;
     kernel-tests) run kernel-tests 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
              tests/test_kernel_attention.py tests/test_kernel_kv_write.py ;;
+    kernel-small) run kernel-small 200 python3 bench/kernels.py --variants-only \
+             --decode-variants hpp2_pps2,hpp4_pps1,hpp2_pps2+pages_per_step=1,hpp2_pps2+num_warps=2 \
+             --decode-shapes 1x4096,8x4096 --decode-splits 16,32,64,128 --out "$OUT/small" ;;
+    prefill) run prefill 240 python3 bench/prefill.py --trace --out "$OUT" ;;
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
     engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-waste", action="store_true")
-    parser.add_argument("--async-scheduling", action="store_true",
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="overlap host work with the device (sampled ids applied one step late)")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()

@@ -29,7 +29,7 @@ BlockHash = bytes  # sha256 digest of (parent block hash, token ids of the block
 def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     """Chained, process-independent hash of one full block (``parent_hash`` None for block 0)."""
     digest = hashlib.sha256(parent_hash or b"")
-    digest.update(array("q", token_ids).tobytes())
+    digest.update(array("q", token_ids))  # the array's buffer: no bytes copy
     return digest.digest()
 
 
@@ -115,6 +115,29 @@ class BlockPool:
             block.block_hash = None
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class BlockTable:
+    """One request's blocks, as the manager keeps them. Read-only outside ``BlockManager``.
+
+    ``num_slots`` and ``cache_from`` let a caller's per-step loop skip ``allocate_slots`` and
+    ``cache_full_blocks`` when they would do nothing (the steady decode step).
+    """
+
+    blocks: list[KVCacheBlock]  # [num_blocks] in table order
+    # NOTE: replaced, never mutated, when the table changes, so a list handed out stays a valid
+    # snapshot and an unchanged table is the very same object from step to step (the runner
+    # skips unchanged rows).
+    block_ids: list[int]  # [num_blocks]
+    num_cached: int  # leading blocks already offered to the prefix cache
+    num_slots: int  # len(blocks) * block_size: the tokens the table can hold
+    # num_computed_tokens from which a block beyond the first num_cached is full; never reached
+    # when prefix caching is off
+    cache_from: int
+
+
+_NEVER = 1 << 62  # BlockTable.cache_from without prefix caching
+
+
 class PrefixHit(NamedTuple):
     block_ids: list[int]  # cached blocks holding the request's leading full blocks
     num_computed_tokens: int  # len(block_ids) * block_size
@@ -131,13 +154,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
-        self._req_blocks: dict[str, list[KVCacheBlock]] = {}  # request id -> its block table
-        # request id -> the ids of its block table. NOTE: replaced, never mutated, when the table
-        # changes, so a list handed out by get_block_ids stays a valid snapshot and an unchanged
-        # table is the very same object from step to step (the runner skips unchanged rows).
-        self._req_block_ids: dict[str, list[int]] = {}
-        # request id -> how many of its leading blocks were offered to the prefix cache
-        self._req_num_cached: dict[str, int] = {}
+        # request id -> its block table, for requests holding blocks (or admitted with none).
+        # Read-only outside the manager; hot loops read it directly instead of calling methods.
+        self.tables: dict[str, BlockTable] = {}
         # request id -> (the request, hashes of its leading full blocks so far). A request's tokens
         # only grow, so its block hashes are computed once each, whether by a prefix-cache lookup
         # (every step a waiting request is retried) or by caching its computed blocks.
@@ -158,8 +177,8 @@ class BlockManager:
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table ids (a snapshot: the manager never mutates it; nor may you)."""
-        ids = self._req_block_ids.get(request_id)
-        return ids if ids is not None else []
+        table = self.tables.get(request_id)
+        return table.block_ids if table is not None else []
 
     def ref_count(self, block_id: int) -> int:
         return self.pool.blocks[block_id].ref_cnt
@@ -221,10 +240,11 @@ class BlockManager:
         if not isinstance(num_new_tokens, int) or num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be a non-negative int, got {num_new_tokens!r}.")
         rid = request.request_id
-        held = self._req_blocks.get(rid, [])
-        if held and not new_computed_blocks and (
-                request.num_computed_tokens + num_new_tokens <= len(held) * self.block_size):
+        table = self.tables.get(rid)
+        if table is not None and table.blocks and not new_computed_blocks and (
+                request.num_computed_tokens + num_new_tokens <= table.num_slots):
             return []  # the common decode step: the last block still has room
+        held = table.blocks if table is not None else []
         if held and new_computed_blocks:
             raise ValueError(f"request {rid!r} already holds blocks; no cache hits.")
         hits = [self.pool.blocks[i] for i in new_computed_blocks]
@@ -236,13 +256,14 @@ class BlockManager:
             return None
         self.pool.touch(hits)
         new_blocks = self.pool.get_new_blocks(num_needed)
-        if rid not in self._req_blocks:
-            self._req_blocks[rid] = held
-            self._req_num_cached[rid] = len(hits)  # hits are in the cache already
+        if table is None:  # hits are in the cache already
+            table = self.tables[rid] = BlockTable(held, [], 0, 0, 0)
+            self._set_num_cached(table, len(hits))
         held.extend(hits)
         held.extend(new_blocks)
         added = [b.block_id for b in hits] + [b.block_id for b in new_blocks]
-        self._req_block_ids[rid] = self._req_block_ids.get(rid, []) + added
+        table.block_ids = table.block_ids + added
+        table.num_slots = len(held) * self.block_size
         return added[len(hits):]
 
     def cache_full_blocks(self, request: Request) -> None:
@@ -251,47 +272,46 @@ class BlockManager:
         Call only once those tokens' K/V have been written (after the step that computed them):
         another request may read a cached block as soon as it is in the map.
         """
-        rid = request.request_id
-        first = self._req_num_cached.get(rid)  # None: holds no blocks
-        if first is None or not self.enable_prefix_caching:
-            return
-        blocks = self._req_blocks[rid]
+        table = self.tables.get(request.request_id)  # None: holds no blocks
+        if table is None or request.num_computed_tokens < table.cache_from:
+            return  # the common decode step: no block filled up (or no prefix caching)
+        first, blocks = table.num_cached, table.blocks
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
         if first >= num_full:
-            return  # the common decode step: no block filled up
+            return
         hashes = self._block_hashes(request, num_full)
         for i in range(first, num_full):
             self.pool.cache_block(blocks[i], hashes[i])
-        self._req_num_cached[rid] = num_full
+        self._set_num_cached(table, num_full)
+
+    def _set_num_cached(self, table: BlockTable, num_cached: int) -> None:
+        table.num_cached = num_cached
+        table.cache_from = ((num_cached + 1) * self.block_size if self.enable_prefix_caching
+                            else _NEVER)
 
     def fork(self, parent_id: str, child_ids: Sequence[str]) -> None:
         """Hand the parent's blocks to its children, shared (each block's ref_cnt += n - 1)."""
-        if parent_id not in self._req_blocks:
+        if parent_id not in self.tables:
             raise ValueError(f"request {parent_id!r} holds no blocks to fork.")
         if not child_ids:
             raise ValueError(f"fork of {parent_id!r} needs at least one child id.")
         for child_id in child_ids:
-            if child_id in self._req_blocks:
+            if child_id in self.tables:
                 raise ValueError(f"request {child_id!r} already holds blocks.")
-        blocks = self._req_blocks.pop(parent_id)
-        block_ids = self._req_block_ids.pop(parent_id)
-        num_cached = self._req_num_cached.pop(parent_id)
+        parent = self.tables.pop(parent_id)
         self._req_hashes.pop(parent_id, None)
-        for child_id in child_ids:
-            self._req_blocks[child_id] = list(blocks)
-            self._req_block_ids[child_id] = block_ids  # shared: never mutated
-            self._req_num_cached[child_id] = num_cached
-        for block in blocks:
+        for child_id in child_ids:  # block_ids is shared: it is never mutated
+            self.tables[child_id] = dataclasses.replace(parent, blocks=list(parent.blocks))
+        for block in parent.blocks:
             block.ref_cnt += len(child_ids) - 1
 
     def free(self, request: Request) -> None:
         """Release the request's blocks and forget its hashes (a no-op if it holds none)."""
-        blocks = self._req_blocks.pop(request.request_id, [])
-        self._req_block_ids.pop(request.request_id, None)
-        self._req_num_cached.pop(request.request_id, None)
+        table = self.tables.pop(request.request_id, None)
         self._req_hashes.pop(request.request_id, None)
-        # NOTE: tail blocks first, so they are evicted before the request's shared prefix.
-        self.pool.free_blocks(reversed(blocks))
+        if table is not None:
+            # NOTE: tail blocks first, so they are evicted before the request's shared prefix.
+            self.pool.free_blocks(reversed(table.blocks))
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

@@ -83,6 +83,7 @@ class _RequestState:
     # [None] + one dict per prompt token as the steps compute them; None: not asked for
     prompt_logprobs: PromptLogprobs | None = None
     prompt_logprobs_sent: bool = False  # DELTA outputs send them once
+    num_finished: int = 0  # sequences with a finish_reason (kept by LLMEngine._append)
 
     def add_prompt_logprobs(self, first_index: int, entries: list[dict[int, Logprob]]) -> None:
         """Entries for prompt tokens ``first_index ..``; the scheduler hands out each position
@@ -106,24 +107,28 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
-        return (len(self.sequences) == self.params.n
-                and all(s.finish_reason is not None for s in self.sequences.values()))
+        return self.num_finished == self.params.n
 
-    def output(self, changed: set[int]) -> RequestOutput | None:
+    def output(self, changed: set[int] | None) -> RequestOutput | None:
         """This step's output for the request per its ``output_kind`` (None: nothing to send).
+        ``changed``: indices of the sequences that progressed (None: only sequence 0, n == 1).
 
         CUMULATIVE: every sequence so far; DELTA: the sequences that changed, with only their new
         tokens and text; FINAL_ONLY: everything, once, when the last sequence finishes."""
         kind = self.params.output_kind
-        if kind == RequestOutputKind.FINAL_ONLY and not self.finished:
+        finished = self.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         delta = kind == RequestOutputKind.DELTA
-        indices = sorted(changed) if delta else sorted(self.sequences)
+        if changed is None:
+            indices = [0]
+        else:
+            indices = sorted(changed) if delta else sorted(self.sequences)
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=self.prompt_token_ids,
                              prompt_logprobs=self._prompt_logprobs_to_send(delta),
                              outputs=[self.sequences[i].completion(delta) for i in indices],
-                             finished=self.finished, metrics=self.metrics)
+                             finished=finished, metrics=self.metrics)
 
 
 class LLMEngine:
@@ -388,6 +393,8 @@ class LLMEngine:
     def _mark_scheduled(self, scheduler_output: SchedulerOutput) -> None:
         now = time.time()
         for s in scheduler_output.scheduled:
+            if s.num_computed_tokens:  # scheduled before (its first step starts at token 0)
+                continue
             state = self._requests.get(_parent_id(s.req_id, self.scheduler))
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = now
@@ -403,26 +410,37 @@ class LLMEngine:
 
     def _process(self, updates: list[RequestUpdate],
                  logprobs: dict[str, TokenLogprobs]) -> list[RequestOutput]:
+        """Runs once per step for every request that got tokens: keep it lean (at batch 256 it
+        is a large part of a step's host time)."""
         now = time.time()
-        touched: dict[str, tuple[_RequestState, set[int]]] = {}
+        # request id -> (state, indices of its sequences that changed; None: n == 1)
+        touched: dict[str, tuple[_RequestState, set[int] | None]] = {}
+        requests = self._requests
         for update in updates:
             request = update.request
-            state = self._requests.get(request.parent_id or request.request_id)
+            parent_id = request.parent_id
+            state = requests.get(parent_id or request.request_id)
             if state is None:
                 continue
-            seq = state.sequences.get(request.sample_index)
+            index = request.sample_index
+            seq = state.sequences.get(index)
             if seq is None:
-                seq = state.sequences[request.sample_index] = self._new_sequence(request, state)
-            self._append(seq, request, update, logprobs.get(request.request_id))
-            if state.metrics.first_token_time is None:
-                state.metrics.first_token_time = now
-            state.metrics.last_token_time = now
-            touched.setdefault(state.request_id, (state, set()))[1].add(seq.index)
+                seq = state.sequences[index] = self._new_sequence(request, state)
+            self._append(state, seq, request, update,
+                         logprobs.get(request.request_id) if logprobs else None)
+            metrics = state.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            if parent_id is None:
+                touched[state.request_id] = (state, None)
+            else:
+                touched.setdefault(state.request_id, (state, set()))[1].add(index)
         outputs = []
         for state, changed in touched.values():
             if state.finished:
                 state.metrics.finished_time = now
-                del self._requests[state.request_id]
+                del requests[state.request_id]
             output = state.output(changed)
             if output is not None:
                 outputs.append(output)
@@ -444,8 +462,8 @@ class LLMEngine:
                          logprobs=[] if wants_logprobs else None,
                          cumulative_logprob=0.0 if wants_logprobs else None)
 
-    def _append(self, seq: _Sequence, request: Request, update: RequestUpdate,
-                token_logprobs: TokenLogprobs | None) -> None:
+    def _append(self, state: _RequestState, seq: _Sequence, request: Request,
+                update: RequestUpdate, token_logprobs: TokenLogprobs | None) -> None:
         seq.token_ids.extend(update.new_token_ids)
         if seq.logprobs is not None and token_logprobs is not None and update.new_token_ids:
             token = update.new_token_ids[-1]
@@ -457,11 +475,14 @@ class LLMEngine:
         if stop_string is not None and not request.is_finished():
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED,
                                           stop_string)
+        was_finished = seq.finish_reason is not None
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
         elif request.is_finished():
             seq.finish_reason = request.get_finished_reason()
             seq.stop_reason = request.stop_reason
+        if not was_finished and seq.finish_reason is not None:
+            state.num_finished += 1
 
 
 def _prompt_logprob_entries(chunk: PromptLogprobsChunk,

@@ -82,8 +82,10 @@ class Request:
     # Async scheduling: tokens sampled by a step still in flight, not yet in output_token_ids (the
     # next step already computes them, fed on the device); update_from_output resolves them.
     num_output_placeholders: int = dataclasses.field(default=0, init=False)
-    # prompt + output, kept as one list so slicing the next chunk costs no concatenation.
-    _all_token_ids: list[int] = dataclasses.field(default_factory=list, init=False, repr=False)
+    # Prompt then output token ids, kept as one list so slicing the next chunk costs no
+    # concatenation. Read-only: append through ``append_output_token_ids``. (A plain attribute,
+    # not a property: the scheduler reads it for every request every step.)
+    all_token_ids: list[int] = dataclasses.field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -97,7 +99,7 @@ class Request:
             raise ValueError(f"priority must be an int, got {self.priority!r}.")
         if self.arrival_time is None:
             self.arrival_time = time.time()
-        self._all_token_ids = list(self.prompt_token_ids)
+        self.all_token_ids = list(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -109,23 +111,18 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self._all_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt then output token ids. Read-only: append through ``append_output_token_ids``."""
-        return self._all_token_ids
+        return len(self.all_token_ids)
 
     def append_output_token_ids(self, token_ids: int | list[int]) -> None:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         self.output_token_ids.extend(token_ids)
-        self._all_token_ids.extend(token_ids)
+        self.all_token_ids.extend(token_ids)
 
     def append_output_token_id(self, token_id: int) -> None:
         """``append_output_token_ids`` of a single id (the per-step hot path)."""
         self.output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
 
     def is_finished(self) -> bool:
         return RequestStatus.is_finished(self.status)
@@ -140,6 +137,11 @@ class Request:
         owed = (self.sampling_params.prompt_logprobs is not None
                 and reported < self.num_prompt_tokens - 1)
         return min(limit, reported) if owed else limit
+
+    def shared_prefix_len(self, block_size: int) -> int:
+        """n > 1: the prompt tokens the parent computes before its fork, the last block boundary
+        that leaves at least one prompt token to the children (see ``Scheduler``)."""
+        return (self.num_prompt_tokens - 1) // block_size * block_size
 
     def take_prompt_logprob_positions(self, start: int, end: int) -> range:
         """Positions of ``start .. end - 1`` (about to be computed) whose prompt logprobs are still

@@ -23,12 +23,14 @@ fixed ``prev_width`` on the device; the next dispatched step reads the tokens it
 
 from __future__ import annotations
 
+import collections.abc
 import concurrent.futures
 import dataclasses
 import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -419,13 +421,33 @@ def _num_top_bucket(num_top: int, vocab_size: int) -> int:
     return min(vocab_size, 1 if num_top <= 1 else 1 << (num_top - 1).bit_length())
 
 
-def _output_ids(request: ScheduledRequest):
+class _PaddedOutputIds(collections.abc.Sequence):
+    """A request's output ids followed by ``missing`` zeros, without copying the ids (a copy per
+    request per step grows with the output length)."""
+
+    def __init__(self, ids: Sequence[int], missing: int):
+        self._ids, self._missing = ids, missing
+
+    def __len__(self) -> int:
+        return len(self._ids) + self._missing
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        size = len(self)
+        if not -size <= index < size:
+            raise IndexError(index)
+        index %= size
+        return self._ids[index] if index < len(self._ids) else 0
+
+
+def _output_ids(request: ScheduledRequest) -> Sequence[int]:
     """The request's output ids as the sampler must count them: placeholders of the step in
     flight (not appended yet) are padded with 0; only their number matters (penalties, which need
     the real ids, are never scheduled with a placeholder pending)."""
     ids = request.output_token_ids
     missing = request.num_output_tokens - len(ids)
-    return ids if missing <= 0 else list(ids) + [0] * missing
+    return ids if missing <= 0 else _PaddedOutputIds(ids, missing)
 
 
 def _logprobs_by_request(requests: list[ScheduledRequest],

@@ -43,88 +43,16 @@ a request reads the prefix cache only up to the positions it has reported.
 
 from __future__ import annotations
 
-import dataclasses
-import operator
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Mapping
 
 from .block_manager import BlockManager
 from .request import Request, RequestStatus, create_request_queue
+from .scheduler_config import QueueFullError, SchedulerConfig
 from .scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
+from .step_plan import StepPlan
+from .step_update import SampledTokenIds, as_ids, check_stop, sampled_by_request_id
 
-SchedulingPolicy = Literal["fcfs", "priority"]
-_NO_POSITIONS = range(0)  # ScheduledRequest.prompt_logprobs_positions of nearly every request
-# Sampled ids from the runner: req_id -> ids, or one row per scheduled request in batch order.
-SampledTokenIds = Mapping[str, Sequence[int] | int] | Sequence[Sequence[int] | int]
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue already holds ``max_waiting`` requests (the server answers 503)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    """Scheduling limits (vLLM's ``SchedulerConfig`` names)."""
-
-    max_model_len: int
-    """Context length: prompt + output tokens of one sequence."""
-    max_num_seqs: int = 256
-    """Most sequences in one step (and in the running set)."""
-    max_num_batched_tokens: int = 8192
-    """Token budget of one step, prefill chunks and decode tokens together."""
-    enable_chunked_prefill: bool = True
-    """Split long prompts over steps; when False a prompt is only scheduled whole."""
-    block_size: int = 16
-    """Token slots per KV block."""
-    enable_prefix_caching: bool = True
-    """Reuse the KV blocks of identical prompt prefixes."""
-    policy: SchedulingPolicy = "fcfs"
-    """"fcfs": arrival order; "priority": lower ``Request.priority`` first, then arrival."""
-    max_waiting: int | None = None
-    """Most requests in the waiting queue; ``add_request`` raises QueueFullError beyond it."""
-    async_scheduling: bool = False
-    """A sampling step leaves an output placeholder, so the next step is scheduled before this
-    one's token is known (see ``update_from_output``)."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
-        if self.max_waiting is not None and (
-            not isinstance(self.max_waiting, int) or self.max_waiting < 1
-        ):
-            raise ValueError(
-                f"max_waiting must be None or a positive int, got {self.max_waiting!r}."
-            )
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
-                f"max_model_len={self.max_model_len}: without chunked prefill long prompts "
-                "would never fit."
-            )
-
-
-@dataclasses.dataclass
-class _StepPlan:
-    """The step being built: (request, num_new_tokens) in batch order and what is left."""
-
-    token_budget: int
-    scheduled: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
-    preempted_req_ids: set[str] = dataclasses.field(default_factory=set)
-
-    def add(self, request: Request, num_new_tokens: int) -> None:
-        self.scheduled.append((request, num_new_tokens))
-        self.token_budget -= num_new_tokens
-
-    def drop(self, request: Request) -> None:
-        for i, (scheduled, num_new_tokens) in enumerate(self.scheduled):
-            if scheduled is request:
-                del self.scheduled[i]
-                self.token_budget += num_new_tokens
-                return
+_new_tuple = tuple.__new__  # builds a NamedTuple from all its fields (see scheduler_output)
 
 
 class Scheduler:
@@ -167,7 +95,7 @@ class Scheduler:
         if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests).")
         request.status = RequestStatus.WAITING
-        if n > 1 and self._shared_prefix_len(request) == 0:
+        if n > 1 and request.shared_prefix_len(self.config.block_size) == 0:
             for child in self._fork(request):
                 self.waiting.add(child)
             return
@@ -210,12 +138,24 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's requests and tokens; allocates blocks, may preempt and fork."""
-        plan = _StepPlan(token_budget=self.config.max_num_batched_tokens)
+        budget = self.config.max_num_batched_tokens
+        plan = StepPlan(token_budget=budget)
         self._schedule_running(plan)
         # NOTE: after a preemption the pool is tight; admitting new work would thrash.
-        if not plan.preempted_req_ids:
+        if not plan.preempted_req_ids and len(self.waiting):
             self._schedule_waiting(plan)
-        return self._commit(plan)
+        finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
+        scheduled, parents = plan.commit(self.block_manager.tables,
+                                         block_size=self.config.block_size,
+                                         async_scheduling=self.config.async_scheduling)
+        for parent in parents:  # their shared prefix is computed now
+            self._fork_running(parent)
+        return SchedulerOutput(
+            scheduled=scheduled,
+            total_num_scheduled_tokens=budget - plan.token_budget,
+            finished_req_ids=finished_req_ids,
+            preempted_req_ids=plan.preempted_req_ids,
+        )
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, sampled_token_ids: SampledTokenIds
@@ -228,10 +168,14 @@ class Scheduler:
         that (async scheduling) a request preempted after this step was dispatched still gets its
         sampled token, which resolves its placeholder.
         """
-        sampled = _by_request_id(scheduler_output, sampled_token_ids)
+        sampled = sampled_by_request_id(scheduler_output, sampled_token_ids)
         updates: list[RequestUpdate] = []
         requests, running = self.requests, RequestStatus.RUNNING
+        tables = self.block_manager.tables
         cache_full_blocks = self.block_manager.cache_full_blocks
+        apply_sample, max_model_len = self._apply_sample, self.config.max_model_len
+        # NOTE: runs for every request every step; cache_full_blocks is only called when a block
+        # may have filled up (BlockTable.cache_from), which is what it would check first.
         for scheduled in scheduler_output.scheduled:
             request = requests.get(scheduled.req_id)
             if request is None:
@@ -240,18 +184,33 @@ class Scheduler:
                 # async: a request preempted since this step was scheduled still owes its token
                 if (scheduled.do_sample and request.num_output_placeholders
                         and request.status == RequestStatus.PREEMPTED):
-                    updates.append(self._apply_sample(request, scheduled, sampled))
+                    updates.append(apply_sample(request, scheduled, sampled))
                 continue
             # async: the next step's tokens may already count as computed; their blocks can be
             # hashed only once the placeholder is resolved (below)
-            hashed = request.num_computed_tokens <= request.num_tokens
+            num_computed_tokens = request.num_computed_tokens
+            hashed = num_computed_tokens <= len(request.all_token_ids)
             if hashed:
-                cache_full_blocks(request)
+                table = tables.get(scheduled.req_id)
+                if table is not None and num_computed_tokens >= table.cache_from:
+                    cache_full_blocks(request)
             if not scheduled.do_sample:
                 continue
-            updates.append(self._apply_sample(request, scheduled, sampled))
+            token_id = sampled.get(scheduled.req_id)
+            if type(token_id) is int:  # _apply_sample of one sampled id, inline
+                if request.num_output_placeholders:
+                    request.num_output_placeholders -= 1
+                request.append_output_token_id(token_id)
+                stop = check_stop(request, max_model_len)
+                if stop is not None:
+                    self._finish(request, *stop)
+                updates.append(_new_tuple(RequestUpdate, (request, [token_id], stop is not None)))
+            else:
+                updates.append(apply_sample(request, scheduled, sampled))
             if not hashed and request.status == running:
-                cache_full_blocks(request)
+                table = tables.get(scheduled.req_id)
+                if table is not None and num_computed_tokens >= table.cache_from:
+                    cache_full_blocks(request)
         return updates
 
     def _apply_sample(self, request: Request, scheduled: ScheduledRequest,
@@ -262,7 +221,7 @@ class Scheduler:
             raise ValueError(f"no sampled token ids for request {scheduled.req_id!r}.")
         if request.num_output_placeholders:
             request.num_output_placeholders -= 1
-        new_token_ids = self._append_until_stop(request, _as_ids(token_ids))
+        new_token_ids = self._append_until_stop(request, as_ids(token_ids))
         return RequestUpdate(request, new_token_ids, request.is_finished())
 
     # ----- queries -----
@@ -293,21 +252,39 @@ class Scheduler:
 
     # ----- scheduling internals -----
 
-    def _schedule_running(self, plan: _StepPlan) -> None:
-        running = RequestStatus.RUNNING
+    def _schedule_running(self, plan: StepPlan) -> None:
+        running, tables = RequestStatus.RUNNING, self.block_manager.tables
+        planned = plan.scheduled
         for request in list(self.running):
-            if plan.token_budget == 0:
+            budget = plan.token_budget
+            if budget == 0:
                 break
             if request.status != running:
                 continue  # preempted by an earlier request of this loop
-            num_new_tokens = min(self._num_tokens_to_compute(request), plan.token_budget)
-            if num_new_tokens == 0:
+            # NOTE: _num_tokens_to_compute of an n == 1 request, inline (every request, every
+            # step); async: the length-cap check is only needed while a placeholder is pending.
+            if request.sampling_params.n > 1:
+                num_new_tokens = self._num_tokens_to_compute(request)
+            else:
+                placeholders = request.num_output_placeholders
+                if placeholders and self._capped_by_placeholders(request):
+                    continue
+                num_new_tokens = (len(request.all_token_ids) + placeholders
+                                  - request.num_computed_tokens)
+            if num_new_tokens > budget:
+                num_new_tokens = budget
+            if num_new_tokens <= 0:
                 continue
-            if not self._allocate_or_preempt(request, num_new_tokens, plan):
+            # Nearly every step the request's last block still has room (allocate_slots would
+            # return []); only then is the call skipped.
+            table = tables.get(request.request_id)
+            if (table is None or request.num_computed_tokens + num_new_tokens > table.num_slots
+                    ) and not self._allocate_or_preempt(request, num_new_tokens, plan):
                 break
-            plan.add(request, num_new_tokens)
+            planned.append((request, num_new_tokens))  # plan.add, inline
+            plan.token_budget -= num_new_tokens
 
-    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: _StepPlan) -> bool:
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: StepPlan) -> bool:
         """Allocate, preempting victims until it fits; False if the request itself was preempted."""
         while self.block_manager.allocate_slots(request, num_new_tokens) is None:
             victim = self._pick_victim()
@@ -322,7 +299,7 @@ class Scheduler:
             return self.running[max(ranked)[2]]
         return self.running[-1]
 
-    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)
         self.block_manager.free(request)
         plan.drop(request)
@@ -333,7 +310,9 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.prepend(request)
 
-    def _schedule_waiting(self, plan: _StepPlan) -> None:
+    def _schedule_waiting(self, plan: StepPlan) -> None:
+        if len(self.running) >= self.config.max_num_seqs:
+            return  # every running request holds at least one seat: the batch is full
         seats_used = sum(r.sampling_params.n for r in self.running)
         while len(self.waiting) and plan.token_budget > 0:
             request = self.waiting.peek()
@@ -363,66 +342,20 @@ class Scheduler:
     def _num_tokens_to_compute(self, request: Request) -> int:
         """Tokens left to compute; an n > 1 parent stops at its shared prefix."""
         if request.sampling_params.n > 1:
-            return max(0, self._shared_prefix_len(request) - request.num_computed_tokens)
+            return max(0, request.shared_prefix_len(self.config.block_size)
+                       - request.num_computed_tokens)
         placeholders = request.num_output_placeholders
         if placeholders and self._capped_by_placeholders(request):
             return 0  # its in-flight token is its last one: nothing more to compute
-        return max(0, request.num_tokens + placeholders - request.num_computed_tokens)
+        return max(0, len(request.all_token_ids) + placeholders - request.num_computed_tokens)
 
     def _capped_by_placeholders(self, request: Request) -> bool:
         """True when the request reaches a length cap once its placeholders are resolved."""
         placeholders = request.num_output_placeholders
         max_tokens = request.sampling_params.max_tokens
-        return (request.num_tokens + placeholders >= self.config.max_model_len
+        return (len(request.all_token_ids) + placeholders >= self.config.max_model_len
                 or (max_tokens is not None
-                    and request.num_output_tokens + placeholders >= max_tokens))
-
-    def _shared_prefix_len(self, parent: Request) -> int:
-        bs = self.config.block_size
-        return (parent.num_prompt_tokens - 1) // bs * bs
-
-    def _commit(self, plan: _StepPlan) -> SchedulerOutput:
-        """Turn the plan into the runner's view, advance num_computed_tokens, fork parents."""
-        finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
-        scheduled = []
-        get_block_ids = self.block_manager.get_block_ids
-        for request, num_new_tokens in plan.scheduled:
-            start = request.num_computed_tokens
-            end = start + num_new_tokens
-            all_token_ids = request.all_token_ids
-            params = request.sampling_params
-            known, placeholders = len(all_token_ids), request.num_output_placeholders
-            token_ids = all_token_ids[start:end]
-            if end > known:  # the in-flight step's samples: the runner fills them on the device
-                token_ids += [-1] * (end - max(start, known))
-            do_sample = end == known + placeholders
-            scheduled.append(
-                ScheduledRequest(
-                    req_id=request.request_id,
-                    token_ids=token_ids,
-                    num_computed_tokens=start,
-                    block_ids=get_block_ids(request.request_id),
-                    do_sample=do_sample,
-                    sampling_params=params,
-                    prompt_token_ids=request.prompt_token_ids,
-                    output_token_ids=request.output_token_ids,
-                    prompt_logprobs_positions=(
-                        _NO_POSITIONS if params.prompt_logprobs is None
-                        else request.take_prompt_logprob_positions(start, end)),
-                    num_output_tokens=request.num_output_tokens + placeholders,
-                )
-            )
-            request.num_computed_tokens = end
-            if do_sample and self.config.async_scheduling:
-                request.num_output_placeholders += 1
-            if params.n > 1 and end == self._shared_prefix_len(request):
-                self._fork_running(request)
-        return SchedulerOutput(
-            scheduled=scheduled,
-            total_num_scheduled_tokens=sum(num for _, num in plan.scheduled),
-            finished_req_ids=finished_req_ids,
-            preempted_req_ids=plan.preempted_req_ids,
-        )
+                    and len(request.output_token_ids) + placeholders >= max_tokens))
 
     # ----- parallel sampling -----
 
@@ -455,28 +388,11 @@ class Scheduler:
     def _append_until_stop(self, request: Request, token_ids: list[int]) -> list[int]:
         for i, token_id in enumerate(token_ids):
             request.append_output_token_id(token_id)
-            stop = self._check_stop(request)
+            stop = check_stop(request, self.config.max_model_len)
             if stop is not None:
                 self._finish(request, *stop)
                 return token_ids[: i + 1]
         return token_ids
-
-    def _check_stop(self, request: Request) -> tuple[RequestStatus, int | None] | None:
-        """(finished status, stop_reason) if the last token ends the request, as vLLM decides."""
-        params, output_token_ids = request.sampling_params, request.output_token_ids
-        num_output_tokens = len(output_token_ids)
-        if request.num_tokens >= self.config.max_model_len or (
-            params.max_tokens is not None and num_output_tokens >= params.max_tokens
-        ):
-            return RequestStatus.FINISHED_LENGTH_CAPPED, None
-        if num_output_tokens < params.min_tokens:
-            return None
-        last_token_id = output_token_ids[-1]
-        if not params.ignore_eos and last_token_id == request.eos_token_id:
-            return RequestStatus.FINISHED_STOPPED, None
-        if last_token_id in params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED, last_token_id
-        return None
 
     def _finish(
         self, request: Request, status: RequestStatus, stop_reason: int | str | None
@@ -495,24 +411,3 @@ class Scheduler:
             siblings.remove(request.request_id)
             if not siblings:
                 del self._children[request.parent_id]
-
-
-def _by_request_id(output: SchedulerOutput, sampled: SampledTokenIds) -> Mapping[str, object]:
-    if isinstance(sampled, Mapping):
-        return sampled
-    if len(sampled) != len(output.scheduled):
-        raise ValueError(
-            f"sampled_token_ids has {len(sampled)} rows for {len(output.scheduled)} "
-            "scheduled requests."
-        )
-    return {s.req_id: row for s, row in zip(output.scheduled, sampled)}
-
-
-def _as_ids(token_ids: object) -> list[int]:
-    """One id or a sequence/array of ids -> a list of Python ints."""
-    if type(token_ids) is int:  # the common case: one sampled id
-        return [token_ids]
-    try:
-        return [operator.index(token_ids)]
-    except TypeError:
-        return [operator.index(t) for t in token_ids]

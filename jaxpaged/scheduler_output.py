@@ -3,19 +3,25 @@
 ``SchedulerOutput`` is all the runner reads: which requests run this step, which tokens to feed,
 where their K/V live. We are single-process, so every step carries full block tables instead of
 vLLM's diff protocol. ``RequestUpdate`` is what ``Scheduler.update_from_output`` hands back.
+
+NOTE: ``ScheduledRequest`` and ``RequestUpdate`` are made once per request per step, so they are
+typed ``NamedTuple``s: immutable like a frozen dataclass, but built several times faster (a frozen
+dataclass sets each field through ``object.__setattr__``). The scheduler's per-step loops build
+them as ``tuple.__new__(ScheduledRequest, (every field, in order))``, which also skips the
+NamedTuple's Python-level ``__new__``: a new field must be added there too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from .request import Request
 from .sampling_params import SamplingParams
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduledRequest:
+class ScheduledRequest(NamedTuple):
     """One request's share of a step. Its new tokens sit at positions
     ``num_computed_tokens .. num_computed_tokens + num_new_tokens - 1``."""
 
@@ -71,7 +77,7 @@ class SchedulerOutput:
     @property
     def num_scheduled_tokens(self) -> dict[str, int]:
         """req_id -> num_new_tokens (vLLM's field of that name)."""
-        return {s.req_id: s.num_new_tokens for s in self.scheduled}
+        return {s.req_id: len(s.token_ids) for s in self.scheduled}
 
     @property
     def is_empty(self) -> bool:
@@ -80,11 +86,10 @@ class SchedulerOutput:
     @property
     def max_query_len(self) -> int:
         """Largest num_new_tokens in the batch; 1 means decode only."""
-        return max((s.num_new_tokens for s in self.scheduled), default=0)
+        return max([len(s.token_ids) for s in self.scheduled], default=0)  # read every step
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestUpdate:
+class RequestUpdate(NamedTuple):
     """What one step did to one request (a sampled request, after stop checks)."""
 
     request: Request  # its output_token_ids already end with new_token_ids

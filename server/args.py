@@ -59,8 +59,8 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "reference"])
-    g.add_argument("--async-scheduling", action="store_true",
-                   help="overlap scheduling and detokenizing with the device step")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="overlap scheduling and detokenizing with the device step (default on)")
     g.add_argument("--compilation-cache-dir", default="~/.cache/jaxpaged/xla",
                    help="JAX's persistent compilation cache ('' disables it)")
 

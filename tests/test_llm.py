@@ -23,7 +23,9 @@ def test_batched_greedy_equals_hf_goldens_with_chunked_prefill(llm):
     dict(enable_chunked_prefill=False, max_num_batched_tokens=128),
     dict(enable_prefix_caching=False),
     dict(num_gpu_blocks_override=12),  # 11 usable blocks of 16: forces preemption
-], ids=["no-chunked-prefill", "no-prefix-cache", "preemption"])
+    dict(async_scheduling=False),
+    dict(async_scheduling=False, num_gpu_blocks_override=12),
+], ids=["no-chunked-prefill", "no-prefix-cache", "preemption", "sync", "sync-preemption"])
 def test_greedy_equals_hf_goldens_across_engine_modes(overrides, tiny_checkpoint):
     llm = make_llm(tiny_checkpoint, **overrides)
     prompts, expected = golden_prompts()
