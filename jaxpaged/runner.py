@@ -329,11 +329,14 @@ class ModelRunner:
                 f"{stats.misses} compiled in {stats.compile_s:.1f} s")
 
     def warmup(self, max_parallel_compiles: int | None = None) -> float:
-        """Compiles every step shape ahead of time, several at once (XLA compiles release the
-        GIL), then greedy and random sampling for every batch size; returns the seconds taken."""
+        """Compiles every step shape ahead of time, and greedy and random sampling for every
+        batch size, several programs at once (XLA compiles release the GIL); returns the seconds
+        taken."""
         start = time.perf_counter()
         shapes = self.ladder.all_shapes()
-        workers = max_parallel_compiles or min(len(shapes), os.cpu_count() or 1)
+        samplers = [(batch, params) for batch in self.ladder.sampler_batch_sizes
+                    for params in _WARMUP_SAMPLING]
+        workers = max_parallel_compiles or min(len(shapes) + len(samplers), os.cpu_count() or 1)
 
         def compile_shape(shape: StepShape) -> None:
             inputs = pack_step([], shape, block_size=self.block_size,
@@ -341,18 +344,21 @@ class ModelRunner:
             self._executable(*reversed(bundle(dataclasses.replace(inputs,
                                                                   prev_sampled_ids=None))))
 
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(compile_shape, shapes))
-        vocab = self.config.vocab_size
-        for batch in self.ladder.sampler_batch_sizes:
+        def compile_sampler(batch: int, params: SamplingParams) -> None:
             # committed to the device like the model step's logits, so the same program is cached
-            logits = jax.device_put(np.zeros((batch, vocab), np.float32), jax.devices()[0])
-            for params in _WARMUP_SAMPLING:
-                tensors = build_sampling_tensors(
-                    [params] * batch, [[0]] * batch, [[]] * batch, self.eos_token_ids, batch,
-                    vocab, self._base_key, penalty_width=self.penalty_width)
-                out, _ = self._run_sampler(logits, np.arange(batch, dtype=np.int32), tensors)
-                out.token_ids.block_until_ready()
+            logits = jax.device_put(np.zeros((batch, self.config.vocab_size), np.float32),
+                                    jax.devices()[0])
+            tensors = build_sampling_tensors(
+                [params] * batch, [[0]] * batch, [[]] * batch, self.eos_token_ids, batch,
+                self.config.vocab_size, self._base_key, penalty_width=self.penalty_width)
+            out, _ = self._run_sampler(logits, np.arange(batch, dtype=np.int32), tensors)
+            out.token_ids.block_until_ready()
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(compile_shape, shape) for shape in shapes]
+            futures += [pool.submit(compile_sampler, *sampler) for sampler in samplers]
+            for future in futures:
+                future.result()  # re-raises a failed compile
         return time.perf_counter() - start
 
 
