@@ -9,6 +9,13 @@ to. ``rms_norm`` is the same without a residual (the first layer's input norm, t
 Un-fused, XLA runs this as up to three kernels per norm (the add, the row reduction, the scale);
 a batch-1 decode step pays a launch for each.
 
+Not used by the model (measured on an H100, Llama-3-8B, batch-1 decode, bench/RESULTS.md): the
+kernel took 2.1 us per norm against ~4.3 us for XLA's three kernels, but XLA had been folding the
+norm's scale into the prologue of the next matmul (the QKV projection's Triton GEMM); behind a
+custom call it tiled that GEMM as split-K with an extra reduction kernel instead, and the step
+got 0.45 ms slower (6.55 against 6.10 ms of device time). It stays a tested building block for a
+fused norm + projection kernel.
+
 Kernel. One program per block of ``block_rows`` rows: grid ``(ceil(T / block_rows),)``. A program
 loads its ``[block_rows, Hp]`` tile of x (and of the residual) once, with ``Hp`` the next power of
 2 >= H (Triton tiles need power-of-2 sizes), reduces each row in f32, and stores the normalized

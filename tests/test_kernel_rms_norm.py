@@ -35,15 +35,16 @@ def _ordered_bf16_bits(a: jax.Array) -> np.ndarray:
     return np.where(bits & 0x8000, -magnitude, magnitude)
 
 
-def _assert_normed_matches(actual: jax.Array, expected: jax.Array) -> None:
-    """f32: 1e-6 (the f32 sum of squares may be added in another order). bf16: at most 1 ulp
-    anywhere and exact almost everywhere (a 1-ulp change of the mean square flips a rounding)."""
+def _assert_normed_matches(actual: jax.Array, expected: jax.Array, max_ulps: int = 1) -> None:
+    """f32: 1e-6 (the f32 sum of squares may be added in another order). bf16: at most
+    ``max_ulps`` anywhere and exact almost everywhere (a 1-ulp change of the mean square flips a
+    rounding of the normalized value, which the weight multiply can widen to 2 ulps)."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     if actual.dtype == jnp.float32:
         np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-6, atol=1e-6)
         return
     ulps = np.abs(_ordered_bf16_bits(actual) - _ordered_bf16_bits(expected))
-    assert ulps.max() <= 1, f"{ulps.max()} bf16 ulps apart"
+    assert ulps.max() <= max_ulps, f"{ulps.max()} bf16 ulps apart"
     assert np.count_nonzero(ulps) <= max(1, ulps.size // 100), f"{np.count_nonzero(ulps)} differ"
 
 
@@ -209,6 +210,8 @@ def test_kernel_on_gpu(num_tokens, hidden_size, dtype):
     normed, new_residual = fused_add_rms_norm(x, residual, weight, eps=EPS, impl="pallas")
     ref_normed, ref_residual = fused_add_rms_norm_reference(x, residual, weight, eps=EPS)
     _assert_bitwise_equal(new_residual, ref_residual)
-    _assert_normed_matches(normed, ref_normed)
+    # On the GPU XLA's reduction adds the squares in another order than the kernel (measured on
+    # an H100: 2 ulps at 256 x 4096 in bf16).
+    _assert_normed_matches(normed, ref_normed, max_ulps=2)
     _assert_normed_matches(rms_norm(x, weight, eps=EPS, impl="pallas"),
-                           rms_norm_reference(x, weight, eps=EPS))
+                           rms_norm_reference(x, weight, eps=EPS), max_ulps=2)
