@@ -56,6 +56,8 @@ for stage in $stages; do
     hf-cb-graphs) run hf-cb-graphs 420 python3 bench/hf_baseline.py --method generate_batch \
              --cuda-graphs on --workload nano --num-requests 64 --time-limit 240 --out "$OUT/graphs" ;;
     serve) run serve 580 env OUT="$OUT" bash bench/serve_bench.sh 16 inf ;;
+    serve-2048) run serve-2048 300 env OUT="$OUT/s2048" SERVE_SERVER_ARGS="--max-num-batched-tokens 2048" \
+             bash bench/serve_bench.sh 16 ;;
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 \
              --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;
