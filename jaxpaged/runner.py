@@ -131,8 +131,9 @@ PROMPT_LOGPROBS_CHUNK = 256
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "state_treedef", "num_top", "chunk"))
-def _prompt_logprobs(graphdef, state_treedef, state_leaves: list[jax.Array], hidden: jax.Array, rows: jax.Array, targets: jax.Array, *,
-                     num_top: int, chunk: int) -> SampleLogprobs:
+def _prompt_logprobs(graphdef, state_treedef, state_leaves: list[jax.Array], hidden: jax.Array,
+                     rows: jax.Array, targets: jax.Array, *, num_top: int,
+                     chunk: int) -> SampleLogprobs:
     """Raw logprobs of ``targets`` i32[R] under the distributions of ``hidden[rows]`` ([T, hidden],
     i32[R]), with their ranks and the top ``num_top`` tokens; R is a multiple of ``chunk``, and
     only ``chunk`` rows of f32[chunk, V] logits exist at a time. -> SampleLogprobs [R]."""
@@ -341,8 +342,8 @@ class ModelRunner:
         def compile_shape(shape: StepShape) -> None:
             inputs = pack_step([], shape, block_size=self.block_size,
                                table_width=self.ladder.table_width, prev_width=self.prev_width)
-            self._executable(*reversed(bundle(dataclasses.replace(inputs,
-                                                                  prev_sampled_ids=None))))
+            packed, layout = bundle(dataclasses.replace(inputs, prev_sampled_ids=None))
+            self._executable(layout, packed)
 
         def compile_sampler(batch: int, params: SamplingParams) -> None:
             # committed to the device like the model step's logits, so the same program is cached
