@@ -50,9 +50,9 @@ class StepRecorder:
         self.last_sample: tuple | None = None
         run_model, run_sampler = runner._run_model, runner._run_sampler
 
-        def record_model(inputs):
-            self.last_inputs = inputs
-            return run_model(inputs)
+        def record_model(inputs, prev_ids):
+            self.last_inputs = (inputs, prev_ids)
+            return run_model(inputs, prev_ids)
 
         def record_sampler(logits, rows, tensors):
             self.last_sample = (rows, tensors)
@@ -69,7 +69,7 @@ class StepRecorder:
             if i == 2:
                 jax.block_until_ready(out)
                 start = time.perf_counter()
-            logits, _ = self._run_model(self.last_inputs)
+            logits, _ = self._run_model(*self.last_inputs)
             out = self._run_sampler(logits, *self.last_sample)
         jax.block_until_ready(out)
         return (time.perf_counter() - start) / steps

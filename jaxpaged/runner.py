@@ -23,14 +23,12 @@ fixed ``prev_width`` on the device; the next dispatched step reads the tokens it
 
 from __future__ import annotations
 
-import collections.abc
 import concurrent.futures
 import dataclasses
 import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -207,9 +205,9 @@ class ModelRunner:
         shape = self.ladder.shape_for(scheduler_output.total_num_scheduled_tokens, len(scheduled),
                                       decode_only=scheduler_output.max_query_len == 1)
         inputs = self._packer.pack(scheduled, shape, self._prev_rows)
-        if self._prev_sampled_ids is not None and (inputs.prev_source_rows >= 0).any():
-            inputs = inputs.with_prev_sampled_ids(self._prev_sampled_ids)
-        logits, hidden = self._run_model(inputs)
+        needs_prev = self._prev_sampled_ids is not None and (inputs.prev_source_rows >= 0).any()
+        logits, hidden = self._run_model(
+            inputs, self._prev_sampled_ids if needs_prev else self._no_prev_ids)
         pending = self._dispatch_prompt_logprobs(scheduled, hidden)  # None in nearly every step
         return self._dispatch_sample(scheduled, logits, shape.num_seqs, pending)
 
@@ -264,19 +262,19 @@ class ModelRunner:
                                       hidden, rows, targets, num_top=num_top, chunk=chunk)
 
     def _sampling_tensors(self, requests: list[ScheduledRequest], pad_to: int) -> SamplingTensors:
-        """Host (numpy) tensors: the jitted sampler's call moves them to the device."""
+        """Host (numpy) tensors: the jitted sampler's call moves them to the device. Generated
+        counts include the placeholders of the step in flight (async scheduling)."""
         return self._sampling_builder.build(
             [r.req_id for r in requests], [r.sampling_params for r in requests],
-            [r.prompt_token_ids for r in requests], [_output_ids(r) for r in requests],
-            pad_to, self._step_keys(self._num_steps))
+            [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
+            pad_to, self._step_keys(self._num_steps),
+            num_generated=[r.num_output_tokens for r in requests])
 
-    def _run_model(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
-        """Queues the model step on ``inputs`` (numpy, padded to a step shape; its
-        ``prev_sampled_ids`` a device array or numpy zeros) -> (logits, hidden); the pool is
-        updated in place."""
-        prev_ids = inputs.prev_sampled_ids
-        if not isinstance(prev_ids, jax.Array):
-            prev_ids = self._no_prev_ids  # already on the device: no transfer per step
+    def _run_model(self, inputs: StepInputs, prev_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Queues the model step on ``inputs`` (numpy, padded to a step shape; their own
+        ``prev_sampled_ids`` placeholder is not sent) with ``prev_ids`` (device, i32[prev_width]:
+        the previous step's samples, or zeros already on the device) -> (logits, hidden); the
+        pool is updated in place."""
         packed, layout = bundle(dataclasses.replace(inputs, prev_sampled_ids=None))
         logits, hidden, self.kv_cache = self._executable(layout, packed)(
             self._state_leaves, self.kv_cache, packed, prev_ids)
@@ -426,35 +424,6 @@ def _num_top_bucket(num_top: int, vocab_size: int) -> int:
     """The top-N computed for a step: a power of two >= the largest asked for (>= 1, as top_k
     needs), capped at the vocabulary; each request keeps its own N of them."""
     return min(vocab_size, 1 if num_top <= 1 else 1 << (num_top - 1).bit_length())
-
-
-class _PaddedOutputIds(collections.abc.Sequence):
-    """A request's output ids followed by ``missing`` zeros, without copying the ids (a copy per
-    request per step grows with the output length)."""
-
-    def __init__(self, ids: Sequence[int], missing: int):
-        self._ids, self._missing = ids, missing
-
-    def __len__(self) -> int:
-        return len(self._ids) + self._missing
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        size = len(self)
-        if not -size <= index < size:
-            raise IndexError(index)
-        index %= size
-        return self._ids[index] if index < len(self._ids) else 0
-
-
-def _output_ids(request: ScheduledRequest) -> Sequence[int]:
-    """The request's output ids as the sampler must count them: placeholders of the step in
-    flight (not appended yet) are padded with 0; only their number matters (penalties, which need
-    the real ids, are never scheduled with a placeholder pending)."""
-    ids = request.output_token_ids
-    missing = request.num_output_tokens - len(ids)
-    return ids if missing <= 0 else _PaddedOutputIds(ids, missing)
 
 
 def _logprobs_by_request(requests: list[ScheduledRequest],

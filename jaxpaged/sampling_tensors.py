@@ -314,9 +314,13 @@ class SamplingTensorBuilder:
         output_ids_list: Sequence[Sequence[int]],
         pad_to: int,
         step_key: jax.Array | np.ndarray,
+        num_generated: Sequence[int] | None = None,
     ) -> SamplingTensors:
         """Host (numpy) ``SamplingTensors`` of one step; see ``build_sampling_tensors`` for the
-        arguments. ``keys`` name the rows' requests (unique within a step)."""
+        arguments. ``keys`` name the rows' requests (unique within a step). ``num_generated``:
+        each row's count of generated tokens when it exceeds ``len(output_ids_list[i])`` (async
+        scheduling: samples of the step in flight are counted before their ids arrive; only rows
+        without penalties may have them, as penalties read the ids); default: those lengths."""
         _validate_batch(params_list, prompt_ids_list, output_ids_list, pad_to, self.vocab_size)
         if len(keys) != len(params_list):
             raise ValueError(f"keys has {len(keys)} entries for {len(params_list)} rows")
@@ -327,7 +331,9 @@ class SamplingTensorBuilder:
             columns = self._columns = self._stack(rows, pad_to)
         num_rows = len(rows)
         gen_counts = np.zeros(pad_to, np.int32)
-        gen_counts[:num_rows] = np.fromiter(map(len, output_ids_list), np.int64, num_rows)
+        gen_counts[:num_rows] = np.fromiter(
+            map(len, output_ids_list) if num_generated is None else num_generated, np.int64,
+            num_rows)
         floats = columns.floats
         return SamplingTensors(
             temperature=floats[0], top_k=columns.top_k, top_p=floats[1], min_p=floats[2],

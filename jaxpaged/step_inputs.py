@@ -40,11 +40,9 @@ class StepInputs:
     md: AttentionMetadata
     # i32[T]: row of prev_sampled_ids holding the token (its token_ids entry is -1), else -1
     prev_source_rows: jax.Array
-    # i32[P]: the previous step's sampled ids (device), padded; zeros when none are needed
+    # i32[P]: host zeros of the previous step's sampled ids' length; the runner sends the real
+    # ids (a device array) to the model step beside the packed inputs
     prev_sampled_ids: jax.Array
-
-    def with_prev_sampled_ids(self, prev_sampled_ids: jax.Array) -> StepInputs:
-        return dataclasses.replace(self, prev_sampled_ids=prev_sampled_ids)
 
 
 @dataclasses.dataclass
