@@ -69,6 +69,11 @@ for stage in $stages; do
     kernel-small) run kernel-small 200 python3 bench/kernels.py --variants-only \
              --decode-variants hpp2_pps2,hpp4_pps1,hpp2_pps2+pages_per_step=1,hpp2_pps2+num_warps=2 \
              --decode-shapes 1x4096,8x4096 --decode-splits 16,32,64,128 --out "$OUT/small" ;;
+    diag-b1) run diag-b1 300 python3 bench/decode_steps.py --batches 1 --steps 10 --kv-bytes 8 \
+             --dump-hlo --trace 1 --out "$OUT/b1" ;;
+    kernel-1x4096) run kernel-1x4096 300 python3 bench/kernels.py --variants-only \
+             --decode-variants hpp2_pps2,hpp2_pps2+pages_per_step=4,hpp2_pps2+num_stages=3,hpp2_pps2+num_warps=8,hpp4_pps1+pages_per_step=4,hpp2_pps2+pages_per_step=4+num_warps=8 \
+             --decode-shapes 1x4096,64x2048 --decode-splits 32,64,128 --out "$OUT/small" ;;
     prefill) run prefill 240 python3 bench/prefill.py --trace --out "$OUT" ;;
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
