@@ -73,7 +73,10 @@ for stage in $stages; do
              --dump-hlo --trace 1 --out "$OUT/b1" ;;
     kernel-1x4096) run kernel-1x4096 300 python3 bench/kernels.py --variants-only \
              --decode-variants hpp2_pps2,hpp2_pps2+pages_per_step=4,hpp2_pps2+num_stages=3,hpp2_pps2+num_warps=8,hpp4_pps1+pages_per_step=4,hpp2_pps2+pages_per_step=4+num_warps=8 \
-             --decode-shapes 1x4096,64x2048 --decode-splits 32,64,128 --out "$OUT/small" ;;
+             --decode-shapes 1x4096 --decode-splits 32,64,128 --out "$OUT/small" ;;
+    kernel-64x2048) run kernel-64x2048 300 python3 bench/kernels.py --variants-only \
+             --decode-variants default,default+num_warps=8,default+pages_per_step=8,default+num_stages=3,default+pages_per_step=2,default+launch_order=head_inner \
+             --decode-shapes 64x2048 --out "$OUT/b64" ;;
     prefill) run prefill 240 python3 bench/prefill.py --trace --out "$OUT" ;;
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
