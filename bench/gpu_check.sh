@@ -33,7 +33,7 @@ for stage in $stages; do
            git log -1 --format=%H 2>/dev/null || true;
            python3 -X importtime -c "import jaxpaged.llm, jaxpaged.server.app" 2>&1 | sort -t"|" -k2 -n | tail -12' ;;
     tests) run gpu-tests 420 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_kernel_rms_norm.py \
-             tests/test_kernel_kv_write.py tests/test_kernel_attention.py tests/test_gpu_engine.py ;;
+             tests/test_kernel_kv_write.py tests/test_kernel_rope_kv_write.py tests/test_kernel_attention.py tests/test_gpu_engine.py ;;
     engine-tests) run gpu-engine-tests 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
              tests/test_gpu_engine.py ;;
     decode) run decode 300 python3 bench/decode_steps.py --batches 1 64 256 --steps 10 \
@@ -51,6 +51,12 @@ for stage in $stages; do
     throughput-sync) run throughput-sync 540 python3 bench/throughput.py --workload nano \
              --no-async-scheduling --out "$OUT/sync" ;;
     hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;
+    hf-half1) run hf-half1 590 python3 bench/hf_baseline.py --workload nano --num-requests 128 \
+             --out "$OUT/hf1" ;;
+    hf-half2) run hf-half2 590 python3 bench/hf_baseline.py --workload nano --first-request 128 \
+             --out "$OUT/hf2" ;;
+    serve-512) run serve-512 300 env OUT="$OUT/s512" SERVE_SERVER_ARGS="--max-num-batched-tokens 512" \
+             bash bench/serve_bench.sh 16 ;;
     hf-cb) run hf-cb 420 python3 bench/hf_baseline.py --method generate_batch --workload nano \
              --num-requests 64 --time-limit 240 --out "$OUT" ;;
     hf-cb-graphs) run hf-cb-graphs 420 python3 bench/hf_baseline.py --method generate_batch \
@@ -65,7 +71,7 @@ for stage in $stages; do
              --decode-variants legacy,example_like,every,last,last_head_inner,hpp2_pps2 \
              --out "$OUT/var" ;;
     kernel-tests) run kernel-tests 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
-             tests/test_kernel_attention.py tests/test_kernel_kv_write.py ;;
+             tests/test_kernel_attention.py tests/test_kernel_kv_write.py tests/test_kernel_rope_kv_write.py ;;
     kernel-small) run kernel-small 200 python3 bench/kernels.py --variants-only \
              --decode-variants hpp2_pps2,hpp4_pps1,hpp2_pps2+pages_per_step=1,hpp2_pps2+num_warps=2 \
              --decode-shapes 1x4096,8x4096 --decode-splits 16,32,64,128 --out "$OUT/small" ;;

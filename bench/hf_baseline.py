@@ -18,6 +18,7 @@ count (``timed_out``, ``completed_requests`` and ``partial_tokens`` say how much
 Random bf16 weights of the config's shapes are initialized on the device.
 
     python bench/hf_baseline.py --model bench/configs/llama3-8b --workload nano --num-requests 64
+    python bench/hf_baseline.py --workload nano --first-request 128  # the second half of nano
     python bench/hf_baseline.py --method generate_batch --workload nano --time-limit 300
 """
 
@@ -177,6 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="bench/configs/llama3-8b")
     parser.add_argument("--workload", choices=["nano", "fixed"], default="nano")
     parser.add_argument("--num-requests", type=int)
+    parser.add_argument("--first-request", type=int, default=0,
+                        help="skip the workload's first N requests (a multiple of --group keeps "
+                             "the static groups of a whole run, so a run can be split in parts)")
     parser.add_argument("--method", choices=["static", "generate_batch"], default="static")
     parser.add_argument("--group", type=int, default=64, help="static: requests per generate call")
     parser.add_argument("--attn-implementation", default="paged|sdpa",
@@ -190,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_requests is not None and args.num_requests < 1:
         parser.error("--num-requests must be positive")
+    if args.first_request < 0:
+        parser.error("--first-request must be >= 0")
     if args.time_limit is not None and not args.time_limit > 0:
         parser.error("--time-limit must be positive")
     return args
@@ -203,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         prompts, outputs = fixed_workload()
         temperature = 0.0
+    prompts, outputs = prompts[args.first_request:], outputs[args.first_request:]
+    if not prompts:
+        raise SystemExit(f"--first-request {args.first_request} skips every request")
     count = args.num_requests or len(prompts)
     prompts, outputs = prompts[:count], outputs[:count]
     model = load_random_model(args.model, args.device)
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
                  "attn_implementation": args.attn_implementation, "cuda_graphs": args.cuda_graphs,
                  "per_request_max_new_tokens": True}
     result = {"device": device_name(args.device), "method": args.method, **extra,
-              "workload": args.workload, "num_requests": count,
+              "workload": args.workload, "first_request": args.first_request,
+              "num_requests": len(prompts),
               "output_tokens": stats.output_tokens, "seconds": stats.seconds,
               "output_tok_s": stats.output_tokens / stats.seconds,
               "requested_output_tokens": sum(outputs),

@@ -46,8 +46,8 @@ from jaxpaged.converters.tiny import tiny_model_dir
 from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.request import Request
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.sampling_tensors import (SamplingTensorBuilder, SamplingTensors, StepKeys,
-                                       build_sampling_tensors)
+from jaxpaged.sampling_tensor_builder import SamplingTensorBuilder, build_sampling_tensors
+from jaxpaged.sampling_tensors import SamplingTensors, StepKeys
 from jaxpaged.scheduler import Scheduler, SchedulerConfig
 from jaxpaged.scheduler_output import SchedulerOutput
 from jaxpaged.step_inputs import StepInputs, StepPacker, pack_step

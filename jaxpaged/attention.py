@@ -1,8 +1,10 @@
-"""The model's one attention entry point: write the step's K/V into the paged pool, then attend.
+"""The model's one attention entry point: RoPE, the K/V write into the paged pool, then attention.
 
-The model calls ``paged_attention`` per layer with the layer index; this module moves the step's
-layer-local block ids into the layer-flattened pool (``kv_cache.layer_view``) and dispatches to the
-kernels in ``jaxpaged.pallas_kernels`` (Pallas on an NVIDIA GPU, their jnp references elsewhere).
+The model calls ``paged_attention`` per layer with the layer index and its fused QKV projection;
+this module moves the step's layer-local slots and block ids into the layer-flattened pool
+(``kv_cache`` module doc) and dispatches to the kernels in ``jaxpaged.pallas_kernels`` (Pallas on
+an NVIDIA GPU, their jnp references elsewhere): one kernel rotates q and k and stores K/V, one
+attends.
 """
 
 from __future__ import annotations
@@ -10,18 +12,19 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from jaxpaged.attention_metadata import AttentionMetadata
-from jaxpaged.kv_cache import KVCache, layer_view
-from jaxpaged.pallas_kernels.kv_write import write_kv
+from jaxpaged.kv_cache import KVCache
 from jaxpaged.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from jaxpaged.pallas_kernels.rope_kv_write import rope_and_write_kv
 
 ATTENTION_IMPLS = ("auto", "pallas", "reference")
 
 
-def paged_attention(q: jax.Array,  # [T, Hq, D]
-                    k: jax.Array,  # [T, Hkv, D] new keys of this step
-                    v: jax.Array,  # [T, Hkv, D] new values of this step
+def paged_attention(qkv: jax.Array,  # [T, Hkv, G + 2, D]: per kv head its G queries, K, V
+                    cos: jax.Array,  # f32[T, D]: RoPE of each token's position
+                    sin: jax.Array,  # f32[T, D]
                     kv_cache: KVCache,
                     layer: int,  # which layer's part of the pool
                     md: AttentionMetadata,
@@ -32,10 +35,13 @@ def paged_attention(q: jax.Array,  # [T, Hq, D]
     """Returns the attention output [T, Hq, D] and the pool with this step's K/V written."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    lmd = layer_view(md, layer, kv_cache.num_blocks, kv_cache.block_size)
-    k_pool, v_pool = write_kv(kv_cache.k, kv_cache.v, k.astype(kv_cache.k.dtype),
-                              v.astype(kv_cache.v.dtype), lmd.slot_mapping, impl=impl)
-    out = ragged_paged_attention(q, k_pool, v_pool, lmd.block_tables, lmd.seq_lens,
-                                 lmd.query_start_loc, sm_scale=sm_scale, soft_cap=soft_cap,
-                                 max_query_len=md.max_query_len, impl=impl)
+    block_offset = layer * kv_cache.num_blocks
+    # A constant operand, not a static argument: every layer runs the same compiled kernel.
+    slot_offset = jnp.int32(block_offset * kv_cache.block_size)
+    q, k_pool, v_pool = rope_and_write_kv(qkv, cos, sin, kv_cache.k, kv_cache.v,
+                                          md.slot_mapping, slot_offset, impl=impl)
+    out = ragged_paged_attention(q, k_pool, v_pool, md.block_tables + block_offset, md.seq_lens,
+                                 md.query_start_loc, sm_scale=sm_scale, soft_cap=soft_cap,
+                                 max_query_len=md.max_query_len,
+                                 one_token_per_sequence=md.is_decode_batch, impl=impl)
     return out, dataclasses.replace(kv_cache, k=k_pool, v=v_pool)

@@ -11,6 +11,10 @@ Block ids here are *layer-local* (``0 .. num_blocks - 1``; block 0 is the null b
 padding); attention offsets them into the layer-flattened pool (see ``kv_cache.KVCache``).
 Padding: token slots past ``query_start_loc[-1]`` carry ``slot_mapping == -1`` (never written), and
 padding sequence rows have ``seq_lens == 0`` and an empty query range.
+
+Decode batches (``max_query_len == 1`` and ``T == S``) are packed one token per sequence in order:
+token ``s`` is sequence ``s``'s new token (padding rows own the padding tokens). Attention relies
+on it (``is_decode_batch``) to use the decode kernel's rows as the output without a gather.
 """
 
 from __future__ import annotations
@@ -38,3 +42,8 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    @property
+    def is_decode_batch(self) -> bool:
+        """One new token per sequence, token ``s`` belonging to sequence ``s`` (module doc)."""
+        return self.max_query_len == 1 and self.num_tokens == self.num_seqs

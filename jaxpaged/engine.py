@@ -6,12 +6,13 @@ previous step's results: schedule k -> dispatch k -> fetch k - 1 (done or nearly
 -> apply and detokenize k - 1. So the device never waits for the host; outputs come one step later.
 Requests with ``n > 1`` run as ``n`` child sequences
 (see ``scheduler``); their outputs are gathered back under the parent's id here.
+
+What the engine keeps per request to build its outputs is in ``request_state``; start-up helpers
+(compilation caches, checkpoint dtype) are in ``engine_setup``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -21,17 +22,17 @@ from flax import nnx
 
 from jaxpaged.buckets import BucketLadder
 from jaxpaged.config import ModelConfig
-from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.engine_config import EngineConfig
-from jaxpaged.executable_cache import ExecutableCache, environment_fingerprint
+from jaxpaged.engine_setup import (StartupTimings, enable_compilation_cache,
+                                   open_executable_cache, read_json, resolve_dtype)
 from jaxpaged.kv_sizing import KVPlan, activation_reserve_bytes, plan_kv_cache
 from jaxpaged.model_loader import jax_dtype, load_model
-from jaxpaged.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
-                              RequestOutput)
+from jaxpaged.outputs import Logprob, RequestMetrics, RequestOutput
 from jaxpaged.request import Request, RequestStatus
+from jaxpaged.request_state import RequestState, SequenceState, prompt_logprob_entries
 from jaxpaged.runner import (ModelRunner, PromptLogprobsChunk, RunnerOutput, StepHandle,
                              TokenLogprobs)
-from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
+from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler, SchedulerConfig
 from jaxpaged.scheduler_output import RequestUpdate, SchedulerOutput
 from jaxpaged.tokenizer import load_tokenizer
@@ -39,112 +40,20 @@ from jaxpaged.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class StartupTimings:
-    weights_s: float  # config, tokenizer and weights onto the device
-    kv_alloc_s: float  # the KV pool
-    compile_s: float  # warm-up: every step shape (the persistent cache makes a second start fast)
-
-
-@dataclasses.dataclass
-class _Sequence:
-    """One of a request's n samples, as the engine reports it."""
-
-    index: int
-    detokenizer: IncrementalDetokenizer | None
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_reported_tokens: int = 0  # tokens already sent in DELTA outputs
-
-    def completion(self, delta: bool) -> CompletionOutput:
-        finished = self.finish_reason is not None
-        text = (self.detokenizer.get_next_output_text(finished, delta)
-                if self.detokenizer else "")
-        start = self.num_reported_tokens if delta else 0
-        self.num_reported_tokens = len(self.token_ids)
-        logprobs = self.logprobs[start:] if self.logprobs is not None else None
-        return CompletionOutput(index=self.index, text=text, token_ids=self.token_ids[start:],
-                                cumulative_logprob=self.cumulative_logprob,
-                                logprobs=logprobs, finish_reason=self.finish_reason,
-                                stop_reason=self.stop_reason)
-
-
-@dataclasses.dataclass
-class _RequestState:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    metrics: RequestMetrics
-    sequences: dict[int, _Sequence] = dataclasses.field(default_factory=dict)
-    # [None] + one dict per prompt token as the steps compute them; None: not asked for
-    prompt_logprobs: PromptLogprobs | None = None
-    prompt_logprobs_sent: bool = False  # DELTA outputs send them once
-    num_finished: int = 0  # sequences with a finish_reason (kept by LLMEngine._append)
-
-    def add_prompt_logprobs(self, first_index: int, entries: list[dict[int, Logprob]]) -> None:
-        """Entries for prompt tokens ``first_index ..``; the scheduler hands out each position
-        once and in order, so they always continue the list."""
-        if self.prompt_logprobs is None or first_index != len(self.prompt_logprobs):
-            have = None if self.prompt_logprobs is None else len(self.prompt_logprobs)
-            raise RuntimeError(f"request {self.request_id!r}: prompt logprobs from index "
-                               f"{first_index} do not continue the {have} collected")
-        self.prompt_logprobs.extend(entries)
-
-    def _prompt_logprobs_to_send(self, delta: bool) -> PromptLogprobs | None:
-        """The whole list once complete (every output; DELTA: only the first), else None."""
-        logprobs = self.prompt_logprobs
-        if logprobs is None or len(logprobs) < len(self.prompt_token_ids):
-            return None
-        if delta:
-            if self.prompt_logprobs_sent:
-                return None
-            self.prompt_logprobs_sent = True
-        return logprobs
-
-    @property
-    def finished(self) -> bool:
-        return self.num_finished == self.params.n
-
-    def output(self, changed: set[int] | None) -> RequestOutput | None:
-        """This step's output for the request per its ``output_kind`` (None: nothing to send).
-        ``changed``: indices of the sequences that progressed (None: only sequence 0, n == 1).
-
-        CUMULATIVE: every sequence so far; DELTA: the sequences that changed, with only their new
-        tokens and text; FINAL_ONLY: everything, once, when the last sequence finishes."""
-        kind = self.params.output_kind
-        finished = self.finished
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        delta = kind == RequestOutputKind.DELTA
-        if changed is None:
-            indices = [0]
-        else:
-            indices = sorted(changed) if delta else sorted(self.sequences)
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                             prompt_token_ids=self.prompt_token_ids,
-                             prompt_logprobs=self._prompt_logprobs_to_send(delta),
-                             outputs=[self.sequences[i].completion(delta) for i in indices],
-                             finished=finished, metrics=self.metrics)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         start = time.perf_counter()
-        _enable_compilation_cache(config.compilation_cache_dir)
+        enable_compilation_cache(config.compilation_cache_dir)
         model_dir = pathlib.Path(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
         self.tokenizer = self._load_tokenizer(model_dir)
-        self.generation_config = _read_json(model_dir / "generation_config.json")
+        self.generation_config = read_json(model_dir / "generation_config.json")
         self.max_model_len = self._resolve_max_model_len()
         on_cpu = jax.default_backend() == "cpu"
         self.max_num_seqs = config.max_num_seqs or (16 if on_cpu else 256)
         self.max_num_batched_tokens = self._resolve_max_num_batched_tokens()
-        dtype = _resolve_dtype(config.dtype, model_dir)
+        dtype = resolve_dtype(config.dtype, model_dir)
         model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl,
                            load_format=config.load_format, seed=config.seed)
         jax.block_until_ready(nnx.state(model))
@@ -157,12 +66,12 @@ class LLMEngine:
             model, num_blocks=self.kv_plan.num_blocks, block_size=config.block_size,
             kv_dtype=jax_dtype(dtype), ladder=self._ladder(),
             eos_token_ids=tuple(sorted(self._all_eos_ids())), seed=config.seed,
-            penalty_width=self.max_model_len, executable_cache=_executable_cache())
+            penalty_width=self.max_model_len, executable_cache=open_executable_cache())
         jax.block_until_ready(self.runner.kv_cache.k)
         kv_alloc_s = time.perf_counter() - start
         self.startup = StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
                                       compile_s=self.runner.warmup())
-        self._requests: dict[str, _RequestState] = {}
+        self._requests: dict[str, RequestState] = {}
         # async scheduling: the dispatched step whose results are not applied yet
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         logger.info("KV cache: %d tokens (%d blocks of %d), maximum concurrency %.2fx at "
@@ -274,7 +183,7 @@ class LLMEngine:
                           sampling_params=params, arrival_time=arrival, priority=priority,
                           eos_token_id=self.eos_token_id)
         self.scheduler.add_request(request)
-        self._requests[request_id] = _RequestState(
+        self._requests[request_id] = RequestState(
             request_id, text, token_ids, params, RequestMetrics(arrival_time=arrival),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
 
@@ -414,7 +323,7 @@ class LLMEngine:
         is a large part of a step's host time)."""
         now = time.time()
         # request id -> (state, indices of its sequences that changed; None: n == 1)
-        touched: dict[str, tuple[_RequestState, set[int] | None]] = {}
+        touched: dict[str, tuple[RequestState, set[int] | None]] = {}
         requests = self._requests
         for update in updates:
             request = update.request
@@ -425,7 +334,8 @@ class LLMEngine:
             index = request.sample_index
             seq = state.sequences.get(index)
             if seq is None:
-                seq = state.sequences[index] = self._new_sequence(request, state)
+                seq = state.sequences[index] = SequenceState.for_request(
+                    request, state.prompt_token_ids, self.tokenizer)
             self._append(state, seq, request, update,
                          logprobs.get(request.request_id) if logprobs else None)
             metrics = state.metrics
@@ -451,18 +361,9 @@ class LLMEngine:
             state = self._requests.get(_parent_id(req_id, self.scheduler))
             if state is not None:
                 state.add_prompt_logprobs(chunk.first_index,
-                                          _prompt_logprob_entries(chunk, self.tokenizer))
+                                          prompt_logprob_entries(chunk, self.tokenizer))
 
-    def _new_sequence(self, request: Request, state: _RequestState) -> _Sequence:
-        detokenizer = (IncrementalDetokenizer(self.tokenizer, state.prompt_token_ids,
-                                              request.sampling_params)
-                       if self.tokenizer is not None else None)
-        wants_logprobs = request.sampling_params.logprobs is not None
-        return _Sequence(index=request.sample_index, detokenizer=detokenizer,
-                         logprobs=[] if wants_logprobs else None,
-                         cumulative_logprob=0.0 if wants_logprobs else None)
-
-    def _append(self, state: _RequestState, seq: _Sequence, request: Request,
+    def _append(self, state: RequestState, seq: SequenceState, request: Request,
                 update: RequestUpdate, token_logprobs: TokenLogprobs | None) -> None:
         seq.token_ids.extend(update.new_token_ids)
         if seq.logprobs is not None and token_logprobs is not None and update.new_token_ids:
@@ -485,29 +386,6 @@ class LLMEngine:
             state.num_finished += 1
 
 
-def _prompt_logprob_entries(chunk: PromptLogprobsChunk,
-                            tokenizer) -> list[dict[int, Logprob]]:
-    """One dict per prompt token: the token itself first (its own rank), then the top-N by rank
-    (vLLM's layout); ``decoded_token`` is each id's text when there is a tokenizer."""
-    top_ids, top_logprobs = chunk.top_ids.tolist(), chunk.top_logprobs.tolist()
-    token_ids = chunk.token_ids.tolist()
-    texts: dict[int, str | None] = dict.fromkeys(token_ids)
-    for ids in top_ids:
-        texts.update(dict.fromkeys(ids))
-    if tokenizer is not None:
-        ids = list(texts)
-        texts = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
-    entries = []
-    for token, logprob, rank, tops, top_values in zip(token_ids, chunk.logprobs.tolist(),
-                                                      chunk.ranks.tolist(), top_ids, top_logprobs):
-        entry = {token: Logprob(logprob, rank=rank, decoded_token=texts[token])}
-        for top_rank, (top_id, value) in enumerate(zip(tops, top_values), start=1):
-            if top_id not in entry:
-                entry[top_id] = Logprob(value, rank=top_rank, decoded_token=texts[top_id])
-        entries.append(entry)
-    return entries
-
-
 def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:
     """Whether a sampled row needs its real output ids (presence/frequency/repetition)."""
     for s in scheduler_output.scheduled:
@@ -521,36 +399,3 @@ def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:
 def _parent_id(req_id: str, scheduler: Scheduler) -> str:
     request = scheduler.requests.get(req_id)
     return request.parent_id or req_id if request is not None else req_id
-
-
-def _enable_compilation_cache(directory: str | None) -> None:
-    if directory is None or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(directory).expanduser()))
-    # Warm start should compile nothing: keep even the sub-second programs (sampler variants).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-def _executable_cache() -> ExecutableCache | None:
-    """Compiled step programs kept on disk next to JAX's compilation cache (a warm start then
-    neither traces nor lowers them); None when there is no compilation cache directory, and on
-    the CPU backend: XLA:CPU executables loaded back into a process that compiled others fail at
-    run time ("Function ... not found"), while GPU executables serialize as JAX's own cache
-    stores them."""
-    directory = jax.config.jax_compilation_cache_dir
-    if not directory or jax.default_backend() == "cpu":
-        return None
-    return ExecutableCache(pathlib.Path(directory) / "jaxpaged-executables",
-                           environment_fingerprint())
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _resolve_dtype(dtype: str, model_dir: pathlib.Path) -> str:
-    if dtype != "auto":
-        return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
-    config = _read_json(model_dir / "config.json")
-    saved = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
-    return "fp32" if saved == "float32" else "bf16"

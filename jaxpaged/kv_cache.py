@@ -3,7 +3,7 @@
 All layers share one pool array per K and V, flattened over layers:
 ``k[layer * num_blocks + block, offset, kv_head, :]``. Kernels therefore see a plain
 ``[pages, block_size, Hkv, D]`` pool and stay layer-agnostic; the model offsets block tables and
-slots by ``layer * num_blocks`` (see ``layer_view``). Block 0 of every layer is the null block that
+slots by ``layer * num_blocks`` (``jaxpaged.attention``). Block 0 of every layer is the null block that
 padding rows point at. Pools over 4 GiB are addressed with 64-bit offsets by the Triton lowering.
 """
 
@@ -13,8 +13,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
-from jaxpaged.attention_metadata import AttentionMetadata
 
 
 @jax.tree_util.register_dataclass
@@ -43,11 +41,3 @@ class KVCache:
                         dtype: jnp.dtype) -> int:
         """Bytes of K plus V that one block id costs across all layers."""
         return 2 * num_layers * block_size * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
-
-
-def layer_view(md: AttentionMetadata, layer: int, num_blocks: int,
-               block_size: int) -> AttentionMetadata:
-    """Metadata with block ids and slots moved into ``layer``'s part of the flattened pool."""
-    block_offset = layer * num_blocks
-    slots = jnp.where(md.slot_mapping >= 0, md.slot_mapping + block_offset * block_size, -1)
-    return dataclasses.replace(md, slot_mapping=slots, block_tables=md.block_tables + block_offset)

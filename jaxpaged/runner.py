@@ -42,8 +42,8 @@ from jaxpaged.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
 from jaxpaged.sampler import SampleLogprobs, gather_logprobs, sample
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.sampling_tensors import (SamplingTensorBuilder, SamplingTensors, StepKeys,
-                                       build_sampling_tensors)
+from jaxpaged.sampling_tensor_builder import SamplingTensorBuilder, build_sampling_tensors
+from jaxpaged.sampling_tensors import SamplingTensors, StepKeys
 from jaxpaged.scheduler_output import ScheduledRequest, SchedulerOutput
 from jaxpaged.step_inputs import StepInputs, StepPacker, pack_step
 

@@ -27,7 +27,10 @@ bounds; the output buffer starts as zeros and is aliased into the kernel, which 
 rows, so padding tokens stay zero.
 
 Decode-only batches (``max_query_len == 1``) take the split-K decode kernel of
-``paged_decode_attention`` instead, which fills the GPU even with few sequences.
+``paged_decode_attention`` instead, which fills the GPU even with few sequences: each sequence's
+token is gathered, attended, and scattered back to its place, unless the caller promises
+``one_token_per_sequence`` (token ``s`` is sequence ``s``'s only new token, ``T == S``, padding rows
+own the padding tokens), which skips the two XLA kernels of that gather and scatter.
 
 Tile choices (``RaggedTuning``; re-choose them by measurement on the GPU with bench/kernels.py):
 ``block_q`` (None: 64 rows, i.e. 16 tokens for G = 4), ``pages_per_step`` (4: 64 KV tokens per step
@@ -248,8 +251,9 @@ def _validate_for_kernel(k_cache, tuning: RaggedTuning) -> None:
                          f"({tuning.pages_per_step * page_size}) must be >= 16 (matmul tiles)")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_query_len", "impl",
-                                             "interpret", "tuning"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_query_len",
+                                             "one_token_per_sequence", "impl", "interpret",
+                                             "tuning"))
 def ragged_paged_attention(q: jax.Array,  # [T, Hq, D]: new tokens of all sequences, packed
                            k_cache: jax.Array,  # [P, page_size, Hkv, D]
                            v_cache: jax.Array,  # [P, page_size, Hkv, D]
@@ -257,23 +261,34 @@ def ragged_paged_attention(q: jax.Array,  # [T, Hq, D]: new tokens of all sequen
                            seq_lens: jax.Array,  # i32[S]: context length after the step
                            query_start_loc: jax.Array,  # i32[S + 1]
                            *, sm_scale: float, soft_cap: float | None = None,
-                           max_query_len: int | None = None, impl: str = "auto",
+                           max_query_len: int | None = None,
+                           one_token_per_sequence: bool = False, impl: str = "auto",
                            interpret: bool = False,
                            tuning: RaggedTuning = RaggedTuning()) -> jax.Array:  # [T, Hq, D]
     """Causal attention of every new token over its sequence's paged context (see module doc).
 
     The step's new K/V must already be in the pool (``write_kv``). ``max_query_len`` is a static
     bound on every sequence's new-token count; 1 (a decode-only batch) takes the split-K decode
-    kernel. ``soft_cap`` applies ``soft_cap * tanh(logits / soft_cap)`` to the scaled logits.
-    ``impl``: "auto" (Pallas on a CUDA GPU, else the reference) | "pallas" | "reference";
+    kernel; with it, ``one_token_per_sequence=True`` promises that token ``s`` is sequence ``s``'s
+    new token (``T == S``; padding rows have ``seq_lens == 0``), so the decode kernel's rows are the
+    output as they are. ``soft_cap`` applies ``soft_cap * tanh(logits / soft_cap)`` to the scaled
+    logits. ``impl``: "auto" (Pallas on a CUDA GPU, else the reference) | "pallas" | "reference";
     ``interpret=True`` runs the Pallas kernels on the CPU.
     """
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale, soft_cap,
               max_query_len)
+    if one_token_per_sequence and (max_query_len != 1 or q.shape[0] != seq_lens.shape[0]):
+        raise ValueError(f"one_token_per_sequence needs max_query_len=1 and as many tokens as "
+                         f"sequences, got max_query_len={max_query_len}, {q.shape[0]} tokens, "
+                         f"{seq_lens.shape[0]} sequences")
     if resolve_impl(impl) == "reference" or q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return ragged_paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
                                                 query_start_loc, sm_scale=sm_scale,
                                                 soft_cap=soft_cap, max_query_len=max_query_len)
+    if one_token_per_sequence:
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                      sm_scale=sm_scale, soft_cap=soft_cap, impl="pallas",
+                                      interpret=interpret, tuning=tuning.decode)
     if max_query_len == 1:
         return _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                              sm_scale=sm_scale, soft_cap=soft_cap, tuning=tuning, impl="pallas",
@@ -288,7 +303,8 @@ def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
                                      block_tables: jax.Array, seq_lens: jax.Array,
                                      query_start_loc: jax.Array, *, sm_scale: float,
                                      soft_cap: float | None = None,
-                                     max_query_len: int | None = None, impl: str = "auto",
+                                     max_query_len: int | None = None,
+                                     one_token_per_sequence: bool = False, impl: str = "auto",
                                      interpret: bool = False,
                                      tuning: RaggedTuning | None = None) -> jax.Array:
     """jnp: lay the queries out per sequence ``[S, Qmax]``, gather each context densely, mask.
@@ -297,7 +313,7 @@ def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     meant for tests and CPU runs. Scores and softmax in f32 (f32 inputs use full-precision
     matmuls). Tile/backend arguments are accepted for signature parity and ignored.
     """
-    del impl, interpret, tuning
+    del one_token_per_sequence, impl, interpret, tuning
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale, soft_cap,
               max_query_len)
     num_tokens, num_q_heads, head_dim = q.shape

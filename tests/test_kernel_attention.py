@@ -142,6 +142,30 @@ def test_ragged_decode_only_batch_takes_the_decode_path():
         _assert_padding_is_zero(out, batch)
 
 
+def test_decode_batch_with_one_token_per_sequence_uses_the_rows_as_they_are():
+    """The engine's decode packing (token s is sequence s's, T == S) with padding rows at the
+    end and in the middle: the promise skips the gather/scatter and gives the same output."""
+    config = AttentionConfig(8, 2, 64, 16, F32)
+    batch = make_paged_batch(4, config, q_lens=[1, 1, 1, 0, 0], seq_lens=[17, 32, 1, 0, 0],
+                             num_padding_tokens=2)
+    assert batch.q.shape[0] == batch.seq_lens.shape[0]
+    expected = dense_attention(batch, sm_scale=config.sm_scale, soft_cap=config.soft_cap)
+    for impl in ("pallas", "reference"):
+        out = _ragged(batch, config, impl=impl, interpret=True, max_query_len=1,
+                      one_token_per_sequence=True)
+        assert_close(out, expected, config.dtype, impl)
+        _assert_padding_is_zero(out, batch)
+
+
+def test_one_token_per_sequence_needs_a_decode_batch_of_t_equal_s():
+    config = AttentionConfig(8, 2, 64, 16, F32)
+    batch = make_paged_batch(5, config, q_lens=[1, 1], seq_lens=[5, 9], num_padding_tokens=1)
+    for max_query_len in (1, 2):
+        with pytest.raises(ValueError, match="one_token_per_sequence"):
+            _ragged(batch, config, impl="reference", max_query_len=max_query_len,
+                    one_token_per_sequence=True)
+
+
 def test_auto_on_cpu_is_the_reference():
     config = AttentionConfig(8, 2, 64, 16, F32)
     batch = _mixed_batch(config, seed=3)

@@ -209,3 +209,22 @@ def test_rms_norm_lowers_for_other_shapes(tokens, hidden, dtype, tuning):
     rows = _sds((tokens, hidden), dtype)
     _assert_one_kernel_alone(_lower_for_h100(fused_add_rms_norm, rows, rows, _sds((hidden,), dtype),
                                              eps=1e-6, impl="pallas", tuning=tuning))
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE + K/V write: one kernel, both pools aliased, for the model's head layouts.
+# --------------------------------------------------------------------------------------------------
+
+from jaxpaged.pallas_kernels.rope_kv_write import rope_and_write_kv  # noqa: E402
+
+
+@pytest.mark.parametrize("tokens,kv_heads,group,head_dim,dtype",
+                         [(1, 8, 4, 128, BF16), (8192, 8, 4, 128, BF16), (64, 32, 1, 128, BF16),
+                          (16, 6, 8, 64, F32)])
+def test_rope_and_write_kv_lowers_as_one_kernel(tokens, kv_heads, group, head_dim, dtype):
+    pool = _pool(kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+    text = _lower_for_h100(rope_and_write_kv, _sds((tokens, kv_heads, group + 2, head_dim), dtype),
+                           _sds((tokens, head_dim), F32), _sds((tokens, head_dim), F32), pool,
+                           pool, _sds((tokens,), I32), 4096, impl="pallas")
+    assert text.count(TRITON_CALL) == 1
+    assert text.count("tf.aliasing_output") == 2

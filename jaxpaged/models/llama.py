@@ -52,21 +52,16 @@ class Attention(nnx.Module):
         self.bqkv = nnx.Param(jnp.zeros((hkv, g + 2, d), dtype)) if cfg.attention_bias else None
         self.wo = _normal(rngs, (cfg.num_heads * d, h), cfg.num_heads * d, dtype)
         self.bo = nnx.Param(jnp.zeros((h,), dtype)) if cfg.attention_bias else None
-        self.queries_per_kv = g
         self.sm_scale = 1.0 / math.sqrt(d)
 
     def __call__(self, x, cos, sin, kv_cache: KVCache, layer, md: AttentionMetadata, attn_impl: str):
         t = x.shape[0]
-        g = self.queries_per_kv
         qkv = jnp.einsum("th,hkgd->tkgd", x, self.wqkv[...])  # [T, Hkv, G + 2, D]
         if self.bqkv is not None:
             qkv = qkv + self.bqkv[...]
-        q = qkv[:, :, :g].reshape(t, -1, qkv.shape[-1])  # [T, Hq, D]
-        k, v = qkv[:, :, g], qkv[:, :, g + 1]  # [T, Hkv, D]
-        q = RotaryEmbedding.apply(q, cos, sin)
-        k = RotaryEmbedding.apply(k, cos, sin)
-        out, kv_cache = paged_attention(q, k, v, kv_cache, layer, md, sm_scale=self.sm_scale,
-                                        impl=attn_impl)  # [T, Hq, D]
+        # RoPE of q and k, the K/V write and attention: one entry point (two kernels on the GPU).
+        out, kv_cache = paged_attention(qkv, cos, sin, kv_cache, layer, md,
+                                        sm_scale=self.sm_scale, impl=attn_impl)  # [T, Hq, D]
         out = out.reshape(t, -1) @ self.wo[...]  # [T, hidden]
         if self.bo is not None:
             out = out + self.bo[...]

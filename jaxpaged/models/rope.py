@@ -39,7 +39,7 @@ def _llama3_scale(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
 
 
 class RotaryEmbedding:
-    """Applies RoPE to ``[T, heads, head_dim]`` arrays at integer positions ``[T]``."""
+    """cos/sin tables of RoPE at integer positions ``[T]`` (applied by ``jaxpaged.attention``)."""
 
     def __init__(self, config: ModelConfig):
         self.inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -49,12 +49,3 @@ class RotaryEmbedding:
         angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(self.inv_freq)[None, :]
         angles = jnp.concatenate([angles, angles], axis=-1)
         return jnp.cos(angles), jnp.sin(angles)
-
-    @staticmethod
-    def apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x: [T, heads, head_dim]; cos/sin: f32[T, head_dim]."""
-        half = x.shape[-1] // 2
-        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        cos = cos[:, None, :].astype(x.dtype)
-        sin = sin[:, None, :].astype(x.dtype)
-        return x * cos + rotated * sin
