@@ -14,7 +14,9 @@ the layer's slot offset, the K/V write), each ~1.2 us plus a launch gap at batch
 layer-flattened pool, so every layer runs the same compiled kernel.
 
 Kernel: grid ``(T, Hkv // hb)``; a program reads its token's ``hb`` kv heads (``hb`` = the largest
-power of 2 dividing Hkv, so Hkv = 8 is one program per token), rotates the two halves of q and k
+power of 2 dividing Hkv, so Hkv = 8 is one program per token once T >= 128; fewer tokens get fewer
+heads per program, down to one, so that a decode step of a few tokens still spreads its latency-bound
+loads over many SMs), rotates the two halves of q and k
 separately (Triton cannot slice a loaded value, so each half is its own load and store), and stores.
 Arithmetic as the reference: cos/sin rounded to the activation dtype, products and sum in f32,
 one rounding at the end. Needs G and D/2 to be powers of 2 (Triton array sizes); other shapes take
@@ -31,6 +33,9 @@ from jax.experimental import pallas as pl
 
 from .backend import is_power_of_2, resolve_impl, triton_call
 from .kv_write import write_kv_reference
+
+# Programs below which a program takes fewer kv heads (about one per SM of an H100).
+_MIN_PROGRAMS = 128
 
 
 def _rope_halves(x1: jax.Array, x2: jax.Array, c1: jax.Array, c2: jax.Array, s1: jax.Array,
@@ -86,11 +91,21 @@ def _rope_kv_kernel(slot_ref,  # i32[T]
             v_out_ref.dtype)
 
 
+def _heads_per_program(num_tokens: int, num_kv_heads: int) -> int:
+    """The largest power of 2 dividing Hkv (Triton stores need power-of-2 sizes), lowered while
+    the grid would have fewer programs than ``_MIN_PROGRAMS``: a few tokens spread over more SMs.
+    """
+    heads = num_kv_heads & -num_kv_heads
+    while heads > 1 and num_tokens * num_kv_heads // heads < _MIN_PROGRAMS:
+        heads //= 2
+    return heads
+
+
 def _rope_kv_pallas(qkv, cos, sin, k_cache, v_cache, slot_mapping, slot_offset, *,
                     interpret: bool):
     num_tokens, num_kv_heads, width, head_dim = qkv.shape
     group = width - 2
-    heads_per_program = num_kv_heads & -num_kv_heads  # largest power of 2 dividing Hkv
+    heads_per_program = _heads_per_program(num_tokens, num_kv_heads)
     kernel = functools.partial(_rope_kv_kernel, heads_per_program=heads_per_program, group=group,
                                num_slots=min(k_cache.shape[0] * k_cache.shape[1], 2**31 - 1))
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpaged.pallas_kernels.rope_kv_write import (apply_rope, rope_and_write_kv,
-                                                   rope_and_write_kv_reference)
+from jaxpaged.pallas_kernels.rope_kv_write import (_heads_per_program, apply_rope,
+                                                   rope_and_write_kv, rope_and_write_kv_reference)
 from kernel_testing import assert_close, assert_pools_equal
 
 
@@ -118,6 +118,20 @@ def test_matches_numpy(num_kv_heads, group, head_dim, page_size, dtype, impl, la
     got = rope_and_write_kv(case.qkv, case.cos, case.sin, *case.pools(), case.slots,
                             jnp.int32(offset), impl=impl, interpret=True)
     _assert_matches(case, offset, got, dtype)
+
+
+def test_many_tokens_put_several_kv_heads_in_one_program():
+    """64 tokens x 8 kv heads: 4 heads per program (the small cases above run one per program)."""
+    assert _heads_per_program(64, 8) == 4 and _heads_per_program(1, 8) == 1
+    assert _heads_per_program(256, 8) == 8 and _heads_per_program(256, 6) == 2
+    rng = np.random.default_rng(11)
+    slots = rng.choice(8 * 16, size=64, replace=False).astype(np.int64)
+    slots[::7] = -1
+    case = _make_case(11, num_pages=8, page_size=16, num_kv_heads=8, group=2, head_dim=32,
+                      slots=slots.tolist())
+    got = rope_and_write_kv(case.qkv, case.cos, case.sin, *case.pools(), case.slots,
+                            impl="pallas", interpret=True)
+    _assert_matches(case, 0, got, jnp.float32)
 
 
 def test_kernel_equals_reference_bit_for_bit_in_f32():
