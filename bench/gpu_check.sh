@@ -55,6 +55,9 @@ for stage in $stages; do
              --out "$OUT/hf1" ;;
     hf-half2) run hf-half2 590 python3 bench/hf_baseline.py --workload nano --first-request 128 \
              --out "$OUT/hf2" ;;
+    serve-16) run serve-16 300 env OUT="$OUT/s8192" bash bench/serve_bench.sh 16 ;;
+    serve-1024) run serve-1024 300 env OUT="$OUT/s1024" SERVE_SERVER_ARGS="--max-num-batched-tokens 1024" \
+             bash bench/serve_bench.sh 16 ;;
     serve-512) run serve-512 300 env OUT="$OUT/s512" SERVE_SERVER_ARGS="--max-num-batched-tokens 512" \
              bash bench/serve_bench.sh 16 ;;
     hf-cb) run hf-cb 420 python3 bench/hf_baseline.py --method generate_batch --workload nano \
