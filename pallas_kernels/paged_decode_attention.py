@@ -282,10 +282,10 @@ def _combine_splits_xla(acc: jax.Array,  # f32[S, K, Hq, D]: unnormalized partia
     return num / jnp.where(denom == 0.0, 1.0, denom)[..., None]
 
 
-def _combine_kernel(acc_ref,  # f32[K, Db]: one query head's partial outputs (a block of columns)
+def _combine_kernel(acc_ref,  # f32[K, D]: one query head's partial outputs
                     m_ref,  # f32[K]
                     l_ref,  # f32[K]
-                    o_ref,  # [Db]
+                    o_ref,  # [D]
                     *, padded_splits: int):
     splits = acc_ref.shape[0]
     real = jnp.arange(padded_splits, dtype=jnp.int32) < splits  # K rounded up to a power of 2
@@ -299,35 +299,21 @@ def _combine_kernel(acc_ref,  # f32[K, Db]: one query head's partial outputs (a 
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _combine_block_d(num_rows: int, head_dim: int) -> int:
-    """Columns of D one combine program merges: all of them, or a quarter while fewer than
-    ``_COMBINE_MIN_PROGRAMS`` (sequence, query head) rows would leave most SMs idle (at batch 1,
-    32 programs each reading 64 splits x 128 f32 are latency-bound)."""
-    if num_rows >= _COMBINE_MIN_PROGRAMS or head_dim < 64:
-        return head_dim
-    return head_dim // 4
-
-
-_COMBINE_MIN_PROGRAMS = 132  # one per SM of an H100
-
-
 def _combine_splits_pallas(acc: jax.Array, m: jax.Array, l: jax.Array, *, dtype: jnp.dtype,
                            interpret: bool) -> jax.Array:
-    """``_combine_splits_xla`` as one small kernel launch (one program per query head and block of
-    ``_combine_block_d`` columns)."""
+    """``_combine_splits_xla`` as one small kernel launch (one program per query head)."""
     num_seqs, splits, num_q_heads, head_dim = acc.shape
     padded_splits = pl.next_power_of_2(splits)
-    block_d = _combine_block_d(num_seqs * num_q_heads, head_dim)
     return triton_call(
         functools.partial(_combine_kernel, padded_splits=padded_splits),
         name=f"paged_decode_combine_splits{splits}",
-        grid=(num_seqs, num_q_heads, head_dim // block_d),
-        in_specs=[pl.BlockSpec((None, splits, None, block_d), lambda s, h, d: (s, 0, h, d)),
-                  pl.BlockSpec((None, splits, None), lambda s, h, d: (s, 0, h)),
-                  pl.BlockSpec((None, splits, None), lambda s, h, d: (s, 0, h))],
-        out_specs=pl.BlockSpec((None, None, block_d), lambda s, h, d: (s, h, d)),
+        grid=(num_seqs, num_q_heads),
+        in_specs=[pl.BlockSpec((None, splits, None, head_dim), lambda s, h: (s, 0, h, 0)),
+                  pl.BlockSpec((None, splits, None), lambda s, h: (s, 0, h)),
+                  pl.BlockSpec((None, splits, None), lambda s, h: (s, 0, h))],
+        out_specs=pl.BlockSpec((None, None, head_dim), lambda s, h: (s, h, 0)),
         out_shape=jax.ShapeDtypeStruct((num_seqs, num_q_heads, head_dim), dtype),
-        num_warps=4 if padded_splits * block_d <= 8192 else 8,
+        num_warps=4 if padded_splits * head_dim <= 8192 else 8,
         num_stages=1,
         interpret=interpret,
     )(acc, m, l)
