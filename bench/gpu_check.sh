@@ -48,6 +48,8 @@ for stage in $stages; do
              --kv-bytes 20 --async-scheduling --trace 1 --out "$OUT/cmdbuf" ;;
     decode-async) run decode-async 300 python3 bench/decode_steps.py --batches 1 16 64 256 \
              --steps 10 --kv-bytes 40 --profile 256 --trace 1 256 --out "$OUT/async" ;;
+    throughput-trace) run throughput-trace 540 python3 bench/throughput.py --workload nano --trace \
+             --out "$OUT/nano" ;;
     throughput-sync) run throughput-sync 540 python3 bench/throughput.py --workload nano \
              --no-async-scheduling --out "$OUT/sync" ;;
     hf) run hf 400 python3 bench/hf_baseline.py --workload nano --num-requests 64 --out "$OUT" ;;

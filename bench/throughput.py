@@ -6,7 +6,9 @@ Random ("dummy") bf16 weights of the config's shapes are made on the device. One
 precedes the timed one. Prints output tok/s, total tok/s, the workload's floor on this GPU
 (bench/roofline.py, measured in the same run) and the efficiency floor / measured. With
 ``--kv-waste`` the run drives the engine step by step and reports KV waste: allocated but
-unused slots / allocated slots, averaged over steps.
+unused slots / allocated slots, averaged over steps. ``--trace`` then runs the workload once more
+under the JAX profiler and writes the GPU time of the whole run by kernel (``kernels_WORKLOAD.txt``,
+``bench/gpu_trace.py``); the timed run is not traced.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from roofline import measure_ceilings, workload_floor  # noqa: E402
 from workloads import fixed_workload, nano_workload  # noqa: E402
 from report import emit  # noqa: E402
+from gpu_trace import with_kernel_table  # noqa: E402
 
 from jaxpaged import LLM, SamplingParams  # noqa: E402
 
@@ -66,6 +69,8 @@ def main() -> None:
     parser.add_argument("--kv-waste", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="overlap host work with the device (sampled ids applied one step late)")
+    parser.add_argument("--trace", action="store_true",
+                        help="run the workload again under the profiler; write its kernel table")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
 
@@ -104,6 +109,11 @@ def main() -> None:
         "preemptions": llm.llm_engine.scheduler.num_preemptions,
     }
     emit(result, args.out, f"throughput-{args.workload}.json")
+    if args.trace and args.out:
+        table = with_kernel_table(lambda: llm.generate(prompts, params, use_tqdm=False), steps=1,
+                                  top=60)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"kernels_{args.workload}.txt").write_text(table)
 
 
 if __name__ == "__main__":
