@@ -8,7 +8,9 @@ precedes the timed one. Prints output tok/s, total tok/s, the workload's floor o
 ``--kv-waste`` the run drives the engine step by step and reports KV waste: allocated but
 unused slots / allocated slots, averaged over steps. ``--trace`` then runs the workload once more
 under the JAX profiler and writes the GPU time of the whole run by kernel (``kernels_WORKLOAD.txt``,
-``bench/gpu_trace.py``); the timed run is not traced.
+``bench/gpu_trace.py``); the timed run is not traced. The second pass finds every prompt in the
+prefix cache, so its table is the decode part of the workload (plus each prompt's last partial
+block).
 """
 
 from __future__ import annotations
