@@ -51,6 +51,8 @@ for stage in $stages; do
              --out "$OUT/cublas" ;;
     throughput-cublas) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run throughput-cublas 300 \
              python3 bench/throughput.py --workload nano --out "$OUT/cublas" ;;
+    decode-ladder) run decode-ladder 300 python3 bench/decode_steps.py --batches 1 8 16 32 64 256 \
+             --steps 10 --kv-bytes 40 --out "$OUT/ladder" ;;
     decode-async) run decode-async 300 python3 bench/decode_steps.py --batches 1 16 64 256 \
              --steps 10 --kv-bytes 40 --profile 256 --trace 1 256 --out "$OUT/async" ;;
     throughput-trace) run throughput-trace 540 python3 bench/throughput.py --workload nano --trace \

@@ -137,32 +137,37 @@ class ExecutableCache:
             digest.update(len(encoded).to_bytes(8, "little") + encoded)
         return digest.hexdigest()
 
-    def path(self, name: str, args_signature: str) -> pathlib.Path | None:
-        """The entry file of (name, args_signature); None when the cache is disabled."""
+    def path(self, name: str, args_signature: str,
+             compiler_options: dict[str, Any] | None = None) -> pathlib.Path | None:
+        """The entry file of (name, args_signature, compiler_options); None when disabled."""
         if self.directory is None:
             return None
-        return self._entry_path(name, self.key(name, args_signature))
+        return self._entry_path(name, self.key(name, _with_options(args_signature,
+                                                                   compiler_options)))
 
     def _entry_path(self, name: str, key: str) -> pathlib.Path:
         safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64]  # readable listings
         return self.directory / f"{safe_name}-{key}{_SUFFIX}"
 
     def get_or_compile(self, name: str, args_signature: str,
-                       lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
+                       lower: Callable[[], jax.stages.Lowered],
+                       compiler_options: dict[str, Any] | None = None) -> jax.stages.Compiled:
         """The executable of (name, args_signature): loaded from disk when an entry exists,
         else ``lower().compile()`` (then stored). ``args_signature`` must describe everything
         the program depends on besides the fingerprint, static arguments included (use
         ``abstract_signature`` over all the arguments given to ``lower``). Never fails because of
-        the cache: unreadable entries are recompiled and unwritable ones only logged."""
-        key = self.key(name, args_signature)
+        the cache: unreadable entries are recompiled and unwritable ones only logged.
+        ``compiler_options`` go to ``Lowered.compile`` and into the key."""
+        options = dict(compiler_options or {})
+        key = self.key(name, _with_options(args_signature, options))
         if self.directory is None:
-            return self._compile(lower)
+            return self._compile(lower, options)
         path = self._entry_path(name, key)
         with self._key_lock(key):
             compiled = self._load(path, key)
             if compiled is not None:
                 return compiled
-            compiled = self._compile(lower)
+            compiled = self._compile(lower, options)
             self._store(path, key, compiled)
             return compiled
 
@@ -170,9 +175,10 @@ class ExecutableCache:
         with self._lock:
             return self._key_locks.setdefault(key, threading.Lock())
 
-    def _compile(self, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
+    def _compile(self, lower: Callable[[], jax.stages.Lowered],
+                 compiler_options: dict[str, Any]) -> jax.stages.Compiled:
         start = time.perf_counter()
-        compiled = lower().compile()
+        compiled = lower().compile(compiler_options or None)
         with self._lock:
             self._stats.misses += 1
             self._stats.compile_s += time.perf_counter() - start
@@ -220,6 +226,13 @@ class ExecutableCache:
                            "again next time", path, type(e).__name__, e)
             with self._lock:
                 self._stats.store_failures += 1
+
+
+def _with_options(args_signature: str, compiler_options: dict[str, Any] | None) -> str:
+    """The signature a key is made of: no options leave it as it is (entries stay valid)."""
+    if not compiler_options:
+        return args_signature
+    return f"{args_signature}|compiler_options={sorted(compiler_options.items())}"
 
 
 def _open_directory(directory: pathlib.Path | str | None,

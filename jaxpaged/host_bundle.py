@@ -81,3 +81,8 @@ def _leaf(buffer: jax.Array, spec: _LeafSpec) -> jax.Array:
     else:
         values = jax.lax.bitcast_convert_type(raw.reshape(-1, itemsize), spec.dtype)
     return jnp.reshape(values, spec.shape)
+
+
+def unbundle_shapes(layout: BundleLayout) -> Any:
+    """The bundled pytree with each array leaf replaced by its shape (no buffer needed)."""
+    return jax.tree.unflatten(layout.treedef, [spec.shape for spec in layout.leaves])

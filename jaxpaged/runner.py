@@ -37,7 +37,8 @@ from flax import nnx
 
 from jaxpaged.buckets import BucketLadder, StepShape
 from jaxpaged.executable_cache import ExecutableCache, abstract_signature
-from jaxpaged.host_bundle import BundleLayout, bundle, unbundle
+from jaxpaged.compiler_options import step_compiler_options
+from jaxpaged.host_bundle import BundleLayout, bundle, unbundle, unbundle_shapes
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
 from jaxpaged.sampler import SampleLogprobs, gather_logprobs, sample
@@ -297,20 +298,24 @@ class ModelRunner:
         warm-up did not)."""
         compiled = self._executables.get(layout)
         if compiled is None:
+            num_tokens = unbundle_shapes(layout).token_ids[0]
             compiled = self._compile(
                 "model_step", lambda: _model_step.lower(self.graphdef, self._state_treedef, layout,
                                                         self._state_leaves, self.kv_cache, packed,
                                                         self._no_prev_ids),
                 lambda: self._static_model_signature() + abstract_signature(
-                    layout, self._state_leaves, self.kv_cache, packed, self._no_prev_ids))
+                    layout, self._state_leaves, self.kv_cache, packed, self._no_prev_ids),
+                step_compiler_options(num_tokens, jax.default_backend()))
             self._executables[layout] = compiled
         return compiled
 
-    def _compile(self, name: str, lower, signature) -> jax.stages.Compiled:
-        """``lower().compile()``, or the executable cache's copy (keyed by ``signature()``)."""
+    def _compile(self, name: str, lower, signature,
+                 compiler_options: dict | None = None) -> jax.stages.Compiled:
+        """``lower().compile(compiler_options)``, or the executable cache's copy (keyed by
+        ``signature()`` and the options)."""
         if self._executable_cache is None:
-            return lower().compile()
-        return self._executable_cache.get_or_compile(name, signature(), lower)
+            return lower().compile(compiler_options or None)
+        return self._executable_cache.get_or_compile(name, signature(), lower, compiler_options)
 
     def _static_model_signature(self) -> str:
         """The model's graph (config, attention implementation) and weight tree, described once

@@ -133,6 +133,24 @@ def test_other_fingerprint_name_or_signature_misses(tmp_path):
     assert len(_entry_files(tmp_path)) == 4
 
 
+def test_compiler_options_reach_the_compile_and_the_key(tmp_path):
+    """Options are part of the key: the same program with other options is compiled anew."""
+    lower = _affine_lower()
+    cache = ExecutableCache(tmp_path, FINGERPRINT)
+    plain = cache.get_or_compile("affine", lower.signature, lower)
+    tuned = cache.get_or_compile("affine", lower.signature, lower,
+                                 {"xla_cpu_enable_fast_math": True})
+    again = ExecutableCache(tmp_path, FINGERPRINT).get_or_compile(
+        "affine", lower.signature, lower, {"xla_cpu_enable_fast_math": True})
+    assert lower.calls == 2 and cache.stats.misses == 2
+    assert len(_entry_files(tmp_path)) == 2
+    for compiled in (plain, tuned, again):
+        np.testing.assert_allclose(np.asarray(compiled(*lower.args)),
+                                   np.asarray(plain(*lower.args)), rtol=1e-6)
+    with pytest.raises(Exception, match="no_such_option"):
+        cache.get_or_compile("affine", lower.signature, lower, {"xla_no_such_option": True})
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped_byte", "empty"])
 def test_damaged_entry_is_recompiled_and_replaced(tmp_path, damage, caplog):
     lower = _affine_lower()

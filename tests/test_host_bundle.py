@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpaged.host_bundle import bundle, unbundle
+from jaxpaged.host_bundle import bundle, unbundle, unbundle_shapes
 
 
 @jax.tree_util.register_dataclass
@@ -74,3 +74,11 @@ def test_eight_byte_items_and_mismatched_buffers_are_refused():
     buffer, layout = bundle((np.zeros(3, np.int32),))
     with pytest.raises(ValueError, match="does not match"):
         unbundle(np.zeros(buffer.size + 4, np.uint8), layout)
+
+
+def test_unbundle_shapes_gives_each_leaf_its_shape_without_a_buffer():
+    inputs = _example(np.random.default_rng(3), rows=4)
+    _, layout = bundle(inputs)
+    shapes = unbundle_shapes(layout)
+    assert shapes.table == (4, 3) and shapes.ids == (7,) and shapes.none_field is None
+    assert shapes.static_flag is True
