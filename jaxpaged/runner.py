@@ -36,8 +36,8 @@ import numpy as np
 from flax import nnx
 
 from jaxpaged.buckets import BucketLadder, StepShape
-from jaxpaged.executable_cache import ExecutableCache, abstract_signature
 from jaxpaged.compiler_options import step_compiler_options
+from jaxpaged.executable_cache import ExecutableCache, abstract_signature
 from jaxpaged.host_bundle import BundleLayout, bundle, unbundle, unbundle_shapes
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
