@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import gc
 import io
 import pstats
@@ -196,9 +195,8 @@ def dump_hlo(llm: LLM, batch: int, out: pathlib.Path) -> None:
     runner = llm.llm_engine.runner
     shape = runner.ladder.shape_for(batch, batch, decode_only=True)
     inputs = runner_module.pack_step([], shape, block_size=runner.block_size,
-                                     table_width=runner.ladder.table_width,
-                                     prev_width=runner.prev_width)
-    packed, layout = runner_module.bundle(dataclasses.replace(inputs, prev_sampled_ids=None))
+                                     table_width=runner.ladder.table_width)
+    packed, layout = runner_module.bundle(inputs)
     text = runner._executable(layout, packed).as_text()
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_step_hlo.txt").write_text(text[:15_000_000])

@@ -112,7 +112,7 @@ class StepHandle:
                    donate_argnames=("kv_cache",))
 def _model_step(graphdef, state_treedef, layout: BundleLayout, state_leaves: list[jax.Array],
                 kv_cache: KVCache, packed: jax.Array, prev_sampled_ids: jax.Array):
-    """``packed``: the step's ``StepInputs`` (without ``prev_sampled_ids``) as one u8 buffer;
+    """``packed``: the step's ``StepInputs`` as one u8 buffer;
     ``prev_sampled_ids`` i32[P]: the previous step's padded sampled ids (device).
     -> logits f32[S, V] of each sequence's last new token, final hidden states [T, hidden] of
     every token (read only for prompt logprobs), updated pool."""
@@ -179,8 +179,7 @@ class ModelRunner:
         # Fixed length of the sampled ids handed to the next step: the largest batch.
         self.prev_width = max([s.num_seqs for s in ladder.all_shapes()]
                               + list(ladder.sampler_batch_sizes))
-        self._packer = StepPacker(block_size=block_size, table_width=ladder.table_width,
-                                  prev_width=self.prev_width)
+        self._packer = StepPacker(block_size=block_size, table_width=ladder.table_width)
         # The last dispatched sampling step: its padded ids on the device, req_id -> row.
         self._prev_sampled_ids: jax.Array | None = None
         self._no_prev_ids = jax.device_put(np.zeros(self.prev_width, np.int32))
@@ -272,11 +271,10 @@ class ModelRunner:
             num_generated=[r.num_output_tokens for r in requests])
 
     def _run_model(self, inputs: StepInputs, prev_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Queues the model step on ``inputs`` (numpy, padded to a step shape; their own
-        ``prev_sampled_ids`` placeholder is not sent) with ``prev_ids`` (device, i32[prev_width]:
-        the previous step's samples, or zeros already on the device) -> (logits, hidden); the
-        pool is updated in place."""
-        packed, layout = bundle(dataclasses.replace(inputs, prev_sampled_ids=None))
+        """Queues the model step on ``inputs`` (numpy, padded to a step shape) with ``prev_ids``
+        (device, i32[prev_width]: the previous step's samples, or zeros already on the device)
+        -> (logits, hidden); the pool is updated in place."""
+        packed, layout = bundle(inputs)
         logits, hidden, self.kv_cache = self._executable(layout, packed)(
             self._state_leaves, self.kv_cache, packed, prev_ids)
         return logits, hidden
@@ -344,8 +342,8 @@ class ModelRunner:
 
         def compile_shape(shape: StepShape) -> None:
             inputs = pack_step([], shape, block_size=self.block_size,
-                               table_width=self.ladder.table_width, prev_width=self.prev_width)
-            packed, layout = bundle(dataclasses.replace(inputs, prev_sampled_ids=None))
+                               table_width=self.ladder.table_width)
+            packed, layout = bundle(inputs)
             self._executable(layout, packed)
 
         def compile_sampler(batch: int, params: SamplingParams) -> None:

@@ -6,9 +6,9 @@ Padding rules (they let every step of a bucket share one compiled program):
     block 0, and logits index 0 (their logits are computed and ignored).
 
 Async scheduling: a token the previous step is still sampling has id -1; ``prev_source_rows``
-names, per token, the row of the previous step's sampled ids (``prev_sampled_ids``, always
-``prev_width`` long) that holds it, and the model step fills it in on the device. Every step
-carries both arrays (all -1 / zeros when nothing is pending), so they add no step shapes.
+names, per token, the row of the previous step's sampled ids (a device array the runner hands the
+model step beside these inputs) that holds it, and the model step fills it in on the device. Every
+step carries ``prev_source_rows`` (all -1 when nothing is pending), so it adds no step shapes.
 
 Packing is vectorised: a few list comprehensions over the requests, then numpy over the tokens.
 The block tables (S x W ids) are the bulk of it; ``StepPacker`` keeps each request's table row
@@ -38,11 +38,9 @@ class StepInputs:
     positions: jax.Array  # i32[T]
     logits_indices: jax.Array  # i32[S]: token index of each sequence's last new token
     md: AttentionMetadata
-    # i32[T]: row of prev_sampled_ids holding the token (its token_ids entry is -1), else -1
+    # i32[T]: row of the previous step's sampled ids holding the token (its token_ids entry is
+    # -1), else -1
     prev_source_rows: jax.Array
-    # i32[P]: host zeros of the previous step's sampled ids' length; the runner sends the real
-    # ids (a device array) to the model step beside the packed inputs
-    prev_sampled_ids: jax.Array
 
 
 @dataclasses.dataclass
@@ -65,12 +63,9 @@ class StepPacker:
     not make the others' rows be rewritten. Arrays handed out are fresh each step.
     """
 
-    def __init__(self, *, block_size: int, table_width: int, prev_width: int = 1):
-        if prev_width < 1:
-            raise ValueError(f"prev_width must be >= 1, got {prev_width}")
+    def __init__(self, *, block_size: int, table_width: int):
         self.block_size = block_size
         self.table_width = table_width
-        self.prev_width = prev_width
         self._store = np.zeros((0, table_width), np.int32)  # [slots, W] block tables by slot
         self._slot_lens: list[int] = []  # blocks written in each store row (the rest is 0)
         self._free_slots: list[int] = []
@@ -121,8 +116,7 @@ class StepPacker:
         return StepInputs(token_ids=token_ids, positions=positions,
                           logits_indices=logits_indices, md=md,
                           prev_source_rows=self._prev_source_rows(scheduled, token_ids, ends,
-                                                                  prev_rows),
-                          prev_sampled_ids=np.zeros(self.prev_width, np.int32))
+                                                                  prev_rows))
 
     def _prev_source_rows(self, scheduled: Sequence[ScheduledRequest], token_ids: np.ndarray,
                           ends: np.ndarray, prev_rows: Mapping[str, int] | None) -> np.ndarray:
@@ -215,7 +209,6 @@ class StepPacker:
 
 
 def pack_step(scheduled: Sequence[ScheduledRequest], shape: StepShape, *, block_size: int,
-              table_width: int, prev_width: int = 1) -> StepInputs:
+              table_width: int) -> StepInputs:
     """Numpy StepInputs for ``scheduled`` padded to ``shape`` (one-shot ``StepPacker.pack``)."""
-    return StepPacker(block_size=block_size, table_width=table_width,
-                      prev_width=prev_width).pack(scheduled, shape)
+    return StepPacker(block_size=block_size, table_width=table_width).pack(scheduled, shape)

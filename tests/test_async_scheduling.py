@@ -208,13 +208,12 @@ def test_packer_points_unknown_tokens_at_the_previous_samples():
                                 sampling_params=SamplingParams(), prompt_token_ids=[5] * 8,
                                 output_token_ids=[])
 
-    packer = StepPacker(block_size=16, table_width=4, prev_width=8)
+    packer = StepPacker(block_size=16, table_width=4)
     batch = [scheduled("a", [-1], 9), scheduled("b", [3, 4, 5], 2), scheduled("c", [-1], 20)]
     inputs = packer.pack(batch, StepShape(num_tokens=8, num_seqs=4, decode_only=False),
                          {"a": 2, "c": 0, "x": 1})
     assert inputs.prev_source_rows.tolist() == [2, -1, -1, -1, 0, -1, -1, -1]
     assert inputs.token_ids.tolist() == [0, 3, 4, 5, 0, 0, 0, 0]
-    assert inputs.prev_sampled_ids.shape == (8,)
     with pytest.raises(ValueError, match="'b'"):
         packer.pack([scheduled("b", [3, -1], 2)],
                     StepShape(num_tokens=4, num_seqs=2, decode_only=False), {"a": 0})
