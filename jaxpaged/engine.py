@@ -28,10 +28,10 @@ from jaxpaged.engine_setup import (StartupTimings, enable_compilation_cache,
 from jaxpaged.kv_sizing import KVPlan, activation_reserve_bytes, plan_kv_cache
 from jaxpaged.model_loader import jax_dtype, load_model
 from jaxpaged.outputs import Logprob, RequestMetrics, RequestOutput
+from jaxpaged.prompt_logprobs import PromptLogprobsChunk
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.request_state import RequestState, SequenceState, prompt_logprob_entries
-from jaxpaged.runner import (ModelRunner, PromptLogprobsChunk, RunnerOutput, StepHandle,
-                             TokenLogprobs)
+from jaxpaged.runner import ModelRunner, RunnerOutput, StepHandle, TokenLogprobs
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler, SchedulerConfig
 from jaxpaged.scheduler_output import RequestUpdate, SchedulerOutput

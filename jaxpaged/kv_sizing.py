@@ -9,7 +9,7 @@ import jax
 
 from jaxpaged.config import ModelConfig
 from jaxpaged.kv_cache import KVCache
-from jaxpaged.runner import PROMPT_LOGPROBS_CHUNK
+from jaxpaged.prompt_logprobs import PROMPT_LOGPROBS_CHUNK
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from jaxpaged.detokenizer import IncrementalDetokenizer
 from jaxpaged.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
                               RequestOutput)
 from jaxpaged.request import Request
-from jaxpaged.runner import PromptLogprobsChunk
+from jaxpaged.prompt_logprobs import PromptLogprobsChunk
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
 

@@ -5,10 +5,9 @@ KV pool donated (updated in place), samples the sequences that need a token and 
 The model step and the sampler are two jitted programs, so the compile count is
 (model buckets) + (sampler buckets x sampling switches), not their product.
 
-Prompt logprobs: the model step also returns the final hidden states of all T tokens. Only when a
-step schedules prompt positions of a request that asked for ``prompt_logprobs`` does a third jitted
-program (``_prompt_logprobs``) turn those rows into logits, chunk by chunk; it compiles on first use
-for each (row bucket, top-N bucket) pair, so steps without prompt logprobs never compile it.
+Prompt logprobs: the model step also returns the final hidden states of all T tokens; a step that
+schedules prompt positions of a request that asked for ``prompt_logprobs`` runs a third program on
+those rows (``jaxpaged.prompt_logprobs``).
 
 Host-to-device traffic: the weights are passed as a flat list of arrays (flattening the model's
 nnx State on every call cost ~1.5 ms of host time per step on an H200 machine), and each step's
@@ -41,7 +40,9 @@ from jaxpaged.executable_cache import ExecutableCache, abstract_signature
 from jaxpaged.host_bundle import BundleLayout, bundle, unbundle, unbundle_shapes
 from jaxpaged.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
-from jaxpaged.sampler import SampleLogprobs, gather_logprobs, sample
+from jaxpaged.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsPlan,
+                                      plan_prompt_logprobs, prompt_logprobs_program)
+from jaxpaged.sampler import SampleLogprobs, sample
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.sampling_tensor_builder import SamplingTensorBuilder, build_sampling_tensors
 from jaxpaged.sampling_tensors import SamplingTensors, StepKeys
@@ -75,21 +76,6 @@ class StepTimings:
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptLogprobsChunk:
-    """Raw logprobs of consecutive prompt tokens ``first_index ..`` (host numpy, n of them).
-
-    Prompt token i's logprob is read from the model's distribution after tokens < i (so
-    ``first_index >= 1``); ranks count the tokens at least as likely (vLLM's rank)."""
-
-    first_index: int  # prompt index of the first token
-    token_ids: np.ndarray  # i32[n] the prompt tokens
-    logprobs: np.ndarray  # f32[n] their logprobs
-    ranks: np.ndarray  # i32[n] their ranks (1 = most likely)
-    top_ids: np.ndarray  # i32[n, N] the N most likely tokens, most likely first
-    top_logprobs: np.ndarray  # f32[n, N] their logprobs
-
-
-@dataclasses.dataclass(frozen=True)
 class RunnerOutput:
     sampled_token_ids: dict[str, int]  # req_id -> its new token (only do_sample requests)
     logprobs: dict[str, TokenLogprobs]  # req_id -> logprobs, for requests that asked for them
@@ -105,7 +91,7 @@ class StepHandle:
     sampled: list[ScheduledRequest]  # the do_sample requests, in sampler row order
     token_ids: jax.Array | None  # i32[B] sampled ids (None: nothing sampled)
     logprobs: SampleLogprobs | None
-    prompt_logprobs: tuple[_PromptLogprobsPlan, SampleLogprobs] | None
+    prompt_logprobs: tuple[PromptLogprobsPlan, SampleLogprobs] | None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "state_treedef", "layout"),
@@ -123,28 +109,6 @@ def _model_step(graphdef, state_treedef, layout: BundleLayout, state_leaves: lis
                           inputs.token_ids)  # [T]
     hidden, kv_cache = model(token_ids, inputs.positions, kv_cache, inputs.md)
     return model.compute_logits(hidden[inputs.logits_indices]), hidden, kv_cache
-
-
-# Hidden rows turned into logits at once by _prompt_logprobs: f32[256, V] is 128 MB at V=128k.
-PROMPT_LOGPROBS_CHUNK = 256
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "state_treedef", "num_top", "chunk"))
-def _prompt_logprobs(graphdef, state_treedef, state_leaves: list[jax.Array], hidden: jax.Array,
-                     rows: jax.Array, targets: jax.Array, *, num_top: int,
-                     chunk: int) -> SampleLogprobs:
-    """Raw logprobs of ``targets`` i32[R] under the distributions of ``hidden[rows]`` ([T, hidden],
-    i32[R]), with their ranks and the top ``num_top`` tokens; R is a multiple of ``chunk``, and
-    only ``chunk`` rows of f32[chunk, V] logits exist at a time. -> SampleLogprobs [R]."""
-    model = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, state_leaves))
-
-    def one_chunk(args: tuple[jax.Array, jax.Array]) -> SampleLogprobs:
-        chunk_rows, chunk_targets = args  # i32[chunk] each
-        raw = jax.nn.log_softmax(model.compute_logits(hidden[chunk_rows]), axis=-1)  # [chunk, V]
-        return gather_logprobs(raw, chunk_targets, num_top)
-
-    out = jax.lax.map(one_chunk, (rows.reshape(-1, chunk), targets.reshape(-1, chunk)))
-    return jax.tree.map(lambda x: x.reshape(rows.shape[0], *x.shape[2:]), out)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "pad_to"))
@@ -244,22 +208,16 @@ class ModelRunner:
         return StepHandle(requests, out.token_ids, out.logprobs, pending)
 
     def _dispatch_prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: jax.Array
-                                  ) -> tuple[_PromptLogprobsPlan, SampleLogprobs] | None:
+                                  ) -> tuple[PromptLogprobsPlan, SampleLogprobs] | None:
         """Starts the prompt logprobs of the positions the scheduler asked for (None: none
         asked); the device results are fetched after the sampler has been dispatched."""
-        plan = _plan_prompt_logprobs(scheduled)
+        plan = plan_prompt_logprobs(scheduled)
         if plan is None:
             return None
-        num_top = _num_top_bucket(plan.max_top, self.config.vocab_size)
-        num_rows = len(plan.rows)
-        padded = _round_up_rows(num_rows)
-        chunk = min(padded, PROMPT_LOGPROBS_CHUNK)  # divides padded: both are powers of two
-        rows = np.zeros(padded, np.int32)
-        rows[:num_rows] = plan.rows
-        targets = np.zeros(padded, np.int32)
-        targets[:num_rows] = plan.targets
-        return plan, _prompt_logprobs(self.graphdef, self._state_treedef, self._state_leaves,
-                                      hidden, rows, targets, num_top=num_top, chunk=chunk)
+        rows, targets, num_top, chunk = plan.padded_inputs(self.config.vocab_size)
+        return plan, prompt_logprobs_program(self.graphdef, self._state_treedef,
+                                             self._state_leaves, hidden, rows, targets,
+                                             num_top=num_top, chunk=chunk)
 
     def _sampling_tensors(self, requests: list[ScheduledRequest], pad_to: int) -> SamplingTensors:
         """Host (numpy) tensors: the jitted sampler's call moves them to the device. Generated
@@ -366,67 +324,6 @@ class ModelRunner:
 
 # The two sampling modes nearly every workload uses; other switches compile on first use.
 _WARMUP_SAMPLING = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0))
-
-
-@dataclasses.dataclass(frozen=True)
-class _PromptLogprobsPlan:
-    """Which hidden rows of a step give prompt logprobs, and whose they are."""
-
-    rows: list[int]  # token index in the step of each position, requests one after another
-    targets: list[int]  # the prompt token each row's distribution is asked about
-    # (req_id, first prompt index, number of rows, top-N it asked for), in row order
-    spans: list[tuple[str, int, int, int]]
-
-    @property
-    def max_top(self) -> int:
-        return max(span[3] for span in self.spans)
-
-    def split(self, out: SampleLogprobs) -> dict[str, PromptLogprobsChunk]:
-        """Device results of all (padded) rows -> one host chunk per request."""
-        out = jax.device_get(out)
-        chunks, start = {}, 0
-        for req_id, first_index, count, num_top in self.spans:
-            end = start + count
-            chunks[req_id] = PromptLogprobsChunk(
-                first_index=first_index, token_ids=np.asarray(self.targets[start:end], np.int32),
-                logprobs=np.asarray(out.sampled_logprob[start:end]),
-                ranks=np.asarray(out.sampled_rank[start:end]),
-                top_ids=np.asarray(out.top_ids[start:end, :num_top]),
-                top_logprobs=np.asarray(out.top_logprobs[start:end, :num_top]))
-            start = end
-        return chunks
-
-
-def _plan_prompt_logprobs(scheduled: list[ScheduledRequest]) -> _PromptLogprobsPlan | None:
-    """Hidden state at position p predicts token p + 1: position p of a request whose new tokens
-    start at ``num_computed_tokens`` (token index ``offset`` in the step) is row
-    ``offset + p - num_computed_tokens`` and gives prompt token p + 1's logprob."""
-    rows: list[int] = []
-    targets: list[int] = []
-    spans = []
-    offset = 0
-    for r in scheduled:
-        positions = r.prompt_logprobs_positions
-        if positions:
-            first_row = offset + positions.start - r.num_computed_tokens
-            rows.extend(range(first_row, first_row + len(positions)))
-            targets.extend(r.prompt_token_ids[positions.start + 1:positions.stop + 1])
-            spans.append((r.req_id, positions.start + 1, len(positions),
-                          r.sampling_params.prompt_logprobs))
-        offset += len(r.token_ids)
-    return _PromptLogprobsPlan(rows, targets, spans) if spans else None
-
-
-def _round_up_rows(num_rows: int) -> int:
-    """Row count padded to a power of two (at least 16; above the chunk size that is a multiple of
-    it): few distinct shapes, so few compilations of _prompt_logprobs."""
-    return max(16, 1 << (num_rows - 1).bit_length())
-
-
-def _num_top_bucket(num_top: int, vocab_size: int) -> int:
-    """The top-N computed for a step: a power of two >= the largest asked for (>= 1, as top_k
-    needs), capped at the vocabulary; each request keeps its own N of them."""
-    return min(vocab_size, 1 if num_top <= 1 else 1 << (num_top - 1).bit_length())
 
 
 def _logprobs_by_request(requests: list[ScheduledRequest],
