@@ -17,7 +17,7 @@ a power of 2 >= 16, tl.dot's minimum), loaded straight from q block-diagonally: 
 q in the D columns of its own kv head and zeros elsewhere, so ``q @ k.T`` scores every row against
 its own head only. One split stores the normalized output rows straight into ``[S, Hq, D]``;
 several store f32 partials (acc, max, sum) merged by a second small kernel (``combine="pallas"``)
-or in XLA. No XLA pass pads q, slices the output or clips lengths.
+or in XLA (``split_k_combine.py``). No XLA pass pads q, slices the output or clips lengths.
 
 Positions past the context. Table entries past a sequence's end may hold anything and the slots
 after its last token may hold NaN, so those rows must neither be read from a bad address nor
@@ -57,6 +57,7 @@ from .backend import (MASK_VALUE, block_tables_within_context, dot_precision,
                       initial_softmax_state, is_power_of_2, masked_store, matmul_f32,
                       online_softmax_step, require_power_of_2, resolve_impl, scaled_logits,
                       triton_call, validate_paged_kv, validate_scales)
+from .split_k_combine import combine_splits_pallas, combine_splits_xla
 
 LAUNCH_ORDERS = ("seq_inner", "head_inner")
 MASK_STEPS = ("every", "last")
@@ -271,54 +272,6 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
         masked_store(l_ref.at[rows], l, real_row)
 
 
-def _combine_splits_xla(acc: jax.Array,  # f32[S, K, Hq, D]: unnormalized partial outputs
-                        m: jax.Array,  # f32[S, K, Hq]: partial maxima (base-2 logits)
-                        l: jax.Array,  # f32[S, K, Hq]: partial softmax sums
-                        ) -> jax.Array:  # f32[S, Hq, D]
-    m_max = m.max(axis=1, keepdims=True)
-    weight = jnp.exp2(m - m_max)  # empty splits: exp2(MASK - real max) == 0
-    denom = (l * weight).sum(axis=1)
-    num = (acc * weight[..., None]).sum(axis=1)
-    return num / jnp.where(denom == 0.0, 1.0, denom)[..., None]
-
-
-def _combine_kernel(acc_ref,  # f32[K, D]: one query head's partial outputs
-                    m_ref,  # f32[K]
-                    l_ref,  # f32[K]
-                    o_ref,  # [D]
-                    *, padded_splits: int):
-    splits = acc_ref.shape[0]
-    real = jnp.arange(padded_splits, dtype=jnp.int32) < splits  # K rounded up to a power of 2
-    part = pl.ds(0, padded_splits)
-    m = plt.load(m_ref.at[part], mask=real, other=MASK_VALUE)
-    l = plt.load(l_ref.at[part], mask=real, other=0.0)
-    acc = plt.load(acc_ref.at[part], mask=real[:, None], other=0.0)  # [Kp, D]
-    weight = jnp.exp2(m - m.max())  # empty splits: exp2(MASK - real max) == 0
-    denom = (l * weight).sum()
-    out = (acc * weight[:, None]).sum(axis=0) / jnp.where(denom == 0.0, 1.0, denom)
-    o_ref[...] = out.astype(o_ref.dtype)
-
-
-def _combine_splits_pallas(acc: jax.Array, m: jax.Array, l: jax.Array, *, dtype: jnp.dtype,
-                           interpret: bool) -> jax.Array:
-    """``_combine_splits_xla`` as one small kernel launch (one program per query head)."""
-    num_seqs, splits, num_q_heads, head_dim = acc.shape
-    padded_splits = pl.next_power_of_2(splits)
-    return triton_call(
-        functools.partial(_combine_kernel, padded_splits=padded_splits),
-        name=f"paged_decode_combine_splits{splits}",
-        grid=(num_seqs, num_q_heads),
-        in_specs=[pl.BlockSpec((None, splits, None, head_dim), lambda s, h: (s, 0, h, 0)),
-                  pl.BlockSpec((None, splits, None), lambda s, h: (s, 0, h)),
-                  pl.BlockSpec((None, splits, None), lambda s, h: (s, 0, h))],
-        out_specs=pl.BlockSpec((None, None, head_dim), lambda s, h: (s, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((num_seqs, num_q_heads, head_dim), dtype),
-        num_warps=4 if padded_splits * head_dim <= 8192 else 8,
-        num_stages=1,
-        interpret=interpret,
-    )(acc, m, l)
-
-
 def _output_specs(in_order, num_seqs: int, splits: int, num_q_heads: int, head_dim: int,
                   dtype: jnp.dtype):
     """(out_specs, out_shape): the output ``[S, Hq, D]``, or the f32 partials of every split."""
@@ -376,8 +329,8 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, sof
     if splits == 1:
         return out
     if tuning.combine == "pallas":
-        return _combine_splits_pallas(*out, dtype=q.dtype, interpret=interpret)
-    return _combine_splits_xla(*out).astype(q.dtype)
+        return combine_splits_pallas(*out, dtype=q.dtype, interpret=interpret)
+    return combine_splits_xla(*out).astype(q.dtype)
 
 
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, soft_cap,
