@@ -9,18 +9,19 @@ anything stored for a slot outside the pool). Pool layout as in ``kv_write``: ``
 Hkv, D]``, updated in place (donated, ``input_output_aliases``).
 
 Why one kernel. Done in XLA, a decode layer spends five small kernels here (slice V, rope K, rope q,
-the layer's slot offset, the K/V write), each ~1.2 us plus a launch gap at batch 1; this is one.
+the layer's slot offset, the K/V write), each ~1.2 us plus a launch gap at batch 1; this is one
+(2.35 us at batch 1 on an H100; the batch-1 step went from 630 to 535 kernels, bench/RESULTS.md).
 ``slot_offset`` (an i32 scalar operand, not a static argument) moves layer-local slots into the
 layer-flattened pool, so every layer runs the same compiled kernel.
 
 Kernel: grid ``(T, Hkv // hb)``; a program reads its token's ``hb`` kv heads (``hb`` = the largest
 power of 2 dividing Hkv, so Hkv = 8 is one program per token once T >= 128; fewer tokens get fewer
 heads per program, down to one, so that a decode step of a few tokens still spreads its latency-bound
-loads over many SMs), rotates the two halves of q and k
-separately (Triton cannot slice a loaded value, so each half is its own load and store), and stores.
-Arithmetic as the reference: cos/sin rounded to the activation dtype, products and sum in f32,
-one rounding at the end. Needs G and D/2 to be powers of 2 (Triton array sizes); other shapes take
-the reference.
+loads over many SMs), rotates the two halves of q and k separately (Triton cannot slice a loaded
+value, so each half is its own load and store), and stores. Arithmetic: cos/sin rounded to the
+activation dtype as in the reference (and HF), products and sum in f32, one rounding at the end
+(the bf16 reference rounds after each op; f32 inputs agree to ~1e-6). Needs G and D/2 to be powers
+of 2 (Triton array sizes); other shapes take the reference.
 """
 
 from __future__ import annotations
