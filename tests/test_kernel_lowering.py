@@ -86,6 +86,20 @@ def test_ragged_decode_only_batch_lowers_the_decode_kernel():
     assert "paged_decode_attention" in text and TRITON_CALL in text
 
 
+def test_one_token_per_sequence_skips_the_gather_and_scatter():
+    """The engine's decode batches: no XLA gather of q or scatter of the output around the
+    kernel (a batch-256 decode step is then the kernel alone)."""
+    args = _ragged_args(tokens=256, seqs=256)
+    general = _lower_for_h100(ragged_paged_attention, *args, sm_scale=0.088, max_query_len=1,
+                              impl="pallas")
+    promised = _lower_for_h100(ragged_paged_attention, *args, sm_scale=0.088, max_query_len=1,
+                               one_token_per_sequence=True, impl="pallas")
+    assert "stablehlo.gather" in general
+    assert promised.count(TRITON_CALL) == 1
+    for op in ("stablehlo.gather", "stablehlo.select", "stablehlo.scatter"):
+        assert op not in promised, op
+
+
 @pytest.mark.parametrize("seqs,splits,tuning,kernels", [
     (256, None, DecodeTuning(), 1),  # large batch: one split, normalized output
     (1, None, DecodeTuning(), 2),  # small batch: split-K, partials merged by a second kernel
