@@ -43,9 +43,6 @@ for stage in $stages; do
              --out "$OUT/dsf" ;;
     decode-plain) run decode 300 python3 bench/decode_steps.py --batches 1 16 64 256 --steps 10 \
              --kv-bytes 40 --no-async-scheduling --profile 64 256 --trace 1 256 --out "$OUT" ;;
-    decode-cmdbuf) XLA_FLAGS='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton --xla_gpu_graph_min_graph_size=1' \
-             run decode-cmdbuf 300 python3 bench/decode_steps.py --batches 1 16 64 --steps 10 \
-             --kv-bytes 20 --async-scheduling --trace 1 --out "$OUT/cmdbuf" ;;
     decode-cublas) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run decode-cublas 300 \
              python3 bench/decode_steps.py --batches 1 64 256 --steps 10 --kv-bytes 40 \
              --out "$OUT/cublas" ;;

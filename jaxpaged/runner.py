@@ -128,8 +128,8 @@ class ModelRunner:
                  penalty_width: int, executable_cache: ExecutableCache | None = None):
         cfg = model.config
         self.config = cfg
-        self.graphdef, self.state = nnx.split(model)
-        self._state_leaves, self._state_treedef = jax.tree.flatten(self.state)
+        self.graphdef, state = nnx.split(model)
+        self._state_leaves, self._state_treedef = jax.tree.flatten(state)
         self.block_size = block_size
         self.ladder = ladder
         self.eos_token_ids = eos_token_ids
