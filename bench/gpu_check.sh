@@ -96,6 +96,10 @@ for stage in $stages; do
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
     engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;
+    throughput-again) run throughput-again 300 python3 bench/throughput.py --workload nano \
+             --out "$OUT/again" ;;
+    throughput-noremat) XLA_FLAGS="--xla_gpu_memory_limit_slop_factor=1000" run throughput-noremat \
+             300 python3 bench/throughput.py --workload nano --out "$OUT/noremat" ;;
     throughput) run throughput 540 python3 bench/throughput.py --workload nano --kv-waste --out "$OUT" ;;
     roofline) run roofline 120 python3 bench/roofline.py --out "$OUT" ;;
     *) echo "unknown stage $stage" >> "$summary" ;;
