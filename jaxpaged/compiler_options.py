@@ -7,16 +7,31 @@ an H100 with Llama-3-8B decode steps (bench/RESULTS.md), Triton GEMMs against cu
 against 19.43; nano 7,628 against 8,157 output tok/s. So a step of more than
 ``TRITON_GEMM_MAX_TOKENS`` tokens is compiled with XLA's Triton GEMMs turned off (other Triton
 fusions and the Pallas kernels are unaffected).
+
+No rematerialization. XLA's GPU scheduler estimates a step's peak memory with the donated KV pool
+counted as both an input and an output, finds it far above the card (~141 GiB for a 47 GiB pool
+and 16 GB of weights on an 80 GB H100), and its rematerialization pass then recomputes values
+(residual adds, even a GEMM) in a vain attempt to get under a limit it can never reach; the real
+peak is the pool plus weights plus a few activations. The limit is
+``(device memory - parameters and outputs) * xla_gpu_memory_limit_slop_factor / 100``, so a large
+factor switches the pass off for model steps. Measured on an H100 with nano: 8,198 output tok/s
+against 8,025 and 7,926 without it in the same call, and 19.7 s against 27.9 s of compilation.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 TRITON_GEMM_MAX_TOKENS = 16
+NO_REMAT_SLOP_FACTOR = 1000  # percent: a limit ten times the card's memory, never reached
 
 
-def step_compiler_options(num_tokens: int, platform: str) -> dict[str, bool]:
+def step_compiler_options(num_tokens: int, platform: str) -> dict[str, Any]:
     """Options for ``Lowered.compile`` of a model step of ``num_tokens`` tokens on ``platform``
     (``jax.default_backend()``)."""
-    if platform != "gpu" or num_tokens <= TRITON_GEMM_MAX_TOKENS:
+    if platform != "gpu":
         return {}
-    return {"xla_gpu_enable_triton_gemm": False}
+    options: dict[str, Any] = {"xla_gpu_memory_limit_slop_factor": NO_REMAT_SLOP_FACTOR}
+    if num_tokens > TRITON_GEMM_MAX_TOKENS:
+        options["xla_gpu_enable_triton_gemm"] = False
+    return options
