@@ -46,6 +46,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -311,6 +312,32 @@ def time_baselines(setup: Setup, log: Callable, pools: Pools,
     return (min(builtins, key=lambda r: r.best_ms) if builtins else None), xla
 
 
+def stream_read(pages: int, calls: int) -> Callable:
+    """jit(k, v, starts) -> per start, f32 sums of each of ``pages`` contiguous pool pages of K
+    and V: one XLA reduction kernel that streams the same bytes as a decode call, no gather."""
+    def run(k, v, starts):
+        def page_sums(pool, start):  # f32[pages]
+            return jnp.sum(lax.dynamic_slice_in_dim(pool, start, pages), axis=(1, 2, 3),
+                           dtype=jnp.float32)
+        return [page_sums(k, s) + page_sums(v, s) for s in starts[:calls]]
+    return jax.jit(run)
+
+
+def time_stream_read(setup: Setup, log: Callable, pools: Pools, case: DecodeCase,
+                     copy_bw: float) -> Row | None:
+    """What a plain read of the case's K/V bytes costs at this size (launch and ramp included):
+    the bandwidth a decode call could reach if gathering pages and attending were free."""
+    pages = case.batch * case.width
+    span = pools.k.shape[0] - pages
+    starts = [jnp.asarray((i * pages) % max(1, span), jnp.int32) for i in range(case.calls)]
+    timing = try_time(setup, log, f"decode {case.shape} stream read",
+                      stream_read(pages, case.calls), (pools.k, pools.v, starts), case.calls)
+    if timing is None:
+        return None
+    return _decode_row(setup, "decode", case.shape, "read", "XLA page sums, contiguous", timing,
+                       case.kv_bytes, copy_bw)
+
+
 def _set_speedup(row: Row, builtin: Row | None) -> Row:
     if builtin is not None:
         row.speedup_vs_builtin = builtin.best_ms / row.best_ms
@@ -329,7 +356,8 @@ def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array
                          config=f"splits={splits},hpp={tuning.heads_per_program}",
                          tuning=tuning)
         builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
-        for row in (ours, builtin, xla):
+        read = time_stream_read(setup, log, pools, case, copy_bw)
+        for row in (ours, builtin, xla, read):
             if row is not None:
                 rows.append(_set_speedup(row, builtin))
                 log(_format_row(row))
@@ -525,7 +553,8 @@ def bench_decode_variants(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, 
         log(f"variants: {batch}x{context} at {time.perf_counter() - started:.0f} s")
         case = decode_case(setup, pools, batch, context, rng)
         builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
-        for row in (builtin, xla):
+        read = time_stream_read(setup, log, pools, case, copy_bw)
+        for row in (builtin, xla, read):
             if row is not None:
                 row.section = "variant"
                 rows.append(_set_speedup(row, builtin))
@@ -702,16 +731,17 @@ def _format_row(row: Row) -> str:
 def summary_table(rows: list[Row]) -> str:
     decode = [r for r in rows if r.section == "decode" and r.config != "small pool (<4 GiB)"]
     lines = ["", "SUMMARY decode (best ms / TB/s / % copy BW)",
-             f"{'B x L':>10s} | {'ours':>22s} | {'builtin':>22s} | {'xla':>22s} | ours/builtin"]
+             f"{'B x L':>10s} | {'ours':>22s} | {'builtin':>22s} | {'xla':>22s} | "
+             f"{'plain read':>22s} | ours/builtin"]
     for shape in dict.fromkeys(r.shape for r in decode):
         by_impl = {r.impl: r for r in decode if r.shape == shape}
         cells = [f"{by_impl[i].best_ms:7.4f} {by_impl[i].tbps:4.2f} {by_impl[i].pct_copy:4.0f}%"
-                 if i in by_impl else "failed" for i in ("ours", "builtin", "xla")]
+                 if i in by_impl else "failed" for i in ("ours", "builtin", "xla", "read")]
         ours = by_impl.get("ours")
         speedup = (f"{ours.speedup_vs_builtin:.2f}x"
                    if ours is not None and ours.speedup_vs_builtin is not None else "-")
         lines.append(f"{shape:>10s} | {cells[0]:>22s} | {cells[1]:>22s} | {cells[2]:>22s} | "
-                     f"{speedup}")
+                     f"{cells[3]:>22s} | {speedup}")
     ragged = [r for r in rows if r.section == "ragged"]
     if ragged:
         lines.append("SUMMARY ragged (best config per case, TFLOP/s)")
