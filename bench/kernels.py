@@ -46,12 +46,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from roofline import measure_bandwidth  # noqa: E402
 
+from jaxpaged.pallas_kernels.backend import triton_call  # noqa: E402
 from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference  # noqa: E402
 from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits,
                                                             default_decode_tuning,
@@ -323,19 +325,52 @@ def stream_read(pages: int, calls: int) -> Callable:
     return jax.jit(run)
 
 
+READ_ROWS_PER_PROGRAM = 64  # pool rows (one token's D values of one kv head) per program
+
+
+def pallas_stream_read(pages: int, calls: int, interpret: bool) -> Callable:
+    """Like ``stream_read`` with a minimal Pallas kernel: every program loads 64 contiguous pool
+    rows of K and of V (32 KB at Llama-3-8B's shape) and stores their column sums, one launch."""
+    def kernel(start_ref, k_ref, v_ref, o_ref):
+        row0 = start_ref[0] + pl.program_id(0) * READ_ROWS_PER_PROGRAM
+        rows = pl.ds(row0, READ_ROWS_PER_PROGRAM)
+        o_ref[...] = (jnp.sum(k_ref[rows, :].astype(jnp.float32), axis=0)
+                      + jnp.sum(v_ref[rows, :].astype(jnp.float32), axis=0))
+
+    def run(k, v, starts):
+        rows_per_page = k.shape[1] * k.shape[2]
+        k_rows, v_rows = (pool.reshape(-1, pool.shape[3]) for pool in (k, v))  # [P * page * Hkv, D]
+        programs = pages * rows_per_page // READ_ROWS_PER_PROGRAM
+        full = pl.BlockSpec(k_rows.shape, lambda i: (0, 0))
+        read = triton_call(kernel, name="stream_read", grid=(programs,),
+                           in_specs=[pl.BlockSpec((1,), lambda i: (0,)), full, full],
+                           out_specs=pl.BlockSpec((None, k_rows.shape[1]), lambda i: (i, 0)),
+                           out_shape=jax.ShapeDtypeStruct((programs, k_rows.shape[1]),
+                                                          jnp.float32),
+                           num_warps=4, num_stages=1, interpret=interpret)
+        return [read((s * rows_per_page)[None], k_rows, v_rows) for s in starts[:calls]]
+    return jax.jit(run)
+
+
 def time_stream_read(setup: Setup, log: Callable, pools: Pools, case: DecodeCase,
-                     copy_bw: float) -> Row | None:
+                     copy_bw: float) -> list[Row]:
     """What a plain read of the case's K/V bytes costs at this size (launch and ramp included):
-    the bandwidth a decode call could reach if gathering pages and attending were free."""
+    the bandwidth a decode call could reach if gathering pages and attending were free. Regions
+    stay in the first 2**30 elements of the pool (32-bit offsets in the Pallas reader)."""
     pages = case.batch * case.width
-    span = pools.k.shape[0] - pages
+    page_elements = setup.page_size * setup.num_kv_heads * setup.head_dim
+    span = min(pools.k.shape[0], 2**30 // page_elements) - pages
     starts = [jnp.asarray((i * pages) % max(1, span), jnp.int32) for i in range(case.calls)]
-    timing = try_time(setup, log, f"decode {case.shape} stream read",
-                      stream_read(pages, case.calls), (pools.k, pools.v, starts), case.calls)
-    if timing is None:
-        return None
-    return _decode_row(setup, "decode", case.shape, "read", "XLA page sums, contiguous", timing,
-                       case.kv_bytes, copy_bw)
+    rows = []
+    for config, reader in (("XLA page sums, contiguous", stream_read(pages, case.calls)),
+                           ("Pallas, 64 rows/program", pallas_stream_read(pages, case.calls,
+                                                                          setup.interpret))):
+        timing = try_time(setup, log, f"decode {case.shape} read {config}", reader,
+                          (pools.k, pools.v, starts), case.calls)
+        if timing is not None:
+            rows.append(_decode_row(setup, "decode", case.shape, "read", config, timing,
+                                    case.kv_bytes, copy_bw))
+    return rows
 
 
 def _set_speedup(row: Row, builtin: Row | None) -> Row:
@@ -356,11 +391,14 @@ def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array
                          config=f"splits={splits},hpp={tuning.heads_per_program}",
                          tuning=tuning)
         builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
-        read = time_stream_read(setup, log, pools, case, copy_bw)
-        for row in (ours, builtin, xla, read):
+        reads = time_stream_read(setup, log, pools, case, copy_bw)
+        for row in (ours, builtin, xla):
             if row is not None:
                 rows.append(_set_speedup(row, builtin))
                 log(_format_row(row))
+        for row in reads:  # no speedup: not an attention kernel
+            rows.append(row)
+            log(_format_row(row))
     return rows
 
 
@@ -553,11 +591,11 @@ def bench_decode_variants(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, 
         log(f"variants: {batch}x{context} at {time.perf_counter() - started:.0f} s")
         case = decode_case(setup, pools, batch, context, rng)
         builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
-        read = time_stream_read(setup, log, pools, case, copy_bw)
-        for row in (builtin, xla, read):
+        reads = time_stream_read(setup, log, pools, case, copy_bw)
+        for row in (builtin, xla, *reads):
             if row is not None:
                 row.section = "variant"
-                rows.append(_set_speedup(row, builtin))
+                rows.append(row if row.impl == "read" else _set_speedup(row, builtin))
                 log(_format_row(row))
         small = batch * setup.num_kv_heads < SM_COUNT
         for variant in variants:
@@ -734,7 +772,8 @@ def summary_table(rows: list[Row]) -> str:
              f"{'B x L':>10s} | {'ours':>22s} | {'builtin':>22s} | {'xla':>22s} | "
              f"{'plain read':>22s} | ours/builtin"]
     for shape in dict.fromkeys(r.shape for r in decode):
-        by_impl = {r.impl: r for r in decode if r.shape == shape}
+        by_impl = {r.impl: r for r in sorted((r for r in decode if r.shape == shape),
+                                             key=lambda r: -r.best_ms)}  # the fastest per impl
         cells = [f"{by_impl[i].best_ms:7.4f} {by_impl[i].tbps:4.2f} {by_impl[i].pct_copy:4.0f}%"
                  if i in by_impl else "failed" for i in ("ours", "builtin", "xla", "read")]
         ours = by_impl.get("ours")
