@@ -9,6 +9,12 @@ mkdir -p "$OUT"
 stages=${*:-env tests kernels engine throughput}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
+# A/B runs: `bash bench/make_wheels.sh REV .whl-base` puts a base commit's wheel next to it, which
+# the *-base stages run (the executable cache keys on jaxpaged's sources, so they never mix).
+if [ -d .whl-base ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site-base .whl-base/jaxpaged-*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
 export JAXPAGED_CACHE=/tmp/jaxpaged-cache
 # Let XLA's allocator reach nearly the whole card (gpu_memory_utilization then applies to it), but
@@ -96,6 +102,15 @@ for stage in $stages; do
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
     engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;
+    throughput-base) PYTHONPATH=/tmp/site-base run throughput-base 300 python3 bench/throughput.py \
+             --workload nano --out "$OUT/base" ;;
+    throughput-base-again) PYTHONPATH=/tmp/site-base run throughput-base-again 300 \
+             python3 bench/throughput.py --workload nano --out "$OUT/base-again" ;;
+    decode-large) run decode-large 300 python3 bench/decode_steps.py --batches 32 64 256 \
+             --steps 10 --kv-bytes 40 --out "$OUT/large" ;;
+    decode-large-base) PYTHONPATH=/tmp/site-base run decode-large-base 300 \
+             python3 bench/decode_steps.py --batches 32 64 256 --steps 10 --kv-bytes 40 \
+             --out "$OUT/large-base" ;;
     throughput-again) run throughput-again 300 python3 bench/throughput.py --workload nano \
              --out "$OUT/again" ;;
     throughput-noremat) XLA_FLAGS="--xla_gpu_memory_limit_slop_factor=1000" run throughput-noremat \

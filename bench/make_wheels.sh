@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Here, before a GPU call: build the jaxpaged wheel of the last commit (not of uncommitted edits)
-# into .whl/ (git-ignored), plus the server's wheels the GPU machine lacks (starlette, uvicorn).
-# Carry `.whl` in the call.
+# Here, before a GPU call: build the jaxpaged wheel of a commit (default the last one; never of
+# uncommitted edits) into a folder (default .whl/, git-ignored), plus the server's wheels the GPU
+# machine lacks (starlette, uvicorn) into .whl/. Carry the folders in the call.
+#   bash bench/make_wheels.sh                 # HEAD -> .whl/
+#   bash bench/make_wheels.sh HEAD~1 .whl-base  # a base for the *-base stages of gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+rev=${1:-HEAD}
+dest=${2:-.whl}
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
-git archive HEAD | tar -x -C "$src"
-rm -f .whl/jaxpaged-*.whl
-.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl "$src"
+git archive "$rev" | tar -x -C "$src"
+rm -f "$dest"/jaxpaged-*.whl
+.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "$src"
 [ -n "$(ls .whl/starlette-* 2>/dev/null)" ] || bash ../shared/tools/gpu-wheels.sh >/dev/null
-ls .whl
+ls "$dest"
