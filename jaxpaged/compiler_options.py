@@ -26,17 +26,12 @@ TRITON_GEMM_MAX_TOKENS = 16
 NO_REMAT_SLOP_FACTOR = 1000  # percent: a limit ten times the card's memory, never reached
 
 
-def cublas_gemms(num_tokens: int) -> bool:
-    """Whether a GPU step of ``num_tokens`` tokens runs its GEMMs on cuBLAS (else XLA's Triton)."""
-    return num_tokens > TRITON_GEMM_MAX_TOKENS
-
-
 def step_compiler_options(num_tokens: int, platform: str) -> dict[str, Any]:
     """Options for ``Lowered.compile`` of a model step of ``num_tokens`` tokens on ``platform``
     (``jax.default_backend()``)."""
     if platform != "gpu":
         return {}
     options: dict[str, Any] = {"xla_gpu_memory_limit_slop_factor": NO_REMAT_SLOP_FACTOR}
-    if cublas_gemms(num_tokens):
+    if num_tokens > TRITON_GEMM_MAX_TOKENS:
         options["xla_gpu_enable_triton_gemm"] = False
     return options

@@ -27,9 +27,7 @@ from jaxpaged.attention import paged_attention
 from jaxpaged.attention_metadata import AttentionMetadata
 from jaxpaged.config import ModelConfig
 from jaxpaged.kv_cache import KVCache
-from jaxpaged.compiler_options import cublas_gemms
 from jaxpaged.models.rope import RotaryEmbedding
-from jaxpaged.pallas_kernels.rms_norm import fused_add_rms_norm, rms_norm
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> nnx.Param:
@@ -37,21 +35,14 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> nnx.P
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm (HF's rounding: normalize in f32, cast, then scale in the model dtype). With
-    ``impl="reference"`` XLA fuses it into the neighbouring kernels; with "auto"/"pallas" it is one
-    Pallas kernel on the GPU, fused with the residual add before it (``add_and_norm``)."""
-
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
         self.eps = eps
 
-    def __call__(self, x: jax.Array, impl: str) -> jax.Array:  # [T, dim]
-        return rms_norm(x, self.weight[...], eps=self.eps, impl=impl)
-
-    def add_and_norm(self, x: jax.Array, residual: jax.Array, impl: str
-                     ) -> tuple[jax.Array, jax.Array]:
-        """[T, dim] each -> (norm(x + residual), x + residual)."""
-        return fused_add_rms_norm(x, residual, self.weight[...], eps=self.eps, impl=impl)
+    def __call__(self, x: jax.Array) -> jax.Array:  # [T, dim]
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -102,16 +93,11 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs=rngs)
 
-    def __call__(self, h, residual, next_norm: RMSNorm, cos, sin, kv_cache, layer, md,
-                 attn_impl: str, norm_impl: str):
-        """h: this layer's normed input (``input_norm`` of the residual stream ``residual``) ->
-        (``next_norm`` of the stream after this layer, that stream, pool). Each residual add goes
-        with the norm that follows it (vLLM's layout): this layer ends with the next layer's
-        ``input_norm``, or with the final norm."""
-        attn_out, kv_cache = self.attn(h, cos, sin, kv_cache, layer, md, attn_impl)
-        h, residual = self.post_attn_norm.add_and_norm(attn_out, residual, norm_impl)
-        h, residual = next_norm.add_and_norm(self.mlp(h), residual, norm_impl)
-        return h, residual, kv_cache
+    def __call__(self, x, cos, sin, kv_cache, layer, md, attn_impl):
+        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, kv_cache, layer, md, attn_impl)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, kv_cache
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -133,22 +119,12 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_cache: KVCache,
                  md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
         """token_ids, positions: i32[T] -> hidden [T, hidden] (after the final norm)."""
-        residual = self.embed[...][token_ids]  # [T, hidden]
+        x = self.embed[...][token_ids]  # [T, hidden]
         cos, sin = RotaryEmbedding(self.config).cos_sin(positions)  # f32[T, D]
-        norm_impl = self._norm_impl(token_ids.shape[0])
-        h = self.layers[0].input_norm(residual, norm_impl)
-        norms_after = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
-        for index, (layer, next_norm) in enumerate(zip(self.layers, norms_after)):
+        for index, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{index}"):
-                h, residual, kv_cache = layer(h, residual, next_norm, cos, sin, kv_cache, index,
-                                              md, self.attn_impl, norm_impl)
-        return h, kv_cache
-
-    def _norm_impl(self, num_tokens: int) -> str:
-        """The fused add + norm kernel where the GEMMs are cuBLAS's (which read a materialized
-        input anyway); XLA's own norm where its Triton GEMMs fuse the norm into their prologue
-        (a custom call in between measured slower there: ``compiler_options``)."""
-        return self.attn_impl if cublas_gemms(num_tokens) else "reference"
+                x, kv_cache = layer(x, cos, sin, kv_cache, index, md, self.attn_impl)
+        return self.final_norm(x), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, hidden] -> f32[N, vocab]."""
