@@ -12,8 +12,10 @@ Decode, Llama-3-8B attention (Hq=32, Hkv=8, D=128, 16-token pages, bf16), B x L 
 ``pallas.ops.gpu.paged_attention`` (q pre-scaled by 1/sqrt(D); its ``[Hkv, P, page, D]`` pool is a
 transposed copy made before timing; best of a few ``k_splits``) and the XLA gather + einsum
 reference. Also measured in the run: device-to-device copy bandwidth (a 4 GiB elementwise copy,
-bytes read + written). Reported: ms per call, TB/s of K+V bytes, % of copy bandwidth, speedup vs
-the built-in. Then prefill / mixed batches through the ragged kernel (TFLOP/s of causal attention),
+bytes read + written), and per decode shape a *plain read* of the same K/V bytes laid out
+contiguously (an XLA reduction, and a minimal Pallas kernel), i.e. what those bytes cost at that
+size with no gather and no attention. Reported: ms per call, TB/s of K+V bytes, % of copy
+bandwidth, speedup vs the built-in. Then prefill / mixed batches through the ragged kernel (TFLOP/s of causal attention),
 and a small sweep of decode tile parameters (pages per step, splits, warps, stages).
 
 Decode variants (``--decode-variants``): named ``DecodeTuning`` structures of the decode kernel

@@ -12,10 +12,11 @@ No rematerialization. XLA's GPU scheduler estimates a step's peak memory with th
 counted as both an input and an output, finds it far above the card (~141 GiB for a 47 GiB pool
 and 16 GB of weights on an 80 GB H100), and its rematerialization pass then recomputes values
 (residual adds, even a GEMM) in a vain attempt to get under a limit it can never reach; the real
-peak is the pool plus weights plus a few activations. The limit is
-``(device memory - parameters and outputs) * xla_gpu_memory_limit_slop_factor / 100``, so a large
-factor switches the pass off for model steps. Measured on an H100 with nano: 8,198 output tok/s
-against 8,025 and 7,926 without it in the same call, and 19.7 s against 27.9 s of compilation.
+peak is the pool plus weights plus a few activations. The pass's limit is a percentage of the
+device memory, ``xla_gpu_memory_limit_slop_factor``, so a large factor switches it off for model
+steps. Measured on an H100 with nano (bench/RESULTS.md): 8,198 output tok/s against 8,025 and
+7,926 without it in the same call (across machines within the ~3% run-to-run spread), and 19.7 s
+against 27.9 s of compilation.
 """
 
 from __future__ import annotations
