@@ -1,7 +1,8 @@
 """Static shape ladders: every step is padded up to one of a few shapes, compiled once each.
 
 A step has three sizes: tokens T, sequences S and block-table width W.
-  - decode-only steps: T == S, one shape per entry of the sequence ladder;
+  - decode-only steps: T == S, one shape per entry of the sequence ladder (powers of two, and
+    from ``DECODE_HALF_STEPS_FROM`` sequences on also the sizes halfway between);
   - mixed steps (any prefill chunk): one shape per entry of the token ladder, with
     S = min(T, max_num_seqs). Padding sequence rows cost almost nothing (empty query ranges; a
     few extra logits rows), and tying S to T keeps the compile count at len(tokens) + len(seqs)
@@ -17,11 +18,20 @@ import bisect
 import dataclasses
 
 
-def _ladder(minimum: int, maximum: int) -> tuple[int, ...]:
-    """Powers of two from ``minimum`` up to (and always including) ``maximum``."""
+# Decode steps of this many sequences and more also get buckets halfway between powers of two.
+# There the GEMMs of a padded step approach compute-bound (on an H100 a Llama-3-8B step turns
+# compute-bound near 200 rows), so padding rows cost time; 1.5x steps cap padding at 33%.
+DECODE_HALF_STEPS_FROM = 64
+
+
+def _ladder(minimum: int, maximum: int, half_steps_from: int | None = None) -> tuple[int, ...]:
+    """Powers of two from ``minimum`` up to (and always including) ``maximum``; from
+    ``half_steps_from`` on also 1.5x each power of two (64, 96, 128, 192, ...)."""
     sizes, size = [], minimum
     while size < maximum:
         sizes.append(size)
+        if half_steps_from is not None and size >= half_steps_from and size * 3 // 2 < maximum:
+            sizes.append(size * 3 // 2)
         size *= 2
     sizes.append(maximum)
     return tuple(sizes)
@@ -45,7 +55,7 @@ class BucketLadder:
                block_size: int, min_tokens: int = 16) -> "BucketLadder":
         return cls(token_sizes=_ladder(min(min_tokens, max_num_batched_tokens),
                                        max_num_batched_tokens),
-                   seq_sizes=_ladder(1, max_num_seqs),
+                   seq_sizes=_ladder(1, max_num_seqs, DECODE_HALF_STEPS_FROM),
                    table_width=-(-max_model_len // block_size))
 
     def shape_for(self, num_tokens: int, num_seqs: int, decode_only: bool) -> StepShape:
