@@ -2,6 +2,8 @@
 # Everything the GPU machine checks and measures, in one call; a short table last.
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
+# A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
+# stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jaxpaged-out}
@@ -10,7 +12,7 @@ stages=${*:-env tests kernels engine throughput}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 # A/B runs: `bash bench/make_wheels.sh REV .whl-base` puts a base commit's wheel next to it, which
-# the *-base stages run (the executable cache keys on jaxpaged's sources, so they never mix).
+# STAGE-base runs (the executable cache keys on jaxpaged's sources, so they never mix).
 if [ -d .whl-base ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site-base .whl-base/jaxpaged-*.whl || exit 1
@@ -23,23 +25,35 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 XLA_PYTHON_CLIENT_PREALLOCATE=false
 summary=/tmp/jaxpaged-summary.txt
 : > "$summary"
 
-run() {  # run NAME TIMEOUT_S COMMAND...
+run() {  # run NAME TIMEOUT_S COMMAND...  (the summary names it $label: the stage as asked)
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
+  mkdir -p "$OUT"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - start))" \
+  printf '%-12s rc=%-3s %4ss  %s\n' "$label" "$rc" "$((SECONDS - start))" \
     "$(grep -E 'passed|failed|error' "$OUT/$name.log" | tail -1 | cut -c1-90)" >> "$summary"
 }
 
-for stage in $stages; do
+root=$OUT
+declare -A times_run=()
+for label in $stages; do
+  stage=${label%-base}
+  count=$((${times_run[$label]:-0} + 1)); times_run[$label]=$count
+  OUT=$root PYTHONPATH=/tmp/site
+  if [ "$stage" != "$label" ]; then
+    [ -d /tmp/site-base ] || { echo "$label: no .whl-base to run" >> "$summary"; continue; }
+    OUT=$root/$label PYTHONPATH=/tmp/site-base
+  fi
+  if [ "$count" -gt 1 ]; then OUT=$root/$label-$count; fi
   case $stage in
     env) run env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
            python3 -c "import jax, flax, jaxlib; print(jax.__version__, flax.__version__, jax.devices())";
            git log -1 --format=%H 2>/dev/null || true;
            python3 -X importtime -c "import jaxpaged.llm, jaxpaged.server.app" 2>&1 | sort -t"|" -k2 -n | tail -12' ;;
-    tests) run gpu-tests 420 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_kernel_rms_norm.py \
-             tests/test_kernel_kv_write.py tests/test_kernel_rope_kv_write.py tests/test_kernel_attention.py tests/test_gpu_engine.py ;;
+    tests) run gpu-tests 420 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
+             tests/test_kernel_kv_write.py tests/test_kernel_rope_kv_write.py \
+             tests/test_kernel_attention.py tests/test_gpu_engine.py ;;
     engine-tests) run gpu-engine-tests 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider \
              tests/test_gpu_engine.py ;;
     decode) run decode 300 python3 bench/decode_steps.py --batches 1 64 256 --steps 10 \
@@ -102,25 +116,15 @@ for stage in $stages; do
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
     engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;
-    throughput-base) PYTHONPATH=/tmp/site-base run throughput-base 300 python3 bench/throughput.py \
-             --workload nano --out "$OUT/base" ;;
-    throughput-base-again) PYTHONPATH=/tmp/site-base run throughput-base-again 300 \
-             python3 bench/throughput.py --workload nano --out "$OUT/base-again" ;;
     decode-large) run decode-large 300 python3 bench/decode_steps.py --batches 32 64 256 \
              --steps 10 --kv-bytes 40 --out "$OUT/large" ;;
-    decode-large-base) PYTHONPATH=/tmp/site-base run decode-large-base 300 \
-             python3 bench/decode_steps.py --batches 32 64 256 --steps 10 --kv-bytes 40 \
-             --out "$OUT/large-base" ;;
-    throughput-again) run throughput-again 300 python3 bench/throughput.py --workload nano \
-             --out "$OUT/again" ;;
-    throughput-noremat) XLA_FLAGS="--xla_gpu_memory_limit_slop_factor=1000" run throughput-noremat \
-             300 python3 bench/throughput.py --workload nano --out "$OUT/noremat" ;;
     throughput) run throughput 540 python3 bench/throughput.py --workload nano --kv-waste --out "$OUT" ;;
     roofline) run roofline 120 python3 bench/roofline.py --out "$OUT" ;;
-    *) echo "unknown stage $stage" >> "$summary" ;;
+    *) echo "unknown stage $label" >> "$summary" ;;
   esac
 done
-for f in "$OUT"/*.json "$OUT"/*/*.json; do [ -f "$f" ] && echo "== $(basename "$f")" && head -c 1500 "$f" && echo; done
+OUT=$root PYTHONPATH=/tmp/site
+for f in "$OUT"/*.json "$OUT"/*/*.json "$OUT"/*/*/*.json; do [ -f "$f" ] && echo "== $(basename "$f")" && head -c 1500 "$f" && echo; done
 # Everything in one archive: the device tool brings back at most 8 files.
 tar czf /tmp/logs.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/logs.tgz "$OUT/"
 cp "$summary" "$OUT/" 2>/dev/null || true

@@ -3,7 +3,7 @@
 # uncommitted edits) into a folder (default .whl/, git-ignored), plus the server's wheels the GPU
 # machine lacks (starlette, uvicorn) into .whl/. Carry the folders in the call.
 #   bash bench/make_wheels.sh                 # HEAD -> .whl/
-#   bash bench/make_wheels.sh HEAD~1 .whl-base  # a base for the *-base stages of gpu_check.sh
+#   bash bench/make_wheels.sh HEAD~1 .whl-base  # the base that STAGE-base runs in gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:-HEAD}

@@ -7,8 +7,6 @@
   call; decode-only batches (``max_query_len == 1``) take the decode kernel
   (``ragged_paged_attention.py``).
 - ``paged_decode_attention``: one query token per sequence, split-K (``paged_decode_attention.py``).
-- ``fused_add_rms_norm`` / ``rms_norm``: residual add + RMSNorm as one kernel (``rms_norm.py``;
-  measured, not used by the model: see its module doc).
 
 Every entry point takes ``impl`` ("auto": Pallas on a CUDA GPU, else the reference) and
 ``interpret`` (run the Pallas kernel on the CPU). ``backend.py`` is the only file that knows the
@@ -21,7 +19,6 @@ from .paged_decode_attention import (DecodeTuning, choose_num_kv_splits, paged_d
                                      paged_decode_attention_reference)
 from .ragged_paged_attention import (RaggedTuning, ragged_paged_attention,
                                      ragged_paged_attention_reference)
-from .rms_norm import fused_add_rms_norm, rms_norm
 from .rope_kv_write import apply_rope, rope_and_write_kv, rope_and_write_kv_reference
 
 __all__ = [
@@ -29,13 +26,11 @@ __all__ = [
     "RaggedTuning",
     "apply_rope",
     "choose_num_kv_splits",
-    "fused_add_rms_norm",
     "on_gpu",
     "paged_decode_attention",
     "paged_decode_attention_reference",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
-    "rms_norm",
     "rope_and_write_kv",
     "rope_and_write_kv_reference",
     "write_kv",

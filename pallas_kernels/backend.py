@@ -76,6 +76,10 @@ def is_power_of_2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def largest_power_of_2_divisor(n: int) -> int:
+    return n & -n
+
+
 def require_power_of_2(name: str, value: int) -> None:
     """Triton arrays need power-of-2 sizes: reject other sizes clearly, before lowering does."""
     if not is_power_of_2(value):

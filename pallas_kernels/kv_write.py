@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .backend import require_power_of_2, resolve_impl, triton_call
+from .backend import largest_power_of_2_divisor, require_power_of_2, resolve_impl, triton_call
 
 
 def _write_kv_kernel(slot_ref,  # i32[1]: this token's slot, -1 = padding
@@ -46,14 +46,10 @@ def _write_kv_kernel(slot_ref,  # i32[1]: this token's slot, -1 = padding
         v_out_ref[page, offset, heads, :] = new_v_ref[...]
 
 
-def _largest_power_of_2_divisor(n: int) -> int:
-    return n & -n
-
-
 def _write_kv_pallas(k_cache, v_cache, new_k, new_v, slot_mapping, *, interpret: bool):
     num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
     num_tokens = new_k.shape[0]
-    heads_per_program = _largest_power_of_2_divisor(num_kv_heads)
+    heads_per_program = largest_power_of_2_divisor(num_kv_heads)
     grid = (num_tokens, num_kv_heads // heads_per_program)
     kernel = functools.partial(_write_kv_kernel, page_size=page_size,
                                num_slots=min(num_pages * page_size, 2**31 - 1))

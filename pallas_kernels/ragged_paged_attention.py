@@ -267,9 +267,9 @@ def ragged_paged_attention(q: jax.Array,  # [T, Hq, D]: new tokens of all sequen
                            tuning: RaggedTuning = RaggedTuning()) -> jax.Array:  # [T, Hq, D]
     """Causal attention of every new token over its sequence's paged context (see module doc).
 
-    The step's new K/V must already be in the pool (``write_kv``). ``max_query_len`` is a static
-    bound on every sequence's new-token count; 1 (a decode-only batch) takes the split-K decode
-    kernel; with it, ``one_token_per_sequence=True`` promises that token ``s`` is sequence ``s``'s
+    The step's new K/V must already be in the pool (``rope_and_write_kv`` or ``write_kv``).
+    ``max_query_len`` is a static bound on every sequence's new-token count; 1 (a decode-only
+    batch) takes the split-K decode kernel; with it, ``one_token_per_sequence=True`` promises that token ``s`` is sequence ``s``'s
     new token (``T == S``; padding rows have ``seq_lens == 0``), so the decode kernel's rows are the
     output as they are. ``soft_cap`` applies ``soft_cap * tanh(logits / soft_cap)`` to the scaled
     logits. ``impl``: "auto" (Pallas on a CUDA GPU, else the reference) | "pallas" | "reference";

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .backend import is_power_of_2, resolve_impl, triton_call
+from .backend import is_power_of_2, largest_power_of_2_divisor, resolve_impl, triton_call
 from .kv_write import write_kv_reference
 
 # Programs below which a program takes fewer kv heads (about one per SM of an H100).
@@ -96,7 +96,7 @@ def _heads_per_program(num_tokens: int, num_kv_heads: int) -> int:
     """The largest power of 2 dividing Hkv (Triton stores need power-of-2 sizes), lowered while
     the grid would have fewer programs than ``_MIN_PROGRAMS``: a few tokens spread over more SMs.
     """
-    heads = num_kv_heads & -num_kv_heads
+    heads = largest_power_of_2_divisor(num_kv_heads)
     while heads > 1 and num_tokens * num_kv_heads // heads < _MIN_PROGRAMS:
         heads //= 2
     return heads

@@ -184,48 +184,6 @@ def test_pools_over_4_gib_use_64_bit_offsets(triton_modules, pages, wide):
 
 
 # --------------------------------------------------------------------------------------------------
-# RMSNorm (fused with the residual add): one kernel, nothing around it in XLA.
-# --------------------------------------------------------------------------------------------------
-
-from jaxpaged.pallas_kernels.rms_norm import (RmsNormTuning, fused_add_rms_norm,  # noqa: E402
-                                              rms_norm)
-
-XLA_ARITHMETIC = ("stablehlo.add", "stablehlo.multiply", "stablehlo.reduce", "stablehlo.rsqrt",
-                  "stablehlo.convert", "stablehlo.pad", "stablehlo.slice")
-
-
-def _assert_one_kernel_alone(text: str) -> None:
-    assert text.count(TRITON_CALL) == 1
-    for op in XLA_ARITHMETIC:
-        assert op not in text, op
-
-
-@pytest.mark.parametrize("tokens", [1, 256, 8192])
-def test_fused_add_rms_norm_lowers_as_one_kernel(tokens):
-    rows = _sds((tokens, 4096), BF16)
-    _assert_one_kernel_alone(_lower_for_h100(fused_add_rms_norm, rows, rows, _sds((4096,), BF16),
-                                             eps=1e-5, impl="pallas"))
-
-
-@pytest.mark.parametrize("tokens", [1, 256, 8192])
-def test_rms_norm_lowers_as_one_kernel(tokens):
-    _assert_one_kernel_alone(_lower_for_h100(rms_norm, _sds((tokens, 4096), BF16),
-                                             _sds((4096,), BF16), eps=1e-5, impl="pallas"))
-
-
-@pytest.mark.parametrize("tokens,hidden,dtype,tuning", [
-    (37, 5120, BF16, None),  # hidden size not a power of 2: 8192-wide masked tile
-    (300, 8192, BF16, None),
-    (8192, 4096, F32, None),
-    (37, 4096, BF16, RmsNormTuning(block_rows=16, num_warps=8)),  # partial last row block
-])
-def test_rms_norm_lowers_for_other_shapes(tokens, hidden, dtype, tuning):
-    rows = _sds((tokens, hidden), dtype)
-    _assert_one_kernel_alone(_lower_for_h100(fused_add_rms_norm, rows, rows, _sds((hidden,), dtype),
-                                             eps=1e-6, impl="pallas", tuning=tuning))
-
-
-# --------------------------------------------------------------------------------------------------
 # RoPE + K/V write: one kernel, both pools aliased, for the model's head layouts.
 # --------------------------------------------------------------------------------------------------
 
