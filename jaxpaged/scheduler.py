@@ -272,6 +272,8 @@ class Scheduler:
                 num_new_tokens = (len(request.all_token_ids) + placeholders
                                   - request.num_computed_tokens)
             if num_new_tokens > budget:
+                if self._must_not_split(request):
+                    continue  # the rest of its prompt waits for a step with room for all of it
                 num_new_tokens = budget
             if num_new_tokens <= 0:
                 continue
@@ -283,6 +285,13 @@ class Scheduler:
                 break
             planned.append((request, num_new_tokens))  # plan.add, inline
             plan.token_budget -= num_new_tokens
+
+    def _must_not_split(self, request: Request) -> bool:
+        """Without chunked prefill a prompt is computed in one step; the children of an n > 1
+        request enter the running list with only their shared prefix computed, so the rest of
+        their prompt must not be cut to the step's remaining budget either."""
+        return (not self.config.enable_chunked_prefill
+                and request.num_computed_tokens < request.num_prompt_tokens)
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: StepPlan) -> bool:
         """Allocate, preempting victims until it fits; False if the request itself was preempted."""

@@ -78,6 +78,24 @@ def test_chunked_prefill_off_schedules_prompts_whole():
         SchedulerConfig(max_model_len=64, max_num_batched_tokens=32, enable_chunked_prefill=False)
 
 
+def test_chunked_prefill_off_does_not_split_the_prompts_of_forked_samples():
+    """n > 1 requests compute their shared prefix, then fork: each child still has the rest of
+    the prompt to compute, and without chunked prefill that rest is never cut to the budget (a
+    child that does not fit waits a step)."""
+    scheduler = create_scheduler(max_model_len=16, block_size=4, max_num_batched_tokens=16,
+                                 num_blocks=32, enable_chunked_prefill=False)
+    for i, (length, n) in enumerate([(7, 2), (8, 3)]):
+        scheduler.add_request(Request(f"q{i}", list(range(10, 10 + length)),
+                                      SamplingParams(n=n), eos_token_id=EOS_TOKEN_ID))
+    runner = FakeRunner(scheduler)
+    out, _ = runner.step()
+    assert batch(out) == [("q0", 4), ("q1", 4)]  # the shared full blocks
+    out, _ = runner.step()  # 3 + 3 + 4 + 4 = 14 tokens; q1-2's 4 more would exceed 16
+    assert batch(out) == [("q0-0", 3), ("q0-1", 3), ("q1-0", 4), ("q1-1", 4)]
+    out, _ = runner.step()
+    assert ("q1-2", 4) in batch(out)
+
+
 def test_max_num_seqs_caps_the_running_set():
     scheduler = create_scheduler(max_num_seqs=2)
     add_all(scheduler, create_requests(3, 5, max_tokens=2))
