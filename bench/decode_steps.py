@@ -22,9 +22,9 @@ import argparse
 import cProfile
 import gc
 import io
-import pstats
 import json
 import pathlib
+import pstats
 import sys
 import time
 
@@ -36,8 +36,8 @@ from roofline import (kv_bytes_per_token, matmul_flops_per_token, measure_ceilin
                       weight_bytes)
 
 from jaxpaged import LLM, SamplingParams  # noqa: E402
+from jaxpaged.runner import model_runner as runner_module  # noqa: E402
 from jaxpaged.sampling_params import RequestOutputKind  # noqa: E402
-from jaxpaged import runner as runner_module  # noqa: E402
 
 
 class StepRecorder:

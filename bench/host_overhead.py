@@ -41,17 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.buckets import BucketLadder
+from jaxpaged.runner.buckets import BucketLadder
 from jaxpaged.converters.tiny import tiny_model_dir
-from jaxpaged.detokenizer import IncrementalDetokenizer
-from jaxpaged.request import Request
+from jaxpaged.engine.detokenizer import IncrementalDetokenizer
+from jaxpaged.core.request import Request
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.sampling_tensor_builder import SamplingTensorBuilder, build_sampling_tensors
-from jaxpaged.sampling_tensors import SamplingTensors, StepKeys
-from jaxpaged.scheduler import Scheduler, SchedulerConfig
-from jaxpaged.scheduler_output import SchedulerOutput
-from jaxpaged.step_inputs import StepInputs, StepPacker, pack_step
-from jaxpaged.tokenizer import load_tokenizer
+from jaxpaged.sample.tensor_builder import SamplingTensorBuilder, build_sampling_tensors
+from jaxpaged.sample.tensors import SamplingTensors, StepKeys
+from jaxpaged.core.scheduler import Scheduler, SchedulerConfig
+from jaxpaged.core.scheduler_output import SchedulerOutput
+from jaxpaged.runner.step_inputs import StepInputs, StepPacker, pack_step
+from jaxpaged.engine.tokenizer import load_tokenizer
 
 PARTS = ("schedule", "pack_step", "pack put", "sampling build", "sampling put", "update",
          "detokenize")

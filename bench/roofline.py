@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from workloads import nano_workload  # noqa: E402
 from report import emit  # noqa: E402
 
-from jaxpaged.config import ModelConfig  # noqa: E402
+from jaxpaged.models.config import ModelConfig  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

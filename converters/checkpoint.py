@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxpaged.config import ModelConfig
+from jaxpaged.models.config import ModelConfig
 
-from .hf_to_params import numpy_dtype, params_from_hf
+from jaxpaged.converters.hf_to_params import numpy_dtype, params_from_hf
 
 MARKER = "jaxpaged_checkpoint.json"
 FORMAT_VERSION = 1

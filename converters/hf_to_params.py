@@ -14,9 +14,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxpaged.config import ModelConfig
+from jaxpaged.models.config import ModelConfig
 
-from .hf_reader import iter_tensors
+from jaxpaged.converters.hf_reader import iter_tensors
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "bfloat16": ml_dtypes.bfloat16,
           "fp32": np.float32, "float32": np.float32}

@@ -3,6 +3,7 @@
 ``from jaxpaged import LLM, SamplingParams`` works like vLLM's.
 """
 
+import importlib
 import logging
 import os
 
@@ -26,8 +27,20 @@ def _configure_logging() -> None:
 
 _configure_logging()
 
-from jaxpaged.llm import LLM  # noqa: E402
-from jaxpaged.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from jaxpaged.sampling_params import SamplingParams  # noqa: E402
+# The public names load on first use, so that the host-side packages (``jaxpaged.core``) import
+# without jax.
+_PUBLIC = {"LLM": "jaxpaged.llm", "SamplingParams": "jaxpaged.sampling_params",
+           "RequestOutput": "jaxpaged.outputs", "CompletionOutput": "jaxpaged.outputs"}
+__all__ = list(_PUBLIC)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'jaxpaged' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,142 +1,118 @@
-"""Model configuration read from a Hugging Face ``config.json``.
-
-Only what jaxpaged can run exactly is accepted; anything else is a ``ValueError`` that names the
-field, so an unsupported checkpoint fails at load time instead of producing wrong text.
-"""
+"""Engine arguments with vLLM's names, defaults and validation."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
-from typing import Any
+from typing import Any, Literal
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# vLLM arguments that change nothing in jaxpaged when left at these values (accepted so vLLM code
+# runs unchanged); any other value is refused rather than silently ignored.
+_NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
+    "trust_remote_code": (False, True),  # jaxpaged never runs code from a checkpoint
+    "tokenizer_mode": ("auto",),
+    "revision": (None,),
+    "tokenizer_revision": (None,),
+    "enforce_eager": (False, True),  # XLA programs are always compiled ahead of serving
+    "swap_space": (None, 0, 4),
+    "disable_log_stats": (False, True),
+    "disable_custom_all_reduce": (False, True),
+    "max_seq_len_to_capture": (None, 8192),
+    "quantization": (None,),
+    "hf_token": (None,),
+    "task": ("auto", "generate"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling (``rope_type`` of HF's ``rope_scaling`` / ``rope_parameters``)."""
-
-    rope_type: str  # "linear" or "llama3"
-    factor: float
-    # llama3 only:
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: RopeScaling | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    mlp_bias: bool
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
+class EngineConfig:
+    model: str
+    """Model directory: a Hugging Face checkpoint or one made by ``jaxpaged convert``."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """"auto": the checkpoint's weights; "dummy": random weights of config.json's shapes, made on
+    the device (benchmarks; the directory needs only config.json)."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to ``model``."""
+    skip_tokenizer_init: bool = False
+    """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
+    dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32"] = "auto"
+    """Weights and activations; "auto" takes the checkpoint's (fp16/bf16 -> bf16, fp32 -> fp32)."""
+    kv_cache_dtype: Literal["auto"] = "auto"
+    """KV cache dtype; "auto" = the model dtype."""
+    max_model_len: int | None = None
+    """Context length (prompt + output); defaults to the model's max_position_embeddings."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the accelerator memory jaxpaged may use; the KV pool gets what is left."""
+    kv_cache_memory_bytes: int | None = None
+    """Exact KV pool size in bytes (overrides gpu_memory_utilization; the default on CPU is 256 MiB)."""
+    num_gpu_blocks_override: int | None = None
+    """Exact number of KV blocks (testing and benchmarks)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_num_seqs: int | None = None
+    """Most sequences in one step; defaults to 256 on a GPU, 16 on the CPU."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step; defaults to 8192 on a GPU, 512 on the CPU (at least
+    max_num_seqs, and max_model_len when chunked prefill is off)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of identical prompt prefixes."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps and mix them with decodes."""
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    """Order of admission."""
+    max_waiting: int | None = None
+    """Most requests in the waiting queue (None: unbounded); beyond it ``add_request`` raises
+    ``QueueFullError`` (the server answers 503)."""
+    seed: int = 0
+    """Seed of the engine's random stream (requests with their own seed ignore it)."""
+    max_logprobs: int = 20
+    """Largest ``logprobs`` / ``prompt_logprobs`` a request may ask for."""
+    tensor_parallel_size: int = 1
+    """Devices to shard the model over (only 1 for now)."""
+    attention_impl: Literal["auto", "pallas", "reference"] = "auto"
+    """Attention kernels: Pallas on GPU ("auto"), or the jnp reference."""
+    async_scheduling: bool = True
+    """Overlap the host with the device (vLLM's name): each step's sampled ids feed the next step
+    on the device and reach the host one step late, so scheduling and detokenizing run while the
+    device computes. Outputs are the same; a request may run one extra (discarded) step. On by
+    default (vLLM's is off): measured faster for nano and for a batch-1 decode step
+    (bench/RESULTS.md)."""
+    compilation_cache_dir: str | None = "~/.cache/jaxpaged/xla"
+    """JAX's persistent compilation cache (makes the second start fast), with jaxpaged's compiled
+    step programs beside it (``jaxpaged-executables/``: a warm start loads them without tracing);
+    None disables both. Ignored when the process already set ``jax_compilation_cache_dir``."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in ("block_size", "max_logprobs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"config.json: {name} must be a positive integer, got {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"config.json: num_attention_heads ({self.num_heads}) must be a multiple "
-                             f"of num_key_value_heads ({self.num_kv_heads})")
-
-    @property
-    def queries_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "num_gpu_blocks_override", "kv_cache_memory_bytes", "max_waiting"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported "
+                             "yet (only 1)")
+        if self.dtype not in ("auto", "bfloat16", "bf16", "float32", "fp32"):
+            raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
 
     @classmethod
-    def from_dir(cls, model_dir: str | pathlib.Path) -> "ModelConfig":
-        if not pathlib.Path(model_dir).is_dir():
-            raise ValueError(f"model directory {str(model_dir)!r} does not exist")
-        path = pathlib.Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise ValueError(f"no config.json in {model_dir}")
-        return cls.from_hf_dict(json.loads(path.read_text()))
-
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        architecture = _architecture(d)
-        _reject_unsupported(d)
-        num_heads = d["num_attention_heads"]
-        hidden_size = d["hidden_size"]
-        rope_theta, rope_scaling = _rope(d)
-        return cls(
-            architecture=architecture,
-            vocab_size=d["vocab_size"],
-            hidden_size=hidden_size,
-            intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=d.get("num_key_value_heads") or num_heads,
-            head_dim=d.get("head_dim") or hidden_size // num_heads,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=_as_id_tuple(d.get("eos_token_id")),
-        )
-
-
-def _architecture(d: dict[str, Any]) -> str:
-    architectures = d.get("architectures") or []
-    if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"config.json: unsupported architecture {architectures!r}; "
-                         f"jaxpaged runs {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return architectures[0]
-
-
-def _reject_unsupported(d: dict[str, Any]) -> None:
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: unsupported hidden_act {d['hidden_act']!r} (only 'silu')")
-    if d.get("sliding_window") is not None:
-        raise ValueError(f"config.json: sliding_window={d['sliding_window']!r} is not supported "
-                         "(only full attention)")
-    if d.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"config.json: partial_rotary_factor={d['partial_rotary_factor']!r} "
-                         "is not supported")
-
-
-def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """RoPE theta and scaling, from either transformers-4 keys or transformers-5 ``rope_parameters``."""
-    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"config.json: unsupported rope_type {rope_type!r}; "
-                         f"jaxpaged supports {', '.join(SUPPORTED_ROPE_TYPES)}")
-    if rope_type == "default":
-        return theta, None
-    if "factor" not in params:
-        raise ValueError(f"config.json: rope scaling {rope_type!r} needs a 'factor'")
-    fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
-    scaling = RopeScaling(rope_type=rope_type, **{k: v for k, v in params.items() if k in fields})
-    return theta, scaling
-
-
-def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    def from_kwargs(cls, model: str, kwargs: dict[str, Any]) -> "EngineConfig":
+        """``LLM(model, **kwargs)``: fields by name; unknown names are a TypeError, like vLLM."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        chosen = {}
+        for name, value in kwargs.items():
+            if name in fields:
+                chosen[name] = value
+            elif name in _NO_OP_VLLM_ARGS:
+                if value not in _NO_OP_VLLM_ARGS[name]:
+                    raise ValueError(f"{name}={value!r} is not supported by jaxpaged")
+            else:
+                raise TypeError(f"unexpected keyword argument {name!r}")
+        return cls(model=model, **chosen)

@@ -13,13 +13,13 @@ Every entry point takes ``impl`` ("auto": Pallas on a CUDA GPU, else the referen
 Pallas GPU backend (Triton-style today).
 """
 
-from .backend import on_gpu
-from .kv_write import write_kv, write_kv_reference
-from .paged_decode_attention import (DecodeTuning, choose_num_kv_splits, paged_decode_attention,
+from jaxpaged.pallas_kernels.backend import on_gpu
+from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference
+from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits, paged_decode_attention,
                                      paged_decode_attention_reference)
-from .ragged_paged_attention import (RaggedTuning, ragged_paged_attention,
+from jaxpaged.pallas_kernels.ragged_paged_attention import (RaggedTuning, ragged_paged_attention,
                                      ragged_paged_attention_reference)
-from .rope_kv_write import apply_rope, rope_and_write_kv, rope_and_write_kv_reference
+from jaxpaged.pallas_kernels.rope_kv_write import apply_rope, rope_and_write_kv, rope_and_write_kv_reference
 
 __all__ = [
     "DecodeTuning",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .backend import largest_power_of_2_divisor, require_power_of_2, resolve_impl, triton_call
+from jaxpaged.pallas_kernels.backend import largest_power_of_2_divisor, require_power_of_2, resolve_impl, triton_call
 
 
 def _write_kv_kernel(slot_ref,  # i32[1]: this token's slot, -1 = padding

@@ -53,11 +53,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .backend import (MASK_VALUE, block_tables_within_context, dot_precision,
+from jaxpaged.pallas_kernels.backend import (MASK_VALUE, block_tables_within_context, dot_precision,
                       initial_softmax_state, is_power_of_2, masked_store, matmul_f32,
                       online_softmax_step, require_power_of_2, resolve_impl, scaled_logits,
                       triton_call, validate_paged_kv, validate_scales)
-from .split_k_combine import combine_splits_pallas, combine_splits_xla
+from jaxpaged.pallas_kernels.split_k_combine import combine_splits_pallas, combine_splits_xla
 
 LAUNCH_ORDERS = ("seq_inner", "head_inner")
 MASK_STEPS = ("every", "last")

@@ -47,11 +47,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .backend import (MASK_VALUE, block_tables_within_context, dot_precision, gather_pages,
+from jaxpaged.pallas_kernels.backend import (MASK_VALUE, block_tables_within_context, dot_precision, gather_pages,
                       initial_softmax_state, is_power_of_2, masked_store, matmul_f32,
                       online_softmax_step, require_power_of_2, resolve_impl, scaled_logits,
                       triton_call, validate_paged_kv, validate_scales)
-from .paged_decode_attention import DecodeTuning, paged_decode_attention
+from jaxpaged.pallas_kernels.paged_decode_attention import DecodeTuning, paged_decode_attention
 
 DEFAULT_TILE_ROWS = 64  # block_q * Gp when block_q is None
 

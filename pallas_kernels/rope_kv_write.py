@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .backend import is_power_of_2, largest_power_of_2_divisor, resolve_impl, triton_call
-from .kv_write import write_kv_reference
+from jaxpaged.pallas_kernels.backend import is_power_of_2, largest_power_of_2_divisor, resolve_impl, triton_call
+from jaxpaged.pallas_kernels.kv_write import write_kv_reference
 
 # Programs below which a program takes fewer kv heads (about one per SM of an H100).
 _MIN_PROGRAMS = 128

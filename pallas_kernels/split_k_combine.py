@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .backend import MASK_VALUE, triton_call
+from jaxpaged.pallas_kernels.backend import MASK_VALUE, triton_call
 
 
 def combine_splits_xla(acc: jax.Array,  # f32[S, K, Hq, D]: unnormalized partial outputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import add_server_arguments
+from jaxpaged.server.args import add_server_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="OpenAI-compatible jaxpaged server")
     add_server_arguments(parser)
     args = parser.parse_args(argv)
-    from .launch import run_server
+    from jaxpaged.server.launch import run_server
     try:
         return run_server(args)
     except ValueError as e:

@@ -18,18 +18,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from jaxpaged.engine import LLMEngine
-from jaxpaged.tokenizer import load_tokenizer
+from jaxpaged.engine.llm_engine import LLMEngine
+from jaxpaged.engine.tokenizer import load_tokenizer
 
-from .async_engine import AsyncEngine
-from .auth import BearerAuthMiddleware
-from .context import ServerContext
-from .endpoints import detokenize, health, list_models, metrics_endpoint, tokenize, version
-from .errors import APIError
-from .generation import create_chat_completion, create_completion
-from .metrics import ServerMetrics
-from .responses import TokenTexts
-from .settings import ServerSettings
+from jaxpaged.server.async_engine import AsyncEngine
+from jaxpaged.server.auth import BearerAuthMiddleware
+from jaxpaged.server.context import ServerContext
+from jaxpaged.server.endpoints import detokenize, health, list_models, metrics_endpoint, tokenize, version
+from jaxpaged.server.errors import APIError
+from jaxpaged.server.generation import create_chat_completion, create_completion
+from jaxpaged.server.metrics import ServerMetrics
+from jaxpaged.server.responses import TokenTexts
+from jaxpaged.server.settings import ServerSettings
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does
     from transformers import PreTrainedTokenizerBase

@@ -8,9 +8,9 @@ import argparse
 import os
 import pathlib
 
-from jaxpaged.engine_config import EngineConfig
+from jaxpaged.config import EngineConfig
 
-from .settings import ServerSettings
+from jaxpaged.server.settings import ServerSettings
 
 API_KEY_ENV = "JAXPAGED_API_KEY"
 

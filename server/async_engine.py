@@ -15,7 +15,7 @@ requests, and loops ``engine.step()`` otherwise; commands are applied only betwe
 engine is never touched by two threads. Outputs of one step go to the event loop in one
 ``call_soon_threadsafe`` callback, which feeds each request's ``asyncio.Queue``.
 
-A step that raises does not kill the thread: ``recover_from_failed_step`` aborts the requests the
+A step that raises does not kill the thread: ``LLMEngine.recover`` aborts the requests the
 failed step may have left half-updated, their streams get ``RequestFailedError`` (HTTP 500), and
 the loop goes on with the rest.
 """
@@ -29,12 +29,10 @@ import threading
 import time
 from typing import Any
 
-from jaxpaged.engine import LLMEngine
+from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import SamplingParams
-
-from .metrics import ServerMetrics
-from .recovery import recover_from_failed_step
+from jaxpaged.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -253,14 +251,14 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as e:
             logger.exception("an engine step failed; failing its requests")
-            self._fail(recover_from_failed_step(self.engine, set(self._streams)), e)
+            self._fail(self.engine.recover(set(self._streams)), e)
             return
         if not outputs and not self.engine.scheduler.has_unfinished_requests():
             # NOTE: the engine tracks requests its scheduler lost; nothing would ever finish them
             # and this loop would spin. Never seen; fail them rather than burn a core.
             lost = RuntimeError("the scheduler lost these requests")
             logger.error("%s", lost)
-            self._fail(recover_from_failed_step(self.engine, set(self._streams)), lost)
+            self._fail(self.engine.recover(set(self._streams)), lost)
             return
         now = time.time()
         deliveries: list[_Delivery] = []

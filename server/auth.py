@@ -7,7 +7,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import APIError
+from jaxpaged.server.errors import APIError
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 

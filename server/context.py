@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
-from .async_engine import AsyncEngine
-from .errors import bad_request
-from .metrics import ServerMetrics
-from .responses import TokenTexts
-from .settings import ServerSettings
+from jaxpaged.server.async_engine import AsyncEngine
+from jaxpaged.server.errors import bad_request
+from jaxpaged.server.metrics import ServerMetrics
+from jaxpaged.server.responses import TokenTexts
+from jaxpaged.server.settings import ServerSettings
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does
     from transformers import PreTrainedTokenizerBase

@@ -8,12 +8,12 @@ from importlib.metadata import version as package_version
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .context import context_of
-from .errors import bad_request
-from .json_body import read_json_object
-from .metrics import CONTENT_TYPE
-from .prompts import chat_token_ids, encode, render_chat
-from .protocol import parse_detokenize_request, parse_tokenize_request
+from jaxpaged.server.context import context_of
+from jaxpaged.server.errors import bad_request
+from jaxpaged.server.json_body import read_json_object
+from jaxpaged.server.metrics import CONTENT_TYPE
+from jaxpaged.server.prompts import chat_token_ids, encode, render_chat
+from jaxpaged.server.protocol import parse_detokenize_request, parse_tokenize_request
 
 
 async def health(request: Request) -> Response:

@@ -23,15 +23,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.scheduler import QueueFullError
+from jaxpaged.core.scheduler import QueueFullError
 
-from .async_engine import EngineInput, EngineUnavailableError, OutputStream, RequestFailedError
-from .context import ServerContext, context_of
-from .errors import APIError, bad_request
-from .json_body import read_json_object
-from .prompts import chat_token_ids, render_chat, tokenize_prompt
-from .protocol import StreamOptions, parse_chat_request, parse_completion_request
-from .responses import Choice, Kind, ResponseMeta, chunk, full_response, sse, usage, usage_chunk
+from jaxpaged.server.async_engine import EngineInput, EngineUnavailableError, OutputStream, RequestFailedError
+from jaxpaged.server.context import ServerContext, context_of
+from jaxpaged.server.errors import APIError, bad_request
+from jaxpaged.server.json_body import read_json_object
+from jaxpaged.server.prompts import chat_token_ids, render_chat, tokenize_prompt
+from jaxpaged.server.protocol import StreamOptions, parse_chat_request, parse_completion_request
+from jaxpaged.server.responses import Choice, Kind, ResponseMeta, chunk, full_response, sse, usage, usage_chunk
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from .errors import APIError, bad_request
+from jaxpaged.server.errors import APIError, bad_request
 
 
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:

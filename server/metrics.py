@@ -19,7 +19,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.scheduler_output import SchedulerStats
+from jaxpaged.core.scheduler_output import SchedulerStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

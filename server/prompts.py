@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .context import ServerContext
-from .errors import bad_request
-from .protocol import Prompt
+from jaxpaged.server.context import ServerContext
+from jaxpaged.server.errors import bad_request
+from jaxpaged.server.protocol import Prompt
 
 
 def tokenize_prompt(ctx: ServerContext, prompt: Prompt,

@@ -17,7 +17,7 @@ from typing import Any
 
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
-from .errors import bad_request
+from jaxpaged.server.errors import bad_request
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jaxpaged.request import Request
+from jaxpaged.core.request import Request
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.scheduler import Scheduler, SchedulerConfig
-from jaxpaged.scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput
+from jaxpaged.core.scheduler import Scheduler, SchedulerConfig
+from jaxpaged.core.scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput
 
 EOS_TOKEN_ID = 2
 

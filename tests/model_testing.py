@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from jaxpaged.kv_cache import KVCache
+from jaxpaged.models.attention_metadata import AttentionMetadata
+from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
 
 

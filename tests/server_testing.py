@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import uvicorn
 
-from jaxpaged.engine import LLMEngine
-from jaxpaged.engine_config import EngineConfig
+from jaxpaged.engine.llm_engine import LLMEngine
+from jaxpaged.config import EngineConfig
 from jaxpaged.server.app import build_app
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.settings import ServerSettings

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from jaxpaged import SamplingParams
-from jaxpaged.request import RequestStatus
+from jaxpaged.core.request import RequestStatus
 from llm_testing import (GREEDY, compilations_during, golden_prompts, make_llm, random_prompts,
                          run_varied_workload, token_ids)
 
@@ -198,9 +198,9 @@ def test_max_model_len_cap_and_prompt_logprobs_equal_sync_engine(async_llm, sync
 
 
 def test_packer_points_unknown_tokens_at_the_previous_samples():
-    from jaxpaged.buckets import StepShape
-    from jaxpaged.scheduler_output import ScheduledRequest
-    from jaxpaged.step_inputs import StepPacker
+    from jaxpaged.runner.buckets import StepShape
+    from jaxpaged.core.scheduler_output import ScheduledRequest
+    from jaxpaged.runner.step_inputs import StepPacker
 
     def scheduled(req_id, token_ids, start):
         return ScheduledRequest(req_id=req_id, token_ids=token_ids, num_computed_tokens=start,

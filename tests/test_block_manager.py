@@ -2,8 +2,8 @@
 
 import pytest
 
-from jaxpaged.block_manager import BlockManager, BlockPool, hash_block_tokens
-from jaxpaged.request import Request
+from jaxpaged.core.block_manager import BlockManager, BlockPool, hash_block_tokens
+from jaxpaged.core.request import Request
 from jaxpaged.sampling_params import SamplingParams
 
 BS = 4

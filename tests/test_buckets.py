@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxpaged.buckets import DECODE_HALF_STEPS_FROM, BucketLadder, StepShape
+from jaxpaged.runner.buckets import DECODE_HALF_STEPS_FROM, BucketLadder, StepShape
 
 
 def make_ladder(max_num_seqs: int = 256, max_num_batched_tokens: int = 8192) -> BucketLadder:

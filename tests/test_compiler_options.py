@@ -4,7 +4,7 @@ rematerialization; GPU only."""
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.compiler_options import (NO_REMAT_SLOP_FACTOR, TRITON_GEMM_MAX_TOKENS,
+from jaxpaged.runner.compiler_options import (NO_REMAT_SLOP_FACTOR, TRITON_GEMM_MAX_TOKENS,
                                        step_compiler_options)
 
 NO_REMAT = {"xla_gpu_memory_limit_slop_factor": NO_REMAT_SLOP_FACTOR}

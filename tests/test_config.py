@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxpaged.config import ModelConfig
+from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.rope import inverse_frequencies
 
 BASE = {

@@ -9,7 +9,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxpaged.cli import main as cli_main
 from jaxpaged.converters.checkpoint import convert, is_converted
-from jaxpaged.model_loader import load_model
+from jaxpaged.models.loader import load_model
 from model_testing import generate
 
 PROMPT = [437, 20, 31, 7, 99, 120, 5, 64, 300, 17, 2, 8, 41, 12, 6, 9, 3, 77, 101, 55]

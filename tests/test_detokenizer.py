@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from jaxpaged.converters.tiny import build_tiny_checkpoint
-from jaxpaged.detokenizer import IncrementalDetokenizer, find_stop_string
+from jaxpaged.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from jaxpaged.sampling_params import SamplingParams
 
 MULTIBYTE_TEXT = "héllo wörld ☃ 日本語 🙂"

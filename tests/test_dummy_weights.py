@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpaged import LLM, SamplingParams
-from jaxpaged.model_loader import load_model
+from jaxpaged.models.loader import load_model
 
 
 def test_dummy_weights_have_the_model_shapes_and_scale(tiny_checkpoint):

@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxpaged import executable_cache
-from jaxpaged.executable_cache import ExecutableCache, abstract_signature, environment_fingerprint
+from jaxpaged.runner import executable_cache
+from jaxpaged.runner.executable_cache import (
+    ExecutableCache,
+    abstract_signature,
+    environment_fingerprint,
+)
 
 FINGERPRINT = "test-fingerprint"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -275,7 +279,7 @@ def test_another_process_loads_the_entry(tmp_path):
     np.save(tmp_path / "args.npy", np.stack(lower.args))
     child = f"""
 import numpy as np
-from jaxpaged.executable_cache import ExecutableCache, abstract_signature
+from jaxpaged.runner.executable_cache import ExecutableCache, abstract_signature
 x, y = np.load({str(tmp_path / "args.npy")!r})
 def lower():
     raise AssertionError("the entry should have been loaded")

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpaged.host_bundle import bundle, unbundle, unbundle_shapes
+from jaxpaged.runner.host_bundle import bundle, unbundle, unbundle_shapes
 
 
 @jax.tree_util.register_dataclass

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN_DIR, TINY_NAMES
-from jaxpaged.model_loader import load_model
+from jaxpaged.models.loader import load_model
 from model_testing import generate
 
 LOGITS_RTOL = 1e-4

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpaged.sampler import SamplerOutput, apply_penalties, sample, sampling_logits
-from jaxpaged.sampling_tensor_builder import build_sampling_tensors
+from jaxpaged.sample.sampler import SamplerOutput, apply_penalties, sample, sampling_logits
+from jaxpaged.sample.tensor_builder import build_sampling_tensors
 
 V = 16  # vocabulary of most tests
 sample_jit = jax.jit(sample)

@@ -16,9 +16,9 @@ from engine_testing import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jaxpaged.request import Request, RequestStatus
+from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.scheduler import QueueFullError, SchedulerConfig
+from jaxpaged.core.scheduler import QueueFullError, SchedulerConfig
 
 
 def add_all(scheduler, requests):

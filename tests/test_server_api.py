@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from conftest import GOLDEN_DIR
-from jaxpaged.tokenizer import load_tokenizer
+from jaxpaged.engine.tokenizer import load_tokenizer
 from server_testing import API_KEY, MODEL, MODEL_NAME, engine_config, metric_value, start_server
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 Each layer owns its weights and the layers run as an unrolled Python loop. (A ``lax.scan`` over
 weights stacked along a layer axis compiles faster, but XLA then copies every layer's weights out
-of the stack before its matmuls: measured on an H200, a batch-1 decode step of Llama-3-8B took
-11.5 ms of device time against a 3.5 ms weight-read floor. The persistent compilation cache and
+of the stack before its matmuls: a batch-1 decode step of Llama-3-8B measured at over three times
+its weight-read floor, bench/RESULTS.md. The persistent compilation cache and
 parallel warm-up compilation pay for the unrolled program instead.) The KV pool is threaded
 functionally through the layers; attention goes through the single paged entry point in
-``jaxpaged.attention``.
+``jaxpaged.models.attention``.
 
 Per-layer weight layout (x @ W, inputs first), chosen so tensor parallelism can later shard heads:
   attn.wqkv  [hidden, Hkv, G + 2, D]  per KV head: its G query heads, then K, then V
@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpaged.attention import paged_attention
-from jaxpaged.attention_metadata import AttentionMetadata
-from jaxpaged.config import ModelConfig
-from jaxpaged.kv_cache import KVCache
+from jaxpaged.models.attention import paged_attention
+from jaxpaged.models.attention_metadata import AttentionMetadata
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.rope import RotaryEmbedding
 
 

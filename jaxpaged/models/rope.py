@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.config import ModelConfig, RopeScaling
+from jaxpaged.models.config import ModelConfig, RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -39,7 +39,7 @@ def _llama3_scale(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
 
 
 class RotaryEmbedding:
-    """cos/sin tables of RoPE at integer positions ``[T]`` (applied by ``jaxpaged.attention``)."""
+    """cos/sin tables of RoPE at integer positions ``[T]`` (applied by ``jaxpaged.models.attention``)."""
 
     def __init__(self, config: ModelConfig):
         self.inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)

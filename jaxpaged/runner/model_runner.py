@@ -7,10 +7,10 @@ The model step and the sampler are two jitted programs, so the compile count is
 
 Prompt logprobs: the model step also returns the final hidden states of all T tokens; a step that
 schedules prompt positions of a request that asked for ``prompt_logprobs`` runs a third program on
-those rows (``jaxpaged.prompt_logprobs``).
+those rows (``jaxpaged.sample.prompt_logprobs``).
 
 Host-to-device traffic: the weights are passed as a flat list of arrays (flattening the model's
-nnx State on every call cost ~1.5 ms of host time per step on an H200 machine), and each step's
+nnx State on every call was measurable host time per step: bench/RESULTS.md), and each step's
 small host arrays (packed inputs; sampling rows and tensors) travel as one byte buffer per program
 (``host_bundle``) instead of one transfer per array.
 
@@ -34,20 +34,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpaged.buckets import BucketLadder, StepShape
-from jaxpaged.compiler_options import step_compiler_options
-from jaxpaged.executable_cache import ExecutableCache, abstract_signature
-from jaxpaged.host_bundle import BundleLayout, bundle, unbundle, unbundle_shapes
-from jaxpaged.kv_cache import KVCache
+from jaxpaged.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
-from jaxpaged.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsPlan,
-                                      plan_prompt_logprobs, prompt_logprobs_program)
-from jaxpaged.sampler import SampleLogprobs, sample
+from jaxpaged.runner.buckets import BucketLadder, StepShape
+from jaxpaged.runner.compiler_options import step_compiler_options
+from jaxpaged.runner.executable_cache import ExecutableCache, abstract_signature
+from jaxpaged.runner.host_bundle import BundleLayout, bundle, unbundle, unbundle_shapes
+from jaxpaged.runner.step_inputs import StepInputs, StepPacker, pack_step
+from jaxpaged.sample.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsPlan,
+                                             plan_prompt_logprobs, prompt_logprobs_program)
+from jaxpaged.sample.sampler import SampleLogprobs, sample
+from jaxpaged.sample.tensor_builder import SamplingTensorBuilder, build_sampling_tensors
+from jaxpaged.sample.tensors import SamplingTensors, StepKeys
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.sampling_tensor_builder import SamplingTensorBuilder, build_sampling_tensors
-from jaxpaged.sampling_tensors import SamplingTensors, StepKeys
-from jaxpaged.scheduler_output import ScheduledRequest, SchedulerOutput
-from jaxpaged.step_inputs import StepInputs, StepPacker, pack_step
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,22 @@ class ModelRunner:
         self._samplers: dict[tuple[BundleLayout, tuple[int, ...]], jax.stages.Compiled] = {}
         self._executable_cache = executable_cache
         self._model_signature: str | None = None  # the static part, described once
+
+    def kv_cache_is_usable(self) -> bool:
+        """False when a failed step left the pool deleted (donated, then the step raised) or
+        poisoned (the computation that produced it failed on the device)."""
+        try:
+            leaves = jax.tree.leaves(self.kv_cache)
+            if any(leaf.is_deleted() for leaf in leaves):
+                return False
+            jax.block_until_ready(leaves)  # raises if a failed computation produced them
+            return True
+        except Exception:
+            return False
+
+    def reset_kv_cache(self) -> None:
+        """A zeroed pool of the same shape and dtype in place of the current one."""
+        self.kv_cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.kv_cache)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Runs one step and waits for its sampled ids (``dispatch`` then ``fetch``)."""

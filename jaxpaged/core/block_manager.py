@@ -21,7 +21,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from .request import Request
+from jaxpaged.core.request import Request
 
 BlockHash = bytes  # sha256 digest of (parent block hash, token ids of the block)
 

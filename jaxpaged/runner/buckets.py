@@ -19,10 +19,10 @@ import dataclasses
 
 
 # Decode steps of this many sequences and more also get buckets halfway between powers of two.
-# There the GEMMs of a padded step approach compute-bound (on an H100 a Llama-3-8B step turns
-# compute-bound near 200 rows), so padding rows cost time; with 1.5x steps at most a third of a
-# step's rows are padding (up to half with powers of two alone). H100, nano: 8,259 and 8,132
-# output tok/s against 8,137 and 8,105 in the same call (bench/RESULTS.md).
+# There the GEMMs of a padded step approach compute-bound (a Llama-3-8B step turns compute-bound
+# at a few hundred rows), so padding rows cost time; with 1.5x steps at most a third of a step's
+# rows are padding (up to half with powers of two alone). Measured faster on nano in an A/B of one
+# GPU call: bench/RESULTS.md, "fourth run".
 DECODE_HALF_STEPS_FROM = 64
 
 

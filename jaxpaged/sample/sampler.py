@@ -27,7 +27,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .sampling_tensors import GREEDY_EPS, SamplingTensors
+from jaxpaged.sample.tensors import SamplingTensors
+from jaxpaged.sampling_params import SAMPLING_EPS
 
 
 @jax.tree_util.register_dataclass
@@ -105,7 +106,7 @@ def sampling_logits(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
     ``logits`` are already penalised and banned. Greedy rows are scaled by 1 (their result is
     ignored by ``sample``).
     """
-    temperature = jnp.where(tensors.temperature < GREEDY_EPS, 1.0, tensors.temperature)
+    temperature = jnp.where(tensors.temperature < SAMPLING_EPS, 1.0, tensors.temperature)
     logits = logits / temperature[:, None]
     if tensors.use_top_k_top_p_min_p:
         logits = apply_min_p(logits, tensors.min_p)
@@ -156,7 +157,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors) -> SamplerOutput:
     token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # greedy
     if not tensors.all_greedy:
         sampled = gumbel_argmax(sampling_logits(logits, tensors), tensors.row_keys())
-        token_ids = jnp.where(tensors.temperature < GREEDY_EPS, token_ids, sampled)
+        token_ids = jnp.where(tensors.temperature < SAMPLING_EPS, token_ids, sampled)
     logprobs = None
     if raw_logprobs is not None:
         logprobs = gather_logprobs(raw_logprobs, token_ids, tensors.num_logprobs)

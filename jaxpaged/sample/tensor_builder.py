@@ -19,9 +19,11 @@ from collections.abc import Hashable, Sequence
 import jax
 import numpy as np
 
-from jaxpaged.sampling_inputs import (SamplingParamsLike, as_ids, check_ids, validate_batch,
-                                      validate_ids, validate_params)
-from jaxpaged.sampling_tensors import GREEDY_EPS, SamplingTensors, step_key_data
+from jaxpaged.sample.inputs import (SamplingParamsLike, check_ids, id_array, validate_batch,
+                                    validate_ids, validate_params)
+from jaxpaged.sample.tensors import SamplingTensors, step_key_data
+from jaxpaged.sampling_params import SAMPLING_EPS
+from jaxpaged.utils.row_store import RowStore
 
 # Smallest width of the banned-ids matrix (eos + a few stop ids fit without a recompile).
 MIN_BANNED_WIDTH = 4
@@ -89,7 +91,7 @@ class _Row:
 
 def _row_values(p: SamplingParamsLike, vocab_size: int) -> tuple[tuple, tuple]:
     """(float column values, int column values) of one request's row."""
-    greedy = p.temperature < GREEDY_EPS
+    greedy = p.temperature < SAMPLING_EPS
     top_k = 0 if p.top_k <= 0 or p.top_k >= vocab_size else p.top_k
     uses_penalties = (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
                       or p.repetition_penalty != 1.0)
@@ -152,11 +154,11 @@ class SamplingTensorBuilder:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size = vocab_size
         self.penalty_width = penalty_width
-        self._eos_ids = as_ids(eos_ids)
+        self._eos_ids = id_array(eos_ids)
         check_ids("eos_ids", self._eos_ids, vocab_size)
-        self._float_store = np.zeros((0, len(_FLOAT_COLUMNS)), np.float32)  # [slots, 6]
-        self._int_store = np.zeros((0, len(_INT_COLUMNS)), np.int64)  # [slots, 9]
-        self._free_slots: list[int] = []
+        # [slots, 6] floats and [slots, 9] ints of each live request's row
+        self._store = RowStore({"floats": (len(_FLOAT_COLUMNS), np.float32),
+                                "ints": (len(_INT_COLUMNS), np.int64)})
         self._rows: dict[Hashable, _Row] = {}  # the last step's rows by key
         # The last step's (keys, params, prompts, rows), for a step with the very same requests.
         self._last_batch: tuple[list, list, list, list[_Row]] = ([], [], [], [])
@@ -221,11 +223,11 @@ class SamplingTensorBuilder:
             raise ValueError(f"keys must be unique within a step, got {list(keys)!r}")
         previous = self._rows
         rows = [previous.pop(key, None) for key in keys]
-        self._free_slots.extend(row.slot for row in previous.values())
+        self._store.release(row.slot for row in previous.values())
         for i, (row, p, prompt) in enumerate(zip(rows, params_list, prompt_ids_list)):
             if row is None or row.params is not p or row.prompt_ids is not prompt:
                 if row is not None:
-                    self._free_slots.append(row.slot)
+                    self._store.release((row.slot,))
                 rows[i] = self._make_row(i, p, prompt)
         self._rows = dict(zip(keys, rows))
         return rows
@@ -233,30 +235,19 @@ class SamplingTensorBuilder:
     def _make_row(self, row: int, p: SamplingParamsLike, prompt_ids: Sequence[int]) -> _Row:
         """Validate one request's parameters (and its ids where they are used); store its row."""
         validate_params(row, p)
-        stop_ids = as_ids(p.stop_token_ids or ())
+        stop_ids = id_array(p.stop_token_ids or ())
         check_ids(f"params_list[{row}].stop_token_ids", stop_ids, self.vocab_size)
         floats, ints = _row_values(p, self.vocab_size)
         prompt_array = None
         if ints[_INT["uses_penalties"]]:
-            prompt_array = as_ids(prompt_ids)
+            prompt_array = id_array(prompt_ids)
             check_ids(f"prompt_ids_list[{row}]", prompt_array, self.vocab_size)
-        slot = self._take_slot()
-        self._float_store[slot] = floats
-        self._int_store[slot] = ints
+        slot = self._store.take()
+        self._store["floats"][slot] = floats
+        self._store["ints"][slot] = ints
         return _Row(params=p, prompt_ids=prompt_ids, slot=slot,
                     stop_ids=np.unique(np.concatenate([self._eos_ids, stop_ids])),
                     prompt_array=prompt_array)
-
-    def _take_slot(self) -> int:
-        if not self._free_slots:  # grow the store (doubling)
-            old = self._float_store.shape[0]
-            grown = max(16, 2 * old)
-            self._float_store = np.concatenate(
-                [self._float_store, np.zeros((grown - old, len(_FLOAT_COLUMNS)), np.float32)])
-            self._int_store = np.concatenate(
-                [self._int_store, np.zeros((grown - old, len(_INT_COLUMNS)), np.int64)])
-            self._free_slots.extend(range(grown - 1, old - 1, -1))
-        return self._free_slots.pop()
 
     def _stack(self, rows: list[_Row], pad_to: int) -> _BatchColumns:
         """The batch's static columns: one gather of the rows' store rows, padded to pad_to."""
@@ -264,9 +255,9 @@ class SamplingTensorBuilder:
         slots = np.fromiter([r.slot for r in rows], np.intp, num_rows)
         floats = np.empty((len(_FLOAT_COLUMNS), pad_to), np.float32)
         floats[:] = np.asarray(_FLOAT_PADS, np.float32)[:, None]
-        floats[:, :num_rows] = self._float_store[slots].T
+        floats[:, :num_rows] = self._store["floats"][slots].T
         ints = np.zeros((len(_INT_COLUMNS), pad_to), np.int64)
-        ints[:, :num_rows] = self._int_store[slots].T
+        ints[:, :num_rows] = self._store["ints"][slots].T
         logprobs = ints[_INT["logprobs"], :num_rows]
         penalty_rows = np.flatnonzero(ints[_INT["uses_penalties"], :num_rows])
         return _BatchColumns(
@@ -304,7 +295,7 @@ class SamplingTensorBuilder:
         """i32[B, Lo] output ids of the rows that use penalties (others -1); None if none does."""
         if columns.prompt_ids is None:
             return None
-        outputs = [as_ids(output_ids_list[i]) for i in columns.penalty_rows]
+        outputs = [id_array(output_ids_list[i]) for i in columns.penalty_rows]
         for i, ids in zip(columns.penalty_rows, outputs):
             check_ids(f"output_ids_list[{i}]", ids, self.vocab_size)
         width = self._penalty_width(max(map(len, outputs)), "output_ids_list")

@@ -1,7 +1,7 @@
 """What the engine keeps per request between steps to build its ``RequestOutput``s.
 
 A request with ``n`` samples is one ``RequestState`` holding ``n`` ``SequenceState``s (created as
-each child sequence first gets tokens). The engine appends each step's tokens and logprobs to them;
+each child sequence first gets tokens). The output processor appends each step's tokens and logprobs to them;
 ``RequestState.output`` then turns them into the step's ``RequestOutput`` per the request's
 ``output_kind``.
 """
@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxpaged.detokenizer import IncrementalDetokenizer
-from jaxpaged.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
-                              RequestOutput)
-from jaxpaged.request import Request
-from jaxpaged.prompt_logprobs import PromptLogprobsChunk
+from jaxpaged.core.request import Request
+from jaxpaged.engine.detokenizer import IncrementalDetokenizer
+from jaxpaged.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -67,7 +71,7 @@ class RequestState:
     # [None] + one dict per prompt token as the steps compute them; None: not asked for
     prompt_logprobs: PromptLogprobs | None = None
     prompt_logprobs_sent: bool = False  # DELTA outputs send them once
-    num_finished: int = 0  # sequences with a finish_reason (kept by LLMEngine._append)
+    num_finished: int = 0  # sequences with a finish_reason (kept by OutputProcessor)
 
     def add_prompt_logprobs(self, first_index: int, entries: list[dict[int, Logprob]]) -> None:
         """Entries for prompt tokens ``first_index ..``; the scheduler hands out each position
@@ -114,25 +118,3 @@ class RequestState:
                              outputs=[self.sequences[i].completion(delta) for i in indices],
                              finished=finished, metrics=self.metrics)
 
-
-def prompt_logprob_entries(chunk: PromptLogprobsChunk,
-                           tokenizer) -> list[dict[int, Logprob]]:
-    """One dict per prompt token: the token itself first (its own rank), then the top-N by rank
-    (vLLM's layout); ``decoded_token`` is each id's text when there is a tokenizer."""
-    top_ids, top_logprobs = chunk.top_ids.tolist(), chunk.top_logprobs.tolist()
-    token_ids = chunk.token_ids.tolist()
-    texts: dict[int, str | None] = dict.fromkeys(token_ids)
-    for ids in top_ids:
-        texts.update(dict.fromkeys(ids))
-    if tokenizer is not None:
-        ids = list(texts)
-        texts = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
-    entries = []
-    for token, logprob, rank, tops, top_values in zip(token_ids, chunk.logprobs.tolist(),
-                                                      chunk.ranks.tolist(), top_ids, top_logprobs):
-        entry = {token: Logprob(logprob, rank=rank, decoded_token=texts[token])}
-        for top_rank, (top_id, value) in enumerate(zip(tops, top_values), start=1):
-            if top_id not in entry:
-                entry[top_id] = Logprob(value, rank=top_rank, decoded_token=texts[top_id])
-        entries.append(entry)
-    return entries

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from .block_manager import BlockTable
-from .request import Request
-from .scheduler_output import ScheduledRequest
+from jaxpaged.core.block_manager import BlockTable
+from jaxpaged.core.request import Request
+from jaxpaged.core.scheduler_output import ScheduledRequest
 
 _new_tuple = tuple.__new__  # builds a NamedTuple from all its fields (see scheduler_output)
 _NO_POSITIONS = range(0)  # ScheduledRequest.prompt_logprobs_positions of nearly every request

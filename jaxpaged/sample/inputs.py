@@ -50,8 +50,9 @@ def check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"{name} holds token id {int(bad)} outside [0, vocab_size={vocab_size})")
 
 
-def as_ids(ids: Sequence[int]) -> np.ndarray:
-    """i64[n]: token ids as a flat array (any sequence of ints)."""
+def id_array(ids: Sequence[int]) -> np.ndarray:
+    """i64[n]: token ids as a flat numpy array (any sequence of ints), for checks and padding;
+    the scheduler's ``core.step_update.as_ids`` makes validated Python lists instead."""
     return np.asarray(ids, np.int64).reshape(-1)
 
 
@@ -73,5 +74,5 @@ def validate_batch(params_list, prompt_ids_list, output_ids_list, pad_to: int, v
 def validate_ids(prompt_ids_list, output_ids_list, vocab_size: int) -> None:
     """Raises ValueError if a prompt or output id of any row is outside the vocabulary."""
     for row, (prompt, output) in enumerate(zip(prompt_ids_list, output_ids_list)):
-        check_ids(f"prompt_ids_list[{row}]", as_ids(prompt), vocab_size)
-        check_ids(f"output_ids_list[{row}]", as_ids(output), vocab_size)
+        check_ids(f"prompt_ids_list[{row}]", id_array(prompt), vocab_size)
+        check_ids(f"output_ids_list[{row}]", id_array(output), vocab_size)

@@ -26,9 +26,10 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from jaxpaged.buckets import StepShape
-from jaxpaged.scheduler_output import ScheduledRequest
+from jaxpaged.core.scheduler_output import ScheduledRequest
+from jaxpaged.models.attention_metadata import AttentionMetadata
+from jaxpaged.runner.buckets import StepShape
+from jaxpaged.utils.row_store import RowStore
 
 
 @jax.tree_util.register_dataclass
@@ -66,9 +67,8 @@ class StepPacker:
     def __init__(self, *, block_size: int, table_width: int):
         self.block_size = block_size
         self.table_width = table_width
-        self._store = np.zeros((0, table_width), np.int32)  # [slots, W] block tables by slot
+        self._store = RowStore({"tables": (table_width, np.int32)})  # [slots, W] by slot
         self._slot_lens: list[int] = []  # blocks written in each store row (the rest is 0)
-        self._free_slots: list[int] = []
         self._rows: dict[str, _TableRow] = {}  # req_id -> its row, for last step's requests
         # Last step's batch: a batch of the same requests in the same order reuses its rows and
         # rewrites only those whose block_ids changed (found by comparing list identities).
@@ -159,7 +159,7 @@ class StepPacker:
         self._check_coverage(scheduled, num_blocks, seq_lens)
         tables = np.zeros((num_seqs, self.table_width), np.int32)
         # mode="clip" only skips numpy's buffered bounds check: every slot is a row of the store.
-        np.take(self._store, slots, axis=0, out=tables[:n], mode="clip")
+        np.take(self._store["tables"], slots, axis=0, out=tables[:n], mode="clip")
         return tables
 
     def _update_rows(self, scheduled: Sequence[ScheduledRequest]) -> np.ndarray:
@@ -167,7 +167,7 @@ class StepPacker:
         Returns each request's store row, intp[n]."""
         previous = self._rows
         rows = [previous.pop(r.req_id, None) for r in scheduled]
-        self._free_slots.extend(row.slot for row in previous.values())  # gone from the batch
+        self._store.release(row.slot for row in previous.values())  # gone from the batch
         stale = [i for i, (request, row) in enumerate(zip(scheduled, rows))
                  if row is None or request.block_ids is not row.block_ids
                  or len(request.block_ids) != row.num_blocks]
@@ -179,22 +179,18 @@ class StepPacker:
         return np.fromiter([row.slot for row in rows], np.intp, len(rows))
 
     def _take_slot(self) -> int:
-        if not self._free_slots:  # grow the store (doubling)
-            old = self._store.shape[0]
-            grown = max(16, 2 * old)
-            self._store = np.concatenate(
-                [self._store, np.zeros((grown - old, self.table_width), np.int32)])
-            self._slot_lens.extend([0] * (grown - old))
-            self._free_slots.extend(range(grown - 1, old - 1, -1))
-        return self._free_slots.pop()
+        slot = self._store.take()
+        self._slot_lens.extend([0] * (self._store.capacity - len(self._slot_lens)))
+        return slot
 
     def _write_row(self, row: _TableRow, request: ScheduledRequest) -> None:
         ids, old_len = request.block_ids, self._slot_lens[row.slot]
         if len(ids) > self.table_width:
             raise ValueError(f"request {request.req_id!r} has {len(ids)} blocks, more than the "
                              f"table width {self.table_width}")
-        self._store[row.slot, :len(ids)] = ids
-        self._store[row.slot, len(ids):old_len] = 0
+        tables = self._store["tables"]
+        tables[row.slot, :len(ids)] = ids
+        tables[row.slot, len(ids):old_len] = 0
         self._slot_lens[row.slot] = row.num_blocks = len(ids)
         row.block_ids = ids
 

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpaged.sampler import SampleLogprobs, gather_logprobs
-from jaxpaged.scheduler_output import ScheduledRequest
+from jaxpaged.sample.sampler import SampleLogprobs, gather_logprobs
+from jaxpaged.core.scheduler_output import ScheduledRequest
 
 # Hidden rows turned into logits at once by prompt_logprobs_program: f32[256, V] is 128 MB at
 # V=128k.

@@ -29,9 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Rows with temperature below this are greedy (vLLM's _SAMPLING_EPS).
-GREEDY_EPS = 1e-5
-
 
 def _static():
     return dataclasses.field(metadata=dict(static=True))
@@ -40,7 +37,7 @@ def _static():
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingTensors:
-    temperature: jax.Array  # f32[B]: < GREEDY_EPS means greedy
+    temperature: jax.Array  # f32[B]: < SAMPLING_EPS means greedy
     top_k: jax.Array  # i32[B]: 0 = off
     top_p: jax.Array  # f32[B]: 1 = off
     min_p: jax.Array  # f32[B]: 0 = off

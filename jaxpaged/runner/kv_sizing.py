@@ -7,9 +7,9 @@ import logging
 
 import jax
 
-from jaxpaged.config import ModelConfig
-from jaxpaged.kv_cache import KVCache
-from jaxpaged.prompt_logprobs import PROMPT_LOGPROBS_CHUNK
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.kv_cache import KVCache
+from jaxpaged.sample.prompt_logprobs import PROMPT_LOGPROBS_CHUNK
 
 logger = logging.getLogger(__name__)
 

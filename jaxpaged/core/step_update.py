@@ -6,8 +6,8 @@ from __future__ import annotations
 import operator
 from collections.abc import Mapping, Sequence
 
-from .request import Request, RequestStatus
-from .scheduler_output import SchedulerOutput
+from jaxpaged.core.request import Request, RequestStatus
+from jaxpaged.core.scheduler_output import SchedulerOutput
 
 # Sampled ids from the runner: req_id -> ids, or one row per scheduled request in batch order.
 SampledTokenIds = Mapping[str, Sequence[int] | int] | Sequence[Sequence[int] | int]

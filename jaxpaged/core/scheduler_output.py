@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .request import Request
-from .sampling_params import SamplingParams
+from jaxpaged.core.request import Request
+from jaxpaged.sampling_params import SamplingParams
 
 
 class ScheduledRequest(NamedTuple):

@@ -14,8 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.attention_metadata import AttentionMetadata
-from jaxpaged.kv_cache import KVCache
+from jaxpaged.models.attention_metadata import AttentionMetadata
+from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from jaxpaged.pallas_kernels.rope_kv_write import rope_and_write_kv
 

@@ -25,8 +25,8 @@ import operator
 import time
 from collections.abc import Iterable, Iterator
 
-from .outputs import FinishReason
-from .sampling_params import SamplingParams
+from jaxpaged.outputs import FinishReason
+from jaxpaged.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

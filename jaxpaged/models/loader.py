@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpaged.config import ModelConfig
+from jaxpaged.models.config import ModelConfig
 from jaxpaged.converters.checkpoint import is_converted, restore_params
 from jaxpaged.converters.hf_to_params import params_from_hf
-from jaxpaged.dummy_weights import dummy_params
+from jaxpaged.models.dummy_weights import dummy_params
 from jaxpaged.models.llama import LlamaForCausalLM
 
 JAX_DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,

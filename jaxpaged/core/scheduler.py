@@ -45,12 +45,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .block_manager import BlockManager
-from .request import Request, RequestStatus, create_request_queue
-from .scheduler_config import QueueFullError, SchedulerConfig
-from .scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput, SchedulerStats
-from .step_plan import StepPlan
-from .step_update import SampledTokenIds, as_ids, check_stop, sampled_by_request_id
+from jaxpaged.core.block_manager import BlockManager
+from jaxpaged.core.request import Request, RequestStatus, create_request_queue
+from jaxpaged.core.scheduler_config import QueueFullError, SchedulerConfig
+from jaxpaged.core.scheduler_output import (RequestUpdate, ScheduledRequest, SchedulerOutput,
+                                           SchedulerStats)
+from jaxpaged.core.step_plan import StepPlan
+from jaxpaged.core.step_update import (SampledTokenIds, as_ids, check_stop,
+                                      sampled_by_request_id)
 
 _new_tuple = tuple.__new__  # builds a NamedTuple from all its fields (see scheduler_output)
 

@@ -3,7 +3,7 @@
 All layers share one pool array per K and V, flattened over layers:
 ``k[layer * num_blocks + block, offset, kv_head, :]``. Kernels therefore see a plain
 ``[pages, block_size, Hkv, D]`` pool and stay layer-agnostic; the model offsets block tables and
-slots by ``layer * num_blocks`` (``jaxpaged.attention``). Block 0 of every layer is the null block that
+slots by ``layer * num_blocks`` (``jaxpaged.models.attention``). Block 0 of every layer is the null block that
 padding rows point at. Pools over 4 GiB are addressed with 64-bit offsets by the Triton lowering.
 """
 

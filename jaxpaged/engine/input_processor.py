@@ -1,0 +1,88 @@
+"""Requests in: a prompt (text, token ids, or both) and its sampling parameters are tokenized,
+validated against the engine's limits and turned into the scheduler's ``Request`` plus the
+``RequestState`` the engine reports from. Bad input raises ValueError before anything is queued."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from jaxpaged.core.request import Request
+from jaxpaged.engine.request_state import RequestState
+from jaxpaged.outputs import RequestMetrics
+from jaxpaged.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLimits:
+    vocab_size: int
+    max_model_len: int
+    max_logprobs: int
+    eos_token_id: int | None  # the id a request stops at by default
+    all_eos_token_ids: tuple[int, ...]  # every id that ends a sequence (sorted)
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, limits: InputLimits):
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    def process(self, request_id: str, prompt: str | list[int] | None,
+                params: SamplingParams | None, *, prompt_token_ids: list[int] | None = None,
+                arrival_time: float | None = None,
+                priority: int = 0) -> tuple[Request, RequestState]:
+        """The request to schedule and the state to report it from; the engine checks that
+        ``request_id`` is free."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params)!r}")
+        if prompt_token_ids is not None:
+            text, token_ids = prompt, self._tokenize(prompt_token_ids)[1]
+        else:
+            text, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        params = params.clone()
+        params.update_from_generation_config(
+            {"eos_token_id": list(self.limits.all_eos_token_ids)}, self.limits.eos_token_id)
+        arrival = arrival_time if arrival_time is not None else time.time()
+        request = Request(request_id=request_id, prompt_token_ids=token_ids,
+                          sampling_params=params, arrival_time=arrival, priority=priority,
+                          eos_token_id=self.limits.eos_token_id)
+        state = RequestState(request_id, text, token_ids, params,
+                             RequestMetrics(arrival_time=arrival),
+                             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        return request, state
+
+    def _tokenize(self, prompt: str | list[int] | None) -> tuple[str | None, list[int]]:
+        if prompt is None:
+            raise ValueError("a prompt (text or prompt_token_ids) is required")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True)")
+            return prompt, list(self.tokenizer.encode(prompt))
+        token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        vocab = self.limits.vocab_size
+        for t in token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} is not in [0, {vocab})")
+        return None, token_ids
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        max_model_len = self.limits.max_model_len
+        if len(token_ids) >= max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; with max_model_len="
+                             f"{max_model_len} at most {max_model_len - 1} fit")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.limits.max_logprobs:
+                raise ValueError(f"{name}={value} exceeds max_logprobs={self.limits.max_logprobs}")
+        vocab = self.limits.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are not in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")

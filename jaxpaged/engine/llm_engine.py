@@ -1,0 +1,252 @@
+"""The engine: requests in, one scheduled step at a time, ``RequestOutput``s out.
+
+``step()`` is the whole loop body: schedule -> run the model -> apply the sampled tokens ->
+detokenize and check stop strings -> outputs. With ``EngineConfig.async_scheduling`` a step
+dispatches its model step before processing the previous step's results: schedule k -> dispatch
+k -> fetch k - 1 (done or nearly, while k is queued) -> apply and detokenize k - 1. So the device
+never waits for the host; outputs come one step later.
+
+The engine keeps the loop and delegates the rest: ``InputProcessor`` (tokenize, validate, build
+the request), ``OutputProcessor`` (append, detokenize, build outputs), ``setup`` (every default
+resolved against the model and the backend). It also owns its failure path: ``recover`` puts the
+engine back in working order after ``step()`` raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+
+import jax
+from flax import nnx
+
+from jaxpaged.config import EngineConfig
+from jaxpaged.core.scheduler import Scheduler
+from jaxpaged.core.scheduler_output import SchedulerOutput
+from jaxpaged.engine import setup
+from jaxpaged.engine.input_processor import InputLimits, InputProcessor
+from jaxpaged.engine.output_processor import OutputProcessor
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.loader import jax_dtype, load_model
+from jaxpaged.outputs import RequestOutput
+from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
+from jaxpaged.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        start = time.perf_counter()
+        setup.enable_compilation_cache(config.compilation_cache_dir)
+        model_dir = pathlib.Path(config.model)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.tokenizer = setup.load_engine_tokenizer(config, model_dir)
+        self.generation_config = setup.read_json(model_dir / "generation_config.json")
+        self.limits = setup.resolve_limits(config, self.model_config,
+                                           on_cpu=jax.default_backend() == "cpu")
+        dtype = setup.resolve_dtype(config.dtype, model_dir)
+        model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl,
+                           load_format=config.load_format, seed=config.seed)
+        jax.block_until_ready(nnx.state(model))
+        weights_s = time.perf_counter() - start
+        self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, dtype)
+        self.eos_token_id, all_eos_ids = setup.eos_token_ids(
+            self.model_config, self.generation_config, self.tokenizer)
+        self.scheduler = Scheduler(setup.scheduler_config(config, self.limits),
+                                   self.kv_plan.num_blocks)
+        self.input_processor = InputProcessor(self.tokenizer, InputLimits(
+            vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
+            max_logprobs=config.max_logprobs, eos_token_id=self.eos_token_id,
+            all_eos_token_ids=all_eos_ids))
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
+        start = time.perf_counter()
+        self.runner = ModelRunner(
+            model, num_blocks=self.kv_plan.num_blocks, block_size=config.block_size,
+            kv_dtype=jax_dtype(dtype), ladder=setup.bucket_ladder(config, self.limits),
+            eos_token_ids=all_eos_ids, seed=config.seed, penalty_width=self.max_model_len,
+            executable_cache=setup.open_executable_cache())
+        jax.block_until_ready(self.runner.kv_cache.k)
+        kv_alloc_s = time.perf_counter() - start
+        self.startup = setup.StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
+                                            compile_s=self.runner.warmup())
+        # async scheduling: the dispatched step whose results are not applied yet
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
+        self._log_ready()
+
+    def _log_ready(self) -> None:
+        plan = self.kv_plan
+        logger.info("KV cache: %d tokens (%d blocks of %d), maximum concurrency %.2fx at "
+                    "max_model_len=%d", plan.capacity_tokens, plan.num_blocks - 1,
+                    self.config.block_size, plan.max_concurrency(self.max_model_len),
+                    self.max_model_len)
+        logger.info("engine ready: weights %.1f s, KV allocation %.1f s, compilation %.1f s "
+                    "(%d step shapes; %s)", self.startup.weights_s, self.startup.kv_alloc_s,
+                    self.startup.compile_s, len(self.runner.ladder.all_shapes()),
+                    self.runner.executable_cache_summary())
+
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.limits.max_num_seqs
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.limits.max_num_batched_tokens
+
+    # ----- requests -----
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None,
+                    params: SamplingParams | None = None, *,
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                    priority: int = 0) -> None:
+        """Queues a prompt: text, token ids, or both (text reported, ids run, e.g. after a chat
+        template). Bad input raises ValueError and queues nothing."""
+        if request_id in self.output_processor.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request, state = self.input_processor.process(
+            request_id, prompt, params, prompt_token_ids=prompt_token_ids,
+            arrival_time=arrival_time, priority=priority)
+        self.scheduler.add_request(request)
+        self.output_processor.add(state)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Safe while a step is in flight: its results for aborted requests are dropped."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.scheduler.abort_request(request_id)
+            self.output_processor.requests.pop(request_id, None)
+        self._drop_idle_in_flight()
+
+    def _drop_idle_in_flight(self) -> None:
+        """A step in flight whose requests are all gone has nothing left to report: forget it
+        (the device finishes it unobserved), so the engine is idle at once."""
+        if self._in_flight is not None and not self.scheduler.requests:
+            self._in_flight = None
+
+    def has_unfinished_requests(self) -> bool:
+        """Also true while a step is in flight (async scheduling): it must still be applied."""
+        return bool(self.output_processor.requests) or self._in_flight is not None
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.output_processor.requests)
+
+    def kv_slot_usage(self) -> tuple[int, int]:
+        """(slots allocated to running sequences, slots they fill): KV waste is 1 - used/allocated."""
+        manager = self.scheduler.block_manager
+        running = self.scheduler.running
+        allocated = sum(len(manager.get_block_ids(r.request_id)) for r in running)
+        return allocated * self.config.block_size, sum(r.num_computed_tokens for r in running)
+
+    # ----- the loop -----
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the outputs of the requests that progressed in it (with async
+        scheduling: of the previous step, whose results arrive one step late)."""
+        if self.config.async_scheduling:
+            return self._step_async()
+        start = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        self.output_processor.mark_scheduled(scheduler_output)
+        outputs = self._apply(scheduler_output, self.runner.execute(scheduler_output))
+        self._count_step(start)
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule and dispatch step k, then apply step k - 1 while k runs on the device.
+
+        A step whose rows use penalties needs the real output ids on the host, so the step in
+        flight is applied first (a synchronous step)."""
+        start = time.perf_counter()
+        previous, self._in_flight = self._in_flight, None
+        try:
+            scheduler_output = self.scheduler.schedule()
+            outputs: list[RequestOutput] = []
+            if not scheduler_output.is_empty:
+                self.output_processor.mark_scheduled(scheduler_output)
+                if previous is not None and _uses_penalties(scheduler_output):
+                    outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
+                    previous = None
+                self._in_flight = (scheduler_output, self.runner.dispatch(scheduler_output))
+            if previous is not None:
+                outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
+            elif scheduler_output.is_empty:
+                return outputs
+        except Exception:
+            self._forget_placeholders()
+            raise
+        self._drop_idle_in_flight()
+        self._count_step(start)
+        return outputs
+
+    def _count_step(self, start: float) -> None:
+        self.runner.timings.steps += 1
+        self.runner.timings.total_s += time.perf_counter() - start
+
+    def _apply(self, scheduler_output: SchedulerOutput,
+               runner_output: RunnerOutput) -> list[RequestOutput]:
+        """The step's results into the scheduler (append, stops) and the requests' outputs."""
+        self.output_processor.collect_prompt_logprobs(runner_output.prompt_logprobs)
+        updates = self.scheduler.update_from_output(scheduler_output,
+                                                    runner_output.sampled_token_ids)
+        return self.output_processor.process(updates, runner_output.logprobs)
+
+    # ----- failure -----
+
+    def _forget_placeholders(self) -> None:
+        """After a failed async step no in-flight results will come: requests waiting to be
+        recomputed drop their placeholders (and resample those tokens); running ones are aborted
+        by ``recover``."""
+        self._in_flight = None
+        for request in self.scheduler.waiting:
+            request.num_output_placeholders = 0
+
+    def recover(self, live_request_ids: set[str]) -> set[str]:
+        """Puts the engine back in working order after ``step()`` raised; returns the (parent)
+        ids of the requests it aborted. ``live_request_ids``: those the caller still serves.
+
+        What a failed step may have left behind:
+
+        - ``schedule()`` already ran: the step's requests hold newly allocated blocks and their
+          ``num_computed_tokens`` counts tokens whose K/V were never written. Running them again
+          would attend to garbage, so every *running* request is aborted (they include
+          everything the step scheduled; preempted ones were reset to recompute from scratch
+          and are safe to keep).
+        - ``update_from_output()`` may have finished some requests in the scheduler before the
+          engine's own bookkeeping raised: nothing will ever finish them for the caller, so
+          every live request the scheduler no longer knows is aborted too.
+        - The KV pool is donated to the jitted step; if the step failed after the donation, or
+          on the device, the pool is deleted or poisoned. Then every cached block is garbage:
+          all requests are aborted, the prefix cache is forgotten and a zeroed pool replaces it.
+
+        Waiting requests hold no blocks and survive (unless the pool was lost)."""
+        scheduler = self.scheduler
+        known = {r.parent_id or r.request_id for r in scheduler.requests.values()}
+        victims = {r.parent_id or r.request_id for r in scheduler.running}
+        victims |= live_request_ids - known
+        pool_lost = not self.runner.kv_cache_is_usable()
+        if pool_lost:
+            victims |= known | live_request_ids
+        self.abort_request(sorted(victims))
+        if pool_lost:
+            logger.warning("the KV pool was lost in the failed step; starting from an empty pool")
+            self.runner.reset_kv_cache()
+            if not scheduler.block_manager.reset_prefix_cache():
+                raise RuntimeError("KV blocks are still held after aborting every request")
+        return victims
+
+
+def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:
+    """Whether a sampled row needs its real output ids (presence/frequency/repetition)."""
+    for s in scheduler_output.scheduled:
+        p = s.sampling_params
+        if s.do_sample and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                            or p.repetition_penalty != 1.0):
+            return True
+    return False
