@@ -67,7 +67,7 @@ class BlockPool:
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         if num_blocks > len(self._free):
-            raise ValueError(f"cannot allocate {num_blocks} blocks: {len(self._free)} are free.")
+            raise ValueError(f"cannot allocate {num_blocks} blocks: {len(self._free)} are free")
         new_blocks = []
         for _ in range(num_blocks):
             _, block = self._free.popitem(last=False)
@@ -87,7 +87,7 @@ class BlockPool:
         """Drop one reference each; blocks reaching 0 join the free queue's tail in this order."""
         for block in blocks:
             if block.ref_cnt <= 0:
-                raise ValueError(f"block {block.block_id} freed more often than allocated.")
+                raise ValueError(f"block {block.block_id} freed more often than allocated")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
@@ -150,7 +150,7 @@ class BlockManager:
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
     ) -> None:
         if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
@@ -238,7 +238,7 @@ class BlockManager:
                 [x x x x][x x x x][x n . .]          nothing allocated (returns [])
         """
         if not isinstance(num_new_tokens, int) or num_new_tokens < 0:
-            raise ValueError(f"num_new_tokens must be a non-negative int, got {num_new_tokens!r}.")
+            raise ValueError(f"num_new_tokens must be a non-negative int, got {num_new_tokens!r}")
         rid = request.request_id
         table = self.tables.get(rid)
         if table is not None and table.blocks and not new_computed_blocks and (
@@ -246,7 +246,7 @@ class BlockManager:
             return []  # the common decode step: the last block still has room
         held = table.blocks if table is not None else []
         if held and new_computed_blocks:
-            raise ValueError(f"request {rid!r} already holds blocks; no cache hits.")
+            raise ValueError(f"request {rid!r} already holds blocks; no cache hits")
         hits = [self.pool.blocks[i] for i in new_computed_blocks]
         num_tokens = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         num_needed = max(0, self.num_blocks_for(num_tokens) - len(held) - len(hits))
@@ -292,12 +292,12 @@ class BlockManager:
     def fork(self, parent_id: str, child_ids: Sequence[str]) -> None:
         """Hand the parent's blocks to its children, shared (each block's ref_cnt += n - 1)."""
         if parent_id not in self.tables:
-            raise ValueError(f"request {parent_id!r} holds no blocks to fork.")
+            raise ValueError(f"request {parent_id!r} holds no blocks to fork")
         if not child_ids:
-            raise ValueError(f"fork of {parent_id!r} needs at least one child id.")
+            raise ValueError(f"fork of {parent_id!r} needs at least one child id")
         for child_id in child_ids:
             if child_id in self.tables:
-                raise ValueError(f"request {child_id!r} already holds blocks.")
+                raise ValueError(f"request {child_id!r} already holds blocks")
         parent = self.tables.pop(parent_id)
         self._req_hashes.pop(parent_id, None)
         for child_id in child_ids:  # block_ids is shared: it is never mutated

@@ -89,14 +89,14 @@ class Request:
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
-            raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}.")
+            raise ValueError(f"request_id must be a non-empty str, got {self.request_id!r}")
         if not isinstance(self.sampling_params, SamplingParams):
             raise ValueError(
                 f"sampling_params must be a SamplingParams, got {type(self.sampling_params)!r}."
             )
         self.prompt_token_ids = _as_token_ids(self.prompt_token_ids, self.request_id)
         if not isinstance(self.priority, int):
-            raise ValueError(f"priority must be an int, got {self.priority!r}.")
+            raise ValueError(f"priority must be an int, got {self.priority!r}")
         if self.arrival_time is None:
             self.arrival_time = time.time()
         self.all_token_ids = list(self.prompt_token_ids)
@@ -253,7 +253,7 @@ def create_request_queue(policy: str) -> FCFSRequestQueue | PriorityRequestQueue
         return PriorityRequestQueue()
     if policy == "fcfs":
         return FCFSRequestQueue()
-    raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}.")
+    raise ValueError(f"policy must be 'fcfs' or 'priority', got {policy!r}")
 
 
 def _as_token_ids(token_ids: Iterable[int], request_id: str) -> list[int]:
@@ -263,7 +263,7 @@ def _as_token_ids(token_ids: Iterable[int], request_id: str) -> list[int]:
     except TypeError as e:
         raise ValueError(f"prompt_token_ids must be ints (request {request_id!r}): {e}") from None
     if not ids:
-        raise ValueError(f"prompt_token_ids must not be empty (request {request_id!r}).")
+        raise ValueError(f"prompt_token_ids must not be empty (request {request_id!r})")
     if min(ids) < 0:
-        raise ValueError(f"prompt_token_ids must be >= 0, got {min(ids)} (request {request_id!r}).")
+        raise ValueError(f"prompt_token_ids must be >= 0, got {min(ids)} (request {request_id!r})")
     return ids

@@ -93,9 +93,9 @@ class Scheduler:
                 f"max_model_len={self.config.max_model_len}."
             )
         if n > self.config.max_num_seqs:
-            raise ValueError(f"n={n} is larger than max_num_seqs={self.config.max_num_seqs}.")
+            raise ValueError(f"n={n} is larger than max_num_seqs={self.config.max_num_seqs}")
         if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests).")
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests)")
         request.status = RequestStatus.WAITING
         if n > 1 and request.shared_prefix_len(self.config.block_size) == 0:
             for child in self._fork(request):
@@ -110,11 +110,11 @@ class Scheduler:
         ids = [rid] + [f"{rid}-{i}" for i in range(n if n > 1 else 0)]
         for request_id in ids:
             if request_id in self.requests or request_id in self._children:
-                raise ValueError(f"request_id {request_id!r} is already in use.")
+                raise ValueError(f"request_id {request_id!r} is already in use")
         parent_id, _, index = rid.rpartition("-")
         parent = self.requests.get(parent_id)
         if parent is not None and index.isdigit() and int(index) < parent.sampling_params.n:
-            raise ValueError(f"request_id {rid!r} is reserved for a sample of {parent_id!r}.")
+            raise ValueError(f"request_id {rid!r} is reserved for a sample of {parent_id!r}")
 
     def abort_request(self, request_id: str) -> list[Request]:
         """Abort a request (waiting or running; a parent id aborts all its children)."""
@@ -129,7 +129,7 @@ class Scheduler:
         this call finished (the children, for the id of a forked parent).
         """
         if not RequestStatus.is_finished(status):
-            raise ValueError(f"status must be a finished status, got {status!r}.")
+            raise ValueError(f"status must be a finished status, got {status!r}")
         ids = list(self._children.get(request_id, [request_id]))
         finished = [self.requests[rid] for rid in ids if rid in self.requests]
         for request in finished:
@@ -220,7 +220,7 @@ class Scheduler:
         """Append a sampled request's token(s) (resolving its placeholder) and check stops."""
         token_ids = sampled.get(scheduled.req_id)
         if token_ids is None:
-            raise ValueError(f"no sampled token ids for request {scheduled.req_id!r}.")
+            raise ValueError(f"no sampled token ids for request {scheduled.req_id!r}")
         if request.num_output_placeholders:
             request.num_output_placeholders -= 1
         new_token_ids = self._append_until_stop(request, as_ids(token_ids))
@@ -375,7 +375,7 @@ class Scheduler:
         children = [parent.make_child(i) for i in range(parent.sampling_params.n)]
         for child in children:
             if child.request_id in self.requests or child.request_id in self._children:
-                raise ValueError(f"request_id {child.request_id!r} (a child) is already in use.")
+                raise ValueError(f"request_id {child.request_id!r} (a child) is already in use")
         if self.block_manager.get_block_ids(parent.request_id):
             self.block_manager.fork(parent.request_id, [c.request_id for c in children])
         else:

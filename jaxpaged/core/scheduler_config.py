@@ -40,9 +40,9 @@ class SchedulerConfig:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if self.max_waiting is not None and (
             not isinstance(self.max_waiting, int) or self.max_waiting < 1
         ):
