@@ -8,6 +8,9 @@
   (``ragged_paged_attention.py``).
 - ``paged_decode_attention``: one query token per sequence, split-K (``paged_decode_attention.py``).
 
+All four take fp8 pools (``float8_e4m3fn`` / ``float8_e5m2``) with per-layer ``k_scale`` /
+``v_scale`` operands: quantized on store, dequantized in registers (``kv_quant.py``).
+
 Every entry point takes ``impl`` ("auto": Pallas on a CUDA GPU, else the reference) and
 ``interpret`` (run the Pallas kernel on the CPU). ``backend.py`` is the only file that knows the
 Pallas GPU backend (Triton-style today).
