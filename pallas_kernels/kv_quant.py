@@ -19,12 +19,16 @@ row or per score instead of one per loaded element:
     logits = (q . (k_code * k_scale)) * sm_scale = (q . k_code) * (sm_scale * k_scale)
     out    = sum_j p_j (v_code_j * v_scale) / l  = (sum_j p_j v_code_j) * (v_scale / l)
 
-Accuracy. A value that is not clipped and lands in the format's normal range is stored within
-half a step (relative eps / 2: 2^-4 for e4m3, 2^-3 for e5m2). Attention over such a pool stays
-within a relative-norm error of eps / 2 of exact attention over the unquantized K/V: the bound
-tests/test_kernel_attention.py holds the kernels to (``FP8_BOUND``, with its reasoning), for
+Accuracy (``attention_error_bound``). A value that is not clipped and lands in the format's
+normal range is stored within half a step of the format (relative eps / 2: 2^-4 for e4m3, 2^-3
+for e5m2). The attention output is a softmax-weighted average of V rows whose logits carry errors
+of that order too; the errors are independent, so they average rather than add up, and the
+output's relative-norm error against exact attention over the unquantized K/V stays at the
+per-value level: about eps / 4 on random data, and eps / 2 is the stated bound that
+tests/test_kernel_attention.py and ``bench/kernels.py --check`` hold the kernels to. It assumes
 scales that map the data into the normal range (amax / scale near fp8_max, as vLLM's
-calculate_kv_scales does; a scale far too large sends values into subnormals and loses more).
+calculate_kv_scales does); a scale far too large sends values into subnormals and loses more, one
+too small clips.
 
 Facts of the Pallas Triton lowering in jax 0.11.2, verified by lowering for an abstract H100 on
 the CPU (tests/test_kernel_lowering.py; compiling the Triton IR to PTX happens only on a GPU):
@@ -57,6 +61,12 @@ def is_fp8(dtype: jnp.dtype) -> bool:
 def fp8_max(dtype: jnp.dtype) -> float:
     """Largest finite value of the fp8 format (448 for e4m3fn, 57344 for e5m2)."""
     return float(jnp.finfo(dtype).max)
+
+
+def attention_error_bound(dtype: jnp.dtype) -> float:
+    """Stated bound on the relative-norm error of attention over an fp8 pool against exact
+    attention over the unquantized K/V: eps / 2 of the format (module doc, Accuracy)."""
+    return float(jnp.finfo(dtype).eps) / 2
 
 
 def quantize(x: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
