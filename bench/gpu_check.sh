@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks and measures, in one call; a short table last.
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
+#   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
 # A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
 # stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
@@ -115,6 +116,13 @@ for label in $stages; do
     prefill) run prefill 240 python3 bench/prefill.py --trace --out "$OUT" ;;
     kernels) run kernels 300 python3 bench/kernels.py --check --out "$OUT" ;;
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
+    kernels-fp8) run kernels-fp8 420 python3 bench/kernels.py --check --no-sweep --kv-dtype fp8 \
+             --out "$OUT/fp8" ;;
+    kernels-fp8-e5m2) run kernels-fp8-e5m2 420 python3 bench/kernels.py --check --no-sweep \
+             --kv-dtype fp8_e5m2 --out "$OUT/fp8-e5m2" ;;
+    kernel-tests-fp8) run kernel-tests-fp8 200 python3 -m pytest -m gpu -q -p no:cacheprovider \
+             -k fp8 tests/test_kernel_attention.py tests/test_kernel_kv_write.py \
+             tests/test_kernel_rope_kv_write.py ;;
     engine) run engine 300 python3 bench/throughput.py --workload fixed --num-requests 64 --out "$OUT" ;;
     decode-large) run decode-large 300 python3 bench/decode_steps.py --batches 32 64 256 \
              --steps 10 --kv-bytes 40 --out "$OUT/large" ;;

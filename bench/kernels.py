@@ -6,6 +6,7 @@
     python bench/kernels.py --variants-only --decode-variants all       # decode structures
     python bench/kernels.py --variants-only --decode-variants last,hpp2_pps2 \
         --decode-shapes 1x4096,4x16384,8x4096 --decode-splits 8,16,32,64      # split counts
+    python bench/kernels.py --check --kv-dtype fp8 --no-sweep                 # fp8 pages too
 
 Decode, Llama-3-8B attention (Hq=32, Hkv=8, D=128, 16-token pages, bf16), B x L in {1x4096,
 4x16384, 8x4096, 64x2048, 256x1024}, all in one run: our split-K decode kernel, JAX's built-in
@@ -23,6 +24,13 @@ Decode variants (``--decode-variants``): named ``DecodeTuning`` structures of th
 count), each first checked on the GPU against the f32 reference on a batch whose unowned pool
 slots hold NaN, then timed on every decode shape next to the built-in and XLA; ``--decode-splits``
 adds fixed split counts on the shapes whose ``B * Hkv`` is below the SM count.
+
+fp8 pages (``--kv-dtype fp8``, vLLM's name for e4m3, or ``fp8_e5m2``): the run also holds fp8
+pools of the same bytes (twice the pages) with per-tensor scales, and next to each of our
+decode and ragged rows on bf16 pages times the same kernel, tiles and shape on fp8 pages
+(``ours-fp8`` rows): TB/s counts fp8 bytes, and ``x bf16`` is the bf16 row's time over the fp8
+row's (per token, the same work). ``--check`` then also checks the fp8 kernels against the
+reference reading the same fp8 pool and against exact attention over the unquantized values.
 
 Method: the pools are one layer-flattened pool per K and V larger than 4 GiB, as in serving (so
 the kernels use 64-bit offsets; one extra row shows a small pool), with randomly permuted pages.
@@ -56,6 +64,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from roofline import measure_bandwidth  # noqa: E402
 
 from jaxpaged.pallas_kernels.backend import triton_call  # noqa: E402
+from jaxpaged.pallas_kernels.kv_quant import attention_error_bound, is_fp8, quantize  # noqa: E402
 from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference  # noqa: E402
 from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits,
                                                             default_decode_tuning,
@@ -70,6 +79,9 @@ from jax.experimental.pallas.ops.gpu import paged_attention as builtin  # noqa: 
 
 L2_BYTES = 50 * 2**20  # H100 L2
 SM_COUNT = 132  # H100 / H200
+KV_DTYPES = {"bf16": None, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
+             "fp8_e5m2": jnp.float8_e5m2}  # --kv-dtype, vLLM's kv_cache_dtype names
+FP8_SCALE = 1.0 / 64  # K and V scales of the fp8 pools: N(0, 1) values stay far from clipping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +101,25 @@ class Setup:
     target_run_us: float = 100.0  # decode jits unroll enough calls to keep the GPU this busy
     min_calls: int = 1
     interpret: bool = False
-    dtype: jnp.dtype = jnp.bfloat16
+    dtype: jnp.dtype = jnp.bfloat16  # q, and the pools unless kv_dtype is set
+    kv_dtype: jnp.dtype | None = None  # fp8 pages
 
     @property
     def sm_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
+    @property
+    def pool_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.kv_dtype or self.dtype)
+
     def kv_bytes(self, batch: int, context: int) -> int:
-        itemsize = jnp.dtype(self.dtype).itemsize
+        itemsize = self.pool_dtype.itemsize
         return 2 * batch * context * self.num_kv_heads * self.head_dim * itemsize
+
+    def fp8(self, kv_dtype: jnp.dtype) -> "Setup":
+        """The same run on fp8 pages: pools of the same bytes hold twice the pages."""
+        factor = jnp.dtype(self.dtype).itemsize // jnp.dtype(kv_dtype).itemsize
+        return dataclasses.replace(self, kv_dtype=kv_dtype, pool_pages=self.pool_pages * factor)
 
 
 SMOKE = Setup(num_q_heads=8, num_kv_heads=2, head_dim=64, pool_pages=96,
@@ -169,6 +191,13 @@ class Pools:
     k: jax.Array  # [P, page, Hkv, D]
     v: jax.Array
     next_page: int = 0  # pages are handed out once: rotation sets never share a page
+    scales: dict = dataclasses.field(default_factory=dict)  # fp8: k_scale, v_scale
+
+    @property
+    def name(self) -> str:  # what the rows call our kernel on these pools (vLLM's dtype names)
+        if not self.scales:
+            return "ours"
+        return "ours-fp8" if self.k.dtype == jnp.float8_e4m3fn else "ours-fp8_e5m2"
 
     def take(self, count: int, rng: np.random.Generator) -> np.ndarray:
         if self.next_page + count > self.k.shape[0]:
@@ -179,17 +208,25 @@ class Pools:
 
 
 def make_pools(setup: Setup, pages: int, seed: int = 0) -> Pools:
-    """Random pools made on the device; pages repeat every 8192 (timing does not see values)."""
+    """Random pools made on the device; pages repeat every 8192 (timing does not see values).
+
+    fp8 pages (``setup.kv_dtype``) hold the same N(0, 1) values as the bf16 pools of the same
+    seed, quantized under ``FP8_SCALE``.
+    """
     distinct = min(pages, 8192)
     shape = (distinct, setup.page_size, setup.num_kv_heads, setup.head_dim)
+    fp8 = is_fp8(setup.pool_dtype)
 
     @jax.jit
     def make(key):
         block = jax.random.normal(key, shape, setup.dtype)
+        if fp8:
+            block = quantize(block, jnp.float32(FP8_SCALE), setup.pool_dtype)
         return jnp.tile(block, (-(-pages // distinct), 1, 1, 1))[:pages]
 
     k_key, v_key = jax.random.split(jax.random.PRNGKey(seed))
-    return Pools(make(k_key), make(v_key))
+    scales = dict(k_scale=FP8_SCALE, v_scale=FP8_SCALE) if fp8 else {}
+    return Pools(make(k_key), make(v_key), scales=scales)
 
 
 def rotation_tables(setup: Setup, pools: Pools, batch: int, width: int,
@@ -220,6 +257,7 @@ class Row:
     pct_copy: float | None = None
     tflops: float | None = None
     speedup_vs_builtin: float | None = None
+    speedup_vs_bf16: float | None = None  # fp8 rows: the bf16 row's time over this one's
 
 
 def _decode_row(setup, section, shape, impl, config, timing, kv_bytes, copy_bw) -> Row:
@@ -228,11 +266,13 @@ def _decode_row(setup, section, shape, impl, config, timing, kv_bytes, copy_bw) 
                100 * tbps * 1e12 / copy_bw)
 
 
-def ours_decode(setup: Setup, splits=None, tuning: DecodeTuning | None = None) -> Callable:
+def ours_decode(setup: Setup, splits=None, tuning: DecodeTuning | None = None,
+                scales: dict | None = None) -> Callable:
+    """Our decode kernel; ``scales``: an fp8 pool's ``k_scale``/``v_scale`` (``Pools.scales``)."""
     def kernel(k, v, tables, q, lens):
-        return paged_decode_attention(q, k, v, tables, lens, sm_scale=setup.sm_scale,
-                                      num_kv_splits=splits, impl="pallas",
-                                      interpret=setup.interpret, tuning=tuning)
+        return paged_decode_attention(q, k, v, tables, lens, **(scales or {}),
+                                      sm_scale=setup.sm_scale, num_kv_splits=splits,
+                                      impl="pallas", interpret=setup.interpret, tuning=tuning)
     return kernel
 
 
@@ -285,12 +325,13 @@ def decode_case(setup: Setup, pools: Pools, batch: int, context: int,
 def time_ours(setup: Setup, log: Callable, pools: Pools, case: DecodeCase, copy_bw: float, *,
               section: str, config: str, tuning: DecodeTuning,
               splits: int | None = None) -> Row | None:
-    timing = try_time(setup, log, f"{section} {case.shape} {config}",
-                      repeated(ours_decode(setup, splits, tuning), case.calls),
+    timing = try_time(setup, log, f"{section} {case.shape} {pools.name} {config}",
+                      repeated(ours_decode(setup, splits, tuning, pools.scales), case.calls),
                       (pools.k, pools.v, case.tables, case.q, case.lens), case.calls)
     if timing is None:
         return None
-    return _decode_row(setup, section, case.shape, "ours", config, timing, case.kv_bytes, copy_bw)
+    return _decode_row(setup, section, case.shape, pools.name, config, timing, case.kv_bytes,
+                       copy_bw)
 
 
 def time_baselines(setup: Setup, log: Callable, pools: Pools,
@@ -381,20 +422,37 @@ def _set_speedup(row: Row, builtin: Row | None) -> Row:
     return row
 
 
+def with_bf16_speedup(row: Row | None, bf16: Row | None) -> Row | None:
+    """An fp8 row with the time of the same kernel on bf16 pages over its own."""
+    if row is not None and bf16 is not None:
+        row.speedup_vs_bf16 = bf16.best_ms / row.best_ms
+    return row
+
+
 def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array],
-                 copy_bw: float, log: Callable) -> list[Row]:
+                 copy_bw: float, log: Callable,
+                 fp8: tuple[Setup, Pools] | None = None) -> list[Row]:
+    """Per decode shape: our kernel (and with ``fp8`` the same kernel on fp8 pages), the best
+    built-in, XLA, and the plain reads of the same bytes."""
     rows = []
     rng = np.random.default_rng(0)
     for batch, context in setup.decode_shapes:
         case = decode_case(setup, pools, batch, context, rng)
         tuning = default_decode_tuning(batch, setup.num_kv_heads)  # what the model uses
         splits = choose_num_kv_splits(batch, setup.num_kv_heads, case.width, tuning)
-        ours = time_ours(setup, log, pools, case, copy_bw, section="decode",
-                         config=f"splits={splits},hpp={tuning.heads_per_program}",
+        config = f"splits={splits},hpp={tuning.heads_per_program}"
+        ours = time_ours(setup, log, pools, case, copy_bw, section="decode", config=config,
                          tuning=tuning)
+        ours_fp8 = None
+        if fp8 is not None:
+            fp8_setup, fp8_pools = fp8
+            fp8_case = decode_case(fp8_setup, fp8_pools, batch, context, rng)
+            ours_fp8 = with_bf16_speedup(time_ours(fp8_setup, log, fp8_pools, fp8_case, copy_bw,
+                                                   section="decode", config=config,
+                                                   tuning=tuning), ours)
         builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
         reads = time_stream_read(setup, log, pools, case, copy_bw)
-        for row in (ours, builtin, xla):
+        for row in (ours, ours_fp8, builtin, xla):
             if row is not None:
                 rows.append(_set_speedup(row, builtin))
                 log(_format_row(row))
@@ -649,7 +707,30 @@ def _ragged_inputs(setup: Setup, pools: Pools, case: RaggedCase, rng: np.random.
             jnp.asarray(case.seq_lens, jnp.int32), qsl)
 
 
-def bench_ragged(setup: Setup, pools: Pools, log: Callable) -> list[Row]:
+def time_ragged(setup: Setup, log: Callable, pools: Pools, case: RaggedCase, args: tuple,
+                tuning: RaggedTuning) -> Row | None:
+    """Our ragged kernel on ``args`` (``_ragged_inputs`` over ``pools``), ``min_calls`` calls."""
+    max_q, calls = max(case.q_lens), setup.min_calls
+
+    def kernel(q, k, v, tables, lens, qsl):
+        return ragged_paged_attention(q, k, v, tables, lens, qsl, **pools.scales,
+                                      sm_scale=setup.sm_scale, max_query_len=max_q,
+                                      impl="pallas", interpret=setup.interpret, tuning=tuning)
+
+    fn = jax.jit(lambda *a: [kernel(*a) for _ in range(calls)])
+    config = (f"block_q={tuning.block_q or 'auto'},pps={tuning.pages_per_step},"
+              f"warps={tuning.num_warps}")
+    timing = try_time(setup, log, f"ragged {case.name} {pools.name} {config}", fn, args, calls)
+    if timing is None:
+        return None
+    return Row("ragged", case.name, pools.name, config, timing.best_ms, timing.median_ms,
+               tflops=case.flops(setup) / (timing.best_ms * 1e-3) / 1e12)
+
+
+def bench_ragged(setup: Setup, pools: Pools, log: Callable,
+                 fp8: tuple[Setup, Pools] | None = None) -> list[Row]:
+    """Tile configs of the ragged kernel per case, the XLA reference; with ``fp8``, the default
+    tiles on fp8 pages as well."""
     rng = np.random.default_rng(3)
     tile_configs = [RaggedTuning(), RaggedTuning(block_q=32), RaggedTuning(pages_per_step=8),
                     RaggedTuning(block_q=32, pages_per_step=8, num_warps=8)]
@@ -657,23 +738,17 @@ def bench_ragged(setup: Setup, pools: Pools, log: Callable) -> list[Row]:
     for case in ragged_cases(setup):
         args = _ragged_inputs(setup, pools, case, rng)
         max_q = max(case.q_lens)
-        calls = setup.min_calls
         configs = tile_configs[:1] if (setup.interpret or "mixed" in case.name) else tile_configs
-        for tuning in configs:
-            def kernel(q, k, v, tables, lens, qsl, tuning=tuning):
-                return ragged_paged_attention(q, k, v, tables, lens, qsl, sm_scale=setup.sm_scale,
-                                              max_query_len=max_q, impl="pallas",
-                                              interpret=setup.interpret, tuning=tuning)
-            fn = jax.jit(lambda *a, kernel=kernel: [kernel(*a) for _ in range(calls)])
-            config = (f"block_q={tuning.block_q or 'auto'},pps={tuning.pages_per_step},"
-                      f"warps={tuning.num_warps}")
-            timing = try_time(setup, log, f"ragged {case.name} {config}", fn, args, calls)
-            if timing is None:
-                continue
-            rows.append(Row("ragged", case.name, "ours", config, timing.best_ms,
-                            timing.median_ms,
-                            tflops=case.flops(setup) / (timing.best_ms * 1e-3) / 1e12))
-            log(_format_row(rows[-1]))
+        ours = [time_ragged(setup, log, pools, case, args, tuning) for tuning in configs]
+        if fp8 is not None:
+            fp8_setup, fp8_pools = fp8
+            fp8_args = _ragged_inputs(fp8_setup, fp8_pools, case, rng)
+            ours.append(with_bf16_speedup(
+                time_ragged(fp8_setup, log, fp8_pools, case, fp8_args, configs[0]), ours[0]))
+        for row in ours:
+            if row is not None:
+                rows.append(row)
+                log(_format_row(row))
         if "mixed" not in case.name:  # the dense-per-sequence reference needs S*Hq*Q*L scores
             fn = jax.jit(lambda q, k, v, t, lens, qsl: ragged_paged_attention_reference(
                 q, k, v, t, lens, qsl, sm_scale=setup.sm_scale, max_query_len=max_q))
@@ -694,70 +769,109 @@ def _rel_err(actual, expected) -> float:
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
 
 
-def run_checks(setup: Setup, log: Callable) -> bool:
-    """Kernels (bf16) vs the f32 references on small ragged/decode batches; write_kv exactly."""
-    f32 = jnp.float32
-    pools = make_pools(setup, 64 if setup.interpret else 4096, seed=5)
-    rng = np.random.default_rng(5)
-    k32, v32 = pools.k.astype(f32), pools.v.astype(f32)
-    results = {}
+CHECK_BOUND = 1e-2  # kernels vs the f32-query reference over the same pool
 
+
+def _reference_pools(pools: Pools) -> tuple[jax.Array, jax.Array]:
+    """K/V the f32-query references read: bf16 pools as f32; fp8 pools as they are (the
+    reference converts fp8 to f32 exactly and applies ``pools.scales``)."""
+    if pools.scales:
+        return pools.k, pools.v
+    return pools.k.astype(jnp.float32), pools.v.astype(jnp.float32)
+
+
+def _attention_checks(setup: Setup, pools: Pools, rng: np.random.Generator):
+    """{name: (kernel output, reference arguments as a function of the pools)} on small decode,
+    ragged and decode-only ragged batches over ``pools``."""
+    f32, scales = jnp.float32, pools.scales
+    kernel = dict(impl="pallas", interpret=setup.interpret, sm_scale=setup.sm_scale, **scales)
     lens_host = [4000, 17, 0, 1, 256, 999] if not setup.interpret else [200, 17, 0, 1]
     width = -(-max(lens_host) // setup.page_size)
     tables = jnp.asarray(pools.take(len(lens_host) * width, rng).reshape(-1, width))
     lens = jnp.asarray(lens_host, jnp.int32)
     q = random_q(setup, len(lens_host), seed=5)
+    checks = {}
     for splits in (None, 1, 3):
-        out = paged_decode_attention(q, pools.k, pools.v, tables, lens, sm_scale=setup.sm_scale,
-                                     num_kv_splits=splits, impl="pallas",
-                                     interpret=setup.interpret)
-        ref = paged_decode_attention_reference(q.astype(f32), k32, v32, tables, lens,
-                                               sm_scale=setup.sm_scale)
-        results[f"decode splits={splits}"] = _rel_err(out.astype(f32), ref)
+        out = paged_decode_attention(q, pools.k, pools.v, tables, lens, num_kv_splits=splits,
+                                     **kernel)
+        checks[f"decode splits={splits}"] = (out, lambda k, v, sc: (
+            paged_decode_attention_reference(q.astype(f32), k, v, tables, lens, **sc,
+                                             sm_scale=setup.sm_scale)))
 
     case = ragged_cases(setup)[-1] if setup.interpret else RaggedCase(
         "mixed: decodes, chunks, prefix hits", (1,) * 6 + (200, 100, 0, 37),
         (1000, 17, 1, 16, 33, 500, 2000, 100, 50, 64))
-    q, _, _, tables, seq_lens, qsl = _ragged_inputs(setup, pools, case, rng)
+    rq, _, _, rtables, seq_lens, qsl = _ragged_inputs(setup, pools, case, rng)
     for max_q in (max(case.q_lens), None):
-        out = ragged_paged_attention(q, pools.k, pools.v, tables, seq_lens, qsl,
-                                     sm_scale=setup.sm_scale, max_query_len=max_q,
-                                     impl="pallas", interpret=setup.interpret)
-        ref = ragged_paged_attention_reference(q.astype(f32), k32, v32, tables, seq_lens, qsl,
-                                               sm_scale=setup.sm_scale, max_query_len=max_q)
-        results[f"ragged {case.name} max_query_len={max_q}"] = _rel_err(out.astype(f32), ref)
+        out = ragged_paged_attention(rq, pools.k, pools.v, rtables, seq_lens, qsl,
+                                     max_query_len=max_q, **kernel)
+        checks[f"ragged {case.name} max_query_len={max_q}"] = (
+            out, lambda k, v, sc, max_q=max_q: ragged_paged_attention_reference(
+                rq.astype(f32), k, v, rtables, seq_lens, qsl, **sc, sm_scale=setup.sm_scale,
+                max_query_len=max_q))
     dec_qsl = jnp.arange(len(lens_host) + 1, dtype=jnp.int32)
     dec_q = random_q(setup, len(lens_host), seed=6)
     dec_tables = jnp.asarray(pools.take(len(lens_host) * width, rng).reshape(-1, width))
     out = ragged_paged_attention(dec_q, pools.k, pools.v, dec_tables, lens, dec_qsl,
-                                 sm_scale=setup.sm_scale, max_query_len=1, impl="pallas",
-                                 interpret=setup.interpret)
-    ref = ragged_paged_attention_reference(dec_q.astype(f32), k32, v32, dec_tables, lens, dec_qsl,
-                                           sm_scale=setup.sm_scale)
-    results["ragged decode-only (max_query_len=1)"] = _rel_err(out.astype(f32), ref)
+                                 max_query_len=1, **kernel)
+    checks["ragged decode-only (max_query_len=1)"] = (out, lambda k, v, sc: (
+        ragged_paged_attention_reference(dec_q.astype(f32), k, v, dec_tables, lens, dec_qsl,
+                                         **sc, sm_scale=setup.sm_scale)))
+    return checks
 
-    ok = all(err < 1e-2 for err in results.values())
-    ok &= all(check_decode_variants(setup, [parse_variant("default")], log).values())
+
+def _write_kv_mismatch(setup: Setup, pools: Pools, rng: np.random.Generator) -> float:
+    """Fraction of pool values where the write_kv kernel and its reference differ (NaN = NaN)."""
     slots = jnp.asarray(np.where(rng.random(256) < 0.2, -1,
                                  rng.choice(pools.k.shape[0] * setup.page_size, 256,
                                             replace=False)), jnp.int32)
     new = jax.random.normal(jax.random.PRNGKey(9), (256, setup.num_kv_heads, setup.head_dim),
                             setup.dtype)
-    expected = write_kv_reference(pools.k, pools.v, new, -new, slots)
+    expected = write_kv_reference(pools.k, pools.v, new, -new, slots, **pools.scales)
     got = write_kv(jnp.array(pools.k, copy=True), jnp.array(pools.v, copy=True), new, -new, slots,
-                   impl="pallas", interpret=setup.interpret)
-    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, expected))
-    ok &= same
-    for name, err in results.items():
-        log(f"check {name:55s} rel-norm err {err:.2e} {'ok' if err < 1e-2 else 'FAIL'}")
-    log(f"check {'write_kv (whole pools, exact)':55s} {'ok' if same else 'FAIL'}")
+                   **pools.scales, impl="pallas", interpret=setup.interpret)
+    differ = [jnp.mean(~((a == b) | (jnp.isnan(a) & jnp.isnan(b)))) for a, b in
+              zip((x.astype(jnp.float32) for x in got), (x.astype(jnp.float32) for x in expected))]
+    return float(max(differ))
+
+
+def run_checks(setup: Setup, log: Callable) -> bool:
+    """Kernels vs the f32-query references over the same pools on small ragged/decode batches;
+    write_kv against its reference on the whole pools. On fp8 pages (``setup.kv_dtype``) also
+    against exact attention over the unquantized values (``attention_error_bound``), and
+    write_kv may differ from its reference by a few codes (the GPU's f32 division and f32 -> fp8
+    conversion need not round exactly as XLA's on the CPU do)."""
+    pages = 64 if setup.interpret else 4096
+    pools = make_pools(setup, pages, seed=5)
+    checks = _attention_checks(setup, pools, np.random.default_rng(5))
+    results = {}  # name -> (error, bound)
+    for name, (out, reference) in checks.items():
+        ref = reference(*_reference_pools(pools), pools.scales)
+        results[name] = (_rel_err(out.astype(jnp.float32), ref), CHECK_BOUND)
+    if pools.scales:  # the same values unquantized: make_pools draws them from the same seed
+        exact = make_pools(dataclasses.replace(setup, kv_dtype=None), pages, seed=5)
+        for name, (out, reference) in checks.items():
+            ref = reference(*_reference_pools(exact), {})
+            results[f"{name} vs exact"] = (_rel_err(out.astype(jnp.float32), ref),
+                                           attention_error_bound(setup.pool_dtype))
+    ok = all(err < bound for err, bound in results.values())
+    if not pools.scales:  # the poisoned batch is made in bf16
+        ok &= all(check_decode_variants(setup, [parse_variant("default")], log).values())
+    mismatch = _write_kv_mismatch(setup, pools, np.random.default_rng(6))
+    allowed = 1e-3 if pools.scales else 0.0
+    ok &= mismatch <= allowed
+    for name, (err, bound) in results.items():
+        log(f"check {pools.name} {name:55s} rel-norm err {err:.2e} "
+            f"{'ok' if err < bound else 'FAIL'} (bound {bound:.2e})")
+    log(f"check {pools.name} {'write_kv (whole pools)':55s} {mismatch:.2e} of values differ "
+        f"{'ok' if mismatch <= allowed else 'FAIL'} (allowed {allowed:.0e})")
     return ok
 
 
 # ---------------------------------------------------------------------------------- report
 
 def _format_row(row: Row) -> str:
-    parts = [f"{row.section:6s} {row.shape:34s} {row.impl:8s} {row.config:38s}",
+    parts = [f"{row.section:6s} {row.shape:34s} {row.impl:13s} {row.config:38s}",
              f"best {row.best_ms:8.4f} ms  median {row.median_ms:8.4f} ms"]
     if row.tbps is not None:
         parts.append(f"{row.tbps:5.2f} TB/s {row.pct_copy:5.1f}% of copy")
@@ -765,24 +879,36 @@ def _format_row(row: Row) -> str:
         parts.append(f"{row.tflops:6.1f} TFLOP/s")
     if row.speedup_vs_builtin is not None:
         parts.append(f"{row.speedup_vs_builtin:4.2f}x builtin")
+    if row.speedup_vs_bf16 is not None:
+        parts.append(f"{row.speedup_vs_bf16:4.2f}x bf16")
     return "  ".join(parts)
+
+
+def _fp8_impls(rows: list[Row]) -> list[str]:
+    """The impl names of rows timed on fp8 pages (``ours-fp8``, ``ours-fp8_e5m2``)."""
+    return list(dict.fromkeys(r.impl for r in rows if r.speedup_vs_bf16 is not None))
 
 
 def summary_table(rows: list[Row]) -> str:
     decode = [r for r in rows if r.section == "decode" and r.config != "small pool (<4 GiB)"]
+    impls = ["ours", *_fp8_impls(decode), "builtin", "xla", "read"]
+    names = {"read": "plain read"}
     lines = ["", "SUMMARY decode (best ms / TB/s / % copy BW)",
-             f"{'B x L':>10s} | {'ours':>22s} | {'builtin':>22s} | {'xla':>22s} | "
-             f"{'plain read':>22s} | ours/builtin"]
+             f"{'B x L':>10s} | " + " | ".join(f"{names.get(i, i):>22s}" for i in impls)
+             + " | ours/builtin" + "".join(f" | {i} x bf16" for i in _fp8_impls(decode))]
     for shape in dict.fromkeys(r.shape for r in decode):
         by_impl = {r.impl: r for r in sorted((r for r in decode if r.shape == shape),
                                              key=lambda r: -r.best_ms)}  # the fastest per impl
         cells = [f"{by_impl[i].best_ms:7.4f} {by_impl[i].tbps:4.2f} {by_impl[i].pct_copy:4.0f}%"
-                 if i in by_impl else "failed" for i in ("ours", "builtin", "xla", "read")]
+                 if i in by_impl else "failed" for i in impls]
         ours = by_impl.get("ours")
         speedup = (f"{ours.speedup_vs_builtin:.2f}x"
                    if ours is not None and ours.speedup_vs_builtin is not None else "-")
-        lines.append(f"{shape:>10s} | {cells[0]:>22s} | {cells[1]:>22s} | {cells[2]:>22s} | "
-                     f"{cells[3]:>22s} | {speedup}")
+        fp8 = [f"{by_impl[i].speedup_vs_bf16:.2f}x"
+               if i in by_impl and by_impl[i].speedup_vs_bf16 else "-"
+               for i in _fp8_impls(decode)]
+        lines.append(f"{shape:>10s} | " + " | ".join(f"{c:>22s}" for c in cells)
+                     + f" | {speedup}" + "".join(f" | {x}" for x in fp8))
     ragged = [r for r in rows if r.section == "ragged"]
     if ragged:
         lines.append("SUMMARY ragged (best config per case, TFLOP/s)")
@@ -793,8 +919,10 @@ def summary_table(rows: list[Row]) -> str:
             ours = max(ours_rows, key=lambda r: r.tflops)
             xla = [r for r in ragged if r.shape == case and r.impl == "xla"]
             xla_text = f"  xla {xla[0].tflops:.1f}" if xla else ""
+            fp8_text = "".join(f"  {r.impl} {r.tflops:.1f} ({r.speedup_vs_bf16:.2f}x bf16)"
+                               for r in ragged if r.shape == case and r.speedup_vs_bf16)
             lines.append(f"{case:>36s}: ours {ours.tflops:6.1f} ({ours.config}) "
-                         f"{ours.best_ms:.3f} ms{xla_text}")
+                         f"{ours.best_ms:.3f} ms{xla_text}{fp8_text}")
     sweep = [r for r in rows if r.section == "sweep"]
     for shape in dict.fromkeys(r.shape for r in sweep):
         best = min((r for r in sweep if r.shape == shape), key=lambda r: r.best_ms)
@@ -864,6 +992,9 @@ def main(argv: list[str] | None = None) -> int:
                              "ragged and sweep sections")
     parser.add_argument("--no-variant-checks", action="store_true",
                         help="skip the per-variant numerics check on the GPU")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
+                        help="fp8 / fp8_e4m3 / fp8_e5m2: also time (and check) the decode and "
+                             "ragged kernels on fp8 pages, next to bf16")
     args = parser.parse_args(argv)
     setup = SMOKE if args.smoke else Setup()
     if args.decode_shapes:
@@ -884,9 +1015,12 @@ def main(argv: list[str] | None = None) -> int:
         log("no GPU: timings would be meaningless; use --smoke for a CPU run of the script")
         return 2
     started = time.perf_counter()
+    fp8_setup = setup.fp8(KV_DTYPES[args.kv_dtype]) if KV_DTYPES[args.kv_dtype] else None
     ok = True
     if args.check or args.check_only:
         ok = run_checks(setup, log)
+        if fp8_setup is not None:
+            ok &= run_checks(fp8_setup, log)
         if not ok or args.check_only:
             log("CHECKS " + ("PASSED" if ok else "FAILED"))
             _write(args.out, env, None, [], lines)
@@ -897,15 +1031,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{copy_bw / 1e12:.3f} TB/s")
     pools = make_pools(setup, setup.pool_pages)
     pools_t = tuple(jnp.transpose(p, (2, 0, 1, 3)) for p in (pools.k, pools.v))
+    fp8 = None if fp8_setup is None else (fp8_setup, make_pools(fp8_setup, fp8_setup.pool_pages))
     standard = not (variants and args.variants_only)
-    rows = bench_decode(setup, pools, pools_t, copy_bw, log) if standard else []
+    rows = bench_decode(setup, pools, pools_t, copy_bw, log, fp8) if standard else []
     if variants:
         rows += bench_decode_variants(setup, pools, pools_t, copy_bw, log, variants,
                                       extra_splits, check=not args.no_variant_checks)
     del pools_t
     if standard:
         rows += bench_small_pool(setup, copy_bw, log)
-        rows += bench_ragged(setup, pools, log)
+        rows += bench_ragged(setup, pools, log, fp8)
         if not args.no_sweep:
             rows += bench_decode_sweep(setup, pools, copy_bw, log)
     log(summary_table(rows))

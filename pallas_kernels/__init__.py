@@ -8,6 +8,9 @@
   (``ragged_paged_attention.py``).
 - ``paged_decode_attention``: one query token per sequence, split-K (``paged_decode_attention.py``).
 
+All four take fp8 pools (``float8_e4m3fn`` / ``float8_e5m2``) with per-layer ``k_scale`` /
+``v_scale`` operands: quantized on store, dequantized in registers (``kv_quant.py``).
+
 Every entry point takes ``impl`` ("auto": Pallas on a CUDA GPU, else the reference) and
 ``interpret`` (run the Pallas kernel on the CPU). ``backend.py`` is the only file that knows the
 Pallas GPU backend (Triton-style today).
@@ -15,11 +18,13 @@ Pallas GPU backend (Triton-style today).
 
 from jaxpaged.pallas_kernels.backend import on_gpu
 from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference
-from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits, paged_decode_attention,
-                                     paged_decode_attention_reference)
+from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits,
+                                                            paged_decode_attention,
+                                                            paged_decode_attention_reference)
 from jaxpaged.pallas_kernels.ragged_paged_attention import (RaggedTuning, ragged_paged_attention,
-                                     ragged_paged_attention_reference)
-from jaxpaged.pallas_kernels.rope_kv_write import apply_rope, rope_and_write_kv, rope_and_write_kv_reference
+                                                            ragged_paged_attention_reference)
+from jaxpaged.pallas_kernels.rope_kv_write import (apply_rope, rope_and_write_kv,
+                                                   rope_and_write_kv_reference)
 
 __all__ = [
     "DecodeTuning",

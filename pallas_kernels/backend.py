@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from jaxpaged.pallas_kernels.kv_quant import validate_query_dtype
+
 TRITON_DEPRECATION_TEXT = "The Pallas Triton backend is deprecated"
 
 # Finite "minus infinity" for masked logits: a fully masked row then gives exp(MASK - MASK) = 1
@@ -137,11 +139,24 @@ def gather_pages(pool_ref: Any, page_ids: jax.Array) -> jax.Array:
     return pages.reshape(n * page_size, head_dim)
 
 
-def scaled_logits(s: jax.Array, *, sm_scale: float, soft_cap: float | None) -> jax.Array:
-    """Raw scores -> logits in base 2: ``log2(e) * cap(sm_scale * s)`` (so softmax uses exp2)."""
+def scaled_logits(s: jax.Array, *, sm_scale: float, soft_cap: float | None,
+                  k_scale: jax.Array | None = None) -> jax.Array:
+    """Raw scores -> logits in base 2: ``log2(e) * cap(sm_scale * k_scale * s)`` (softmax uses
+    exp2). ``k_scale``: an fp8 pool's K scale (f32 scalar) folded into the one multiply per score
+    that is there anyway (``kv_quant``); None for other pools."""
+    scale = sm_scale if k_scale is None else k_scale * sm_scale
     if soft_cap is None:
-        return s * (sm_scale * LOG2_E)
-    return (soft_cap * LOG2_E) * jnp.tanh(s * (sm_scale / soft_cap))
+        return s * (scale * LOG2_E)
+    return (soft_cap * LOG2_E) * jnp.tanh(s * (scale / soft_cap))
+
+
+def normalized_output(acc: jax.Array, l: jax.Array, v_scale: jax.Array | None) -> jax.Array:
+    """f32[M, D] output rows ``acc / l`` (rows with ``l == 0``, i.e. nothing attended, give zeros);
+    an fp8 pool's ``v_scale`` rides on the per-row factor: ``acc * (v_scale / l)``."""
+    l = jnp.where(l == 0.0, 1.0, l)
+    if v_scale is None:
+        return acc / l[:, None]
+    return acc * (v_scale / l)[:, None]
 
 
 def online_softmax_step(acc: jax.Array, m_prev: jax.Array, l_prev: jax.Array,
@@ -198,8 +213,7 @@ def validate_paged_kv(k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num q heads {num_q_heads} must be a multiple of num kv heads "
                          f"{num_kv_heads}")
-    if jnp.dtype(q_dtype) != k_cache.dtype:
-        raise ValueError(f"q dtype {jnp.dtype(q_dtype)} must equal the cache dtype {k_cache.dtype}")
+    validate_query_dtype(q_dtype, k_cache.dtype)
     if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:
         raise ValueError(f"block_tables must be i32[S, W], got {block_tables.dtype}"
                          f"{list(block_tables.shape)}")

@@ -38,6 +38,13 @@ in its unmasked loop the V tile went to the dot with no select and was pipelined
 no second trip through shared memory) gives ~88 registers and 39 KB of shared memory at
 ``pages_per_step=4``: 5 programs/SM. ``gather="pages"`` keeps the old structure for comparison.
 
+fp8 pools (``kv_quant``). K/V tiles are loaded as fp8 (half the bytes) and converted to q's dtype
+in registers, which is exact; nothing else is scaled per element. ``k_scale`` joins the one
+multiply per score that is there anyway (``logits = (q . k_code) * (sm_scale * k_scale)``) and
+``v_scale`` the one per output row (``out = acc * (v_scale / l)``; split-K partials store
+``acc * v_scale``, which the combine, linear in ``acc``, carries through). The scales are one
+``f32[2]`` operand, so every layer runs the same compiled kernel.
+
 Splits. ``choose_num_kv_splits`` fills one wave of ``target_programs`` (4 resident programs x 132
 SMs) when the batch alone does not, without splits shorter than ``min_pages_per_split`` pages.
 """
@@ -54,9 +61,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from jaxpaged.pallas_kernels.backend import (MASK_VALUE, block_tables_within_context, dot_precision,
-                      initial_softmax_state, is_power_of_2, masked_store, matmul_f32,
-                      online_softmax_step, require_power_of_2, resolve_impl, scaled_logits,
-                      triton_call, validate_paged_kv, validate_scales)
+                                             initial_softmax_state, is_power_of_2, masked_store,
+                                             matmul_f32, normalized_output, online_softmax_step,
+                                             require_power_of_2, resolve_impl, scaled_logits,
+                                             triton_call, validate_paged_kv, validate_scales)
+from jaxpaged.pallas_kernels.kv_quant import (kv_scales, load_scales, masked_load_fill,
+                                              reference_scales, scales_spec)
 from jaxpaged.pallas_kernels.split_k_combine import combine_splits_pallas, combine_splits_xla
 
 LAUNCH_ORDERS = ("seq_inner", "head_inner")
@@ -126,6 +136,7 @@ class _KernelShape:
     table_width: int  # W before padding: lengths are clipped to W * page_size
     num_splits: int
     tuning: DecodeTuning
+    quantized: bool  # an fp8 pool: the kernel takes the f32[2] scale operand
 
     @property
     def real_rows(self) -> int:  # query heads of one program: heads_per_program x G
@@ -199,7 +210,8 @@ def _kv_tile(pool_ref, page_ids: jax.Array, valid: jax.Array | None, *, page_siz
     rows = pool_ref.at[page_of_row, slot_of_row, col]  # one gather indexer -> [block_k, D']
     if valid is None or tuning.guard == "where":
         return plt.load(rows)
-    return plt.load(rows, mask=jnp.broadcast_to(valid[:, None], (block_k, head_dim)), other=0)
+    return plt.load(rows, mask=jnp.broadcast_to(valid[:, None], (block_k, head_dim)),
+                    other=masked_load_fill(pool_ref.dtype))
 
 
 def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
@@ -207,8 +219,11 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
                    q_ref,  # [Hq, D]: all query heads of this sequence
                    k_ref,  # [P, page_size, hpp * D]: the K pool of this program's kv heads
                    v_ref,  # [P, page_size, hpp * D]
-                   *out_refs,  # 1 split: o [Hq, D]; else o f32[Hq, D], m f32[Hq], l f32[Hq]
+                   *refs,  # [f32[2] (k_scale, v_scale): fp8 pools only], then the outputs:
+                   # 1 split: o [Hq, D]; else o f32[Hq, D], m f32[Hq], l f32[Hq]
                    shape: _KernelShape):
+    k_scale, v_scale = load_scales(refs[:1] if shape.quantized else ())
+    out_refs = refs[1:] if shape.quantized else refs
     tuning = shape.tuning
     pps = tuning.pages_per_step
     page_size = k_ref.shape[1]
@@ -238,10 +253,12 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
             if tuning.guard == "where":  # never dereference entries past the end
                 page_idx = page0 + jnp.arange(pps, dtype=jnp.int32)
                 page_ids = jnp.where(page_idx < num_pages, page_ids, 0)
-        k = _kv_tile(k_ref, page_ids, valid, page_size=page_size, tuning=tuning)
-        v = _kv_tile(v_ref, page_ids, valid, page_size=page_size, tuning=tuning)
+        # fp8 -> q's dtype is exact (kv_quant); for other pools the cast is a no-op.
+        k = _kv_tile(k_ref, page_ids, valid, page_size=page_size, tuning=tuning).astype(q.dtype)
+        v = _kv_tile(v_ref, page_ids, valid, page_size=page_size, tuning=tuning).astype(q.dtype)
         logits = scaled_logits(matmul_f32(q, k, transpose_b=True, precision=precision),
-                               sm_scale=shape.sm_scale, soft_cap=shape.soft_cap)  # f32[M, bk]
+                               sm_scale=shape.sm_scale, soft_cap=shape.soft_cap,
+                               k_scale=k_scale)  # f32[M, bk]
         if masked:
             logits = jnp.where(valid[None, :], logits, MASK_VALUE)
             if tuning.guard == "where":
@@ -263,10 +280,12 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
     real_row = jnp.arange(shape.rows, dtype=jnp.int32) < shape.real_rows
     if shape.num_splits == 1:
         (o_ref,) = out_refs
-        out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+        out = normalized_output(acc, l, v_scale).astype(o_ref.dtype)
         masked_store(o_ref.at[rows], out, real_row[:, None])
     else:
         o_ref, m_ref, l_ref = out_refs
+        if v_scale is not None:  # the combine is linear in acc: scale the partials
+            acc = acc * v_scale
         masked_store(o_ref.at[rows], acc, real_row[:, None])
         masked_store(m_ref.at[rows], m, real_row)
         masked_store(l_ref.at[rows], l, real_row)
@@ -287,7 +306,7 @@ def _output_specs(in_order, num_seqs: int, splits: int, num_q_heads: int, head_d
              jax.ShapeDtypeStruct(part_shape, jnp.float32)])
 
 
-def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, soft_cap,
+def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, scales, *, sm_scale, soft_cap,
                    num_kv_splits, tuning: DecodeTuning, interpret: bool):
     num_seqs, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
@@ -296,7 +315,8 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, sof
     splits = num_kv_splits or choose_num_kv_splits(num_seqs, num_kv_heads, table_width, tuning)
     shape = _KernelShape(sm_scale=sm_scale, soft_cap=soft_cap,
                          group=num_q_heads // num_kv_heads, head_dim=head_dim,
-                         table_width=table_width, num_splits=splits, tuning=tuning)
+                         table_width=table_width, num_splits=splits, tuning=tuning,
+                         quantized=scales is not None)
     # hpp adjacent kv heads of a token are one contiguous row of hpp * D values (a free reshape).
     pools = [c.reshape(num_pages, page_size, num_kv_heads // hpp, hpp * head_dim)
              for c in (k_cache, v_cache)]
@@ -313,11 +333,14 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, sof
         pl.BlockSpec((None, num_q_heads, head_dim), in_order(lambda s, h, k: (s, 0, 0))),
         pool_spec, pool_spec,
     ]
+    quantized = () if scales is None else (scales,)
+    in_specs += [scales_spec()] * len(quantized)
     out_specs, out_shape = _output_specs(in_order, num_seqs, splits, num_q_heads, head_dim,
                                          q.dtype)
     out = triton_call(
         functools.partial(_decode_kernel, shape=shape),
-        name=f"paged_decode_attention_pps{pps}_splits{splits}",
+        name=f"paged_decode_attention_pps{pps}_splits{splits}"
+             + ("" if scales is None else f"_{k_cache.dtype.name}"),
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
@@ -325,7 +348,7 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale, sof
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
         interpret=interpret,
-    )(seq_lens, tables, q, *pools)
+    )(seq_lens, tables, q, *pools, *quantized)
     if splits == 1:
         return out
     if tuning.combine == "pallas":
@@ -366,26 +389,32 @@ def paged_decode_attention(q: jax.Array,  # [S, Hq, D]: one new token per sequen
                            v_cache: jax.Array,  # [P, page_size, Hkv, D]
                            block_tables: jax.Array,  # i32[S, W]
                            seq_lens: jax.Array,  # i32[S]: context length incl. the new token
-                           *, sm_scale: float, soft_cap: float | None = None,
+                           *, k_scale: jax.Array | float | None = None,  # f32: fp8 pools only
+                           v_scale: jax.Array | float | None = None,
+                           sm_scale: float, soft_cap: float | None = None,
                            num_kv_splits: int | None = None, impl: str = "auto",
                            interpret: bool = False,
                            tuning: DecodeTuning | None = None) -> jax.Array:  # [S, Hq, D]
     """Decode attention of each sequence's single query token over its paged context.
 
     Attends to context positions ``0 .. seq_lens[s] - 1`` (the new token's K/V must already be in
-    the pool). Rows with ``seq_lens == 0`` give zeros. ``soft_cap`` applies
-    ``soft_cap * tanh(logits / soft_cap)`` to the scaled logits. ``num_kv_splits=None`` picks the
-    split count from the shape (see ``choose_num_kv_splits``); ``tuning=None`` picks the kernel
-    structure from the shape (``default_decode_tuning``). ``impl``: "auto" | "pallas" |
-    "reference"; ``interpret=True`` runs the Pallas kernel on the CPU.
+    the pool). Rows with ``seq_lens == 0`` give zeros. An fp8 pool (q bf16/f16/f32) is read as
+    ``code * k_scale`` / ``code * v_scale`` (a missing scale is 1.0); other pools take no
+    scales. ``soft_cap`` applies ``soft_cap * tanh(logits / soft_cap)`` to the scaled logits.
+    ``num_kv_splits=None`` picks the split count from the shape (see ``choose_num_kv_splits``);
+    ``tuning=None`` picks the kernel structure from the shape (``default_decode_tuning``).
+    ``impl``: "auto" | "pallas" | "reference"; ``interpret=True`` runs the Pallas kernel on the
+    CPU.
     """
     _validate(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, soft_cap, num_kv_splits)
+    scales = kv_scales(k_cache.dtype, k_scale, v_scale)
     if resolve_impl(impl) == "reference" or q.shape[0] == 0:
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
+                                                k_scale=k_scale, v_scale=v_scale,
                                                 sm_scale=sm_scale, soft_cap=soft_cap)
     tuning = tuning or default_decode_tuning(q.shape[0], k_cache.shape[2])
     _validate_for_kernel(k_cache, tuning)
-    return _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=sm_scale,
+    return _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, scales, sm_scale=sm_scale,
                           soft_cap=soft_cap, num_kv_splits=num_kv_splits, tuning=tuning,
                           interpret=interpret)
 
@@ -408,30 +437,34 @@ def default_decode_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
 
 def paged_decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                      block_tables: jax.Array, seq_lens: jax.Array, *,
+                                     k_scale: jax.Array | float | None = None,
+                                     v_scale: jax.Array | float | None = None,
                                      sm_scale: float, soft_cap: float | None = None,
                                      num_kv_splits: int | None = None, impl: str = "auto",
                                      interpret: bool = False,
                                      tuning: DecodeTuning | None = None) -> jax.Array:
     """XLA gather + einsum: gather each sequence's pages into a dense context, masked softmax.
 
-    Scores and softmax in f32 (f32 inputs use full-precision matmuls); the split/tile arguments
-    are accepted for signature parity and ignored.
+    Scores and softmax in f32 (f32 inputs use full-precision matmuls); an fp8 context is
+    converted to q's dtype (exact) and the scales folded as in the kernel. The split/tile
+    arguments are accepted for signature parity and ignored.
     """
     del num_kv_splits, impl, interpret, tuning
     _validate(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, soft_cap, None)
+    k_scale, v_scale = reference_scales(k_cache.dtype, k_scale, v_scale)
     num_seqs, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     context = block_tables.shape[1] * page_size
     precision = dot_precision(q.dtype)
 
     tables = block_tables_within_context(block_tables, seq_lens, page_size)
-    k = k_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim)
-    v = v_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim)
+    k = k_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(q.dtype)
+    v = v_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(q.dtype)
     valid = jnp.arange(context)[None, :] < seq_lens[:, None]  # [S, L]
     v = jnp.where(valid[:, :, None, None], v, jnp.zeros_like(v))
     q_groups = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     s = jnp.einsum("shgd,sthd->shgt", q_groups, k, precision=precision,
-                   preferred_element_type=jnp.float32) * sm_scale
+                   preferred_element_type=jnp.float32) * (sm_scale * k_scale)
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     allowed = valid[:, None, None, :]
@@ -440,5 +473,5 @@ def paged_decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     denom = p.sum(axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
     o = jnp.einsum("shgt,sthd->shgd", p.astype(v.dtype), v, precision=precision,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=jnp.float32) * v_scale
     return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)

@@ -26,6 +26,10 @@ q and the output are padded by ``block_q`` tokens so tile loads and (masked) sto
 bounds; the output buffer starts as zeros and is aliased into the kernel, which stores only real
 rows, so padding tokens stay zero.
 
+fp8 pools (``kv_quant``): pages are gathered as fp8 and converted to q's dtype in registers
+(exact); ``k_scale`` is folded into the logit scale, ``v_scale`` into the per-row ``1 / l`` of the
+output (the decode kernel's arithmetic); the scales are one ``f32[2]`` operand.
+
 Decode-only batches (``max_query_len == 1``) take the split-K decode kernel of
 ``paged_decode_attention`` instead, which fills the GPU even with few sequences: each sequence's
 token is gathered, attended, and scattered back to its place, unless the caller promises
@@ -47,10 +51,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxpaged.pallas_kernels.backend import (MASK_VALUE, block_tables_within_context, dot_precision, gather_pages,
-                      initial_softmax_state, is_power_of_2, masked_store, matmul_f32,
-                      online_softmax_step, require_power_of_2, resolve_impl, scaled_logits,
-                      triton_call, validate_paged_kv, validate_scales)
+from jaxpaged.pallas_kernels.backend import (MASK_VALUE, block_tables_within_context, dot_precision,
+                                             gather_pages, initial_softmax_state, is_power_of_2,
+                                             masked_store, matmul_f32, normalized_output,
+                                             online_softmax_step, require_power_of_2, resolve_impl,
+                                             scaled_logits, triton_call, validate_paged_kv,
+                                             validate_scales)
+from jaxpaged.pallas_kernels.kv_quant import kv_scales, load_scales, reference_scales, scales_spec
 from jaxpaged.pallas_kernels.paged_decode_attention import DecodeTuning, paged_decode_attention
 
 DEFAULT_TILE_ROWS = 64  # block_q * Gp when block_q is None
@@ -121,10 +128,11 @@ def _ragged_kernel(work_ref,  # i32[4]: this tile's (seq, q_start, num_rows, fir
                    k_ref,  # [P, page_size, D]: the K pool of this kv head
                    v_ref,  # [P, page_size, D]
                    o_init_ref,  # aliased with o_ref; not read
-                   o_ref,  # [Tp, Gp, D]
-                   *, sm_scale: float, soft_cap: float | None, block_q: int,
+                   *refs,  # [f32[2] (k_scale, v_scale): fp8 pools only], o [Tp, Gp, D]
+                   sm_scale: float, soft_cap: float | None, block_q: int,
                    pages_per_step: int, table_width: int):
     del o_init_ref
+    *scale_refs, o_ref = refs
     num_rows = work_ref[_NUM_ROWS]
 
     @pl.when(num_rows > 0)
@@ -143,6 +151,7 @@ def _ragged_kernel(work_ref,  # i32[4]: this tile's (seq, q_start, num_rows, fir
         num_blocks = pl.cdiv(last_pos + 1, block_k)
         num_unmasked = jnp.minimum((first_pos + 1) // block_k, num_blocks)
         table_base = seq * table_width
+        k_scale, v_scale = load_scales(scale_refs)
 
         def step(b, carry, *, masked: bool):
             page0 = b * pages_per_step
@@ -150,10 +159,12 @@ def _ragged_kernel(work_ref,  # i32[4]: this tile's (seq, q_start, num_rows, fir
             if masked:  # entries past the context may hold anything
                 page_idx = page0 + jnp.arange(pages_per_step, dtype=jnp.int32)
                 page_ids = jnp.where(page_idx * page_size <= last_pos, page_ids, 0)
-            k = gather_pages(k_ref, page_ids)  # [block_k, D]
-            v = gather_pages(v_ref, page_ids)
+            # fp8 -> q's dtype is exact (kv_quant); for other pools the cast is a no-op.
+            k = gather_pages(k_ref, page_ids).astype(q.dtype)  # [block_k, D]
+            v = gather_pages(v_ref, page_ids).astype(q.dtype)
             logits = scaled_logits(matmul_f32(q, k, transpose_b=True, precision=precision),
-                                   sm_scale=sm_scale, soft_cap=soft_cap)  # f32[rows, block_k]
+                                   sm_scale=sm_scale, soft_cap=soft_cap,
+                                   k_scale=k_scale)  # f32[rows, block_k]
             if masked:
                 kv_pos = b * block_k + jnp.arange(block_k, dtype=jnp.int32)
                 logits = jnp.where(kv_pos[None, :] <= row_pos[:, None], logits, MASK_VALUE)
@@ -164,12 +175,13 @@ def _ragged_kernel(work_ref,  # i32[4]: this tile's (seq, q_start, num_rows, fir
         carry = lax.fori_loop(0, num_unmasked, functools.partial(step, masked=False), carry)
         acc, _, l = lax.fori_loop(num_unmasked, num_blocks, functools.partial(step, masked=True),
                                   carry)
-        out = (acc / l[:, None]).reshape(block_q, padded_group, head_dim).astype(o_ref.dtype)
+        out = normalized_output(acc, l, v_scale)  # rows are never fully masked: l > 0
+        out = out.reshape(block_q, padded_group, head_dim).astype(o_ref.dtype)
         real_token = jnp.arange(block_q, dtype=jnp.int32) < num_rows
         masked_store(o_ref.at[pl.ds(q_start, block_q)], out, real_token[:, None, None])
 
 
-def _ragged_pallas(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *,
+def _ragged_pallas(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scales, *,
                    sm_scale, soft_cap, tuning: RaggedTuning, interpret: bool):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
@@ -191,35 +203,39 @@ def _ragged_pallas(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                block_q=block_q, pages_per_step=pps, table_width=padded_width)
     pool_spec = pl.BlockSpec((num_pages, page_size, None, head_dim), lambda i, h: (0, 0, h, 0))
     heads_spec = pl.BlockSpec((q_heads.shape[0], padded_group, head_dim), lambda i, h: (0, h, 0))
+    quantized = () if scales is None else (scales,)
     out = triton_call(
         kernel,
-        name=f"ragged_paged_attention_bq{block_q}_pps{pps}",
+        name=f"ragged_paged_attention_bq{block_q}_pps{pps}"
+             + ("" if scales is None else f"_{k_cache.dtype.name}"),
         grid=(work.shape[0], num_kv_heads),
         in_specs=[pl.BlockSpec((None, 4), lambda i, h: (i, 0)),
                   pl.BlockSpec((tables.size,), lambda i, h: (0,)),
-                  heads_spec, pool_spec, pool_spec, heads_spec],
+                  heads_spec, pool_spec, pool_spec, heads_spec]
+        + [scales_spec()] * len(quantized),
         out_specs=heads_spec,
         out_shape=jax.ShapeDtypeStruct(q_heads.shape, q.dtype),
         input_output_aliases={5: 0},
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
         interpret=interpret,
-    )(work, tables.reshape(-1), q_heads, k_cache, v_cache, jnp.zeros_like(q_heads))
+    )(work, tables.reshape(-1), q_heads, k_cache, v_cache, jnp.zeros_like(q_heads), *quantized)
     out = out[:num_tokens].reshape(num_tokens, num_kv_heads, padded_group, head_dim)
     return out[:, :, :group, :].reshape(num_tokens, num_q_heads, head_dim)
 
 
-def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, sm_scale,
-                  soft_cap, tuning: RaggedTuning, impl: str, interpret: bool):
+def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, k_scale,
+                  v_scale, sm_scale, soft_cap, tuning: RaggedTuning, impl: str,
+                  interpret: bool):
     """``q_len <= 1`` everywhere: gather each sequence's token, run decode, scatter back."""
     num_tokens = q.shape[0]
     starts = query_start_loc[:-1]  # [S]
     has_token = (query_start_loc[1:] > starts) & (starts < num_tokens)
     q_seq = q[jnp.clip(starts, 0, num_tokens - 1)]  # [S, Hq, D]
     o_seq = paged_decode_attention(q_seq, k_cache, v_cache, block_tables,
-                                   jnp.where(has_token, seq_lens, 0), sm_scale=sm_scale,
-                                   soft_cap=soft_cap, impl=impl, interpret=interpret,
-                                   tuning=tuning.decode)
+                                   jnp.where(has_token, seq_lens, 0), k_scale=k_scale,
+                                   v_scale=v_scale, sm_scale=sm_scale, soft_cap=soft_cap,
+                                   impl=impl, interpret=interpret, tuning=tuning.decode)
     token = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.clip(jnp.searchsorted(query_start_loc[1:], token, side="right"), 0,
                    starts.shape[0] - 1)
@@ -260,12 +276,17 @@ def ragged_paged_attention(q: jax.Array,  # [T, Hq, D]: new tokens of all sequen
                            block_tables: jax.Array,  # i32[S, W]
                            seq_lens: jax.Array,  # i32[S]: context length after the step
                            query_start_loc: jax.Array,  # i32[S + 1]
-                           *, sm_scale: float, soft_cap: float | None = None,
+                           *, k_scale: jax.Array | float | None = None,  # f32: fp8 pools only
+                           v_scale: jax.Array | float | None = None,
+                           sm_scale: float, soft_cap: float | None = None,
                            max_query_len: int | None = None,
                            one_token_per_sequence: bool = False, impl: str = "auto",
                            interpret: bool = False,
                            tuning: RaggedTuning = RaggedTuning()) -> jax.Array:  # [T, Hq, D]
     """Causal attention of every new token over its sequence's paged context (see module doc).
+
+    An fp8 pool (q bf16/f16/f32) is read as ``code * k_scale`` / ``code * v_scale`` (a missing
+    scale is 1.0); other pools take no scales.
 
     The step's new K/V must already be in the pool (``rope_and_write_kv`` or ``write_kv``).
     ``max_query_len`` is a static bound on every sequence's new-token count; 1 (a decode-only
@@ -281,28 +302,34 @@ def ragged_paged_attention(q: jax.Array,  # [T, Hq, D]: new tokens of all sequen
         raise ValueError(f"one_token_per_sequence needs max_query_len=1 and as many tokens as "
                          f"sequences, got max_query_len={max_query_len}, {q.shape[0]} tokens, "
                          f"{seq_lens.shape[0]} sequences")
+    scales = kv_scales(k_cache.dtype, k_scale, v_scale)
     if resolve_impl(impl) == "reference" or q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return ragged_paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
-                                                query_start_loc, sm_scale=sm_scale,
+                                                query_start_loc, k_scale=k_scale,
+                                                v_scale=v_scale, sm_scale=sm_scale,
                                                 soft_cap=soft_cap, max_query_len=max_query_len)
     if one_token_per_sequence:
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                      sm_scale=sm_scale, soft_cap=soft_cap, impl="pallas",
-                                      interpret=interpret, tuning=tuning.decode)
+                                      k_scale=k_scale, v_scale=v_scale, sm_scale=sm_scale,
+                                      soft_cap=soft_cap, impl="pallas", interpret=interpret,
+                                      tuning=tuning.decode)
     if max_query_len == 1:
         return _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                             sm_scale=sm_scale, soft_cap=soft_cap, tuning=tuning, impl="pallas",
+                             k_scale=k_scale, v_scale=v_scale, sm_scale=sm_scale,
+                             soft_cap=soft_cap, tuning=tuning, impl="pallas",
                              interpret=interpret)
     _validate_for_kernel(k_cache, tuning)
-    return _ragged_pallas(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+    return _ragged_pallas(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scales,
                           sm_scale=sm_scale, soft_cap=soft_cap, tuning=tuning,
                           interpret=interpret)
 
 
 def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                      block_tables: jax.Array, seq_lens: jax.Array,
-                                     query_start_loc: jax.Array, *, sm_scale: float,
-                                     soft_cap: float | None = None,
+                                     query_start_loc: jax.Array, *,
+                                     k_scale: jax.Array | float | None = None,
+                                     v_scale: jax.Array | float | None = None,
+                                     sm_scale: float, soft_cap: float | None = None,
                                      max_query_len: int | None = None,
                                      one_token_per_sequence: bool = False, impl: str = "auto",
                                      interpret: bool = False,
@@ -311,11 +338,13 @@ def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
 
     ``Qmax = max_query_len`` (else T), so memory is ``S * Hq * Qmax * W * page_size`` f32 scores:
     meant for tests and CPU runs. Scores and softmax in f32 (f32 inputs use full-precision
-    matmuls). Tile/backend arguments are accepted for signature parity and ignored.
+    matmuls); an fp8 context is converted to q's dtype (exact) and the scales folded as in the
+    kernel. Tile/backend arguments are accepted for signature parity and ignored.
     """
     del one_token_per_sequence, impl, interpret, tuning
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale, soft_cap,
               max_query_len)
+    k_scale, v_scale = reference_scales(k_cache.dtype, k_scale, v_scale)
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs, table_width = block_tables.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -333,15 +362,15 @@ def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     q_pos = (seq_lens - q_lens)[:, None] + local[None, :]  # [S, Qmax]
 
     tables = block_tables_within_context(block_tables, seq_lens, page_size)
-    k = k_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim)
-    v = v_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim)
+    k = k_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(q.dtype)
+    v = v_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(q.dtype)
     kv_pos = jnp.arange(context, dtype=jnp.int32)
     in_context = kv_pos[None, :] < seq_lens[:, None]  # [S, L]
     v = jnp.where(in_context[:, :, None, None], v, jnp.zeros_like(v))
 
     q_groups = q_dense.reshape(num_seqs, q_max, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     s = jnp.einsum("sqhgd,sthd->shgqt", q_groups, k, precision=precision,
-                   preferred_element_type=jnp.float32) * sm_scale
+                   preferred_element_type=jnp.float32) * (sm_scale * k_scale)
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     allowed = ((kv_pos[None, None, :] <= q_pos[:, :, None]) & in_context[:, None, :]
@@ -351,7 +380,7 @@ def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     denom = p.sum(axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
     o = jnp.einsum("shgqt,sthd->sqhgd", p.astype(v.dtype), v, precision=precision,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=jnp.float32) * v_scale
     o = o.reshape(num_seqs, q_max, num_q_heads, head_dim)
 
     token_axis = jnp.arange(num_tokens, dtype=jnp.int32)

@@ -22,6 +22,12 @@ value, so each half is its own load and store), and stores. Arithmetic: cos/sin 
 activation dtype as in the reference (and HF), products and sum in f32, one rounding at the end
 (the bf16 reference rounds after each op; f32 inputs agree to ~1e-6). Needs G and D/2 to be powers
 of 2 (Triton array sizes); other shapes take the reference.
+
+fp8 pools (``kv_quant``): the roped K (still f32 in registers) and V are quantized on store,
+``fp8(clip(x / scale, -max, max))``, with the layer's ``k_scale`` / ``v_scale`` passed as one
+``f32[2]`` operand, like ``slot_offset`` an operand so that all layers share the kernel. The
+reference ropes K in the activation dtype first (as for bf16 pools), so the two may round a
+stored K code differently by one fp8 step; V codes agree exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxpaged.pallas_kernels.backend import is_power_of_2, largest_power_of_2_divisor, resolve_impl, triton_call
+from jaxpaged.pallas_kernels.backend import (is_power_of_2, largest_power_of_2_divisor,
+                                             resolve_impl, triton_call)
+from jaxpaged.pallas_kernels.kv_quant import kv_scales, load_scales, scales_spec, to_pool
 from jaxpaged.pallas_kernels.kv_write import write_kv_reference
 
 # Programs below which a program takes fewer kv heads (about one per SM of an H100).
@@ -53,11 +61,11 @@ def _rope_kv_kernel(slot_ref,  # i32[T]
                     sin_ref,  # f32[T, D]
                     k_in_ref,  # aliased with k_out_ref; not read
                     v_in_ref,  # aliased with v_out_ref; not read
-                    q_out_ref,  # [T, Hkv, G, D]
-                    k_out_ref,  # [P, bs, Hkv, D]
-                    v_out_ref,  # [P, bs, Hkv, D]
-                    *, heads_per_program: int, group: int, num_slots: int):
+                    *refs,  # [f32[2] (k_scale, v_scale): fp8 pools only], q_out, k_out, v_out
+                    heads_per_program: int, group: int, num_slots: int):
     del k_in_ref, v_in_ref
+    *scale_refs, q_out_ref, k_out_ref, v_out_ref = refs  # [T, Hkv, G, D], pools [P, bs, Hkv, D]
+    k_scale, v_scale = load_scales(scale_refs)
     token = pl.program_id(0)
     heads = pl.ds(pl.program_id(1) * heads_per_program, heads_per_program)
     half = qkv_ref.shape[-1] // 2
@@ -86,10 +94,10 @@ def _rope_kv_kernel(slot_ref,  # i32[T]
         page, offset = slot // page_size, slot % page_size
         k1, k2 = _rope_halves(qkv_ref[token, heads, group, first],  # [hb, half]
                               qkv_ref[token, heads, group, second], c1, c2, s1, s2)
-        k_out_ref[page, offset, heads, first] = k1.astype(k_out_ref.dtype)
-        k_out_ref[page, offset, heads, second] = k2.astype(k_out_ref.dtype)
-        v_out_ref[page, offset, heads, :] = qkv_ref[token, heads, group + 1, :].astype(
-            v_out_ref.dtype)
+        k_out_ref[page, offset, heads, first] = to_pool(k1, k_scale, k_out_ref.dtype)
+        k_out_ref[page, offset, heads, second] = to_pool(k2, k_scale, k_out_ref.dtype)
+        v_out_ref[page, offset, heads, :] = to_pool(qkv_ref[token, heads, group + 1, :],
+                                                    v_scale, v_out_ref.dtype)
 
 
 def _heads_per_program(num_tokens: int, num_kv_heads: int) -> int:
@@ -102,7 +110,7 @@ def _heads_per_program(num_tokens: int, num_kv_heads: int) -> int:
     return heads
 
 
-def _rope_kv_pallas(qkv, cos, sin, k_cache, v_cache, slot_mapping, slot_offset, *,
+def _rope_kv_pallas(qkv, cos, sin, k_cache, v_cache, slot_mapping, slot_offset, scales, *,
                     interpret: bool):
     num_tokens, num_kv_heads, width, head_dim = qkv.shape
     group = width - 2
@@ -114,12 +122,14 @@ def _rope_kv_pallas(qkv, cos, sin, k_cache, v_cache, slot_mapping, slot_offset, 
         return pl.BlockSpec(shape, lambda t, h: (0,) * len(shape))
 
     q_shape = (num_tokens, num_kv_heads, group, head_dim)
+    quantized = () if scales is None else (scales,)
     q, k_cache, v_cache = triton_call(
         kernel,
-        name="rope_write_kv",
+        name="rope_write_kv" if scales is None else f"rope_write_kv_{k_cache.dtype.name}",
         grid=(num_tokens, num_kv_heads // heads_per_program),
         in_specs=[whole(slot_mapping.shape), whole((1,)), whole(qkv.shape), whole(cos.shape),
-                  whole(sin.shape), whole(k_cache.shape), whole(v_cache.shape)],
+                  whole(sin.shape), whole(k_cache.shape), whole(v_cache.shape)]
+        + [scales_spec()] * len(quantized),
         out_specs=[whole(q_shape), whole(k_cache.shape), whole(v_cache.shape)],
         out_shape=[jax.ShapeDtypeStruct(q_shape, qkv.dtype),
                    jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -128,7 +138,7 @@ def _rope_kv_pallas(qkv, cos, sin, k_cache, v_cache, slot_mapping, slot_offset, 
         num_warps=2,
         num_stages=1,
         interpret=interpret,
-    )(slot_mapping, slot_offset, qkv, cos, sin, k_cache, v_cache)
+    )(slot_mapping, slot_offset, qkv, cos, sin, k_cache, v_cache, *quantized)
     return q.reshape(num_tokens, num_kv_heads * group, head_dim), k_cache, v_cache
 
 
@@ -167,21 +177,26 @@ def rope_and_write_kv(qkv: jax.Array,  # [T, Hkv, G + 2, D]: per kv head G queri
                       v_cache: jax.Array,  # [P, bs, Hkv, D] (donated)
                       slot_mapping: jax.Array,  # i32[T]: -1 = padding
                       slot_offset: jax.Array | int = 0,  # i32 scalar added to real slots
-                      *, impl: str = "auto",
+                      *, k_scale: jax.Array | float | None = None,  # f32 scalar: fp8 pools only
+                      v_scale: jax.Array | float | None = None,
+                      impl: str = "auto",
                       interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Return (q with RoPE [T, Hq, D], k_cache, v_cache with roped K and V stored).
 
     Token ``t`` (``slot_mapping[t] >= 0``) is stored at slot ``slot_mapping[t] + slot_offset``
-    (page ``slot // bs``, row ``slot % bs``); slots outside the pool are dropped. The pools are
-    donated. Duplicate real slots in one call are not supported. ``impl``: "auto" (Pallas on a
-    CUDA GPU, else the jnp reference), "pallas" (``interpret=True`` runs it on the CPU) or
-    "reference".
+    (page ``slot // bs``, row ``slot % bs``); slots outside the pool are dropped. An fp8 pool
+    stores ``fp8(clip(k / k_scale, -max, max))`` (V with ``v_scale``; a missing scale is 1.0);
+    other pools take no scales. The pools are donated. Duplicate real slots in one call are not
+    supported. ``impl``: "auto" (Pallas on a CUDA GPU, else the jnp reference), "pallas"
+    (``interpret=True`` runs it on the CPU) or "reference".
     """
     _validate(qkv, cos, sin, k_cache, v_cache, slot_mapping)
+    scales = kv_scales(k_cache.dtype, k_scale, v_scale)
     offset = jnp.asarray(slot_offset, jnp.int32).reshape(1)
     if (resolve_impl(impl) == "reference" or qkv.shape[0] == 0 or not _fits_kernel(qkv)):
-        return rope_and_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot_mapping, offset)
-    return _rope_kv_pallas(qkv, cos, sin, k_cache, v_cache, slot_mapping, offset,
+        return rope_and_write_kv_reference(qkv, cos, sin, k_cache, v_cache, slot_mapping, offset,
+                                           k_scale=k_scale, v_scale=v_scale)
+    return _rope_kv_pallas(qkv, cos, sin, k_cache, v_cache, slot_mapping, offset, scales,
                            interpret=interpret)
 
 
@@ -196,10 +211,13 @@ def apply_rope(x: jax.Array,  # [T, heads, D]
 
 def rope_and_write_kv_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
                                 k_cache: jax.Array, v_cache: jax.Array, slot_mapping: jax.Array,
-                                slot_offset: jax.Array | int = 0, *, impl: str = "auto",
+                                slot_offset: jax.Array | int = 0, *,
+                                k_scale: jax.Array | float | None = None,
+                                v_scale: jax.Array | float | None = None, impl: str = "auto",
                                 interpret: bool = False
                                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """jnp: split qkv, ``apply_rope`` to q and k, scatter K/V (``write_kv_reference``)."""
+    """jnp: split qkv, ``apply_rope`` to q and k, scatter K/V (``write_kv_reference``: a cast,
+    or for an fp8 pool the quantization)."""
     del impl, interpret
     _validate(qkv, cos, sin, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, width, head_dim = qkv.shape
@@ -208,6 +226,6 @@ def rope_and_write_kv_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
     k = apply_rope(qkv[:, :, group], cos, sin)
     offset = jnp.asarray(slot_offset, jnp.int32).reshape(())
     slots = jnp.where(slot_mapping >= 0, slot_mapping + offset, -1)
-    k_cache, v_cache = write_kv_reference(k_cache, v_cache, k.astype(k_cache.dtype),
-                                          qkv[:, :, group + 1].astype(v_cache.dtype), slots)
+    k_cache, v_cache = write_kv_reference(k_cache, v_cache, k, qkv[:, :, group + 1], slots,
+                                          k_scale=k_scale, v_scale=v_scale)
     return q, k_cache, v_cache

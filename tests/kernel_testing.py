@@ -6,6 +6,11 @@ each last page, the null page 0) filled with NaN, block-table entries past a seq
 pointing at random pages (NaN ones included), and padding tokens whose q is NaN. ``dense_attention``
 recomputes the expected output in float64 numpy, one token at a time, from the host-side block
 tables, so it checks the jnp references as well as the kernels.
+
+fp8 pools (``AttentionConfig.kv_dtype``): the same values are quantized in numpy (ml_dtypes, not
+the library's code) under non-trivial per-tensor scales; NaN slots stay NaN. The expected output
+then attends over the dequantized codes (``code * scale``); the same batch with ``kv_dtype=None``
+holds the unquantized values, for comparisons with exact attention.
 """
 
 from __future__ import annotations
@@ -21,6 +26,36 @@ import numpy as np
 REL_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1.2e-2}
 ABS_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 4e-2}
 
+E4M3, E5M2 = jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2)
+# Scales of the test pools: N(0, 1) values reach codes of a few hundred (e4m3's largest is 448,
+# so 7 * 64 is the K clipping point: never reached), and a kernel that ignored a scale would be
+# off by 32x or 64x.
+K_SCALE, V_SCALE = 1.0 / 64, 1.0 / 32
+
+
+def fp8_codes(x, scale: float, dtype: jnp.dtype) -> np.ndarray:
+    """numpy quantization, independent of the kernels' code: fp8(clip(x / scale, +-max))."""
+    limit = np.float32(jnp.finfo(dtype).max)
+    quotient = np.asarray(x, np.float32) / np.float32(scale)
+    return np.clip(quotient, -limit, limit).astype(dtype)
+
+
+def assert_codes_close(actual, expected, dtype: jnp.dtype, what: str = "", *,
+                       max_fraction_off: float = 1.0) -> None:
+    """fp8 codes equal (NaN matching NaN) or one step of the format apart, with at most
+    ``max_fraction_off`` of the finite values not equal."""
+    a = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    e = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+    assert a.shape == e.shape, (what, a.shape, e.shape)
+    assert (np.isnan(a) == np.isnan(e)).all(), f"{what}: NaN where none is expected, or none"
+    a, e = a[~np.isnan(e)], e[~np.isnan(e)]
+    info = jnp.finfo(dtype)
+    step = float(info.eps) * np.maximum(np.abs(a), np.abs(e)) + float(info.smallest_subnormal)
+    far = np.abs(a - e) > step
+    assert not far.any(), f"{what}: {far.sum()} codes more than one step apart"
+    off = float(np.mean(a != e)) if a.size else 0.0
+    assert off <= max_fraction_off, f"{what}: {off:.3%} of codes differ"
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
@@ -28,8 +63,13 @@ class AttentionConfig:
     num_kv_heads: int
     head_dim: int
     page_size: int
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32  # q's dtype, and the pools' unless kv_dtype is set
     soft_cap: float | None = None
+    kv_dtype: jnp.dtype | None = None  # an fp8 pool, scaled by K_SCALE / V_SCALE
+
+    @property
+    def pool_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.kv_dtype or self.dtype)
 
     @property
     def sm_scale(self) -> float:
@@ -37,8 +77,9 @@ class AttentionConfig:
 
     def __str__(self) -> str:
         dt = jnp.dtype(self.dtype).name
+        kv = "" if self.kv_dtype is None else f"-kv_{jnp.dtype(self.kv_dtype).name}"
         return (f"Hq{self.num_q_heads}-Hkv{self.num_kv_heads}-D{self.head_dim}-bs{self.page_size}"
-                f"-{dt}-cap{self.soft_cap}")
+                f"-{dt}-cap{self.soft_cap}{kv}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +91,14 @@ class PagedBatch:
     seq_lens: jax.Array  # i32[S]
     query_start_loc: jax.Array  # i32[S + 1]
     q_lens: tuple[int, ...]  # host copy of the query lengths
+    k_scale: float | None = None  # fp8 pools: value = code * scale
+    v_scale: float | None = None
+
+    def scale_kwargs(self) -> dict[str, float]:
+        """``k_scale``/``v_scale`` for the attention functions (none for unquantized pools)."""
+        if self.k_scale is None:
+            return {}
+        return dict(k_scale=self.k_scale, v_scale=self.v_scale)
 
     @property
     def num_real_tokens(self) -> int:
@@ -90,11 +139,16 @@ def make_paged_batch(seed: int, config: AttentionConfig, *, q_lens: list[int],
     q = rng.standard_normal((num_tokens, c.num_q_heads, c.head_dim)).astype(np.float32)
     q[sum(q_lens):] = np.nan
     qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    scales = {}
+    if c.kv_dtype is not None:
+        k_pool, v_pool = (fp8_codes(k_pool, K_SCALE, c.kv_dtype),
+                          fp8_codes(v_pool, V_SCALE, c.kv_dtype))
+        scales = dict(k_scale=K_SCALE, v_scale=V_SCALE)
     return PagedBatch(
-        q=jnp.asarray(q, c.dtype), k_cache=jnp.asarray(k_pool, c.dtype),
-        v_cache=jnp.asarray(v_pool, c.dtype), block_tables=jnp.asarray(tables),
+        q=jnp.asarray(q, c.dtype), k_cache=jnp.asarray(k_pool, c.pool_dtype),
+        v_cache=jnp.asarray(v_pool, c.pool_dtype), block_tables=jnp.asarray(tables),
         seq_lens=jnp.asarray(seq_lens, jnp.int32), query_start_loc=jnp.asarray(qsl),
-        q_lens=tuple(q_lens))
+        q_lens=tuple(q_lens), **scales)
 
 
 def make_decode_batch(seed: int, config: AttentionConfig, *, seq_lens: list[int],
@@ -130,12 +184,16 @@ def _attend(q: np.ndarray,  # [Hq, D]
 
 
 def _context(batch: PagedBatch, s: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """K and V of sequence ``s``'s first ``length`` positions, slot by slot: [length, Hkv, D]."""
+    """K and V of sequence ``s``'s first ``length`` positions, slot by slot: [length, Hkv, D]
+    (an fp8 pool's codes times its scales)."""
     tables = np.asarray(batch.block_tables)
     page_size = batch.k_cache.shape[1]
     pages = [tables[s, pos // page_size] for pos in range(length)]
     offsets = [pos % page_size for pos in range(length)]
-    return _host(batch.k_cache)[pages, offsets], _host(batch.v_cache)[pages, offsets]
+    k_scale = 1.0 if batch.k_scale is None else batch.k_scale
+    v_scale = 1.0 if batch.v_scale is None else batch.v_scale
+    return (_host(batch.k_cache)[pages, offsets] * k_scale,
+            _host(batch.v_cache)[pages, offsets] * v_scale)
 
 
 def dense_attention(batch: PagedBatch, *, sm_scale: float,
@@ -164,15 +222,24 @@ def dense_decode_attention(batch: PagedBatch, *, sm_scale: float,
     return out
 
 
+def _as_f64(x: jax.Array | np.ndarray) -> np.ndarray:
+    return _host(x) if isinstance(x, jax.Array) else np.asarray(x, np.float64)
+
+
+def relative_error(actual: jax.Array, expected: np.ndarray | jax.Array) -> float:
+    """``|actual - expected| / |expected|`` in the Frobenius norm, in float64."""
+    actual, expected = _as_f64(actual), _as_f64(expected)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
 def assert_close(actual: jax.Array, expected: np.ndarray | jax.Array, dtype: jnp.dtype,
                  what: str = "", *, slack: float = 1.0) -> None:
     """Relative-norm and max-abs error within the dtype's bounds (times ``slack``); no NaN."""
-    actual = _host(actual)
-    expected = _host(expected) if isinstance(expected, jax.Array) else np.asarray(expected)
+    actual, expected = _as_f64(actual), _as_f64(expected)
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     assert np.isfinite(actual).all(), f"{what}: non-finite output"
     err = np.abs(actual - expected)
-    rel = np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
+    rel = relative_error(actual, expected)
     rel_tol, abs_tol = REL_TOL[jnp.dtype(dtype)] * slack, ABS_TOL[jnp.dtype(dtype)] * slack
     assert rel <= rel_tol and err.max() <= abs_tol, (
         f"{what}: relative-norm error {rel:.3g} (bound {rel_tol:.3g}), max abs error "

@@ -1,5 +1,7 @@
 """Ragged and decode paged attention: Pallas kernels (interpret mode on CPU; real lowering with
--m gpu) against the jnp references, and the references against a float64 numpy recomputation."""
+-m gpu) against the jnp references, and the references against a float64 numpy recomputation;
+on bf16/f32 pools and on fp8 pools (quantized in numpy under per-tensor scales), whose attention
+is also held to a stated bound against exact attention over the unquantized values."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpaged.pallas_kernels.kv_quant import attention_error_bound
 from jaxpaged.pallas_kernels.paged_decode_attention import (DecodeTuning, choose_num_kv_splits,
                                                             paged_decode_attention,
                                                             paged_decode_attention_reference)
 from jaxpaged.pallas_kernels.ragged_paged_attention import (RaggedTuning, build_work_list,
                                                             ragged_paged_attention)
-from kernel_testing import (AttentionConfig, assert_close, dense_attention,
-                            dense_decode_attention, make_decode_batch, make_paged_batch)
+from kernel_testing import (E4M3, E5M2, AttentionConfig, assert_close, dense_attention,
+                            dense_decode_attention, make_decode_batch, make_paged_batch,
+                            relative_error)
 
 # A mixed batch: prefill from scratch (20 tokens, off a page border), decode one past a border,
 # a running sequence with no new token this step, a prefix-cache hit ending on a border, a padding
@@ -31,6 +35,11 @@ RAGGED_CASES = [  # GQA ratio 1/4/8 and a non-power-of-2 group, head_dim 64/128,
     (AttentionConfig(16, 2, 64, 16, BF16), RaggedTuning()),
     (AttentionConfig(6, 2, 64, 16, F32, soft_cap=5.0), RaggedTuning()),
     (AttentionConfig(8, 2, 64, 16, F32), RaggedTuning(block_q=4, pages_per_step=1)),
+    # fp8 pools: MHA / GQA 4 / GQA 8, D 64 / 128, both formats
+    (AttentionConfig(4, 4, 64, 16, BF16, kv_dtype=E4M3), RaggedTuning()),
+    (AttentionConfig(8, 2, 128, 32, F32, soft_cap=3.0, kv_dtype=E4M3), RaggedTuning()),
+    (AttentionConfig(16, 2, 64, 16, BF16, kv_dtype=E5M2), RaggedTuning(block_q=4,
+                                                                       pages_per_step=1)),
 ]
 DECODE_CASES = [
     (AttentionConfig(2, 2, 64, 16, F32), None, DecodeTuning()),
@@ -55,6 +64,16 @@ DECODE_CASES = [
      DecodeTuning(gather="pages", guard="where", launch_order="head_inner", combine="xla")),
     (AttentionConfig(8, 2, 64, 16, BF16), 1,
      DecodeTuning(gather="pages", guard="where", mask_steps="every")),
+    # fp8 pools: one split and split-K (v_scale on the partials), both guards and gathers, the
+    # XLA combine, several kv heads per program; MHA / GQA 4 / GQA 8, D 64 / 128
+    (AttentionConfig(2, 2, 64, 16, BF16, kv_dtype=E4M3), None, DecodeTuning()),
+    (AttentionConfig(8, 2, 128, 32, F32, soft_cap=30.0, kv_dtype=E4M3), 3, DecodeTuning()),
+    (AttentionConfig(16, 2, 64, 16, BF16, kv_dtype=E5M2), 1, DecodeTuning()),
+    (AttentionConfig(8, 2, 64, 16, F32, kv_dtype=E4M3), 2,
+     DecodeTuning(mask_steps="every", guard="where", combine="xla")),
+    (AttentionConfig(8, 2, 64, 16, BF16, kv_dtype=E4M3), 1,
+     DecodeTuning(gather="pages", guard="where", launch_order="head_inner")),
+    (AttentionConfig(8, 4, 64, 16, F32, kv_dtype=E5M2), 2, DecodeTuning(heads_per_program=2)),
 ]
 
 
@@ -64,14 +83,14 @@ def _mixed_batch(config: AttentionConfig, seed: int = 0):
 
 
 def _ragged(batch, config, **kwargs):
-    return ragged_paged_attention(*batch.attention_args(), sm_scale=config.sm_scale,
-                                  soft_cap=config.soft_cap, **kwargs)
+    return ragged_paged_attention(*batch.attention_args(), **batch.scale_kwargs(),
+                                  sm_scale=config.sm_scale, soft_cap=config.soft_cap, **kwargs)
 
 
 def _decode(batch, config, **kwargs):
     return paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
-                                  batch.seq_lens, sm_scale=config.sm_scale,
-                                  soft_cap=config.soft_cap, **kwargs)
+                                  batch.seq_lens, **batch.scale_kwargs(),
+                                  sm_scale=config.sm_scale, soft_cap=config.soft_cap, **kwargs)
 
 
 def _assert_padding_is_zero(out, batch):
@@ -96,7 +115,7 @@ def test_decode_reference_matches_numpy(config):
     batch = make_decode_batch(0, config, seq_lens=DECODE_SEQ_LENS)
     out = paged_decode_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-        sm_scale=config.sm_scale, soft_cap=config.soft_cap)
+        **batch.scale_kwargs(), sm_scale=config.sm_scale, soft_cap=config.soft_cap)
     expected = dense_decode_attention(batch, sm_scale=config.sm_scale, soft_cap=config.soft_cap)
     assert_close(out, expected, config.dtype, "reference")
     assert np.all(np.asarray(out[2].astype(jnp.float32)) == 0.0)  # seq_len 0 -> zeros
@@ -171,6 +190,66 @@ def test_auto_on_cpu_is_the_reference():
     batch = _mixed_batch(config, seed=3)
     np.testing.assert_array_equal(np.asarray(_ragged(batch, config)),
                                   np.asarray(_ragged(batch, config, impl="reference")))
+
+
+# ---------------------------------------------------------------- fp8 pools vs exact attention
+
+# The stated bound on fp8-pool attention against exact attention over the unquantized K/V: eps / 2
+# of the format (2^-4 for e4m3, 2^-3 for e5m2; the reasoning is in kv_quant's docstring).
+FP8_BOUND = {E4M3: attention_error_bound(E4M3), E5M2: attention_error_bound(E5M2)}
+
+
+@pytest.mark.parametrize("kv_dtype", [E4M3, E5M2], ids=lambda d: d.name)
+def test_fp8_pool_attention_is_within_the_bound_of_exact_attention(kv_dtype):
+    """Ragged (mixed batch) and decode kernels on an fp8 pool against exact f64 attention over
+    the same values unquantized; the error must also show that quantization happened."""
+    exact_config = AttentionConfig(8, 2, 64, 16, F32)
+    config = dataclasses.replace(exact_config, kv_dtype=kv_dtype)
+    exact = dense_attention(_mixed_batch(exact_config, seed=6), sm_scale=config.sm_scale)
+    out = _ragged(_mixed_batch(config, seed=6), config, impl="pallas", interpret=True)
+    decode_exact = dense_decode_attention(make_decode_batch(7, exact_config,
+                                                            seq_lens=DECODE_SEQ_LENS),
+                                          sm_scale=config.sm_scale)
+    decode = _decode(make_decode_batch(7, config, seq_lens=DECODE_SEQ_LENS), config,
+                     impl="pallas", interpret=True, num_kv_splits=2)
+    eps = float(jnp.finfo(kv_dtype).eps)
+    for what, got, want in (("ragged", out, exact), ("decode", decode, decode_exact)):
+        error = relative_error(got, want)
+        assert eps / 32 < error <= FP8_BOUND[kv_dtype], f"{what}: relative-norm error {error:.4f}"
+
+
+def test_fp8_scales_are_operands_and_a_missing_scale_is_one():
+    """A new scale value reuses the compiled function; ``k_scale=None`` reads the codes as is."""
+    config = AttentionConfig(8, 2, 64, 16, F32, kv_dtype=E4M3)
+    batch = _mixed_batch(config, seed=8)
+    compiled = []
+    for k_scale in (batch.k_scale, 2 * batch.k_scale):
+        out = ragged_paged_attention(*batch.attention_args(), k_scale=k_scale,
+                                     v_scale=batch.v_scale, sm_scale=config.sm_scale,
+                                     impl="reference")
+        compiled.append(ragged_paged_attention._cache_size())
+        expected = dense_attention(dataclasses.replace(batch, k_scale=k_scale),
+                                   sm_scale=config.sm_scale)
+        assert_close(out, expected, F32, f"k_scale={k_scale}")
+    assert compiled[0] == compiled[1], "a scale value must not be a static argument"
+    out = ragged_paged_attention(*batch.attention_args(), sm_scale=config.sm_scale,
+                                 impl="pallas", interpret=True)
+    unscaled = dataclasses.replace(batch, k_scale=1.0, v_scale=1.0)  # outputs 32x larger
+    assert relative_error(out, dense_attention(unscaled, sm_scale=config.sm_scale)) < 1e-5
+
+
+def test_fp8_scale_errors():
+    config = AttentionConfig(8, 2, 64, 16, F32)
+    batch = _mixed_batch(config)
+    fp8 = _mixed_batch(dataclasses.replace(config, kv_dtype=E4M3))
+    with pytest.raises(ValueError, match="fp8 pools only"):
+        _ragged(batch, config, impl="reference", k_scale=0.5)
+    with pytest.raises(ValueError, match="fp8 pools only"):
+        _decode(make_decode_batch(0, config, seq_lens=[3]), config, v_scale=0.5)
+    with pytest.raises(ValueError, match="k_scale must be a scalar"):
+        ragged_paged_attention(*fp8.attention_args(), k_scale=jnp.ones((2,)), sm_scale=0.1)
+    with pytest.raises(ValueError, match="cannot read an fp8 pool"):
+        ragged_paged_attention(fp8.q.astype(jnp.int32), *fp8.attention_args()[1:], sm_scale=0.1)
 
 
 # ----------------------------------------------------------------------------- pieces and inputs
@@ -316,4 +395,69 @@ def test_ragged_decode_path_on_gpu():
     out = _ragged(batch, config, impl="pallas", max_query_len=1)
     expected = _ragged(_as_f32(batch), config, impl="reference", max_query_len=1)
     assert_close(out, expected, config.dtype, "ragged decode path (GPU) vs f32 reference")
+    _assert_padding_is_zero(out, batch)
+
+
+# fp8 pools on the GPU: the kernels against the reference reading the same pool with f32 queries
+# (bf16 bounds), and against exact f32 attention over the unquantized values (FP8_BOUND).
+GPU_RAGGED = dict(q_lens=[300, 1, 1, 0, 77, 1, 129, 0], seq_lens=[700, 1000, 17, 40, 77, 1, 129, 0],
+                  num_padding_tokens=5)
+GPU_DECODE_SEQ_LENS = [3000, 1, 0, 16, 17, 2048, 999, 64]
+
+
+def _check_fp8_on_gpu(out, batch, exact_batch, attend, what: str) -> None:
+    kv_dtype = batch.k_cache.dtype
+    with_f32_q = dataclasses.replace(batch, q=batch.q.astype(F32))
+    assert_close(out, attend(with_f32_q, impl="reference"), BF16, f"{what} vs reference")
+    error = relative_error(out, attend(exact_batch, impl="reference"))
+    assert error <= FP8_BOUND[kv_dtype], f"{what} vs exact attention: {error:.4f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [E4M3, E5M2], ids=lambda d: d.name)
+def test_ragged_kernel_on_gpu_fp8(kv_dtype):
+    config = dataclasses.replace(GPU_CONFIG, kv_dtype=kv_dtype)
+    exact_config = dataclasses.replace(GPU_CONFIG, dtype=F32)
+    batch = make_paged_batch(10, config, **GPU_RAGGED)
+
+    def attend(b, **kwargs):
+        return _ragged(b, config, max_query_len=300, **kwargs)
+
+    out = attend(batch, impl="pallas")
+    _check_fp8_on_gpu(out, batch, make_paged_batch(10, exact_config, **GPU_RAGGED), attend,
+                      "ragged kernel (GPU, fp8 pool)")
+    _assert_padding_is_zero(out, batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 1, 5])
+@pytest.mark.parametrize("kv_dtype", [E4M3, E5M2], ids=lambda d: d.name)
+def test_decode_kernel_on_gpu_fp8(kv_dtype, splits):
+    config = dataclasses.replace(GPU_CONFIG, kv_dtype=kv_dtype)
+    exact_config = dataclasses.replace(GPU_CONFIG, dtype=F32)
+    batch = make_decode_batch(11, config, seq_lens=GPU_DECODE_SEQ_LENS)
+
+    def attend(b, **kwargs):
+        return _decode(b, config, **kwargs)
+
+    out = attend(batch, impl="pallas", num_kv_splits=splits)
+    _check_fp8_on_gpu(out, batch, make_decode_batch(11, exact_config,
+                                                    seq_lens=GPU_DECODE_SEQ_LENS),
+                      attend, "decode kernel (GPU, fp8 pool)")
+    assert np.all(np.asarray(out[2].astype(F32)) == 0.0)
+
+
+@pytest.mark.gpu
+def test_ragged_decode_path_on_gpu_fp8():
+    config = dataclasses.replace(GPU_CONFIG, kv_dtype=E4M3)
+    shape = dict(q_lens=[1] * 6 + [0, 1], seq_lens=[1, 15, 16, 17, 500, 4000, 0, 33],
+                 num_padding_tokens=8)
+    batch = make_paged_batch(12, config, **shape)
+
+    def attend(b, **kwargs):
+        return _ragged(b, config, max_query_len=1, **kwargs)
+
+    out = attend(batch, impl="pallas")
+    exact = make_paged_batch(12, dataclasses.replace(GPU_CONFIG, dtype=F32), **shape)
+    _check_fp8_on_gpu(out, batch, exact, attend, "ragged decode path (GPU, fp8 pool)")
     _assert_padding_is_zero(out, batch)

@@ -1,5 +1,6 @@
 """write_kv: the Pallas kernel (interpret mode on CPU, real lowering with -m gpu) and its reference,
-both checked on the whole updated pool against a slot-by-slot numpy update."""
+both checked on the whole updated pool against a slot-by-slot numpy update; for fp8 pools the
+numpy update stores codes quantized independently (``kernel_testing.fp8_codes``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxpaged.pallas_kernels.kv_write import write_kv, write_kv_reference
-from kernel_testing import assert_pools_equal
+from kernel_testing import E4M3, E5M2, assert_codes_close, assert_pools_equal, fp8_codes
 
 
 def _make_case(seed: int, *, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
@@ -135,15 +136,100 @@ def test_non_power_of_2_head_dim_is_rejected_by_the_kernel_only():
     assert_pools_equal(k, _expected(*args)[0])
 
 
+# ------------------------------------------------------------------------------------- fp8 pools
+
+FP8_SCALES = dict(k_scale=1.0 / 128, v_scale=0.5)  # K: e4m3 clips past 3.5, which 3 N(0, 1) passes
+
+
+def _fp8_case(seed: int, *, pool_dtype, new_dtype, num_pages: int, page_size: int,
+              num_kv_heads: int, head_dim: int, slots: list[int]):
+    """``_make_case`` with its pools quantized (NaN pages stay NaN) and K three times larger."""
+    k_pool, v_pool, new_k, new_v, slots = _make_case(
+        seed, num_pages=num_pages, page_size=page_size, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, slots=slots, dtype=new_dtype)
+    pools = [jnp.asarray(fp8_codes(p, 1.0, pool_dtype)) for p in (k_pool, v_pool)]
+    return (*pools, (3 * new_k.astype(jnp.float32)).astype(new_dtype), new_v, slots)
+
+
+def _expected_fp8(k_pool, v_pool, new_k, new_v, slots):
+    """The slot-by-slot update of ``_expected`` with the new values quantized in numpy."""
+    dtype = k_pool.dtype
+    codes = [fp8_codes(np.asarray(new.astype(jnp.float32)), FP8_SCALES[name], dtype)
+             for name, new in (("k_scale", new_k), ("v_scale", new_v))]
+    return _expected(k_pool, v_pool, *(jnp.asarray(c) for c in codes), slots)
+
+
+# (num_kv_heads, head_dim, page_size, pool dtype, new K/V dtype)
+FP8_CASES = [(2, 64, 16, E4M3, jnp.bfloat16), (3, 64, 32, E5M2, jnp.float32),
+             (8, 128, 16, E4M3, jnp.float32)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("num_kv_heads,head_dim,page_size,pool_dtype,new_dtype", FP8_CASES,
+                         ids=[f"Hkv{c[0]}-D{c[1]}-bs{c[2]}-{c[3].name}" for c in FP8_CASES])
+def test_fp8_pool_stores_quantized_codes(num_kv_heads, head_dim, page_size, pool_dtype,
+                                         new_dtype, impl):
+    slots = [s * page_size // 16 if s >= 0 else s for s in SLOTS]
+    case = _fp8_case(6, pool_dtype=pool_dtype, new_dtype=new_dtype, num_pages=5,
+                     page_size=page_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                     slots=slots)
+    k_exp, v_exp = _expected_fp8(*case)
+    k, v = write_kv(*_copies(*case[:2]), *case[2:], **FP8_SCALES, impl=impl, interpret=True)
+    assert k.dtype == pool_dtype and v.dtype == pool_dtype
+    assert_pools_equal(k, k_exp)
+    assert_pools_equal(v, v_exp)
+    if pool_dtype == E4M3:  # the clip is exercised: some K codes sit at the largest value
+        assert np.sum(np.abs(np.asarray(k.astype(jnp.float32))) == 448.0) > 0
+
+
+def test_fp8_scales_only_for_fp8_pools_and_one_by_default():
+    case = _make_case(7, num_pages=3, page_size=16, num_kv_heads=2, head_dim=64, slots=[1, 20])
+    with pytest.raises(ValueError, match="fp8 pools only"):
+        write_kv(*_copies(*case[:2]), *case[2:], k_scale=0.5, impl="reference")
+    k_pool, v_pool = (jnp.asarray(fp8_codes(p, 1.0, E4M3)) for p in case[:2])
+    k, _ = write_kv(*_copies(k_pool, v_pool), *case[2:], impl="pallas", interpret=True)
+    k_exp, _ = _expected(k_pool, v_pool, jnp.asarray(fp8_codes(case[2], 1.0, E4M3)),
+                         case[3], case[4])
+    assert_pools_equal(k, k_exp)
+
+
+def test_fp8_scale_is_an_operand_under_jit():
+    pool = jax.ShapeDtypeStruct((64, 16, 8, 128), E4M3)
+    new = jax.ShapeDtypeStruct((8, 8, 128), jnp.bfloat16)
+    scale = jax.ShapeDtypeStruct((), jnp.float32)
+    text = write_kv.trace(pool, pool, new, new, jax.ShapeDtypeStruct((8,), jnp.int32),
+                          k_scale=scale, v_scale=scale, impl="pallas",
+                          interpret=True).lower().as_text()
+    assert text.count("tf.aliasing_output") == 2, "both pools must alias an output"
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+def _gpu_slots(num_pages: int, page_size: int) -> list[int]:
+    rng = np.random.default_rng(5)
+    slots = rng.choice(num_pages * page_size, size=200, replace=False).astype(np.int64)
+    slots[rng.choice(200, size=30, replace=False)] = -1
+    return slots.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool_dtype", [E4M3, E5M2], ids=lambda d: d.name)
+def test_fp8_kernel_on_gpu(pool_dtype):
+    """Codes as numpy quantizes them; a few may be one step apart (the GPU's f32 division need
+    not round exactly as IEEE does)."""
+    case = _fp8_case(5, pool_dtype=pool_dtype, new_dtype=jnp.bfloat16, num_pages=300,
+                     page_size=16, num_kv_heads=8, head_dim=128, slots=_gpu_slots(300, 16))
+    k_exp, v_exp = _expected_fp8(*case)
+    k, v = write_kv(*_copies(*case[:2]), *case[2:], **FP8_SCALES, impl="pallas")
+    assert_codes_close(k, k_exp, pool_dtype, "k", max_fraction_off=1e-3)
+    assert_codes_close(v, v_exp, pool_dtype, "v", max_fraction_off=1e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernel_on_gpu(dtype):
-    rng = np.random.default_rng(5)
-    num_pages, page_size = 300, 16
-    slots = rng.choice(num_pages * page_size, size=200, replace=False).astype(np.int64)
-    slots[rng.choice(200, size=30, replace=False)] = -1
-    case = _make_case(5, num_pages=num_pages, page_size=page_size, num_kv_heads=8, head_dim=128,
-                      slots=slots.tolist(), dtype=dtype)
+    case = _make_case(5, num_pages=300, page_size=16, num_kv_heads=8, head_dim=128,
+                      slots=_gpu_slots(300, 16), dtype=dtype)
     k_exp, v_exp = _expected(*case)
     k, v = write_kv(*_copies(*case[:2]), *case[2:], impl="pallas")
     assert_pools_equal(k, k_exp)

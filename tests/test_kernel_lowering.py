@@ -3,8 +3,10 @@
 Interpret mode does not apply the Triton rules (power-of-2 sizes, 2-D dots >= 16, no slicing of
 loaded values, ...); lowering through the real Triton path does, and fails here instead of on the
 GPU. Shapes are the serving ones (Llama-3-8B attention: Hq=32, Hkv=8, D=128, 16-token pages, bf16)
-plus MHA / GQA-8 / D=64 / f32 variants. Only abstract shapes are used, so a > 4 GiB pool costs
-nothing and shows that its offsets are computed in 64 bits.
+plus MHA / GQA-8 / D=64 / f32 variants, and every kernel variant again on fp8 pools (e4m3, some
+e5m2) with abstract scales: that they lower at all shows the scales are operands, not static
+arguments. Only abstract shapes are used, so a > 4 GiB pool costs nothing and shows that its
+offsets are computed in 64 bits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from jaxpaged.pallas_kernels.ragged_paged_attention import RaggedTuning, ragged_
 TRITON_CALL = "__gpu$xla.gpu.triton"
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
+E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 SMALL_POOL, LARGE_POOL = 300, 300_000  # pages; 300k x 16 x 8 x 128 bf16 = 9.2 GiB per pool
 
 
@@ -40,10 +43,14 @@ def _pool(pages=SMALL_POOL, kv_heads=8, head_dim=128, page_size=16, dtype=BF16):
 
 
 def _ragged_args(*, tokens=512, seqs=8, width=37, q_heads=32, kv_heads=8, head_dim=128,
-                 pages=SMALL_POOL, dtype=BF16):
-    pool = _pool(pages, kv_heads, head_dim, dtype=dtype)
+                 pages=SMALL_POOL, dtype=BF16, kv_dtype=None):
+    pool = _pool(pages, kv_heads, head_dim, dtype=kv_dtype or dtype)
     return (_sds((tokens, q_heads, head_dim), dtype), pool, pool, _sds((seqs, width), I32),
             _sds((seqs,), I32), _sds((seqs + 1,), I32))
+
+
+# Abstract per-layer scales: lowering with them shows that they are operands of the kernel.
+SCALES = dict(k_scale=_sds((), F32), v_scale=_sds((), F32))
 
 
 def test_write_kv_lowers_with_aliased_pools():
@@ -59,30 +66,56 @@ def test_write_kv_lowers_for_a_kv_head_count_that_is_not_a_power_of_2():
                                           impl="pallas")
 
 
+def test_write_kv_lowers_for_fp8_pools():
+    new = _sds((64, 8, 128), BF16)
+    for dtype in (E4M3, E5M2):
+        pool = _pool(dtype=dtype)
+        text = _lower_for_h100(write_kv, pool, pool, new, new, _sds((64,), I32), **SCALES,
+                               impl="pallas")
+        assert text.count(TRITON_CALL) == 1
+        assert text.count("tf.aliasing_output") == 2
+
+
+def _scales(kv_dtype) -> dict:
+    return SCALES if kv_dtype is not None else {}
+
+
+RAGGED_TUNINGS = [RaggedTuning(), RaggedTuning(block_q=32, pages_per_step=8, num_warps=8,
+                                               num_stages=3)]
+
+
+@pytest.mark.parametrize("kv_dtype", [None, E4M3], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("soft_cap", [None, 30.0])
-@pytest.mark.parametrize("tuning", [RaggedTuning(), RaggedTuning(block_q=32, pages_per_step=8,
-                                                                 num_warps=8, num_stages=3)])
-def test_ragged_lowers(tuning, soft_cap):
-    text = _lower_for_h100(ragged_paged_attention, *_ragged_args(), sm_scale=0.088,
-                           soft_cap=soft_cap, max_query_len=512, impl="pallas", tuning=tuning)
+@pytest.mark.parametrize("tuning", RAGGED_TUNINGS)
+def test_ragged_lowers(tuning, soft_cap, kv_dtype):
+    text = _lower_for_h100(ragged_paged_attention, *_ragged_args(kv_dtype=kv_dtype),
+                           **_scales(kv_dtype), sm_scale=0.088, soft_cap=soft_cap,
+                           max_query_len=512, impl="pallas", tuning=tuning)
     assert text.count(TRITON_CALL) == 1
 
 
-@pytest.mark.parametrize("q_heads,kv_heads,head_dim,dtype", [
-    (32, 32, 128, BF16),  # MHA (llama2-7b)
-    (64, 8, 64, BF16),  # GQA 8, head_dim 64
-    (12, 4, 64, BF16),  # group of 3: padded to 4 query heads per kv head
-    (32, 8, 128, F32),  # f32 tiles (full-precision dots)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,dtype,kv_dtype", [
+    (32, 32, 128, BF16, None),  # MHA (llama2-7b)
+    (64, 8, 64, BF16, None),  # GQA 8, head_dim 64
+    (12, 4, 64, BF16, None),  # group of 3: padded to 4 query heads per kv head
+    (32, 8, 128, F32, None),  # f32 tiles (full-precision dots)
+    (32, 32, 128, BF16, E4M3),  # the same on fp8 pools
+    (64, 8, 64, BF16, E5M2),
+    (12, 4, 64, BF16, E4M3),
+    (32, 8, 128, F32, E4M3),
 ])
-def test_ragged_lowers_for_other_head_layouts(q_heads, kv_heads, head_dim, dtype):
-    args = _ragged_args(q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
-    assert TRITON_CALL in _lower_for_h100(ragged_paged_attention, *args, sm_scale=0.1,
-                                          impl="pallas")
+def test_ragged_lowers_for_other_head_layouts(q_heads, kv_heads, head_dim, dtype, kv_dtype):
+    args = _ragged_args(q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                        kv_dtype=kv_dtype)
+    assert TRITON_CALL in _lower_for_h100(ragged_paged_attention, *args, **_scales(kv_dtype),
+                                          sm_scale=0.1, impl="pallas")
 
 
-def test_ragged_decode_only_batch_lowers_the_decode_kernel():
-    text = _lower_for_h100(ragged_paged_attention, *_ragged_args(tokens=64, seqs=64),
-                           sm_scale=0.088, max_query_len=1, impl="pallas")
+@pytest.mark.parametrize("kv_dtype", [None, E4M3], ids=["bf16", "fp8"])
+def test_ragged_decode_only_batch_lowers_the_decode_kernel(kv_dtype):
+    text = _lower_for_h100(ragged_paged_attention,
+                           *_ragged_args(tokens=64, seqs=64, kv_dtype=kv_dtype),
+                           **_scales(kv_dtype), sm_scale=0.088, max_query_len=1, impl="pallas")
     assert "paged_decode_attention" in text and TRITON_CALL in text
 
 
@@ -100,7 +133,7 @@ def test_one_token_per_sequence_skips_the_gather_and_scatter():
         assert op not in promised, op
 
 
-@pytest.mark.parametrize("seqs,splits,tuning,kernels", [
+DECODE_LOWERINGS = [  # (seqs, splits, tuning, Triton kernels)
     (256, None, DecodeTuning(), 1),  # large batch: one split, normalized output
     (1, None, DecodeTuning(), 2),  # small batch: split-K, partials merged by a second kernel
     (1, None, DecodeTuning(combine="xla"), 1),  # ... or in XLA
@@ -113,12 +146,16 @@ def test_one_token_per_sequence_skips_the_gather_and_scatter():
     (64, 1, DecodeTuning(heads_per_program=2), 1),  # 2 kv heads per program: rows of 512 B
     (4, None, DecodeTuning(heads_per_program=4, pages_per_step=2, num_warps=8), 2),
     (64, 1, DecodeTuning(gather="pages", guard="where", launch_order="head_inner"), 1),
-])
-def test_decode_lowers(seqs, splits, tuning, kernels):
-    pool = _pool()
+]
+
+
+@pytest.mark.parametrize("kv_dtype", [None, E4M3], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("seqs,splits,tuning,kernels", DECODE_LOWERINGS)
+def test_decode_lowers(seqs, splits, tuning, kernels, kv_dtype):
+    pool = _pool(dtype=kv_dtype or BF16)
     text = _lower_for_h100(paged_decode_attention, _sds((seqs, 32, 128), BF16), pool, pool,
-                           _sds((seqs, 256), I32), _sds((seqs,), I32), sm_scale=0.088,
-                           num_kv_splits=splits, impl="pallas", tuning=tuning)
+                           _sds((seqs, 256), I32), _sds((seqs,), I32), **_scales(kv_dtype),
+                           sm_scale=0.088, num_kv_splits=splits, impl="pallas", tuning=tuning)
     assert text.count(TRITON_CALL) == kernels
 
 
@@ -135,11 +172,40 @@ def test_one_split_decode_is_the_kernel_alone():
 
 
 def test_decode_lowers_with_soft_cap_mha_and_f32():
-    for q_heads, kv_heads, dtype in ((32, 32, BF16), (32, 8, F32)):
-        pool = _pool(kv_heads=kv_heads, dtype=dtype)
+    for q_heads, kv_heads, dtype, kv_dtype in ((32, 32, BF16, None), (32, 8, F32, None),
+                                               (32, 32, BF16, E5M2), (32, 8, F32, E4M3)):
+        pool = _pool(kv_heads=kv_heads, dtype=kv_dtype or dtype)
         assert TRITON_CALL in _lower_for_h100(
             paged_decode_attention, _sds((4, q_heads, 128), dtype), pool, pool,
-            _sds((4, 64), I32), _sds((4,), I32), sm_scale=0.088, soft_cap=50.0, impl="pallas")
+            _sds((4, 64), I32), _sds((4,), I32), **_scales(kv_dtype), sm_scale=0.088,
+            soft_cap=50.0, impl="pallas")
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_fp8_decode_reads_fp8_pages_and_copies_no_pool(triton_modules, splits):
+    """The pool goes to the kernel as fp8 (no XLA convert of it to bf16); the kernel loads
+    f8E4M3FN rows and converts them in registers."""
+    pool = _pool(dtype=E4M3)
+    text = _lower_for_h100(paged_decode_attention, _sds((4, 32, 128), BF16), pool, pool,
+                           _sds((4, 64), I32), _sds((4,), I32), **SCALES, sm_scale=0.088,
+                           num_kv_splits=splits, impl="pallas")
+    assert "stablehlo.convert" not in text or "300x16x8x128xbf16" not in text
+    assert "tensor<300x16x8x128xf8E4M3FN>" in text
+    decode = triton_modules[0]
+    assert "tensor<64x128x!tt.ptr<f8E4M3FN>>" in decode  # 4 pages x 16 tokens as rows
+    assert "tt.fp_to_fp" in decode and "!tt.ptr<bf16>" in decode  # q and the output stay bf16
+
+
+def test_fp8_stores_round_to_nearest_even(triton_modules):
+    pool, new = _pool(dtype=E4M3), _sds((64, 8, 128), BF16)
+    _lower_for_h100(write_kv, pool, pool, new, new, _sds((64,), I32), **SCALES, impl="pallas")
+    _lower_for_h100(rope_and_write_kv, _sds((64, 8, 6, 128), BF16), _sds((64, 128), F32),
+                    _sds((64, 128), F32), pool, pool, _sds((64,), I32), 4096, **SCALES,
+                    impl="pallas")
+    for module in triton_modules:
+        converts = [line for line in module.splitlines() if "tt.fp_to_fp" in line]
+        assert converts and all("rounding = rtne" in line and "f8E4M3FN" in line
+                                for line in converts), converts
 
 
 @pytest.fixture
@@ -190,13 +256,16 @@ def test_pools_over_4_gib_use_64_bit_offsets(triton_modules, pages, wide):
 from jaxpaged.pallas_kernels.rope_kv_write import rope_and_write_kv  # noqa: E402
 
 
-@pytest.mark.parametrize("tokens,kv_heads,group,head_dim,dtype",
-                         [(1, 8, 4, 128, BF16), (8192, 8, 4, 128, BF16), (64, 32, 1, 128, BF16),
-                          (16, 6, 8, 64, F32)])
-def test_rope_and_write_kv_lowers_as_one_kernel(tokens, kv_heads, group, head_dim, dtype):
-    pool = _pool(kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+@pytest.mark.parametrize("tokens,kv_heads,group,head_dim,dtype,kv_dtype",
+                         [(1, 8, 4, 128, BF16, None), (8192, 8, 4, 128, BF16, None),
+                          (64, 32, 1, 128, BF16, None), (16, 6, 8, 64, F32, None),
+                          (1, 8, 4, 128, BF16, E4M3), (8192, 8, 4, 128, BF16, E4M3),
+                          (64, 32, 1, 128, BF16, E5M2), (16, 6, 8, 64, F32, E4M3)])
+def test_rope_and_write_kv_lowers_as_one_kernel(tokens, kv_heads, group, head_dim, dtype,
+                                                kv_dtype):
+    pool = _pool(kv_heads=kv_heads, head_dim=head_dim, dtype=kv_dtype or dtype)
     text = _lower_for_h100(rope_and_write_kv, _sds((tokens, kv_heads, group + 2, head_dim), dtype),
                            _sds((tokens, head_dim), F32), _sds((tokens, head_dim), F32), pool,
-                           pool, _sds((tokens,), I32), 4096, impl="pallas")
+                           pool, _sds((tokens,), I32), 4096, **_scales(kv_dtype), impl="pallas")
     assert text.count(TRITON_CALL) == 1
     assert text.count("tf.aliasing_output") == 2

@@ -38,10 +38,11 @@ def paged_attention(qkv: jax.Array,  # [T, Hkv, G + 2, D]: per kv head its G que
     block_offset = layer * kv_cache.num_blocks
     # A constant operand, not a static argument: every layer runs the same compiled kernel.
     slot_offset = jnp.int32(block_offset * kv_cache.block_size)
+    scales = kv_cache.scales(layer)  # fp8 pools: this layer's K/V scales, operands as well
     q, k_pool, v_pool = rope_and_write_kv(qkv, cos, sin, kv_cache.k, kv_cache.v,
-                                          md.slot_mapping, slot_offset, impl=impl)
+                                          md.slot_mapping, slot_offset, **scales, impl=impl)
     out = ragged_paged_attention(q, k_pool, v_pool, md.block_tables + block_offset, md.seq_lens,
-                                 md.query_start_loc, sm_scale=sm_scale, soft_cap=soft_cap,
-                                 max_query_len=md.max_query_len,
+                                 md.query_start_loc, **scales, sm_scale=sm_scale,
+                                 soft_cap=soft_cap, max_query_len=md.max_query_len,
                                  one_token_per_sequence=md.is_decode_batch, impl=impl)
     return out, dataclasses.replace(kv_cache, k=k_pool, v=v_pool)

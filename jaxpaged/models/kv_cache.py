@@ -5,6 +5,10 @@ All layers share one pool array per K and V, flattened over layers:
 ``[pages, block_size, Hkv, D]`` pool and stay layer-agnostic; the model offsets block tables and
 slots by ``layer * num_blocks`` (``jaxpaged.models.attention``). Block 0 of every layer is the null block that
 padding rows point at. Pools over 4 GiB are addressed with 64-bit offsets by the Triton lowering.
+
+An fp8 pool (``dtype`` float8_e4m3fn or float8_e5m2) also holds per-layer K and V scales: value =
+code * scale (``jaxpaged.pallas_kernels.kv_quant``); ``zeros`` starts them at 1.0. Other pools
+hold none.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxpaged.pallas_kernels.kv_quant import is_fp8
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +28,14 @@ class KVCache:
     v: jax.Array  # [num_layers * num_blocks, block_size, num_kv_heads, head_dim]
     num_layers: int = dataclasses.field(metadata=dict(static=True))
     num_blocks: int = dataclasses.field(metadata=dict(static=True))  # per layer, incl. null block 0
+    k_scale: jax.Array | None = None  # f32[num_layers]: fp8 pools only
+    v_scale: jax.Array | None = None  # f32[num_layers]
+
+    def scales(self, layer: int) -> dict[str, jax.Array | None]:
+        """The kernels' ``k_scale``/``v_scale`` keyword arguments for one layer."""
+        if self.k_scale is None:
+            return dict(k_scale=None, v_scale=None)
+        return dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
 
     @property
     def block_size(self) -> int:
@@ -33,8 +47,11 @@ class KVCache:
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is the null block), got {num_blocks}")
         shape = (num_layers * num_blocks, block_size, num_kv_heads, head_dim)
+        scales = [jnp.ones((num_layers,), jnp.float32) if is_fp8(dtype) else None
+                  for _ in range(2)]  # two buffers: the step donates each once
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   num_layers=num_layers, num_blocks=num_blocks)
+                   num_layers=num_layers, num_blocks=num_blocks, k_scale=scales[0],
+                   v_scale=scales[1])
 
     @staticmethod
     def bytes_per_block(*, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
