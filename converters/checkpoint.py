@@ -5,6 +5,7 @@ Layout of a converted directory::
     OUT_DIR/
       jaxpaged_checkpoint.json   format marker: {"format": 1, "dtype": "bf16"}
       params/                    orbax StandardCheckpointer tree (see jaxpaged.models.llama)
+      kv_scales.json             per-layer fp8 KV-cache scales, when the HF checkpoint has them
       config.json, tokenizer.json, tokenizer_config.json, generation_config.json, ...
 """
 
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 from jaxpaged.models.config import ModelConfig
 
 from jaxpaged.converters.hf_to_params import numpy_dtype, params_from_hf
+from jaxpaged.converters.kv_scales import SCALES_FILE, read_kv_scales
 
 MARKER = "jaxpaged_checkpoint.json"
 FORMAT_VERSION = 1
@@ -47,6 +49,9 @@ def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: s
     for name in SIDE_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
+    scales = read_kv_scales(hf_dir, cfg.num_layers, converted=False)
+    if scales is not None:
+        (out_dir / SCALES_FILE).write_text(scales.to_json())
     (out_dir / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "dtype": dtype}))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from safetensors import safe_open
@@ -37,11 +37,13 @@ def checkpoint_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
                      "model.safetensors.index.json or pytorch_model.bin")
 
 
-def iter_tensors(model_dir: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, array) for every tensor; a name seen twice is an error that names it."""
+def iter_tensors(model_dir: pathlib.Path, select: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) for every tensor (``select``: only the names it accepts, read without
+    the others from safetensors); a name seen twice is an error that names it."""
     seen: dict[str, str] = {}
     for path in checkpoint_files(model_dir):
-        for name, array in _read_file(path):
+        for name, array in _read_file(path, select):
             if name in seen:
                 raise ValueError(f"duplicate tensor {name!r} in {path.name} "
                                  f"(already read from {seen[name]})")
@@ -49,13 +51,17 @@ def iter_tensors(model_dir: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
             yield name, array
 
 
-def _read_file(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+def _read_file(path: pathlib.Path, select: Callable[[str], bool] | None
+               ) -> Iterator[tuple[str, np.ndarray]]:
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="numpy") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if select is None or select(name):
+                    yield name, f.get_tensor(name)
     else:
-        yield from _read_torch_bin(path)
+        for name, array in _read_torch_bin(path):
+            if select is None or select(name):
+                yield name, array
 
 
 def _read_torch_bin(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:

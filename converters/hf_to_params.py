@@ -17,6 +17,7 @@ import numpy as np
 from jaxpaged.models.config import ModelConfig
 
 from jaxpaged.converters.hf_reader import iter_tensors
+from jaxpaged.converters.kv_scales import kv_scale_key
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "bfloat16": ml_dtypes.bfloat16,
           "fp32": np.float32, "float32": np.float32}
@@ -69,8 +70,8 @@ def params_from_hf(model_dir: str | pathlib.Path, cfg: ModelConfig, dtype: str) 
     builder = _TreeBuilder(cfg, target)
     seen: set[str] = set()
     for name, array in iter_tensors(pathlib.Path(model_dir)):
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
+        if name.endswith(_IGNORED_SUFFIXES) or kv_scale_key(name) is not None:
+            continue  # KV scales belong to the KV cache: converters.kv_scales reads them
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: the embedding is the head (some exporters still write it)
         if name not in expected:

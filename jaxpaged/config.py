@@ -23,6 +23,12 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
 }
 
 
+# kv_cache_dtype -> the pool's dtype name (None: the model's dtype).
+KV_CACHE_DTYPES: dict[str, str | None] = {
+    "auto": None, "bfloat16": "bfloat16", "float32": "float32",
+    "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: str
@@ -36,8 +42,15 @@ class EngineConfig:
     """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
     dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32"] = "auto"
     """Weights and activations; "auto" takes the checkpoint's (fp16/bf16 -> bf16, fp32 -> fp32)."""
-    kv_cache_dtype: Literal["auto"] = "auto"
-    """KV cache dtype; "auto" = the model dtype."""
+    kv_cache_dtype: Literal["auto", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    """KV cache dtype (vLLM's names); "auto" = the model dtype. "fp8" (= "fp8_e4m3") and
+    "fp8_e5m2" store K and V in one byte each with a per-layer scale (twice the tokens in the
+    pool, half the bytes read by attention)."""
+    calculate_kv_scales: bool = False
+    """fp8 KV cache: estimate each layer's K and V scales at start-up from a calibration forward
+    pass (vLLM's flag; scale = amax / (fp8_max / 2), vLLM's headroom for K). Otherwise the
+    checkpoint's scales are used where it carries them (``k_scale`` / ``v_scale`` or
+    ``k_proj.output_scale`` / ``v_proj.output_scale``), else 1.0."""
     max_model_len: int | None = None
     """Context length (prompt + output); defaults to the model's max_position_embeddings."""
     gpu_memory_utilization: float = 0.9
@@ -99,6 +112,12 @@ class EngineConfig:
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported "
                              "yet (only 1)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.calculate_kv_scales and not self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError("calculate_kv_scales=True needs an fp8 kv_cache_dtype, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.dtype not in ("auto", "bfloat16", "bf16", "float32", "fp32"):
             raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
 

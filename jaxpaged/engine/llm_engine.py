@@ -28,8 +28,10 @@ from jaxpaged.engine import setup
 from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.models.config import ModelConfig
-from jaxpaged.models.loader import jax_dtype, load_model
+from jaxpaged.converters.kv_scales import KVScales
+from jaxpaged.models.loader import load_model
 from jaxpaged.outputs import RequestOutput
+from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from jaxpaged.sampling_params import SamplingParams
 
@@ -52,7 +54,8 @@ class LLMEngine:
                            load_format=config.load_format, seed=config.seed)
         jax.block_until_ready(nnx.state(model))
         weights_s = time.perf_counter() - start
-        self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, dtype)
+        self.kv_dtype = setup.kv_pool_dtype(config, dtype)
+        self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, self.kv_dtype)
         self.eos_token_id, all_eos_ids = setup.eos_token_ids(
             self.model_config, self.generation_config, self.tokenizer)
         self.scheduler = Scheduler(setup.scheduler_config(config, self.limits),
@@ -63,10 +66,12 @@ class LLMEngine:
             all_eos_token_ids=all_eos_ids))
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         start = time.perf_counter()
+        self.kv_scales = self._kv_scales(model, model_dir)
         self.runner = ModelRunner(
             model, num_blocks=self.kv_plan.num_blocks, block_size=config.block_size,
-            kv_dtype=jax_dtype(dtype), ladder=setup.bucket_ladder(config, self.limits),
-            eos_token_ids=all_eos_ids, seed=config.seed, penalty_width=self.max_model_len,
+            kv_dtype=self.kv_dtype, kv_scales=self.kv_scales,
+            ladder=setup.bucket_ladder(config, self.limits), eos_token_ids=all_eos_ids,
+            seed=config.seed, penalty_width=self.max_model_len,
             executable_cache=setup.open_executable_cache())
         jax.block_until_ready(self.runner.kv_cache.k)
         kv_alloc_s = time.perf_counter() - start
@@ -76,12 +81,22 @@ class LLMEngine:
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._log_ready()
 
+    def _kv_scales(self, model, model_dir: pathlib.Path) -> KVScales | None:
+        """fp8 pools: calibrated (``calculate_kv_scales``) or the checkpoint's; None: 1.0."""
+        if not self.config.calculate_kv_scales:
+            return setup.checkpoint_kv_scales(self.config, model_dir, self.model_config,
+                                              self.kv_dtype)
+        token_ids = calibration_token_ids(self.tokenizer, self.model_config.vocab_size,
+                                          self.max_model_len - 1)
+        return calibrate_kv_scales(model, token_ids, block_size=self.config.block_size)
+
     def _log_ready(self) -> None:
         plan = self.kv_plan
         logger.info("KV cache: %d tokens (%d blocks of %d), maximum concurrency %.2fx at "
-                    "max_model_len=%d", plan.capacity_tokens, plan.num_blocks - 1,
+                    "max_model_len=%d; %s pool%s", plan.capacity_tokens, plan.num_blocks - 1,
                     self.config.block_size, plan.max_concurrency(self.max_model_len),
-                    self.max_model_len)
+                    self.max_model_len, self.kv_dtype.name,
+                    " with calibrated scales" if self.config.calculate_kv_scales else "")
         logger.info("engine ready: weights %.1f s, KV allocation %.1f s, compilation %.1f s "
                     "(%d step shapes; %s)", self.startup.weights_s, self.startup.kv_alloc_s,
                     self.startup.compile_s, len(self.runner.ladder.all_shapes()),

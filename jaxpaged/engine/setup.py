@@ -1,23 +1,31 @@
 """Start-up of the engine: resolving the config's defaults against the model and the backend
-(context length, token budget, EOS ids, bucket ladder, KV pool size), JAX's persistent compilation
+(context length, token budget, EOS ids, bucket ladder, KV pool size and dtype, the checkpoint's fp8
+KV scales), JAX's persistent compilation
 cache, the on-disk cache of compiled step programs, the checkpoint's dtype, the start-up timings."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 
 import jax
+import jax.numpy as jnp
 
-from jaxpaged.config import EngineConfig
+from jaxpaged.config import KV_CACHE_DTYPES, EngineConfig
+from jaxpaged.converters.checkpoint import is_converted
+from jaxpaged.converters.kv_scales import KVScales, read_kv_scales
 from jaxpaged.core.scheduler_config import SchedulerConfig
 from jaxpaged.engine.tokenizer import load_tokenizer
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loader import jax_dtype
 from jaxpaged.runner.buckets import BucketLadder
+from jaxpaged.pallas_kernels.kv_quant import is_fp8
 from jaxpaged.runner.executable_cache import ExecutableCache, environment_fingerprint
 from jaxpaged.runner.kv_sizing import KVPlan, activation_reserve_bytes, plan_kv_cache
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +147,9 @@ def bucket_ladder(config: EngineConfig, limits: EngineLimits) -> BucketLadder:
 
 
 def plan_kv(config: EngineConfig, model_config: ModelConfig, limits: EngineLimits,
-            dtype: str) -> KVPlan:
+            pool_dtype: jnp.dtype) -> KVPlan:
     return plan_kv_cache(
-        model_config, dtype=jax_dtype(dtype), block_size=config.block_size,
+        model_config, dtype=pool_dtype, block_size=config.block_size,
         max_model_len=limits.max_model_len, gpu_memory_utilization=config.gpu_memory_utilization,
         activation_bytes=activation_reserve_bytes(model_config, limits.max_num_batched_tokens,
                                                   limits.max_num_seqs),
@@ -157,3 +165,24 @@ def load_engine_tokenizer(config: EngineConfig, model_dir: pathlib.Path):
     if config.skip_tokenizer_init or (config.load_format == "dummy" and not has_files):
         return None
     return load_tokenizer(tokenizer_dir)
+
+
+def kv_pool_dtype(config: EngineConfig, model_dtype: str) -> jnp.dtype:
+    """The KV pool's dtype: ``kv_cache_dtype``, or the model's for "auto"."""
+    name = KV_CACHE_DTYPES[config.kv_cache_dtype]
+    return jnp.dtype(name) if name is not None else jax_dtype(model_dtype)
+
+
+def checkpoint_kv_scales(config: EngineConfig, model_dir: pathlib.Path, model_config: ModelConfig,
+                         pool_dtype: jnp.dtype) -> KVScales | None:
+    """The checkpoint's fp8 KV scales when the pool is fp8 and they are not to be calibrated;
+    scales a checkpoint carries for a pool that is not fp8 have no use (said in the log)."""
+    if config.load_format == "dummy" or config.calculate_kv_scales:
+        return None
+    scales = read_kv_scales(model_dir, model_config.num_layers,
+                            converted=is_converted(model_dir))
+    if scales is not None and not is_fp8(pool_dtype):
+        logger.info("the checkpoint's fp8 KV-cache scales are unused with a %s KV cache "
+                    "(kv_cache_dtype='fp8' uses them)", pool_dtype)
+        return None
+    return scales

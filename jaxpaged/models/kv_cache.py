@@ -37,6 +37,17 @@ class KVCache:
             return dict(k_scale=None, v_scale=None)
         return dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
 
+    def with_scales(self, k_scale, v_scale) -> "KVCache":
+        """The same pool with per-layer scales (``[num_layers]`` each; fp8 pools only)."""
+        if self.k_scale is None:
+            raise ValueError(f"K/V scales need an fp8 pool, this one is {self.k.dtype}")
+        k_scale = jnp.asarray(k_scale, jnp.float32)  # [num_layers]
+        v_scale = jnp.asarray(v_scale, jnp.float32)  # [num_layers]
+        if k_scale.shape != (self.num_layers,) or v_scale.shape != (self.num_layers,):
+            raise ValueError(f"K/V scales must have shape ({self.num_layers},), got "
+                             f"{k_scale.shape} and {v_scale.shape}")
+        return dataclasses.replace(self, k_scale=k_scale, v_scale=v_scale)
+
     @property
     def block_size(self) -> int:
         return self.k.shape[1]

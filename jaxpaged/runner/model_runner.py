@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpaged.converters.kv_scales import KVScales
 from jaxpaged.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
@@ -125,7 +126,8 @@ def _sample(logits: jax.Array, packed: jax.Array, *, layout: BundleLayout, pad_t
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
                  kv_dtype, ladder: BucketLadder, eos_token_ids: tuple[int, ...], seed: int,
-                 penalty_width: int, executable_cache: ExecutableCache | None = None):
+                 penalty_width: int, executable_cache: ExecutableCache | None = None,
+                 kv_scales: KVScales | None = None):
         cfg = model.config
         self.config = cfg
         self.graphdef, state = nnx.split(model)
@@ -134,9 +136,11 @@ class ModelRunner:
         self.ladder = ladder
         self.eos_token_ids = eos_token_ids
         self.penalty_width = penalty_width
-        self.kv_cache = KVCache.zeros(num_layers=cfg.num_layers, num_blocks=num_blocks,
-                                      block_size=block_size, num_kv_heads=cfg.num_kv_heads,
-                                      head_dim=cfg.head_dim, dtype=kv_dtype)
+        self._kv_spec = dict(num_layers=cfg.num_layers, num_blocks=num_blocks,
+                             block_size=block_size, num_kv_heads=cfg.num_kv_heads,
+                             head_dim=cfg.head_dim, dtype=kv_dtype)
+        self._kv_scales = kv_scales
+        self.kv_cache = self._new_kv_cache()
         self._base_key = jax.random.key(seed)
         self._num_steps = 0
         # Host-side per-step builders; they keep per-request work from one step to the next.
@@ -171,8 +175,14 @@ class ModelRunner:
             return False
 
     def reset_kv_cache(self) -> None:
-        """A zeroed pool of the same shape and dtype in place of the current one."""
-        self.kv_cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.kv_cache)
+        """A zeroed pool of the same shape, dtype and scales in place of the current one."""
+        self.kv_cache = self._new_kv_cache()
+
+    def _new_kv_cache(self) -> KVCache:
+        cache = KVCache.zeros(**self._kv_spec)
+        if self._kv_scales is not None:
+            cache = cache.with_scales(self._kv_scales.k, self._kv_scales.v)
+        return cache
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Runs one step and waits for its sampled ids (``dispatch`` then ``fetch``)."""
