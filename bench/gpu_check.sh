@@ -127,6 +127,8 @@ for label in $stages; do
     decode-large) run decode-large 300 python3 bench/decode_steps.py --batches 32 64 256 \
              --steps 10 --kv-bytes 40 --out "$OUT/large" ;;
     throughput) run throughput 540 python3 bench/throughput.py --workload nano --kv-waste --out "$OUT" ;;
+    throughput-fp8kv) run throughput-fp8kv 540 python3 bench/throughput.py --workload nano \
+             --kv-cache-dtype fp8 --out "$OUT/fp8kv" ;;
     roofline) run roofline 120 python3 bench/roofline.py --out "$OUT" ;;
     *) echo "unknown stage $label" >> "$summary" ;;
   esac

@@ -129,9 +129,10 @@ def attention_flops(cfg: ModelConfig, context: np.ndarray) -> float:
 
 
 def workload_floor(cfg: ModelConfig, prompt_lens: list[int], output_lens: list[int],
-                   ceilings: Ceilings) -> dict[str, float]:
+                   ceilings: Ceilings, kv_itemsize: int = 2) -> dict[str, float]:
     """Seconds of the ideal schedule: all prompts prefilled, then every request decodes each
-    step until its output is done (the first output token comes from the prefill)."""
+    step until its output is done (the first output token comes from the prefill). K/V bytes at
+    ``kv_itemsize`` per value (1 for an fp8 pool; its per-layer scales are negligible)."""
     prompts, outputs = np.asarray(prompt_lens), np.asarray(output_lens)
     prefill_flops = matmul_flops_per_token(cfg) * prompts.sum() + sum(
         attention_flops(cfg, np.arange(p)) / 2 for p in prompts)
@@ -141,11 +142,11 @@ def workload_floor(cfg: ModelConfig, prompt_lens: list[int], output_lens: list[i
     for step in range(1, int(outputs.max())):
         active = outputs > step
         context = prompts[active] + step
-        step_bytes = weights + kv_bytes_per_token(cfg) * context.sum()
+        step_bytes = weights + kv_bytes_per_token(cfg, kv_itemsize) * context.sum()
         step_flops = matmul_flops_per_token(cfg) * active.sum() + attention_flops(cfg, context)
         decode += max(step_bytes / ceilings.bandwidth, step_flops / ceilings.matmul_flops)
         weight_time += weights / ceilings.bandwidth
-        kv_time += kv_bytes_per_token(cfg) * context.sum() / ceilings.bandwidth
+        kv_time += kv_bytes_per_token(cfg, kv_itemsize) * context.sum() / ceilings.bandwidth
     return {"floor_s": prefill + decode, "prefill_s": prefill, "decode_s": decode,
             "decode_weight_read_s": weight_time, "decode_kv_read_s": kv_time}
 

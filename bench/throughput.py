@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-waste", action="store_true")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8, fp8_e5m2 (vLLM's)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="overlap host work with the device (sampled ids applied one step late)")
     parser.add_argument("--trace", action="store_true",
@@ -81,7 +82,7 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, kv_cache_dtype=args.kv_cache_dtype)
     startup = time.perf_counter() - start
     prompts, params, outputs = build_requests(args.workload, args.num_requests)
     llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -95,7 +96,8 @@ def main() -> None:
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
     output_tokens = sum(outputs)
     floor = workload_floor(llm.llm_engine.model_config,
-                           [len(p["prompt_token_ids"]) for p in prompts], outputs, ceilings)
+                           [len(p["prompt_token_ids"]) for p in prompts], outputs, ceilings,
+                           kv_itemsize=llm.llm_engine.kv_dtype.itemsize)
     result = {
         "device": jax.devices()[0].device_kind, "workload": args.workload,
         "num_requests": len(prompts), "prompt_tokens": prompt_tokens,
@@ -107,6 +109,7 @@ def main() -> None:
         "floor": floor, "efficiency": floor["floor_s"] / elapsed,
         "startup_s": startup, "async_scheduling": args.async_scheduling,
         "kv_capacity_tokens": llm.llm_engine.kv_plan.capacity_tokens,
+        "kv_cache_dtype": llm.llm_engine.kv_dtype.name,
         "kv_waste": waste, "steps": steps,
         "preemptions": llm.llm_engine.scheduler.num_preemptions,
     }
