@@ -48,7 +48,7 @@ class EngineConfig:
     pool, half the bytes read by attention)."""
     calculate_kv_scales: bool = False
     """fp8 KV cache: estimate each layer's K and V scales at start-up from a calibration forward
-    pass (vLLM's flag; scale = amax / (fp8_max / 2), vLLM's headroom for K). Otherwise the
+    pass (vLLM's flag and rule: amax / 200 for K, amax / 100 for V). Otherwise the
     checkpoint's scales are used where it carries them (``k_scale`` / ``v_scale`` or
     ``k_proj.output_scale`` / ``v_proj.output_scale``), else 1.0."""
     max_model_len: int | None = None
@@ -78,7 +78,8 @@ class EngineConfig:
     seed: int = 0
     """Seed of the engine's random stream (requests with their own seed ignore it)."""
     max_logprobs: int = 20
-    """Largest ``logprobs`` / ``prompt_logprobs`` a request may ask for."""
+    """Largest ``logprobs`` / ``prompt_logprobs`` a request may ask for; -1: no cap (a request
+    may then ask for the whole vocabulary with -1, as in vLLM)."""
     tensor_parallel_size: int = 1
     """Devices to shard the model over (only 1 for now)."""
     attention_impl: Literal["auto", "pallas", "reference"] = "auto"
@@ -89,16 +90,24 @@ class EngineConfig:
     device computes. Outputs are the same; a request may run one extra (discarded) step. On by
     default (vLLM's is off): measured faster for nano and for a batch-1 decode step
     (bench/RESULTS.md)."""
+    generation_config: str = "auto"
+    """Where default sampling parameters come from (vLLM's name): "auto" the model's
+    ``generation_config.json``, "vllm" none (vLLM's neutral defaults), or a directory holding a
+    ``generation_config.json`` (its EOS ids are read too). See ``engine.generation_defaults``."""
+    override_generation_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Sampling defaults laid over the generation config, e.g. ``{"temperature": 0.5}`` (keys:
+    repetition_penalty, temperature, top_k, top_p, min_p, max_new_tokens)."""
     compilation_cache_dir: str | None = "~/.cache/jaxpaged/xla"
     """JAX's persistent compilation cache (makes the second start fast), with jaxpaged's compiled
     step programs beside it (``jaxpaged-executables/``: a warm start loads them without tracing);
     None disables both. Ignored when the process already set ``jax_compilation_cache_dir``."""
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_logprobs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be a non-negative integer or -1, "
+                             f"got {self.max_logprobs!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
                      "num_gpu_blocks_override", "kv_cache_memory_bytes", "max_waiting"):
             value = getattr(self, name)
@@ -118,6 +127,12 @@ class EngineConfig:
         if self.calculate_kv_scales and not self.kv_cache_dtype.startswith("fp8"):
             raise ValueError("calculate_kv_scales=True needs an fp8 kv_cache_dtype, got "
                              f"{self.kv_cache_dtype!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory, "
+                             f"got {self.generation_config!r}")
+        if not isinstance(self.override_generation_config, dict):
+            raise ValueError(f"override_generation_config must be a dict, "
+                             f"got {self.override_generation_config!r}")
         if self.dtype not in ("auto", "bfloat16", "bf16", "float32", "fp32"):
             raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
 

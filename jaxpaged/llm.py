@@ -31,13 +31,18 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams ``generate`` / ``chat`` use when given none: the model's
+        generation_config.json defaults (see ``EngineConfig.generation_config``) over vLLM's."""
+        return self.llm_engine.get_default_sampling_params()
+
     def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  prompt_token_ids: list[int] | list[list[int]] | None = None,
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """Generates completions for ``prompts``; outputs come back in input order."""
         requests = _normalize_prompts(prompts, prompt_token_ids)
-        params = _per_prompt(sampling_params, len(requests))
+        params = self._per_prompt(sampling_params, len(requests))
         priorities = priority if priority is not None else [0] * len(requests)
         if len(priorities) != len(requests):
             raise ValueError(f"priority has {len(priorities)} entries for {len(requests)} prompts")
@@ -64,8 +69,19 @@ class LLM:
             # The template already writes the special tokens (BOS ...): don't add them twice.
             requests.append({"prompt": text,
                              "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        params = _per_prompt(sampling_params, len(requests))
+        params = self._per_prompt(sampling_params, len(requests))
         return self._run(requests, params, [0] * len(requests), use_tqdm)
+
+    def _per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt; None: the defaults (as vLLM's ``LLM`` does)."""
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
+        return params
 
     def _run(self, requests: list[dict[str, Any]], params: list[SamplingParams],
              priorities: list[int], use_tqdm: bool) -> list[RequestOutput]:
@@ -123,12 +139,3 @@ def _normalize_prompts(prompts, prompt_token_ids) -> list[dict[str, Any]]:
     return out
 
 
-def _per_prompt(sampling_params, count: int) -> list[SamplingParams]:
-    if sampling_params is None:
-        return [SamplingParams() for _ in range(count)]
-    if isinstance(sampling_params, SamplingParams):
-        return [sampling_params] * count
-    params = list(sampling_params)
-    if len(params) != count:
-        raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
-    return params

@@ -2,8 +2,10 @@
 
 Code written for ``vllm.SamplingParams`` should run unchanged: the same keyword arguments, the same
 defaults, the same normalisation (``stop`` becomes a list; greedy sampling switches top-p, top-k
-and min-p off).
-Bad values raise ``ValueError`` naming the field and the value.
+and min-p off; ``logit_bias`` keys become ints and its values are clamped to [-100, 100]).
+Bad values raise ``ValueError`` naming the field and the value. Checks that need the model (token
+ids inside the vocabulary, ``truncate_prompt_tokens`` against ``max_model_len``) and the
+tokenization of ``bad_words`` (``update_from_tokenizer``) happen when the engine takes the request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 # Temperatures below this are treated as greedy (argmax) sampling, as in vLLM.
 SAMPLING_EPS = 1e-5
+# vLLM clamps every logit_bias value into [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT].
+LOGIT_BIAS_LIMIT = 100.0
 
 
 class SamplingType(enum.IntEnum):
@@ -83,11 +87,27 @@ class SamplingParams:
     """Keep the matched stop string at the end of the output text."""
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """Cumulative outputs every step, deltas for streaming, or only the final output."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> value added to that token's logit before sampling (and before the penalties,
+    as in vLLM); values are clamped to [-100, 100], keys may be ints or int strings (JSON)."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be sampled (every other logit becomes -inf); non-empty."""
+    bad_words: list[str] | None = None
+    """Words that must not be generated. Each is tokenized without and with a leading space; a
+    one-token word is never sampled, a longer one bans its last token whenever the tokens
+    generated just before match the rest of it (vLLM's rule). Normalised to a list."""
+    truncate_prompt_tokens: int | None = None
+    """Keep only the last k prompt tokens (k >= 1, at most max_model_len); -1 keeps as many as
+    the engine accepts (max_model_len - 1: one position is left for the output)."""
 
     # Stop token ids plus the model's EOS ids (see ``update_from_generation_config``); the sampler
     # masks these while fewer than ``min_tokens`` tokens have been generated.
     _all_stop_token_ids: set[int] = dataclasses.field(
         default_factory=set, init=False, repr=False, compare=False
+    )
+    # ``bad_words`` as token sequences (``update_from_tokenizer``); None until tokenized.
+    _bad_words_token_ids: list[list[int]] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
@@ -103,6 +123,13 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k == -1:
             self.top_k = 0  # NOTE: -1 is older vLLM's "disabled"; keep one spelling downstream.
+        self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        if isinstance(self.allowed_token_ids, (tuple, set, frozenset)):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is None:
+            self.bad_words = []
+        elif isinstance(self.bad_words, (list, tuple)):
+            self.bad_words = list(dict.fromkeys(self.bad_words))  # vLLM drops repeats
         self._verify_args()
         if self.temperature < SAMPLING_EPS:
             # Greedy sampling: the filters cannot change the argmax, so switch them off.
@@ -140,8 +167,10 @@ class SamplingParams:
             )
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=0)
+                _check_int(name, getattr(self, name), minimum=-1,
+                           hint="non-negative or -1 (the whole vocabulary)")
         self._verify_stop()
+        self._verify_token_constraints()
 
     def _verify_stop(self) -> None:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
@@ -154,6 +183,46 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}."
             )
+
+    def _verify_token_constraints(self) -> None:
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not all(
+                _is_int(t) and t >= 0 for t in self.allowed_token_ids
+            ):
+                raise ValueError(f"allowed_token_ids must be a list of non-negative ints, got "
+                                 f"{self.allowed_token_ids!r}.")
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (None allows every token).")
+        if not isinstance(self.bad_words, list) or not all(
+            isinstance(w, str) for w in self.bad_words
+        ):
+            raise ValueError(f"bad_words must be a list of str, got {self.bad_words!r}.")
+        if any(not w for w in self.bad_words):
+            raise ValueError(f"bad_words cannot contain an empty string, got {self.bad_words!r}.")
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=-1,
+                       hint=">= 1 or -1")
+            if self.truncate_prompt_tokens == 0:
+                raise ValueError("truncate_prompt_tokens must be >= 1 or -1, got 0.")
+
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """Tokenize ``bad_words`` as vLLM does: each word (left-stripped) without a leading space,
+        then with one; the spaced form is kept only when it is a different token sequence of the
+        same length (its first token differs). A word that tokenizes to nothing is refused."""
+        self._bad_words_token_ids = []
+        for word in self.bad_words:
+            plain = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            if not plain:
+                raise ValueError(f"bad_words entry {word!r} tokenizes to no tokens.")
+            self._bad_words_token_ids.append(plain)
+            spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                self._bad_words_token_ids.append(spaced)
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """``bad_words`` as token sequences, once ``update_from_tokenizer`` ran (else None)."""
+        return self._bad_words_token_ids
 
     @property
     def sampling_type(self) -> SamplingType:
@@ -206,7 +275,35 @@ class SamplingParams:
         cloned.stop = list(self.stop)
         cloned.stop_token_ids = list(self.stop_token_ids)
         cloned._all_stop_token_ids = set(self._all_stop_token_ids)
+        if self.logit_bias is not None:
+            cloned.logit_bias = dict(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            cloned.allowed_token_ids = list(self.allowed_token_ids)
+        cloned.bad_words = list(self.bad_words)
+        if self._bad_words_token_ids is not None:
+            cloned._bad_words_token_ids = [list(ids) for ids in self._bad_words_token_ids]
         return cloned
+
+
+def _normalise_logit_bias(logit_bias: Any) -> dict[int, float] | None:
+    """``{token id: bias}`` with int keys (int strings accepted, as JSON sends them) and values
+    clamped to [-100, 100] (vLLM's ``from_optional``); ValueError naming ``logit_bias``."""
+    if logit_bias is None:
+        return None
+    if not isinstance(logit_bias, Mapping):
+        raise ValueError(f"logit_bias must be a dict of token id -> float, got {logit_bias!r}.")
+    normalised = {}
+    for key, value in logit_bias.items():
+        try:
+            token_id = int(key) if not isinstance(key, (bool, float)) else None
+        except (TypeError, ValueError):
+            token_id = None
+        if token_id is None or token_id < 0:
+            raise ValueError(f"logit_bias keys must be non-negative token ids, got {key!r}.")
+        if not isinstance(value, Real) or isinstance(value, bool) or value != value:
+            raise ValueError(f"logit_bias[{key!r}] must be a number, got {value!r}.")
+        normalised[token_id] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(value)))
+    return normalised
 
 
 def _is_int(value: Any) -> bool:

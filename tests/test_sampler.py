@@ -36,6 +36,10 @@ class Params:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = dataclasses.field(default_factory=list)
+    bad_words_token_ids: list[list[int]] | None = None
 
 
 def build(params, pad_to=None, prompts=None, outputs=None, eos=(0,), vocab=V, step=0, **kw):

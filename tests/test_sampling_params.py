@@ -115,7 +115,7 @@ def test_greedy_allows_n_above_one():
         ("frequency_penalty", -3.0),
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
-        ("logprobs", -1),
+        ("logprobs", -2),
         ("prompt_logprobs", -2),
         ("stop", 5),
         ("stop", ["ok", 3]),

@@ -72,7 +72,7 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list, init=False)
     # Tokens whose K/V are in the cache (or being written by the step in flight).
     num_computed_tokens: int = dataclasses.field(default=0, init=False)
-    # Prompt tokens served by the prefix cache at the last admission.
+    # Prompt tokens served by the prefix cache at the first admission (RequestOutput's).
     num_cached_tokens: int = dataclasses.field(default=0, init=False)
     num_preemptions: int = dataclasses.field(default=0, init=False)
     # prompt_logprobs requests: positions 0 .. this - 1 were scheduled to yield prompt logprobs

@@ -343,7 +343,9 @@ class Scheduler:
                 break
             self.waiting.pop()
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = request.num_cached_tokens = hit.num_computed_tokens
+            request.num_computed_tokens = hit.num_computed_tokens
+            if not request.num_preemptions:  # as vLLM: the hit of its first admission only
+                request.num_cached_tokens = hit.num_computed_tokens
             self._prefix_cache_queries += request.num_tokens
             self._prefix_cache_hits += hit.num_computed_tokens
             self.running.append(request)

@@ -1,6 +1,11 @@
 """Requests in: a prompt (text, token ids, or both) and its sampling parameters are tokenized,
 validated against the engine's limits and turned into the scheduler's ``Request`` plus the
-``RequestState`` the engine reports from. Bad input raises ValueError before anything is queued."""
+``RequestState`` the engine reports from. Bad input raises ValueError before anything is queued.
+
+What needs the model happens here, as in vLLM's input processor: ``truncate_prompt_tokens`` cuts
+the prompt to its last k tokens, ``bad_words`` are tokenized, token ids of ``logit_bias`` /
+``allowed_token_ids`` / bad words are checked against the vocabulary, and ``logprobs`` /
+``prompt_logprobs`` (-1: the whole vocabulary) against ``max_logprobs`` (-1: no cap)."""
 
 from __future__ import annotations
 
@@ -17,15 +22,18 @@ from jaxpaged.sampling_params import SamplingParams
 class InputLimits:
     vocab_size: int
     max_model_len: int
-    max_logprobs: int
+    max_logprobs: int  # -1: up to the whole vocabulary
     eos_token_id: int | None  # the id a request stops at by default
     all_eos_token_ids: tuple[int, ...]  # every id that ends a sequence (sorted)
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, limits: InputLimits):
+    def __init__(self, tokenizer, limits: InputLimits,
+                 default_params: SamplingParams | None = None):
         self.tokenizer = tokenizer
         self.limits = limits
+        # what a request without SamplingParams gets (generation_config.json's defaults)
+        self.default_params = default_params if default_params is not None else SamplingParams()
 
     def process(self, request_id: str, prompt: str | list[int] | None,
                 params: SamplingParams | None, *, prompt_token_ids: list[int] | None = None,
@@ -33,15 +41,17 @@ class InputProcessor:
                 priority: int = 0) -> tuple[Request, RequestState]:
         """The request to schedule and the state to report it from; the engine checks that
         ``request_id`` is free."""
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.default_params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params)!r}")
         if prompt_token_ids is not None:
             text, token_ids = prompt, self._tokenize(prompt_token_ids)[1]
         else:
             text, token_ids = self._tokenize(prompt)
+        token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
         self._validate(token_ids, params)
         params = params.clone()
+        self._tokenize_bad_words(params)
         params.update_from_generation_config(
             {"eos_token_id": list(self.limits.all_eos_token_ids)}, self.limits.eos_token_id)
         arrival = arrival_time if arrival_time is not None else time.time()
@@ -71,18 +81,46 @@ class InputProcessor:
                 raise ValueError(f"prompt token id {t!r} is not in [0, {vocab})")
         return None, token_ids
 
+    def _truncate(self, token_ids: list[int], keep: int | None) -> list[int]:
+        """The last ``keep`` prompt tokens (vLLM's left truncation); -1: as many as fit."""
+        if keep is None:
+            return token_ids
+        max_model_len = self.limits.max_model_len
+        if keep > max_model_len:
+            raise ValueError(f"truncate_prompt_tokens={keep} is greater than max_model_len="
+                             f"{max_model_len}")
+        keep = max_model_len - 1 if keep == -1 else keep  # the longest prompt _validate accepts
+        return token_ids[-keep:]
+
+    def _tokenize_bad_words(self, params: SamplingParams) -> None:
+        if not params.bad_words:
+            return
+        if self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer (skip_tokenizer_init=True)")
+        params.update_from_tokenizer(self.tokenizer)
+        self._check_vocab("bad_words", [t for ids in params.bad_words_token_ids for t in ids])
+
+    def _check_vocab(self, name: str, token_ids) -> None:
+        vocab = self.limits.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{name} holds token ids {bad} outside the vocabulary [0, {vocab})")
+
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         max_model_len = self.limits.max_model_len
         if len(token_ids) >= max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; with max_model_len="
                              f"{max_model_len} at most {max_model_len - 1} fit")
+        vocab = self.limits.vocab_size
+        max_logprobs = vocab if self.limits.max_logprobs == -1 else self.limits.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            if value is not None and value > self.limits.max_logprobs:
-                raise ValueError(f"{name}={value} exceeds max_logprobs={self.limits.max_logprobs}")
-        vocab = self.limits.vocab_size
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad} are not in [0, {vocab})")
+            wanted = vocab if value == -1 else value
+            if wanted is not None and wanted > max_logprobs:
+                raise ValueError(f"{name}={value} asks for {wanted} logprobs, more than "
+                                 f"max_logprobs={self.limits.max_logprobs} allows")
+        self._check_vocab("stop_token_ids", params.stop_token_ids)
+        self._check_vocab("logit_bias", params.logit_bias or ())
+        self._check_vocab("allowed_token_ids", params.allowed_token_ids or ())
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
+from typing import Any
 
 import jax
 from flax import nnx
@@ -25,6 +26,7 @@ from jaxpaged.config import EngineConfig
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
 from jaxpaged.engine import setup
+from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_config_dir
 from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.models.config import ModelConfig
@@ -46,7 +48,11 @@ class LLMEngine:
         model_dir = pathlib.Path(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
         self.tokenizer = setup.load_engine_tokenizer(config, model_dir)
-        self.generation_config = setup.read_json(model_dir / "generation_config.json")
+        self.generation_config = setup.read_json(
+            generation_config_dir(config.generation_config, model_dir) / "generation_config.json")
+        self._default_sampling_values = diff_sampling_param(
+            config.generation_config, self.generation_config, config.override_generation_config)
+        default_params = self.get_default_sampling_params()  # bad defaults fail at start-up
         self.limits = setup.resolve_limits(config, self.model_config,
                                            on_cpu=jax.default_backend() == "cpu")
         dtype = setup.resolve_dtype(config.dtype, model_dir)
@@ -63,7 +69,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, InputLimits(
             vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
             max_logprobs=config.max_logprobs, eos_token_id=self.eos_token_id,
-            all_eos_token_ids=all_eos_ids))
+            all_eos_token_ids=all_eos_ids), default_params)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         start = time.perf_counter()
         self.kv_scales = self._kv_scales(model, model_dir)
@@ -92,6 +98,10 @@ class LLMEngine:
 
     def _log_ready(self) -> None:
         plan = self.kv_plan
+        if self._default_sampling_values:
+            logger.info("default sampling parameters from the generation config: %s (requests "
+                        "without SamplingParams use them; generation_config='vllm' turns them "
+                        "off)", self._default_sampling_values)
         logger.info("KV cache: %d tokens (%d blocks of %d), maximum concurrency %.2fx at "
                     "max_model_len=%d; %s pool%s", plan.capacity_tokens, plan.num_blocks - 1,
                     self.config.block_size, plan.max_concurrency(self.max_model_len),
@@ -115,6 +125,21 @@ class LLMEngine:
         return self.limits.max_num_batched_tokens
 
     # ----- requests -----
+
+    def get_diff_sampling_param(self) -> dict[str, Any]:
+        """The default sampling values of the model's generation config (vLLM's
+        ``ModelConfig.get_diff_sampling_param``: SamplingParams field names, only the fields the
+        config sets; {} with ``generation_config="vllm"``). A server fills the fields a request
+        omitted from these; a request given its own SamplingParams is never changed."""
+        return dict(self._default_sampling_values)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request without SamplingParams gets: the defaults over vLLM's own."""
+        try:
+            return SamplingParams(**self._default_sampling_values)
+        except ValueError as e:
+            raise ValueError(f"the generation config's sampling defaults "
+                             f"{self._default_sampling_values} are invalid: {e}") from None
 
     def add_request(self, request_id: str, prompt: str | list[int] | None,
                     params: SamplingParams | None = None, *,

@@ -3,11 +3,17 @@ requests' states, detokenized with stop-string checks, and turned into ``Request
 
 A request with ``n > 1`` runs as ``n`` child sequences in the scheduler; their updates are
 gathered back under the parent's id here. A stop string found while detokenizing finishes the
-sequence in the scheduler too (the one edge back from output processing to the core)."""
+sequence in the scheduler too (the one edge back from output processing to the core).
+
+Logprob entries carry each token's own text (``Logprob.decoded_token``, vLLM's
+``tokenizer.decode([id])``), decoded once per token id (``TokenTexts``) and only for requests that
+asked for logprobs and detokenize."""
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable
 
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
@@ -18,11 +24,30 @@ from jaxpaged.runner.model_runner import TokenLogprobs
 from jaxpaged.sample.prompt_logprobs import PromptLogprobsChunk
 
 
+class TokenTexts:
+    """Each token id's own text, ``tokenizer.decode([id])`` (context-free, so kept per id)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}  # grows to at most the vocabulary
+
+    def texts(self, token_ids: Iterable[int], detokenize: bool = True) -> dict[int, str | None]:
+        """id -> text for every id of ``token_ids`` (None without a tokenizer or detokenize)."""
+        ids = list(dict.fromkeys(token_ids))
+        if self._tokenizer is None or not detokenize:
+            return dict.fromkeys(ids)
+        missing = [i for i in ids if i not in self._texts]
+        if missing:
+            self._texts.update(zip(missing, self._tokenizer.batch_decode([[i] for i in missing])))
+        return {i: self._texts[i] for i in ids}
+
+
 class OutputProcessor:
     def __init__(self, tokenizer, scheduler: Scheduler):
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.requests: dict[str, RequestState] = {}  # parent request id -> its state
+        self.token_texts = TokenTexts(tokenizer)
 
     def add(self, state: RequestState) -> None:
         self.requests[state.request_id] = state
@@ -44,8 +69,8 @@ class OutputProcessor:
         for req_id, chunk in chunks.items():
             state = self.requests.get(self._parent_id(req_id))
             if state is not None:
-                state.add_prompt_logprobs(chunk.first_index,
-                                          prompt_logprob_entries(chunk, self.tokenizer))
+                entries = prompt_logprob_entries(chunk, self.token_texts, state.params.detokenize)
+                state.add_prompt_logprobs(chunk.first_index, entries)
 
     def process(self, updates: list[RequestUpdate],
                 logprobs: dict[str, TokenLogprobs]) -> list[RequestOutput]:
@@ -62,6 +87,8 @@ class OutputProcessor:
             if state is None:
                 continue
             index = request.sample_index
+            if index == 0:
+                state.num_cached_tokens = request.num_cached_tokens
             seq = state.sequences.get(index)
             if seq is None:
                 seq = state.sequences[index] = SequenceState.for_request(
@@ -91,8 +118,12 @@ class OutputProcessor:
         seq.token_ids.extend(update.new_token_ids)
         if seq.logprobs is not None and token_logprobs is not None and update.new_token_ids:
             token = update.new_token_ids[-1]
-            entry = {t: Logprob(v, rank=i + 1) for i, (t, v) in enumerate(token_logprobs.top.items())}
-            entry[token] = Logprob(token_logprobs.sampled_logprob, rank=token_logprobs.sampled_rank)
+            texts = self.token_texts.texts([token, *token_logprobs.top],
+                                           request.sampling_params.detokenize)
+            entry = {t: Logprob(v, rank=i + 1, decoded_token=texts[t])
+                     for i, (t, v) in enumerate(token_logprobs.top.items())}
+            entry[token] = Logprob(token_logprobs.sampled_logprob, rank=token_logprobs.sampled_rank,
+                                   decoded_token=texts[token])
             seq.logprobs.append(entry)
             seq.cumulative_logprob += token_logprobs.sampled_logprob
         stop_string = seq.detokenizer.update(update.new_token_ids) if seq.detokenizer else None
@@ -113,18 +144,13 @@ class OutputProcessor:
         return request.parent_id or req_id if request is not None else req_id
 
 
-def prompt_logprob_entries(chunk: PromptLogprobsChunk,
-                           tokenizer) -> list[dict[int, Logprob]]:
+def prompt_logprob_entries(chunk: PromptLogprobsChunk, token_texts: TokenTexts,
+                           detokenize: bool = True) -> list[dict[int, Logprob]]:
     """One dict per prompt token: the token itself first (its own rank), then the top-N by rank
     (vLLM's layout); ``decoded_token`` is each id's text when there is a tokenizer."""
     top_ids, top_logprobs = chunk.top_ids.tolist(), chunk.top_logprobs.tolist()
     token_ids = chunk.token_ids.tolist()
-    texts: dict[int, str | None] = dict.fromkeys(token_ids)
-    for ids in top_ids:
-        texts.update(dict.fromkeys(ids))
-    if tokenizer is not None:
-        ids = list(texts)
-        texts = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+    texts = token_texts.texts(itertools.chain(token_ids, *top_ids), detokenize)
     entries = []
     for token, logprob, rank, tops, top_values in zip(token_ids, chunk.logprobs.tolist(),
                                                       chunk.ranks.tolist(), top_ids, top_logprobs):

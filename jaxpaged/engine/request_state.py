@@ -72,6 +72,7 @@ class RequestState:
     prompt_logprobs: PromptLogprobs | None = None
     prompt_logprobs_sent: bool = False  # DELTA outputs send them once
     num_finished: int = 0  # sequences with a finish_reason (kept by OutputProcessor)
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served (sample 0's)
 
     def add_prompt_logprobs(self, first_index: int, entries: list[dict[int, Logprob]]) -> None:
         """Entries for prompt tokens ``first_index ..``; the scheduler hands out each position
@@ -116,5 +117,6 @@ class RequestState:
                              prompt_token_ids=self.prompt_token_ids,
                              prompt_logprobs=self._prompt_logprobs_to_send(delta),
                              outputs=[self.sequences[i].completion(delta) for i in indices],
-                             finished=finished, metrics=self.metrics)
+                             finished=finished, metrics=self.metrics,
+                             num_cached_tokens=self.num_cached_tokens)
 

@@ -113,12 +113,14 @@ def _model_step(graphdef, state_treedef, layout: BundleLayout, state_leaves: lis
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "pad_to"))
-def _sample(logits: jax.Array, packed: jax.Array, *, layout: BundleLayout, pad_to: int):
+def _sample(logits: jax.Array, packed: jax.Array, prev_sampled_ids: jax.Array, *,
+            layout: BundleLayout, pad_to: int):
     """logits f32[S, V]; ``packed``: (rows i32[B] (which logits rows need a token),
-    SamplingTensors) as one u8 buffer -> SamplerOutput [B], and its token ids padded with zeros
-    to i32[pad_to] (the next step's ``prev_sampled_ids``)."""
+    SamplingTensors) as one u8 buffer; ``prev_sampled_ids`` i32[pad_to]: the previous step's
+    padded ids (read only by bad words, see ``TokenConstraints``) -> SamplerOutput [B], and its
+    token ids padded with zeros to i32[pad_to] (the next step's ``prev_sampled_ids``)."""
     rows, tensors = unbundle(packed, layout)
-    out = sample(logits[rows], tensors)
+    out = sample(logits[rows], tensors, prev_sampled_ids)
     ids = out.token_ids.astype(jnp.int32)
     return out, jnp.zeros(pad_to, jnp.int32).at[:ids.shape[0]].set(ids)
 
@@ -237,7 +239,7 @@ class ModelRunner:
                                   ) -> tuple[PromptLogprobsPlan, SampleLogprobs] | None:
         """Starts the prompt logprobs of the positions the scheduler asked for (None: none
         asked); the device results are fetched after the sampler has been dispatched."""
-        plan = plan_prompt_logprobs(scheduled)
+        plan = plan_prompt_logprobs(scheduled, self.config.vocab_size)
         if plan is None:
             return None
         rows, targets, num_top, chunk = plan.padded_inputs(self.config.vocab_size)
@@ -252,7 +254,7 @@ class ModelRunner:
             [r.req_id for r in requests], [r.sampling_params for r in requests],
             [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
             pad_to, self._step_keys(self._num_steps),
-            num_generated=[r.num_output_tokens for r in requests])
+            num_generated=[r.num_output_tokens for r in requests], prev_rows=self._prev_rows)
 
     def _run_model(self, inputs: StepInputs, prev_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Queues the model step on ``inputs`` (numpy, padded to a step shape) with ``prev_ids``
@@ -266,14 +268,16 @@ class ModelRunner:
     def _run_sampler(self, logits: jax.Array, rows: np.ndarray, tensors: SamplingTensors):
         """Queues sampling of ``logits[rows]`` -> (SamplerOutput, ids padded to prev_width)."""
         packed, layout = bundle((rows, tensors))
+        prev_ids = (self._prev_sampled_ids if self._prev_sampled_ids is not None
+                    else self._no_prev_ids)
         compiled = self._samplers.get((layout, logits.shape))
         if compiled is None:
             compiled = self._compile(
-                "sample", lambda: _sample.lower(logits, packed, layout=layout,
+                "sample", lambda: _sample.lower(logits, packed, prev_ids, layout=layout,
                                                 pad_to=self.prev_width),
-                lambda: abstract_signature(logits, packed, layout, self.prev_width))
+                lambda: abstract_signature(logits, packed, prev_ids, layout, self.prev_width))
             self._samplers[(layout, logits.shape)] = compiled
-        return compiled(logits, packed)
+        return compiled(logits, packed, prev_ids)
 
     def _executable(self, layout: BundleLayout, packed: np.ndarray) -> jax.stages.Compiled:
         """The compiled model step for inputs of ``layout`` (a step shape; compiled now if
@@ -315,9 +319,9 @@ class ModelRunner:
                 f"{stats.misses} compiled in {stats.compile_s:.1f} s")
 
     def warmup(self, max_parallel_compiles: int | None = None) -> float:
-        """Compiles every step shape ahead of time, and greedy and random sampling for every
-        batch size, several programs at once (XLA compiles release the GIL); returns the seconds
-        taken."""
+        """Compiles every step shape ahead of time, and greedy and random sampling (without and
+        with token constraints) for every batch size, several programs at once (XLA compiles
+        release the GIL); returns the seconds taken."""
         start = time.perf_counter()
         shapes = self.ladder.all_shapes()
         samplers = [(batch, params) for batch in self.ladder.sampler_batch_sizes
@@ -348,8 +352,12 @@ class ModelRunner:
         return time.perf_counter() - start
 
 
-# The two sampling modes nearly every workload uses; other switches compile on first use.
-_WARMUP_SAMPLING = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0))
+# The two sampling modes nearly every workload uses, without and with token constraints
+# (logit_bias / allowed_token_ids / bad words within the smallest constraint width: the bias below
+# stands for any of them); other switches compile on first use.
+_WARMUP_SAMPLING = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+                    SamplingParams(temperature=0.0, logit_bias={0: 0.0}),
+                    SamplingParams(temperature=1.0, logit_bias={0: 0.0}))
 
 
 def _logprobs_by_request(requests: list[ScheduledRequest],

@@ -1,6 +1,7 @@
 """What the sampling-tensor builder takes, and its checks: the ``SamplingParamsLike`` fields a
 row is built from, and the ``ValueError``s for out-of-range parameters, token ids outside the
-vocabulary and mismatched batch lists (messages name the offending row)."""
+vocabulary and mismatched batch lists (messages name the offending row); and the padding of
+per-row lists into ``[B, width]`` arrays."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class SamplingParamsLike(Protocol):
     stop_token_ids: Sequence[int] | None
     ignore_eos: bool
     logprobs: int | None  # None: none; 0: the sampled token's only; -1: the whole vocabulary
+    logit_bias: dict[int, float] | None  # token id -> additive bias
+    allowed_token_ids: Sequence[int] | None  # None: every token
+    bad_words: Sequence[str]  # the words, read only to refuse untokenized ones
+    bad_words_token_ids: Sequence[Sequence[int]] | None  # the tokenized bad words
 
 
 def _check_range(row: int, name: str, value: float, ok: bool, expected: str) -> None:
@@ -54,6 +59,15 @@ def id_array(ids: Sequence[int]) -> np.ndarray:
     """i64[n]: token ids as a flat numpy array (any sequence of ints), for checks and padding;
     the scheduler's ``core.step_update.as_ids`` makes validated Python lists instead."""
     return np.asarray(ids, np.int64).reshape(-1)
+
+
+def pad_lists(lists: Sequence[Sequence], row_index: Sequence[int], num_rows: int, width: int,
+              dtype=np.int32, fill=-1) -> np.ndarray:
+    """[num_rows, width] of ``dtype``: lists[j] at row row_index[j], ``fill`` everywhere else."""
+    out = np.full((num_rows, width), fill, dtype)
+    for i, values in zip(row_index, lists):
+        out[i, :len(values)] = values
+    return out
 
 
 def validate_batch(params_list, prompt_ids_list, output_ids_list, pad_to: int, vocab_size: int) -> None:

@@ -64,7 +64,8 @@ class PromptLogprobsPlan:
 
     rows: list[int]  # token index in the step of each position, requests one after another
     targets: list[int]  # the prompt token each row's distribution is asked about
-    # (req_id, first prompt index, number of rows, top-N it asked for), in row order
+    # (req_id, first prompt index, number of rows, top-N it asked for (-1 resolved to the
+    # vocabulary size)), in row order
     spans: list[tuple[str, int, int, int]]
 
     @property
@@ -99,10 +100,12 @@ class PromptLogprobsPlan:
         return chunks
 
 
-def plan_prompt_logprobs(scheduled: list[ScheduledRequest]) -> PromptLogprobsPlan | None:
+def plan_prompt_logprobs(scheduled: list[ScheduledRequest],
+                         vocab_size: int) -> PromptLogprobsPlan | None:
     """Hidden state at position p predicts token p + 1: position p of a request whose new tokens
     start at ``num_computed_tokens`` (token index ``offset`` in the step) is row
-    ``offset + p - num_computed_tokens`` and gives prompt token p + 1's logprob."""
+    ``offset + p - num_computed_tokens`` and gives prompt token p + 1's logprob. A request's
+    ``prompt_logprobs=-1`` asks for all ``vocab_size`` tokens (vLLM)."""
     rows: list[int] = []
     targets: list[int] = []
     spans = []
@@ -113,8 +116,9 @@ def plan_prompt_logprobs(scheduled: list[ScheduledRequest]) -> PromptLogprobsPla
             first_row = offset + positions.start - r.num_computed_tokens
             rows.extend(range(first_row, first_row + len(positions)))
             targets.extend(r.prompt_token_ids[positions.start + 1:positions.stop + 1])
+            num_top = r.sampling_params.prompt_logprobs
             spans.append((r.req_id, positions.start + 1, len(positions),
-                          r.sampling_params.prompt_logprobs))
+                          vocab_size if num_top == -1 else num_top))
         offset += len(r.token_ids)
     return PromptLogprobsPlan(rows, targets, spans) if spans else None
 

@@ -4,12 +4,15 @@ Pipeline per row (all rows at once, f32 math; the static switches of ``SamplingT
 stages no row needs):
 
 1. raw logprobs: ``log_softmax`` of the logits as given (vLLM's default ``raw_logprobs`` mode).
-2. penalties on the raw logits (vLLM order): repetition (tokens seen in prompt or output: divide
+2. token constraints (vLLM order): ``allowed_token_ids`` (every other token -> -inf), bad-word
+   bans (-> -inf), ``logit_bias`` (added). Only batches with such a row run this stage.
+3. penalties (vLLM order): repetition (tokens seen in prompt or output: divide
    positive logits by the penalty, multiply negative ones), frequency (``- freq * count`` in the
    output), presence (``- presence * (count > 0)`` in the output).
-3. the min_tokens ban: ``banned_ids`` -> -inf.
-4. greedy rows (temperature < 1e-5) take the argmax of these logits.
-5. sampling rows: divide by temperature; min-p (drop tokens with ``p < min_p * p_max``); top-k
+4. the min_tokens ban: ``banned_ids`` -> -inf (vLLM bans before the penalties: -inf is left
+   -inf by the penalties and by a bias, so the order of the bans does not matter).
+5. greedy rows (temperature < 1e-5) take the argmax of these logits.
+6. sampling rows: divide by temperature; min-p (drop tokens with ``p < min_p * p_max``); top-k
    (keep logits >= the k-th largest, ties kept); top-p (keep the smallest prefix of the sorted
    distribution whose mass reaches ``top_p``; the top token always stays); then Gumbel-max with the
    row's own key: ``argmax(logits + Gumbel noise)`` is an exact draw from ``softmax(logits)``.
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.sample.tensors import SamplingTensors
+from jaxpaged.sample.token_constraints import TokenConstraints
 from jaxpaged.sampling_params import SAMPLING_EPS
 
 
@@ -49,10 +53,7 @@ class SamplerOutput:
 
 def _token_presence_and_counts(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
     """ids i32[B, L] (-1 = padding) -> (bool[B, V] seen, i32[B, V] count)."""
-    num_rows = ids.shape[0]
-    cols = jnp.where(ids < 0, vocab_size, ids)  # padding lands in an extra column, dropped below
-    rows = jnp.arange(num_rows)[:, None]
-    counts = jnp.zeros((num_rows, vocab_size + 1), jnp.int32).at[rows, cols].add(1)[:, :vocab_size]
+    counts = _scatter_rows(ids, jnp.ones(ids.shape, jnp.int32), vocab_size)
     return counts > 0, counts
 
 
@@ -68,13 +69,34 @@ def apply_penalties(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
     return logits - tensors.presence_penalty[:, None] * output_seen.astype(jnp.float32)
 
 
+def _scatter_rows(ids: jax.Array, values: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, V] zeros with values[b, j] added at column ids[b, j]; -1 ids add nothing.
+    ids i32[B, K]; values [B, K] (bool values: set instead of added)."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    cols = jnp.where(ids < 0, vocab_size, ids)  # padding lands in an extra column, dropped below
+    dense = jnp.zeros((ids.shape[0], vocab_size + 1), values.dtype).at[rows, cols]
+    dense = dense.set(values) if values.dtype == jnp.bool_ else dense.add(values)
+    return dense[:, :vocab_size]
+
+
 def ban_tokens(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:
     """Set logits[b, banned_ids[b, j]] to -inf; -1 entries ban nothing. [B, V], i32[B, K]."""
+    banned = _scatter_rows(banned_ids, jnp.ones(banned_ids.shape, jnp.bool_), logits.shape[-1])
+    return jnp.where(banned, -jnp.inf, logits)
+
+
+def apply_token_constraints(logits: jax.Array, constraints: TokenConstraints,
+                            last_tokens: jax.Array) -> jax.Array:
+    """allowed_token_ids, bad-word bans and logit_bias on f32[B, V] logits (vLLM's order);
+    ``last_tokens`` i32[B]: each row's last generated token (-1: none)."""
     vocab_size = logits.shape[-1]
-    rows = jnp.arange(logits.shape[0])[:, None]
-    cols = jnp.where(banned_ids < 0, vocab_size, banned_ids)
-    banned = jnp.zeros((logits.shape[0], vocab_size + 1), jnp.bool_).at[rows, cols].set(True)
-    return jnp.where(banned[:, :vocab_size], -jnp.inf, logits)
+    allowed = _scatter_rows(constraints.allowed_ids,
+                            jnp.ones(constraints.allowed_ids.shape, jnp.bool_), vocab_size)
+    restricted = constraints.allowed_ids[:, :1] >= 0  # [B, 1]: the row lists allowed ids
+    logits = jnp.where(restricted & ~allowed, -jnp.inf, logits)
+    active = (constraints.ban_after < 0) | (constraints.ban_after == last_tokens[:, None])
+    logits = ban_tokens(logits, jnp.where(active, constraints.ban_ids, -1))
+    return logits + _scatter_rows(constraints.bias_ids, constraints.bias_values, vocab_size)
 
 
 def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
@@ -142,15 +164,21 @@ def _check_shapes(logits: jax.Array, tensors: SamplingTensors) -> None:
         )
 
 
-def sample(logits: jax.Array, tensors: SamplingTensors) -> SamplerOutput:
+def sample(logits: jax.Array, tensors: SamplingTensors,
+           prev_sampled_ids: jax.Array | None = None) -> SamplerOutput:
     """Pick one token per row of f32/bf16[B, V] logits; traceable, meant to run inside the step.
 
     Returns token ids i32[B] and, when ``tensors.num_logprobs`` is not None, raw logprobs of the
     sampled token and of the top ``num_logprobs`` tokens. See the module docstring for the order.
+    ``prev_sampled_ids`` i32[P]: the previous step's sampled ids on the device, read only by
+    bad words whose last generated token is still in flight (``TokenConstraints``).
     """
     _check_shapes(logits, tensors)
     logits = logits.astype(jnp.float32)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if tensors.num_logprobs is not None else None
+    if tensors.constraints is not None:
+        logits = apply_token_constraints(logits, tensors.constraints,
+                                         tensors.constraints.last_tokens(prev_sampled_ids))
     if tensors.use_penalties:
         logits = apply_penalties(logits, tensors)
     logits = ban_tokens(logits, tensors.banned_ids)

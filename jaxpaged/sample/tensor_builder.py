@@ -6,22 +6,24 @@ one-shot ``build_sampling_tensors`` validates everything on every call. Both ret
 
 Every array shape and static switch of ``SamplingTensors`` keys a compile, so the builder keeps
 their set small: widths are rounded up to powers of two (or forced with ``penalty_width``),
-penalty ids are only sent when a row uses penalties, and ``num_logprobs`` is rounded up to ``0``,
-``LOGPROBS_BUCKET`` or a power of two.
+penalty ids are only sent when a row uses penalties, constraint arrays only when a row has
+logit_bias, allowed_token_ids or bad words (``token_constraints``), and ``num_logprobs`` is rounded
+up to ``0``, ``LOGPROBS_BUCKET`` or a power of two.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from jaxpaged.sample.inputs import (SamplingParamsLike, check_ids, id_array, validate_batch,
-                                    validate_ids, validate_params)
+from jaxpaged.sample.inputs import (SamplingParamsLike, check_ids, id_array, pad_lists,
+                                    validate_batch, validate_ids, validate_params)
 from jaxpaged.sample.tensors import SamplingTensors, step_key_data
+from jaxpaged.sample.token_constraints import BatchConstraints, ConstraintRow, constraint_row
 from jaxpaged.sampling_params import SAMPLING_EPS
 from jaxpaged.utils.row_store import RowStore
 
@@ -87,6 +89,7 @@ class _Row:
     slot: int  # row of the builder's store
     stop_ids: np.ndarray  # i64[k]: eos + stop token ids (sorted, unique), banned below min_tokens
     prompt_array: np.ndarray | None  # i64[Lp] prompt ids; only for rows that use penalties
+    constraints: ConstraintRow | None  # logit_bias / allowed_token_ids / bad words, if any
 
 
 def _row_values(p: SamplingParamsLike, vocab_size: int) -> tuple[tuple, tuple]:
@@ -105,15 +108,6 @@ def _row_values(p: SamplingParamsLike, vocab_size: int) -> tuple[tuple, tuple]:
     return floats, ints
 
 
-def _pad_rows(rows: Sequence[np.ndarray], row_index: Sequence[int], num_rows: int,
-              width: int) -> np.ndarray:
-    """i32[num_rows, width]: rows[j] at row row_index[j], -1 everywhere else."""
-    out = np.full((num_rows, width), -1, np.int32)
-    for i, ids in zip(row_index, rows):
-        out[i, : len(ids)] = ids
-    return out
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _BatchColumns:
     """The per-request (static) columns of one batch, reused while the batch stays the same."""
@@ -127,6 +121,7 @@ class _BatchColumns:
     has_seed: np.ndarray  # bool[B]
     penalty_rows: np.ndarray  # i64[P]: rows that use penalties
     prompt_ids: np.ndarray | None  # i32[B, Lp]; None unless a row uses penalties
+    constraints: BatchConstraints | None  # None unless a row has token constraints
     all_greedy: bool
     use_top_k_top_p_min_p: bool
     num_logprobs: int | None
@@ -174,12 +169,15 @@ class SamplingTensorBuilder:
         pad_to: int,
         step_key: jax.Array | np.ndarray,
         num_generated: Sequence[int] | None = None,
+        prev_rows: Mapping[Hashable, int] | None = None,
     ) -> SamplingTensors:
         """Host (numpy) ``SamplingTensors`` of one step; see ``build_sampling_tensors`` for the
         arguments. ``keys`` name the rows' requests (unique within a step). ``num_generated``:
         each row's count of generated tokens when it exceeds ``len(output_ids_list[i])`` (async
         scheduling: samples of the step in flight are counted before their ids arrive; only rows
-        without penalties may have them, as penalties read the ids); default: those lengths."""
+        without penalties may have them, as penalties read the ids); default: those lengths.
+        ``prev_rows``: key -> row of the previous step's sampled ids (the device array handed to
+        the sampler) holding such an in-flight sample; read for rows with multi-token bad words."""
         validate_batch(params_list, prompt_ids_list, output_ids_list, pad_to, self.vocab_size)
         if len(keys) != len(params_list):
             raise ValueError(f"keys has {len(keys)} entries for {len(params_list)} rows")
@@ -194,6 +192,9 @@ class SamplingTensorBuilder:
             map(len, output_ids_list) if num_generated is None else num_generated, np.int64,
             num_rows)
         floats = columns.floats
+        constraints = columns.constraints
+        if constraints is not None:
+            constraints = constraints.for_step(keys, output_ids_list, gen_counts, prev_rows)
         return SamplingTensors(
             temperature=floats[0], top_k=columns.top_k, top_p=floats[1], min_p=floats[2],
             presence_penalty=floats[3], frequency_penalty=floats[4],
@@ -201,7 +202,7 @@ class SamplingTensorBuilder:
             banned_ids=self._banned_ids(columns, gen_counts[:num_rows]),
             seeds=columns.seeds, has_seed=columns.has_seed, gen_counts=gen_counts,
             step_key=step_key, prompt_ids=columns.prompt_ids,
-            output_ids=self._output_ids(columns, output_ids_list),
+            output_ids=self._output_ids(columns, output_ids_list), constraints=constraints,
             all_greedy=columns.all_greedy, use_penalties=columns.prompt_ids is not None,
             use_top_k_top_p_min_p=columns.use_top_k_top_p_min_p,
             num_logprobs=columns.num_logprobs,
@@ -247,7 +248,8 @@ class SamplingTensorBuilder:
         self._store["ints"][slot] = ints
         return _Row(params=p, prompt_ids=prompt_ids, slot=slot,
                     stop_ids=np.unique(np.concatenate([self._eos_ids, stop_ids])),
-                    prompt_array=prompt_array)
+                    prompt_array=prompt_array,
+                    constraints=constraint_row(row, p, self.vocab_size))
 
     def _stack(self, rows: list[_Row], pad_to: int) -> _BatchColumns:
         """The batch's static columns: one gather of the rows' store rows, padded to pad_to."""
@@ -269,6 +271,7 @@ class SamplingTensorBuilder:
             has_seed=_frozen(ints[_INT["has_seed"]].astype(np.bool_)),
             penalty_rows=penalty_rows,
             prompt_ids=self._prompt_ids(rows, penalty_rows, pad_to),
+            constraints=BatchConstraints.stack([r.constraints for r in rows], pad_to),
             all_greedy=bool(ints[_INT["greedy"], :num_rows].all()),
             use_top_k_top_p_min_p=bool(ints[_INT["uses_filters"], :num_rows].any()),
             num_logprobs=_logprobs_bucket(
@@ -289,7 +292,7 @@ class SamplingTensorBuilder:
             return None
         prompts = [rows[i].prompt_array for i in penalty_rows]
         width = self._penalty_width(max(map(len, prompts)), "prompt_ids_list")
-        return _frozen(_pad_rows(prompts, penalty_rows, pad_to, width))
+        return _frozen(pad_lists(prompts, penalty_rows, pad_to, width))
 
     def _output_ids(self, columns: _BatchColumns, output_ids_list) -> np.ndarray | None:
         """i32[B, Lo] output ids of the rows that use penalties (others -1); None if none does."""
@@ -299,7 +302,7 @@ class SamplingTensorBuilder:
         for i, ids in zip(columns.penalty_rows, outputs):
             check_ids(f"output_ids_list[{i}]", ids, self.vocab_size)
         width = self._penalty_width(max(map(len, outputs)), "output_ids_list")
-        return _pad_rows(outputs, columns.penalty_rows, columns.pad_to, width)
+        return pad_lists(outputs, columns.penalty_rows, columns.pad_to, width)
 
     def _banned_ids(self, columns: _BatchColumns, gen_counts: np.ndarray) -> np.ndarray:
         """i32[B, K] stop ids of the rows still below min_tokens (-1 elsewhere).
@@ -316,7 +319,7 @@ class SamplingTensorBuilder:
             return no_bans
         stop_ids = [columns.rows[i].stop_ids for i in below]
         width = _next_pow2(max(map(len, stop_ids)), MIN_BANNED_WIDTH)
-        return _pad_rows(stop_ids, below, columns.pad_to, width)
+        return pad_lists(stop_ids, below, columns.pad_to, width)
 
 
 def build_sampling_tensors(

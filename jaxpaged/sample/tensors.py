@@ -5,9 +5,11 @@ The host builds a ``SamplingTensors`` of numpy arrays once per step from the sch
 it to ``sampler.sample``. Rows are padded to a static batch bucket ``B``; padding rows are greedy
 and use no penalties, so whatever logits they carry cannot disturb real rows.
 
-Compilation: array shapes (``B``, the banned-id width ``K``, the penalty widths ``Lp``/``Lo``) and
-the four static switches (``all_greedy``, ``use_penalties``, ``use_top_k_top_p_min_p``,
-``num_logprobs``) each key a compile; the builder keeps that set small.
+Compilation: array shapes (``B``, the banned-id width ``K``, the penalty widths ``Lp``/``Lo``, the
+constraint width ``C``), the four static switches (``all_greedy``, ``use_penalties``,
+``use_top_k_top_p_min_p``, ``num_logprobs``) and whether ``constraints`` is None (a batch without
+logit_bias / allowed_token_ids / bad_words has no constraint stage) each key a compile; the builder
+keeps that set small.
 
 Random keys (reproducibility): the key of row ``i`` is derived on the device by ``row_keys``:
 
@@ -28,6 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxpaged.sample.token_constraints import TokenConstraints
 
 
 def _static():
@@ -51,6 +55,8 @@ class SamplingTensors:
     step_key: jax.Array  # u32[2]: raw data of this step's engine key (default impl), unseeded rows
     prompt_ids: jax.Array | None  # i32[B, Lp]: prompt token ids, -1 = padding; None unless use_penalties
     output_ids: jax.Array | None  # i32[B, Lo]: output token ids, -1 = padding; None unless use_penalties
+    # logit_bias, allowed_token_ids and bad-word bans, [B, C] each; None when no row has any
+    constraints: TokenConstraints | None
     # Every row is greedy: sampling (temperature, top-k/p, min-p, random keys) is skipped entirely.
     all_greedy: bool = _static()
     # Some row has a non-default presence/frequency/repetition penalty.
