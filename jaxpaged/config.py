@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
 
 # vLLM arguments that change nothing in jaxpaged when left at these values (accepted so vLLM code
 # runs unchanged); any other value is refused rather than silently ignored.
@@ -18,6 +21,8 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
     "disable_custom_all_reduce": (False, True),
     "max_seq_len_to_capture": (None, 8192),
     "quantization": (None,),
+    "pipeline_parallel_size": (1,),  # one device for now (tensor_parallel_size says the same)
+    "data_parallel_size": (1,),
     "hf_token": (None,),
     "task": ("auto", "generate"),
 }
@@ -34,10 +39,12 @@ class EngineConfig:
     """Tokenizer directory; defaults to ``model``."""
     skip_tokenizer_init: bool = False
     """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
-    dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32"] = "auto"
-    """Weights and activations; "auto" takes the checkpoint's (fp16/bf16 -> bf16, fp32 -> fp32)."""
+    dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32", "half", "float16"] = "auto"
+    """Weights and activations; "auto" takes the checkpoint's (fp16/bf16 -> bf16, fp32 -> fp32).
+    "half"/"float16" run as bfloat16 with a warning: the model has no fp16 path, and bf16 takes
+    the same memory with fp32's range (vLLM launch lines ask for half on GPUs without bf16)."""
     kv_cache_dtype: Literal["auto"] = "auto"
-    """KV cache dtype; "auto" = the model dtype."""
+    """KV cache dtype; only "auto" (= the model dtype) for now: anything else is refused."""
     max_model_len: int | None = None
     """Context length (prompt + output); defaults to the model's max_position_embeddings."""
     gpu_memory_utilization: float = 0.9
@@ -76,6 +83,12 @@ class EngineConfig:
     device computes. Outputs are the same; a request may run one extra (discarded) step. On by
     default (vLLM's is off): measured faster for nano and for a batch-1 decode step
     (bench/RESULTS.md)."""
+    generation_config: str = "auto"
+    """Where the default sampling parameters come from (vLLM's): "auto" the model's
+    ``generation_config.json``, "vllm" none (vLLM's own defaults), else a directory holding a
+    ``generation_config.json``. A request's own values always win."""
+    override_generation_config: dict[str, Any] | None = None
+    """Values put over the generation config (``{"temperature": 0.5, "max_new_tokens": 64}``)."""
     compilation_cache_dir: str | None = "~/.cache/jaxpaged/xla"
     """JAX's persistent compilation cache (makes the second start fast), with jaxpaged's compiled
     step programs beside it (``jaxpaged-executables/``: a warm start loads them without tracing);
@@ -99,8 +112,26 @@ class EngineConfig:
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported "
                              "yet (only 1)")
+        self._verify_dtypes()
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory, "
+                             f"got {self.generation_config!r}")
+        if self.override_generation_config is not None and not isinstance(
+                self.override_generation_config, dict):
+            raise ValueError(f"override_generation_config must be a dict, "
+                             f"got {self.override_generation_config!r}")
+
+    def _verify_dtypes(self) -> None:
+        if self.dtype in ("half", "float16"):
+            logger.warning("dtype=%r runs as bfloat16: jaxpaged has no float16 model path "
+                           "(bfloat16 takes the same memory)", self.dtype)
+            object.__setattr__(self, "dtype", "bfloat16")
         if self.dtype not in ("auto", "bfloat16", "bf16", "float32", "fp32"):
-            raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
+            raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float32' or 'half', "
+                             f"got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet "
+                             "(only 'auto', the model dtype: the fp8 KV cache is in progress)")
 
     @classmethod
     def from_kwargs(cls, model: str, kwargs: dict[str, Any]) -> "EngineConfig":
