@@ -143,7 +143,8 @@ class EngineConfig:
                 chosen[name] = value
             elif name in _NO_OP_VLLM_ARGS:
                 if value not in _NO_OP_VLLM_ARGS[name]:
-                    raise ValueError(f"{name}={value!r} is not supported by jaxpaged")
+                    shown = "<redacted>" if name == "hf_token" else repr(value)  # a secret
+                    raise ValueError(f"{name}={shown} is not supported by jaxpaged")
             else:
                 raise TypeError(f"unexpected keyword argument {name!r}")
         return cls(model=model, **chosen)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.config import EngineConfig
-from jaxpaged.hub import resolve_model
+from jaxpaged.utils.hub import resolve_model
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
@@ -23,7 +23,7 @@ class LLM:
 
     ``LLM(model="path/to/model", max_model_len=4096, gpu_memory_utilization=0.9, ...)``; see
     ``EngineConfig`` for every argument. ``model`` (and ``tokenizer``) may be a Hugging Face hub
-    id (``jaxpaged.hub.resolve_model``).
+    id (``jaxpaged.utils.hub.resolve_model``).
     """
 
     def __init__(self, model: str, **kwargs: Any):

@@ -148,7 +148,7 @@ def model_name(args: argparse.Namespace) -> str | None:
 
 
 def resolve_model_dir(args: argparse.Namespace) -> str:
-    from jaxpaged.hub import resolve_model
+    from jaxpaged.utils.hub import resolve_model
 
     name = model_name(args)
     if name:
@@ -162,7 +162,7 @@ def engine_config_from_args(args: argparse.Namespace, model_dir: str) -> EngineC
     ``LLM()`` accept and refuse the same values."""
     kwargs = {name: getattr(args, name) for name in (*ENGINE_FIELDS, *_NO_OP_VLLM_ARGS)}
     if kwargs["tokenizer"]:
-        from jaxpaged.hub import resolve_model
+        from jaxpaged.utils.hub import resolve_model
         kwargs["tokenizer"] = resolve_model(kwargs["tokenizer"])
     kwargs["compilation_cache_dir"] = kwargs["compilation_cache_dir"] or None
     return EngineConfig.from_kwargs(model_dir, kwargs)

@@ -289,7 +289,7 @@ def _template_options(values: dict[str, Any]) -> ChatTemplateOptions:
     if tools is not None:
         if not tools:
             raise bad_request("'tools' must not be empty (leave it out for no tools)", "tools")
-        if values.get("tool_choice") is None:  # OpenAI's default with tools is "auto"
+        if "tool_choice" not in values:  # OpenAI's default with tools is "auto"
             raise bad_request("tool calling is not supported by jaxpaged: 'tools' with "
                               "tool_choice 'auto' (the default with tools); send tool_choice "
                               "'none' to only show the tools to the chat template", "tools",

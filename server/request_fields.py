@@ -212,7 +212,8 @@ CHAT_FIELDS = _table(_SHARED, _CHAT_ONLY)
 
 def read_fields(body: Mapping[str, Any], table: Mapping[str, FieldSpec], *, where: str,
                 prefix: str = "") -> dict[str, Any]:
-    """The checked values of ``body``'s given (non-null) fields, honoured and no-op alike.
+    """The checked values of ``body``'s given (non-null) fields: honoured, no-op, and refused
+    ones at a value that asks for nothing.
 
     400 naming the field for an unknown field, a refused one that asks for something, or a value
     of the wrong type or range. ``where`` names the object in messages ("/v1/completions");
@@ -227,6 +228,7 @@ def read_fields(body: Mapping[str, Any], table: Mapping[str, FieldSpec], *, wher
             continue
         if spec.treatment is Treatment.REFUSED:
             if spec.harmless(value, body):
+                values[name] = value
                 continue
             raise bad_request(f"'{field}' is not supported by jaxpaged ({spec.why}), got "
                               f"{c.short(value)}", field, "unsupported_field")

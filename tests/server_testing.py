@@ -22,10 +22,25 @@ from jaxpaged.config import EngineConfig
 from jaxpaged.server.app import build_app
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.settings import ServerSettings
+from jaxpaged.sampling_params import SamplingParams
+
+import pytest
 
 MODEL = "llama3-rope"
 MODEL_NAME = "tiny"
 API_KEY = "sk-test-key"
+
+
+def sampling_params_has(name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def needs_sampler_field(name: str):
+    """Skips a test ONLY while ``SamplingParams`` lacks the field: the sampler's ``logit_bias``,
+    ``allowed_token_ids``, ``bad_words`` and ``truncate_prompt_tokens`` arrive on another branch.
+    (Remove at the merge.)"""
+    return pytest.mark.skipif(not sampling_params_has(name),
+                              reason=f"SamplingParams has no {name!r} yet (sampler branch)")
 
 
 def engine_config(model_dir: pathlib.Path, **overrides) -> EngineConfig:

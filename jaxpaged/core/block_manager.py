@@ -222,8 +222,8 @@ class BlockManager:
         if len(hashes) < num_blocks:
             bs, tokens = self.block_size, request.all_token_ids
             for i in range(len(hashes), num_blocks):
-                hashes.append(hash_block_tokens(hashes[-1] if i else salt_hash(request.cache_salt),
-                                                tokens[i * bs : (i + 1) * bs]))
+                parent = hashes[-1] if i else salt_hash(request.cache_salt)
+                hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs]))
         return hashes
 
     def allocate_slots(
