@@ -12,7 +12,8 @@ from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.json_body import read_json_object
 from jaxpaged.server.metrics import CONTENT_TYPE
 from jaxpaged.server.prompts import chat_token_ids, encode, render_chat
-from jaxpaged.server.protocol import ChatTemplateOptions, parse_detokenize_request, parse_tokenize_request
+from jaxpaged.server.protocol import (ChatTemplateOptions, parse_detokenize_request,
+                                      parse_tokenize_request)
 
 
 async def health(request: Request) -> Response:

@@ -63,7 +63,8 @@ def render_chat(ctx: ServerContext, messages: list[dict[str, Any]],
     extra = {"tools": options.tools} if options.tools is not None else {}
     try:
         return ctx.tokenizer.apply_chat_template(
-            messages, tokenize=False, chat_template=options.chat_template or ctx.settings.chat_template,
+            messages, tokenize=False,
+            chat_template=options.chat_template or ctx.settings.chat_template,
             add_generation_prompt=options.add_generation_prompt,
             continue_final_message=options.continue_final_message, **extra, **options.kwargs)
     except Exception as e:  # no template, or the template refused the conversation

@@ -52,7 +52,7 @@ class StreamOptions:
 class Tokenization:
     """How a prompt becomes token ids."""
 
-    add_special_tokens: bool  # BOS ...: completions default True, chat False (the template has them)
+    add_special_tokens: bool  # BOS ...: completions default True, chat False (the template's)
     truncate_prompt_tokens: int | None  # keep this many prompt tokens; -1: as many as fit
     truncation_side: str  # "left" keeps the last tokens, "right" the first
 

@@ -183,7 +183,8 @@ def test_tools_without_tool_choice_none_are_refused(http):
 @pytest.mark.parametrize("field,value", [("audio", {"id": "a"}), ("function_call", {"name": "f"}),
                                          ("colour", "red")])
 def test_message_fields_that_are_refused_or_unknown(http, field, value):
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", field: value}]
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "", field: value}]
     response = _post(http, "chat", {"messages": messages})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == f"messages[1].{field}"
