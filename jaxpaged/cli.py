@@ -11,7 +11,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands.add_parser("generate", help="continue a prompt with a model"))
     _add_convert(commands.add_parser("convert", help="convert a Hugging Face checkpoint"))
-    _add_serve(commands.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                                usage="jaxpaged serve [MODEL] [options]")
+    _add_serve(serve)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from jaxpaged.server.config_file import apply_config_file
+        apply_config_file(serve, argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
 
 # vLLM arguments that change nothing in jaxpaged when left at these values (accepted so vLLM code
 # runs unchanged); any other value is refused rather than silently ignored.
@@ -18,6 +21,8 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
     "disable_custom_all_reduce": (False, True),
     "max_seq_len_to_capture": (None, 8192),
     "quantization": (None,),
+    "pipeline_parallel_size": (1,),  # one device for now (tensor_parallel_size says the same)
+    "data_parallel_size": (1,),
     "hf_token": (None,),
     "task": ("auto", "generate"),
 }
@@ -40,8 +45,10 @@ class EngineConfig:
     """Tokenizer directory; defaults to ``model``."""
     skip_tokenizer_init: bool = False
     """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
-    dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32"] = "auto"
-    """Weights and activations; "auto" takes the checkpoint's (fp16/bf16 -> bf16, fp32 -> fp32)."""
+    dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32", "half", "float16"] = "auto"
+    """Weights and activations; "auto" takes the checkpoint's (fp16/bf16 -> bf16, fp32 -> fp32).
+    "half"/"float16" run as bfloat16 with a warning: the model has no fp16 path, and bf16 takes
+    the same memory with fp32's range (vLLM launch lines ask for half on GPUs without bf16)."""
     kv_cache_dtype: Literal["auto", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     """KV cache dtype (vLLM's names); "auto" = the model dtype. "fp8" (= "fp8_e4m3") and
     "fp8_e5m2" store K and V in one byte each with a per-layer scale (twice the tokens in the
@@ -121,20 +128,28 @@ class EngineConfig:
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported "
                              "yet (only 1)")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
-                             f"got {self.kv_cache_dtype!r}")
-        if self.calculate_kv_scales and not self.kv_cache_dtype.startswith("fp8"):
-            raise ValueError("calculate_kv_scales=True needs an fp8 kv_cache_dtype, got "
-                             f"{self.kv_cache_dtype!r}")
+        self._verify_dtypes()
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory, "
                              f"got {self.generation_config!r}")
         if not isinstance(self.override_generation_config, dict):
             raise ValueError(f"override_generation_config must be a dict, "
                              f"got {self.override_generation_config!r}")
+
+    def _verify_dtypes(self) -> None:
+        if self.dtype in ("half", "float16"):
+            logger.warning("dtype=%r runs as bfloat16: jaxpaged has no float16 model path "
+                           "(bfloat16 takes the same memory)", self.dtype)
+            object.__setattr__(self, "dtype", "bfloat16")
         if self.dtype not in ("auto", "bfloat16", "bf16", "float32", "fp32"):
-            raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
+            raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float32' or 'half', "
+                             f"got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.calculate_kv_scales and not self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError("calculate_kv_scales=True needs an fp8 kv_cache_dtype, got "
+                             f"{self.kv_cache_dtype!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, kwargs: dict[str, Any]) -> "EngineConfig":
@@ -146,7 +161,8 @@ class EngineConfig:
                 chosen[name] = value
             elif name in _NO_OP_VLLM_ARGS:
                 if value not in _NO_OP_VLLM_ARGS[name]:
-                    raise ValueError(f"{name}={value!r} is not supported by jaxpaged")
+                    shown = "<redacted>" if name == "hf_token" else repr(value)  # a secret
+                    raise ValueError(f"{name}={shown} is not supported by jaxpaged")
             else:
                 raise TypeError(f"unexpected keyword argument {name!r}")
         return cls(model=model, **chosen)

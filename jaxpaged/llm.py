@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.config import EngineConfig
+from jaxpaged.utils.hub import resolve_model
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
@@ -21,11 +22,14 @@ class LLM:
     """An LLM for offline batched generation, with vLLM's constructor arguments.
 
     ``LLM(model="path/to/model", max_model_len=4096, gpu_memory_utilization=0.9, ...)``; see
-    ``EngineConfig`` for every argument.
+    ``EngineConfig`` for every argument. ``model`` (and ``tokenizer``) may be a Hugging Face hub
+    id (``jaxpaged.utils.hub.resolve_model``).
     """
 
     def __init__(self, model: str, **kwargs: Any):
-        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(model, kwargs))
+        if kwargs.get("tokenizer"):
+            kwargs["tokenizer"] = resolve_model(kwargs["tokenizer"])
+        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(resolve_model(model), kwargs))
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):

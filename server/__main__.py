@@ -1,4 +1,4 @@
-"""``python -m jaxpaged.server --model DIR ...``: the same as ``jaxpaged serve``."""
+"""``python -m jaxpaged.server MODEL ...``: the same as ``jaxpaged serve``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import argparse
 import sys
 
 from jaxpaged.server.args import add_server_arguments
+from jaxpaged.server.config_file import apply_config_file
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxpaged.server",
                                      description="OpenAI-compatible jaxpaged server")
     add_server_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    apply_config_file(parser, argv)
     args = parser.parse_args(argv)
     from jaxpaged.server.launch import run_server
     try:

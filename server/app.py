@@ -24,15 +24,23 @@ from jaxpaged.engine.tokenizer import load_tokenizer
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.auth import BearerAuthMiddleware
 from jaxpaged.server.context import ServerContext
-from jaxpaged.server.endpoints import detokenize, health, list_models, metrics_endpoint, tokenize, version
+from jaxpaged.server.endpoints import detokenize, health, list_models, metrics_endpoint, retrieve_model, tokenize, version
 from jaxpaged.server.errors import APIError
 from jaxpaged.server.generation import create_chat_completion, create_completion
+from jaxpaged.server.generation_defaults import generation_defaults
 from jaxpaged.server.metrics import ServerMetrics
+from jaxpaged.server.request_id import RequestIdMiddleware
 from jaxpaged.server.responses import TokenTexts
 from jaxpaged.server.settings import ServerSettings
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does
     from transformers import PreTrainedTokenizerBase
+
+
+def _caps_max_tokens(config) -> bool:
+    """A max_new_tokens from a generation-config directory or the override caps every request."""
+    return (config.generation_config not in ("auto", "vllm")
+            or "max_new_tokens" in config.override_generation_config)
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
@@ -42,12 +50,15 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
         settings=settings, engine=AsyncEngine(engine, metrics), tokenizer=tokenizer,
         token_texts=TokenTexts(tokenizer), metrics=metrics, max_model_len=engine.max_model_len,
         vocab_size=engine.model_config.vocab_size, max_num_seqs=engine.max_num_seqs,
-        max_logprobs=engine.config.max_logprobs)
+        max_logprobs=engine.config.max_logprobs, scheduling_policy=engine.config.scheduling_policy,
+        generation_defaults=generation_defaults(engine.get_diff_sampling_param(),
+                                                caps_max_tokens=_caps_max_tokens(engine.config)))
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
@@ -55,7 +66,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
     ]
     app = Starlette(
         routes=routes, lifespan=_lifespan,
-        middleware=[Middleware(BearerAuthMiddleware, api_key=settings.api_key)],
+        middleware=[Middleware(RequestIdMiddleware),
+                    Middleware(BearerAuthMiddleware, api_keys=settings.api_keys)],
         exception_handlers={APIError: _api_error, HTTPException: _http_error,
                             Exception: _internal_error})
     app.state.context = context

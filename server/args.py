@@ -1,47 +1,92 @@
-"""Command-line arguments of ``jaxpaged serve`` / ``python -m jaxpaged.server``: the server's own
-(``--host``, ``--port``, ``--api-key``, ``--served-model-name`` ...) plus the engine's, spelled as
-vLLM spells them (``--max-model-len``, ``--gpu-memory-utilization`` ...)."""
+"""Command-line arguments of ``jaxpaged serve`` / ``python -m jaxpaged.server``, spelled as vLLM
+spells them: the model as a positional argument (``jaxpaged serve MODEL``) or ``--model``, the
+server's own flags (``--host``, ``--api-key`` ...), every argument ``LLM()`` / ``EngineConfig``
+takes (``--max-model-len`` ...), and vLLM's usual launch flags. A vLLM flag that changes nothing
+here parses as a no-op; one asking for what jaxpaged lacks (``-tp 2``, ``--kv-cache-dtype fp8_inc``,
+``-q awq``) is refused by ``EngineConfig`` with a message naming the value. ``--config FILE.yaml``
+(``config_file.py``) supplies defaults that the command line overrides.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import pathlib
+from typing import Any
 
-from jaxpaged.config import EngineConfig
+from jaxpaged.config import _NO_OP_VLLM_ARGS, EngineConfig
 
+from jaxpaged.server.chat_template import load_chat_template
 from jaxpaged.server.settings import ServerSettings
 
 API_KEY_ENV = "JAXPAGED_API_KEY"
+_LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory (HF or converted); default: the built-in "
-                                   "tiny model, built on first use")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="model: a directory (HF or converted) or a Hugging Face hub id; the "
+                        "same as --model, which it overrides")
+    p.add_argument("--model", help="model directory or hub id; default: the built-in tiny model, "
+                                   "built on first use")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="vLLM's YAML config: keys are flag names; the command line wins")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY', any of these keys (default: "
+                        f"${API_KEY_ENV} if set)")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="model name(s) clients use; default: --model as given")
-    p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--disable-access-log", action="store_true", help="no line per request")
+                   help="model name(s) clients use; default: the model as given")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template: a file, or the template itself (default: the tokenizer's)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat_template (vLLM's flag)")
+    p.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
+    p.add_argument("--uvicorn-log-level", default=None, choices=[*_LOG_LEVELS, "trace"],
+                   help="uvicorn's own log level (default: --log-level)")
+    p.add_argument("--disable-access-log", "--disable-uvicorn-access-log", action="store_true",
+                   help="no line per request")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="vLLM's flag; a no-op: jaxpaged does not log request contents")
+    p.add_argument("--max-log-len", type=int, default=None,
+                   help="vLLM's flag; a no-op: jaxpaged does not log request contents")
     p.add_argument("--timeout-graceful-shutdown", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM/SIGINT wait at most this long for in-flight requests "
                         "(default: until they finish)")
-    _add_engine_arguments(p.add_argument_group("engine"))
+    _add_engine_arguments(p.add_argument_group("engine (EngineConfig / LLM() arguments)"))
+    _add_vllm_arguments(p.add_argument_group("vLLM arguments that must keep their defaults"))
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights of config.json's shapes, made on the device")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id "
+                                                     "(default: the model)")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="no tokenizer: token-id prompts only, no text in outputs")
     g.add_argument("--dtype", default="auto",
-                   choices=["auto", "bfloat16", "bf16", "float32", "fp32"])
+                   choices=["auto", "bfloat16", "bf16", "float32", "fp32", "half", "float16"],
+                   help="half/float16 run as bfloat16, with a warning")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the model's), fp8 / fp8_e4m3 / fp8_e5m2 (one byte per value: twice "
+                        "the tokens), bfloat16, float32")
+    g.add_argument("--calculate-kv-scales", action="store_true",
+                   help="fp8 KV cache: estimate the K/V scales at start-up (else the "
+                        "checkpoint's, or 1.0)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -53,39 +98,79 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
                    default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                    default=True)
-    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests' 'priority' orders admission (lower first)")
     g.add_argument("--max-waiting", type=int, default=None,
                    help="most queued requests; more are answered 503 (default: unbounded)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20)
+    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="only 1 for now")
     g.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "reference"])
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="overlap scheduling and detokenizing with the device step (default on)")
+    g.add_argument("--generation-config", default="auto",
+                   help="default sampling parameters: 'auto' (the model's "
+                        "generation_config.json), 'vllm' (none) or a directory")
+    g.add_argument("--override-generation-config", type=_json_object, default={},
+                   metavar="JSON", help="values over the generation config, as a JSON object")
     g.add_argument("--compilation-cache-dir", default="~/.cache/jaxpaged/xla",
                    help="JAX's persistent compilation cache ('' disables it)")
 
 
+def _add_vllm_arguments(g: argparse._ArgumentGroup) -> None:
+    """vLLM's LLM() arguments jaxpaged accepts only at their no-op values (config.py's table)."""
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="a no-op: jaxpaged never runs code from a checkpoint")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="a no-op: XLA programs are always compiled ahead of serving")
+    g.add_argument("--disable-log-stats", action="store_true", help="a no-op")
+    g.add_argument("--disable-custom-all-reduce", action="store_true", help="a no-op")
+    g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="only 1")
+    g.add_argument("-dp", "--data-parallel-size", type=int, default=1, help="only 1")
+    g.add_argument("-q", "--quantization", type=_none_or_str, default=None,
+                   help="only none for now")
+    g.add_argument("--tokenizer-mode", default="auto", help="only auto")
+    g.add_argument("--revision", default=None, help="only the default (main)")
+    g.add_argument("--tokenizer-revision", default=None, help="only the default (main)")
+    g.add_argument("--swap-space", type=float, default=None, help="a no-op (0 or 4)")
+    g.add_argument("--max-seq-len-to-capture", type=int, default=None, help="a no-op")
+    g.add_argument("--hf-token", default=None, help="not supported: set HF_TOKEN instead")
+    g.add_argument("--task", default="auto", help="only auto / generate")
+
+
+def _none_or_str(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
+# EngineConfig fields the command line sets (the model comes from the model arguments).
+ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "model")
+
+
+def model_name(args: argparse.Namespace) -> str | None:
+    """The model as given (the positional argument wins over --model, as vLLM's)."""
+    return args.model_tag or args.model
+
+
 def resolve_model_dir(args: argparse.Namespace) -> str:
-    if args.model:
-        return args.model
+    from jaxpaged.utils.hub import resolve_model
+
+    name = model_name(args)
+    if name:
+        return resolve_model(name)
     from jaxpaged.converters.tiny import default_model_dir
     return str(default_model_dir())
 
 
 def engine_config_from_args(args: argparse.Namespace, model_dir: str) -> EngineConfig:
-    return EngineConfig(
-        model=model_dir, load_format=args.load_format, tokenizer=args.tokenizer, skip_tokenizer_init=args.skip_tokenizer_init,
-        dtype=args.dtype, max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        num_gpu_blocks_override=args.num_gpu_blocks_override, block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        scheduling_policy=args.scheduling_policy, max_waiting=args.max_waiting, seed=args.seed,
-        max_logprobs=args.max_logprobs, attention_impl=args.attention_impl,
-        async_scheduling=args.async_scheduling,
-        compilation_cache_dir=args.compilation_cache_dir or None)
+    """Every engine argument through ``EngineConfig.from_kwargs``, so the command line and
+    ``LLM()`` accept and refuse the same values."""
+    kwargs = {name: getattr(args, name) for name in (*ENGINE_FIELDS, *_NO_OP_VLLM_ARGS)}
+    if kwargs["tokenizer"]:
+        from jaxpaged.utils.hub import resolve_model
+        kwargs["tokenizer"] = resolve_model(kwargs["tokenizer"])
+    kwargs["compilation_cache_dir"] = kwargs["compilation_cache_dir"] or None
+    return EngineConfig.from_kwargs(model_dir, kwargs)
 
 
 def server_settings_from_args(args: argparse.Namespace, model_dir: str) -> ServerSettings:
@@ -93,7 +178,12 @@ def server_settings_from_args(args: argparse.Namespace, model_dir: str) -> Serve
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.served_model_name:
         names = tuple(args.served_model_name)
-    else:  # vLLM's rule: the --model string; the built-in model goes by its directory name
-        names = (args.model or pathlib.Path(model_dir).name,)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    return ServerSettings(served_model_names=names, api_key=api_key)
+    else:  # vLLM's rule: the model as given; the built-in model goes by its directory name
+        names = (model_name(args) or pathlib.Path(model_dir).name,)
+    if args.api_key is not None:
+        keys = tuple(args.api_key)
+    else:
+        keys = (os.environ[API_KEY_ENV],) if os.environ.get(API_KEY_ENV) else ()
+    return ServerSettings(served_model_names=names, api_keys=keys,
+                          chat_template=load_chat_template(args.chat_template),
+                          trust_request_chat_template=args.trust_request_chat_template)

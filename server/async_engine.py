@@ -63,6 +63,8 @@ class EngineInput:
     prompt_token_ids: list[int]
     params: SamplingParams  # output_kind DELTA: the stream carries what each step added
     arrival_time: float  # when the HTTP request was accepted (time.time())
+    priority: int = 0  # lower first under the "priority" scheduling policy
+    cache_salt: str | None = None  # separates the request's prefix-cache entries
 
 
 class OutputStream:
@@ -228,7 +230,8 @@ class AsyncEngine:
             for i in command.inputs:
                 self.engine.add_request(i.request_id, i.prompt, i.params,
                                         prompt_token_ids=i.prompt_token_ids,
-                                        arrival_time=i.arrival_time)
+                                        arrival_time=i.arrival_time, priority=i.priority,
+                                        cache_salt=i.cache_salt)
                 added.append(i.request_id)
         except Exception as e:  # bad input (ValueError), queue full, or a bug: nothing stays queued
             self.engine.abort_request(added)

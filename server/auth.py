@@ -1,5 +1,6 @@
 """``Authorization: Bearer <key>`` on every route but the open ones (a pure ASGI middleware, so
-streamed responses pass through untouched)."""
+streamed responses pass through untouched). Several keys may be valid (vLLM's ``--api-key A B``);
+the header is compared with every one of them in constant time."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
 class BearerAuthMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None):
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._expected = [f"Bearer {key}".encode() for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (self._expected is None or scope["type"] != "http"
+        if (not self._expected or scope["type"] != "http"
                 or scope["path"] in OPEN_PATHS or self._authorized(scope)):
             await self.app(scope, receive, send)
             return
@@ -28,4 +29,8 @@ class BearerAuthMiddleware:
 
     def _authorized(self, scope: Scope) -> bool:
         given = [v for k, v in scope["headers"] if k == b"authorization"]
-        return len(given) == 1 and hmac.compare_digest(given[0], self._expected)
+        if len(given) != 1:
+            return False
+        # NOTE: no short cut: every key is compared, so the time does not tell which one matched
+        matches = [hmac.compare_digest(given[0], key) for key in self._expected]
+        return any(matches)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.errors import bad_request
+from jaxpaged.server.generation_defaults import GenerationDefaults
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.responses import TokenTexts
 from jaxpaged.server.settings import ServerSettings
@@ -30,6 +32,9 @@ class ServerContext:
     vocab_size: int
     max_num_seqs: int
     max_logprobs: int
+    scheduling_policy: str  # "fcfs" or "priority": a request's priority needs the latter
+    generation_defaults: GenerationDefaults  # for the fields a request omits
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # model cards
 
     @property
     def model_name(self) -> str:

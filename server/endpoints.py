@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from importlib.metadata import version as package_version
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jaxpaged.server.context import context_of
-from jaxpaged.server.errors import bad_request
+from jaxpaged.server.context import ServerContext, context_of
+from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.json_body import read_json_object
 from jaxpaged.server.metrics import CONTENT_TYPE
 from jaxpaged.server.prompts import chat_token_ids, encode, render_chat
-from jaxpaged.server.protocol import parse_detokenize_request, parse_tokenize_request
+from jaxpaged.server.protocol import (ChatTemplateOptions, parse_detokenize_request,
+                                      parse_tokenize_request)
 
 
 async def health(request: Request) -> Response:
@@ -31,10 +31,24 @@ async def version(request: Request) -> Response:
 
 async def list_models(request: Request) -> Response:
     ctx = context_of(request)
-    created = int(time.time())
     return JSONResponse({"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "jaxpaged",
-         "max_model_len": ctx.max_model_len} for name in ctx.settings.served_model_names]})
+        _model_card(ctx, name) for name in ctx.settings.served_model_names]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """GET /v1/models/{id} (OpenAI's retrieve): the card, or 404 naming the model."""
+    ctx = context_of(request)
+    name = request.path_params["model"]
+    if name not in ctx.settings.served_model_names:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                            f"{list(ctx.settings.served_model_names)}", param="model",
+                       code="model_not_found")
+    return JSONResponse(_model_card(ctx, name))
+
+
+def _model_card(ctx: ServerContext, name: str) -> dict:
+    return {"id": name, "object": "model", "created": ctx.created, "owned_by": "jaxpaged",
+            "root": ctx.settings.served_model_names[0], "max_model_len": ctx.max_model_len}
 
 
 async def tokenize(request: Request) -> Response:
@@ -43,8 +57,9 @@ async def tokenize(request: Request) -> Response:
     parsed = parse_tokenize_request(await read_json_object(request, ctx.settings.max_body_bytes))
     ctx.check_model(parsed.model)
     if parsed.messages is not None:
-        text = render_chat(ctx, parsed.messages, add_generation_prompt=parsed.add_generation_prompt,
-                           continue_final_message=False)
+        text = render_chat(ctx, parsed.messages, ChatTemplateOptions(
+            chat_template=None, kwargs={}, tools=None,
+            add_generation_prompt=parsed.add_generation_prompt, continue_final_message=False))
         tokens = chat_token_ids(ctx, text)
     else:
         tokens = encode(ctx, parsed.prompt, parsed.add_special_tokens)

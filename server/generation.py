@@ -2,8 +2,9 @@
 
 Both endpoints turn their body into a ``_Job`` (tokenized prompts + one SamplingParams), hand it
 to the engine thread, then either stream server-sent events or wait for the whole answer. The
-engine request ids are ``f"{response_id}-{k}"`` for prompt ``k``; choice ``k * n + i`` is sample
-``i`` of prompt ``k``.
+response id is ``cmpl-<base>`` / ``chatcmpl-<base>`` with vLLM's base: the X-Request-Id header,
+else the body's ``request_id``, else a fresh one; the engine request ids are ``f"{id}-{k}"`` for
+prompt ``k``; choice ``k * n + i`` is sample ``i`` of prompt ``k``.
 
 A client that goes away aborts its requests: the stream's generator is closed (``finally``), and a
 non-streamed request watches the connection for ``http.disconnect`` while it waits.
@@ -22,16 +23,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.core.scheduler import QueueFullError
+from jaxpaged.outputs import RequestOutput
 
 from jaxpaged.server.async_engine import EngineInput, EngineUnavailableError, OutputStream, RequestFailedError
 from jaxpaged.server.context import ServerContext, context_of
 from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.json_body import read_json_object
-from jaxpaged.server.prompts import chat_token_ids, render_chat, tokenize_prompt
-from jaxpaged.server.protocol import StreamOptions, parse_chat_request, parse_completion_request
-from jaxpaged.server.responses import Choice, Kind, ResponseMeta, chunk, full_response, sse, usage, usage_chunk
+from jaxpaged.server.prompts import chat_token_ids, render_chat, tokenize_prompt, truncate
+from jaxpaged.server.protocol import GenerationRequest, parse_chat_request, parse_completion_request
+from jaxpaged.server.responses import (Choice, Kind, PromptPart, ResponseMeta, chunk, full_response,
+                                       role_chunk, sse, token_id_text, usage, usage_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +42,14 @@ class _Job:
 
     kind: Kind
     meta: ResponseMeta
+    request: GenerationRequest
     inputs: list[EngineInput]
-    n: int
-    stream: bool
-    options: StreamOptions
-    top_logprobs: int | None  # None: no logprobs
+    prompts: list[PromptPart]  # one per input
+    prompt_text: str | None = None  # chat: the rendered template
+
+    @property
+    def n(self) -> int:
+        return self.request.params.n
 
     @property
     def prompt_tokens(self) -> int:
@@ -54,63 +59,108 @@ class _Job:
         return {i.request_id: k for k, i in enumerate(self.inputs)}
 
     def new_choices(self, ctx: ServerContext) -> dict[int, Choice]:
-        return {index: Choice(index, self.kind, self.top_logprobs, ctx.token_texts)
-                for index in range(len(self.inputs) * self.n)}
+        options = self.request.response
+        texts = token_id_text if options.return_tokens_as_token_ids else ctx.token_texts
+        return {k * self.n + i: Choice(k * self.n + i, self.kind, options, texts, prompt)
+                for k, prompt in enumerate(self.prompts) for i in range(self.n)}
+
+    def take(self, choices: dict[int, Choice], output: RequestOutput, index_of: dict[str, int]):
+        """The choices and deltas of one engine output, in order."""
+        k = index_of[output.request_id]
+        if output.prompt_logprobs is not None:
+            self.prompts[k].logprobs = output.prompt_logprobs
+        for seq in output.outputs:
+            choice = choices[k * self.n + seq.index]
+            yield choice, choice.add(seq)
 
 
 async def create_completion(request: Request) -> Response:
     ctx = context_of(request)
     parsed = parse_completion_request(
-        await read_json_object(request, ctx.settings.max_body_bytes))
-    ctx.check_model(parsed.model)
-    prompts = [tokenize_prompt(ctx, p) for p in parsed.prompts]
-    job = _make_job(ctx, "completion", prompts, parsed.params, parsed.stream,
-                    parsed.stream_options, parsed.logprobs, "logprobs", "max_tokens")
+        await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults)
+    common = parsed.common
+    ctx.check_model(common.model)
+    room = common.params.max_tokens or 1
+    prompts = [tokenize_prompt(ctx, p, common.tokenization, room) for p in parsed.prompts]
+    parts = [PromptPart(ids, _completion_echo(ctx, text, ids) if common.response.echo else "")
+             for text, ids in prompts]
+    job = _make_job(ctx, request, "completion", prompts, parts, common)
     return await _run(request, ctx, job)
+
+
+def _completion_echo(ctx: ServerContext, text: str | None, token_ids: list[int]) -> str:
+    """The text echo puts first: the prompt as given, or its (kept) token ids decoded."""
+    if text is not None:
+        return text
+    if ctx.tokenizer is None:
+        raise bad_request("'echo' of a token-id prompt needs a tokenizer", "echo")
+    return ctx.tokenizer.decode(token_ids)
 
 
 async def create_chat_completion(request: Request) -> Response:
     ctx = context_of(request)
-    body = await read_json_object(request, ctx.settings.max_body_bytes)
-    parsed = parse_chat_request(body)
-    ctx.check_model(parsed.model)
-    text = render_chat(ctx, parsed.messages, add_generation_prompt=parsed.add_generation_prompt,
-                       continue_final_message=parsed.continue_final_message)
-    top = parsed.top_logprobs if parsed.logprobs else None
-    max_tokens_field = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
-                        else "max_tokens")
-    job = _make_job(ctx, "chat", [(text, chat_token_ids(ctx, text))], parsed.params,
-                    parsed.stream, parsed.stream_options, top, "top_logprobs", max_tokens_field)
+    parsed = parse_chat_request(
+        await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults)
+    common = parsed.common
+    ctx.check_model(common.model)
+    text = render_chat(ctx, parsed.messages, parsed.template)
+    ids = truncate(ctx, chat_token_ids(ctx, text, common.tokenization.add_special_tokens),
+                   common.tokenization, common.params.max_tokens or 1)
+    echo = _chat_echo(parsed.messages, parsed.template.add_generation_prompt)
+    part = PromptPart(ids, echo if common.response.echo else "")
+    job = _make_job(ctx, request, "chat", [(text, ids)], [part], common, prompt_text=text)
     return await _run(request, ctx, job)
 
 
-def _make_job(ctx: ServerContext, kind: Kind, prompts: list[tuple[str | None, list[int]]],
-              params: SamplingParams, stream: bool, options: StreamOptions,
-              top_logprobs: int | None, logprobs_field: str, max_tokens_field: str) -> _Job:
-    _check_limits(ctx, params, top_logprobs, logprobs_field)
+def _chat_echo(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    """vLLM's chat echo: the last message's content when the answer continues its role (an
+    assistant message, or any role without a generation prompt)."""
+    last = messages[-1]
+    continues = not add_generation_prompt or last["role"] == "assistant"
+    return last["content"] if continues else ""
+
+
+def _make_job(ctx: ServerContext, request: Request, kind: Kind,
+              prompts: list[tuple[str | None, list[int]]], parts: list[PromptPart],
+              common: GenerationRequest, prompt_text: str | None = None) -> _Job:
+    _check_limits(ctx, common)
     for _, token_ids in prompts:
-        _check_length(ctx, len(token_ids), params.max_tokens, kind, max_tokens_field)
-    prefix = "cmpl" if kind == "completion" else "chatcmpl"
-    response_id = f"{prefix}-{uuid.uuid4().hex}"
+        _check_length(ctx, len(token_ids), common.params.max_tokens, kind,
+                      common.max_tokens_field)
+    base = request.state.request_id or common.submission.request_id or uuid.uuid4().hex
+    request.state.request_id = base  # echoed as X-Request-Id
+    response_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{base}"
     now = time.time()
-    inputs = [EngineInput(f"{response_id}-{k}", text, token_ids, params, now)
+    submission = common.submission
+    inputs = [EngineInput(f"{response_id}-{k}", text, token_ids, common.params, now,
+                          priority=submission.priority, cache_salt=submission.cache_salt)
               for k, (text, token_ids) in enumerate(prompts)]
     meta = ResponseMeta(response_id, int(now), ctx.model_name)
-    return _Job(kind, meta, inputs, params.n, stream, options, top_logprobs)
+    return _Job(kind, meta, common, inputs, parts, prompt_text)
 
 
-def _check_limits(ctx: ServerContext, params: SamplingParams, top_logprobs: int | None,
-                  logprobs_field: str) -> None:
+def _check_limits(ctx: ServerContext, common: GenerationRequest) -> None:
+    params = common.params
     if params.n > ctx.max_num_seqs:
         raise bad_request(f"'n' must be at most max_num_seqs={ctx.max_num_seqs}, got {params.n}",
                           "n")
-    if top_logprobs is not None and top_logprobs > ctx.max_logprobs:
-        raise bad_request(f"'{logprobs_field}' must be at most {ctx.max_logprobs}, got "
-                          f"{top_logprobs}", logprobs_field)
-    for token_id in params.stop_token_ids:
-        if token_id >= ctx.vocab_size:
-            raise bad_request(f"stop token id {token_id} is not in [0, {ctx.vocab_size})",
-                              "stop_token_ids")
+    top = common.response.top_logprobs
+    # -1 asks for the whole vocabulary; max_logprobs=-1 allows it (the engine's rule)
+    limit = ctx.vocab_size if ctx.max_logprobs == -1 else ctx.max_logprobs
+    for field, value in ((common.logprobs_field, top), ("prompt_logprobs", params.prompt_logprobs)):
+        wanted = ctx.vocab_size if value == -1 else value
+        if wanted is not None and wanted > limit:
+            raise bad_request(f"'{field}' asks for {wanted} logprobs; at most {limit} "
+                              f"(--max-logprobs {ctx.max_logprobs})", field)
+    for field, token_ids in common.token_id_fields.items():
+        for token_id in token_ids:
+            if not 0 <= token_id < ctx.vocab_size:
+                raise bad_request(f"{field} token id {token_id} is not in [0, {ctx.vocab_size})",
+                                  field)
+    priority = common.submission.priority
+    if priority != 0 and ctx.scheduling_policy != "priority":
+        raise bad_request(f"'priority' {priority} needs the server started with "
+                          "--scheduling-policy priority", "priority")
 
 
 def _check_length(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | None,
@@ -130,12 +180,13 @@ def _check_length(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | 
 
 async def _run(request: Request, ctx: ServerContext, job: _Job) -> Response:
     stream = await _submit(ctx, job)
-    if job.stream:
+    if job.request.stream:
         return EventStreamResponse(_events(ctx, job, stream))
     choices = await _collect_unless_disconnected(request, ctx, job, stream)
     if choices is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
-    return JSONResponse(full_response(job.meta, job.kind, choices, job.prompt_tokens))
+    return JSONResponse(full_response(job.meta, job.kind, choices, job.prompt_tokens,
+                                      job.prompt_text))
 
 
 async def _submit(ctx: ServerContext, job: _Job) -> OutputStream:
@@ -161,9 +212,8 @@ async def _collect(ctx: ServerContext, job: _Job, stream: OutputStream) -> list[
     choices, index_of = job.new_choices(ctx), job.prompt_index()
     try:
         async for output in stream:
-            base = index_of[output.request_id] * job.n
-            for seq in output.outputs:
-                choices[base + seq.index].add(seq)
+            for _ in job.take(choices, output, index_of):
+                pass
     except (RequestFailedError, EngineUnavailableError) as e:
         raise _failure(e) from None
     return [choices[i] for i in sorted(choices)]
@@ -208,7 +258,7 @@ class EventStreamResponse(StreamingResponse):
 
 async def _events(ctx: ServerContext, job: _Job, stream: OutputStream) -> AsyncIterator[str]:
     choices, index_of = job.new_choices(ctx), job.prompt_index()
-    options, error = job.options, None
+    options, error = job.request.stream_options, None
 
     def usage_so_far() -> dict[str, int]:
         return usage(job.prompt_tokens, sum(c.num_tokens for c in choices.values()))
@@ -221,18 +271,13 @@ async def _events(ctx: ServerContext, job: _Job, stream: OutputStream) -> AsyncI
     try:
         if job.kind == "chat":  # OpenAI's first chunk of each choice: the role
             for index in sorted(choices):
-                yield sse(chunk(job.meta, "chat", index, text="", logprobs=None,
-                                finish_reason=None, role=True, **extra()))
+                yield sse(role_chunk(job.meta, choices[index], job.prompt_text, **extra()))
         async for output in stream:
-            base = index_of[output.request_id] * job.n
-            for seq in output.outputs:
-                text, fragment = choices[base + seq.index].add(seq)
+            for choice, delta in job.take(choices, output, index_of):
                 # new token ids alone make a chunk (vLLM's rule): without a tokenizer, or
                 # while a multi-byte character is incomplete, the text delta is empty
-                if text or seq.finish_reason or fragment or seq.token_ids:
-                    yield sse(chunk(job.meta, job.kind, base + seq.index, text=text,
-                                    logprobs=fragment, finish_reason=seq.finish_reason,
-                                    **extra()))
+                if delta.text or delta.finish_reason or delta.logprobs or delta.token_ids:
+                    yield sse(chunk(job.meta, choice, delta, **extra()))
         if options.include_usage:
             yield sse(usage_chunk(job.meta, job.kind, usage_so_far()))
     except (RequestFailedError, EngineUnavailableError) as e:

@@ -51,7 +51,8 @@ def run_server(args: argparse.Namespace) -> int:
     settings = server_settings_from_args(args, model_dir)
     engine = LLMEngine(engine_config_from_args(args, model_dir))
     app = build_app(engine, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            log_level=args.uvicorn_log_level or args.log_level,
                             access_log=not args.disable_access_log, lifespan="on",
                             timeout_graceful_shutdown=args.timeout_graceful_shutdown)
     server = DrainingServer(config, on_exit=app.state.context.engine.drain)

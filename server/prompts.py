@@ -1,22 +1,47 @@
-"""Prompts -> token ids on the HTTP side: text prompts, token-id prompts and chat templates."""
+"""Prompts -> token ids on the HTTP side: text prompts, token-id prompts, chat templates, and
+vLLM's prompt truncation (``truncate_prompt_tokens``, done here as vLLM's front end does)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from jaxpaged.server.context import ServerContext
 from jaxpaged.server.errors import bad_request
-from jaxpaged.server.protocol import Prompt
+from jaxpaged.server.protocol import ChatTemplateOptions, Prompt, Tokenization
 
 
-def tokenize_prompt(ctx: ServerContext, prompt: Prompt,
-                    add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
-    """(text or None, token ids) of a completions prompt; ids are range-checked."""
+def tokenize_prompt(ctx: ServerContext, prompt: Prompt, tokenization: Tokenization,
+                    room: int) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of a completions prompt; ids are range-checked, then cut per
+    ``truncate_prompt_tokens`` (``room``: the output tokens that must still fit)."""
     if isinstance(prompt, str):
-        return prompt, encode(ctx, prompt, add_special_tokens)
-    for token_id in prompt:
+        token_ids = encode(ctx, prompt, tokenization.add_special_tokens)
+        text: str | None = prompt
+    else:
+        check_token_ids(ctx, prompt, "prompt")
+        token_ids, text = list(prompt), None
+    return text, truncate(ctx, token_ids, tokenization, room)
+
+
+def check_token_ids(ctx: ServerContext, token_ids: list[int], field: str) -> None:
+    for token_id in token_ids:
         if not 0 <= token_id < ctx.vocab_size:
-            raise bad_request(f"prompt token id {token_id} is not in [0, {ctx.vocab_size})",
-                              "prompt")
-    return None, list(prompt)
+            raise bad_request(f"{field} token id {token_id} is not in [0, {ctx.vocab_size})",
+                              field)
+
+
+def truncate(ctx: ServerContext, token_ids: list[int], tokenization: Tokenization,
+             room: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: keep that many tokens (-1: as many as leave ``room``
+    output tokens in the context); "left" keeps the last ones, "right" the first."""
+    keep = tokenization.truncate_prompt_tokens
+    if keep is None:
+        return token_ids
+    if keep == -1:
+        keep = max(ctx.max_model_len - max(room, 1), 1)
+    if len(token_ids) <= keep:
+        return token_ids
+    return token_ids[-keep:] if tokenization.truncation_side == "left" else token_ids[:keep]
 
 
 def encode(ctx: ServerContext, text: str, add_special_tokens: bool) -> list[int]:
@@ -25,19 +50,28 @@ def encode(ctx: ServerContext, text: str, add_special_tokens: bool) -> list[int]
     return list(ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-def render_chat(ctx: ServerContext, messages: list[dict[str, str]], *,
-                add_generation_prompt: bool, continue_final_message: bool) -> str:
-    """The chat template's text for ``messages`` (its special tokens written out)."""
+def render_chat(ctx: ServerContext, messages: list[dict[str, Any]],
+                options: ChatTemplateOptions) -> str:
+    """The chat template's text for ``messages`` (its special tokens written out): the request's
+    template (only with --trust-request-chat-template), else the server's --chat-template, else
+    the tokenizer's."""
     if ctx.tokenizer is None:
         raise bad_request("this server has no tokenizer, so no chat template", "messages")
+    if options.chat_template is not None and not ctx.settings.trust_request_chat_template:
+        raise bad_request("a chat template in the request needs the server started with "
+                          "--trust-request-chat-template", "chat_template")
+    extra = {"tools": options.tools} if options.tools is not None else {}
     try:
         return ctx.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message)
+            messages, tokenize=False,
+            chat_template=options.chat_template or ctx.settings.chat_template,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message, **extra, **options.kwargs)
     except Exception as e:  # no template, or the template refused the conversation
         raise bad_request(f"the chat template failed on these messages: {e}", "messages") from None
 
 
-def chat_token_ids(ctx: ServerContext, text: str) -> list[int]:
-    """The rendered template already holds the special tokens (BOS ...): add none."""
-    return encode(ctx, text, add_special_tokens=False)
+def chat_token_ids(ctx: ServerContext, text: str, add_special_tokens: bool = False) -> list[int]:
+    """The rendered template already holds the special tokens (BOS ...): by default add none
+    (vLLM's chat ``add_special_tokens`` adds them on top)."""
+    return encode(ctx, text, add_special_tokens=add_special_tokens)

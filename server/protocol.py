@@ -1,30 +1,43 @@
 """Request bodies of the OpenAI API (and vLLM's extras) -> typed, validated requests.
 
-Every check raises ``APIError`` 400 whose ``param`` names the offending field. Range checks of the
-sampling fields are ``SamplingParams``' own (its ValueError names the field). JSON ``null`` means
-"not given". Fields jaxpaged does not implement are refused when they ask for something
-(``suffix``, ``echo``, ``logit_bias``, ``tools`` ...), never silently ignored; fields that change
-nothing (``user``, ``parallel_tool_calls`` ...) and unknown fields are ignored, as vLLM does.
+``request_fields.py`` says which fields exist and checks their types and bounds; this module
+turns the checked values into the typed requests the handlers run. Every check raises
+``APIError`` 400 whose ``param`` names the offending field; range checks of the sampling fields
+are ``SamplingParams``' own (its ValueError names the field). JSON ``null`` means "not given".
+Fields a request omits take the model's generation-config defaults (``GenerationDefaults``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from collections.abc import Callable
 from typing import Any
 
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
+from jaxpaged.server import field_checks as c
 from jaxpaged.server.errors import bad_request
+from jaxpaged.server.generation_defaults import SAMPLING_KEYS, GenerationDefaults
+from jaxpaged.server.messages import parse_messages
+from jaxpaged.server.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, read_fields
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 
 # Prompt forms of /v1/completions: text, or token ids.
 Prompt = str | list[int]
+
+# Fields passed to SamplingParams under their own names when given.
+_PASSED_THROUGH = ("n", "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
+                   "ignore_eos", "min_tokens", "skip_special_tokens",
+                   "spaces_between_special_tokens", "include_stop_str_in_output",
+                   # the sampler's vocabulary masks, and the prompt cut (vLLM's names and types)
+                   "logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens")
+
+# apply_chat_template's own parameters: chat_template_kwargs may not set them.
+_TEMPLATE_RESERVED = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,33 +49,79 @@ class StreamOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class CompletionRequest:
+class Tokenization:
+    """How a prompt becomes token ids."""
+
+    add_special_tokens: bool  # BOS ...: completions default True, chat False (the template's)
+    truncate_prompt_tokens: int | None  # keep this many prompt tokens; -1: as many as fit
+    truncation_side: str  # "left" keeps the last tokens, "right" the first
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseOptions:
+    """What a response carries besides the generated text (vLLM's extras)."""
+
+    top_logprobs: int | None  # top-N logprobs per token; None: no logprobs; -1: all
+    echo: bool  # completions: the prompt comes first; chat: the last message's content
+    hide_output: bool  # echo with max_tokens 0: only the prompt (one token runs, unreported)
+    prompt_logprobs: bool  # the engine's prompt_logprobs go in the response
+    return_token_ids: bool
+    return_tokens_as_token_ids: bool  # logprob tokens as "token_id:<id>"
+    return_prompt_text: bool = False  # chat: the rendered template text
+
+
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    """How the request enters the engine."""
+
+    request_id: str | None  # vLLM's request_id (the X-Request-Id header wins)
+    priority: int  # lower first, with --scheduling-policy priority
+    cache_salt: str | None  # separates this request's prefix-cache entries
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """What both endpoints share."""
+
     model: str | None
-    prompts: list[Prompt]  # one HTTP request may carry several prompts
     params: SamplingParams  # output_kind DELTA
     stream: bool
     stream_options: StreamOptions
-    logprobs: int | None  # top-N logprobs per token; None: no logprobs
+    tokenization: Tokenization
+    response: ResponseOptions
+    submission: Submission
+    logprobs_field: str  # "logprobs" / "top_logprobs", for errors
+    max_tokens_field: str  # "max_tokens" / "max_completion_tokens", for errors
+    token_id_fields: dict[str, list[int]]  # field -> the token ids it names (vocabulary checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionRequest:
+    common: GenerationRequest
+    prompts: list[Prompt]  # one HTTP request may carry several prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplateOptions:
+    chat_template: str | None  # the request's own template (needs --trust-request-chat-template)
+    kwargs: dict[str, Any]  # extra template variables (chat_template_kwargs)
+    tools: list[dict[str, Any]] | None  # shown to the template
+    add_generation_prompt: bool
+    continue_final_message: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatCompletionRequest:
-    model: str | None
-    messages: list[dict[str, str]]  # {"role", "content"} with text content
-    params: SamplingParams  # output_kind DELTA
-    stream: bool
-    stream_options: StreamOptions
-    logprobs: bool
-    top_logprobs: int  # 0 when logprobs is False
-    add_generation_prompt: bool
-    continue_final_message: bool
+    common: GenerationRequest
+    messages: list[dict[str, Any]]  # template-ready (messages.py)
+    template: ChatTemplateOptions
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizeRequest:
     model: str | None
     prompt: str | None  # exactly one of prompt / messages
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     add_special_tokens: bool
     add_generation_prompt: bool
     return_token_strs: bool
@@ -74,122 +133,38 @@ class DetokenizeRequest:
     tokens: list[int]
 
 
-# ----- field readers -----
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(name: str, value: Any) -> int:
-    if not _is_int(value):
-        raise bad_request(f"'{name}' must be an integer, got {value!r}", name)
-    return value
-
-
-def _number(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise bad_request(f"'{name}' must be a finite number, got {value!r}", name)
-    return value
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise bad_request(f"'{name}' must be a boolean, got {value!r}", name)
-    return value
-
-
-def _str(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise bad_request(f"'{name}' must be a string, got {value!r}", name)
-    return value
-
-
-def _int_list(name: str, value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(_is_int(v) for v in value):
-        raise bad_request(f"'{name}' must be a list of integers, got {_short(value)}", name)
-    return value
-
-
-def _stop(name: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise bad_request(f"'{name}' must be a string or a list of strings, got {_short(value)}",
-                          name)
-    return value
-
-
-def _seed(name: str, value: Any) -> int:
-    value = _int(name, value)
-    if not _INT64_MIN <= value <= _INT64_MAX:
-        raise bad_request(f"'{name}' must fit in 64 bits, got {value}", name)
-    return value
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-class _Reader:
-    """Typed access to the fields of a JSON object body; ``null`` reads as missing."""
-
-    def __init__(self, body: dict[str, Any]):
-        self.body = body
-
-    def get(self, name: str, check: Callable[[str, Any], Any], default: Any = None) -> Any:
-        value = self.body.get(name)
-        return default if value is None else check(name, value)
-
-    def refuse(self, name: str, allowed: Callable[[Any], bool], what: str) -> None:
-        """400 when the field is set to something jaxpaged does not do."""
-        value = self.body.get(name)
-        if value is not None and not allowed(value):
-            raise bad_request(f"'{name}' is not supported ({what}), got {_short(value)}", name)
-
-
 # ----- shared parts -----
 
-def _stream_options(r: _Reader) -> tuple[bool, StreamOptions]:
-    stream = r.get("stream", _bool, False)
-    raw = r.body.get("stream_options")
+def _stream_options(values: dict[str, Any]) -> tuple[bool, StreamOptions]:
+    stream = values.get("stream", False)
+    raw = values.get("stream_options")
     if raw is None:
         return stream, StreamOptions()
     if not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true",
                           "stream_options")
-    if not isinstance(raw, dict):
-        raise bad_request(f"'stream_options' must be an object, got {_short(raw)}",
-                          "stream_options")
-    options = _Reader(raw)
-    return stream, StreamOptions(
-        include_usage=options.get("include_usage", _prefixed(_bool, "stream_options"), False),
-        continuous_usage_stats=options.get("continuous_usage_stats",
-                                           _prefixed(_bool, "stream_options"), False))
+    known = {"include_usage", "continuous_usage_stats"}
+    for key, value in raw.items():
+        if key not in known:
+            raise bad_request(f"'stream_options.{key}' is not a field of stream_options",
+                              f"stream_options.{key}", "unknown_field")
+        if value is not None:
+            c.boolean(f"stream_options.{key}", value)
+    return stream, StreamOptions(include_usage=bool(raw.get("include_usage")),
+                                 continuous_usage_stats=bool(raw.get("continuous_usage_stats")))
 
 
-def _prefixed(check: Callable[[str, Any], Any], parent: str) -> Callable[[str, Any], Any]:
-    return lambda name, value: check(f"{parent}.{name}", value)
-
-
-_SAMPLING_FIELDS = (
-    ("n", _int), ("temperature", _number), ("top_p", _number), ("top_k", _int),
-    ("min_p", _number), ("presence_penalty", _number), ("frequency_penalty", _number),
-    ("repetition_penalty", _number), ("seed", _seed), ("stop", _stop),
-    ("stop_token_ids", _int_list), ("ignore_eos", _bool), ("min_tokens", _int),
-    ("skip_special_tokens", _bool), ("spaces_between_special_tokens", _bool),
-    ("include_stop_str_in_output", _bool),
-)
-
-
-def _sampling_params(r: _Reader, *, max_tokens: int | None, max_tokens_field: str,
-                     logprobs: int | None) -> SamplingParams:
-    kwargs = {name: r.get(name, check) for name, check in _SAMPLING_FIELDS}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    r.refuse("best_of", lambda v: _is_int(v) and v == kwargs.get("n", 1),
-             "use 'n' for several samples")
+def _sampling_params(values: dict[str, Any], defaults: GenerationDefaults, *,
+                     max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
+                     prompt_logprobs: int | None) -> SamplingParams:
+    kwargs = {name: values[name] for name in _PASSED_THROUGH if name in values}
+    for name in SAMPLING_KEYS:  # the request's value, else the model's default
+        value = values.get(name, defaults.sampling.get(name))
+        if value is not None:
+            kwargs[name] = value
     try:
         return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs,
                               output_kind=RequestOutputKind.DELTA)
     except ValueError as e:
         message = str(e)
@@ -197,31 +172,72 @@ def _sampling_params(r: _Reader, *, max_tokens: int | None, max_tokens_field: st
         param = field.group(0) if field else None
         if param == "max_tokens":
             param = max_tokens_field
-        raise bad_request(message, param if param in kwargs or param == max_tokens_field
-                          else None) from None
+        known = set(kwargs) | {max_tokens_field, "logprobs", "prompt_logprobs"}
+        raise bad_request(message, param if param in known else None) from None
 
 
-def _common_refusals(r: _Reader) -> None:
-    r.refuse("logit_bias", lambda v: v == {}, "logit_bias")
-    r.refuse("echo", lambda v: v is False, "echo")
+def _prompt_logprobs(values: dict[str, Any], stream: bool, echo_logprobs: int | None) -> int | None:
+    """vLLM's rules: none while streaming; echo asks for the prompt's logprobs too."""
+    value = values.get("prompt_logprobs")
+    if value is not None and stream and value != 0:
+        raise bad_request("'prompt_logprobs' are not available when 'stream' is true",
+                          "prompt_logprobs")
+    return value if value is not None else echo_logprobs
+
+
+def _common(values: dict[str, Any], defaults: GenerationDefaults, *, requested_max: int | None,
+            max_tokens_field: str, top_logprobs: int | None, logprobs_field: str,
+            add_special_tokens: bool) -> GenerationRequest:
+    stream, options = _stream_options(values)
+    echo = values.get("echo", False)
+    hide_output = echo and requested_max == 0
+    prompt_logprobs = _prompt_logprobs(
+        values, stream, top_logprobs if echo and logprobs_field == "logprobs" else None)
+    # echo with max_tokens 0 runs one token (vLLM's way) and reports none
+    max_tokens = 1 if hide_output else defaults.resolve_max_tokens(requested_max)
+    params = _sampling_params(values, defaults, max_tokens=max_tokens,
+                              max_tokens_field=max_tokens_field, logprobs=top_logprobs,
+                              prompt_logprobs=prompt_logprobs)
+    response = ResponseOptions(
+        top_logprobs=top_logprobs, echo=echo, hide_output=hide_output,
+        prompt_logprobs=prompt_logprobs is not None and not stream,
+        return_token_ids=values.get("return_token_ids", False),
+        return_tokens_as_token_ids=values.get("return_tokens_as_token_ids", False),
+        return_prompt_text=values.get("return_prompt_text", False))
+    return GenerationRequest(
+        model=values.get("model"), params=params, stream=stream, stream_options=options,
+        tokenization=Tokenization(
+            add_special_tokens=values.get("add_special_tokens", add_special_tokens),
+            truncate_prompt_tokens=values.get("truncate_prompt_tokens"),
+            truncation_side=values.get("truncation_side", "left")),
+        response=response,
+        submission=Submission(request_id=values.get("request_id"),
+                              priority=values.get("priority", 0),
+                              cache_salt=values.get("cache_salt")),
+        logprobs_field=logprobs_field, max_tokens_field=max_tokens_field,
+        token_id_fields=_token_id_fields(values))
+
+
+def _token_id_fields(values: dict[str, Any]) -> dict[str, list[int]]:
+    fields = {"stop_token_ids": values.get("stop_token_ids"),
+              "allowed_token_ids": values.get("allowed_token_ids"),
+              "logit_bias": list(values["logit_bias"]) if "logit_bias" in values else None}
+    return {name: ids for name, ids in fields.items() if ids}
 
 
 # ----- /v1/completions -----
 
-def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    r = _Reader(body)
-    _common_refusals(r)
-    r.refuse("suffix", lambda v: v == "", "suffix")
-    stream, options = _stream_options(r)
-    logprobs = r.get("logprobs", _int)
-    if logprobs is not None and logprobs < 0:
-        raise bad_request(f"'logprobs' must be >= 0, got {logprobs}", "logprobs")
-    max_tokens = r.get("max_tokens", _int, DEFAULT_COMPLETION_MAX_TOKENS)
-    params = _sampling_params(r, max_tokens=max_tokens, max_tokens_field="max_tokens",
-                              logprobs=logprobs)
-    return CompletionRequest(model=r.get("model", _str), prompts=_prompts(body.get("prompt")),
-                             params=params, stream=stream, stream_options=options,
-                             logprobs=logprobs)
+def parse_completion_request(body: dict[str, Any],
+                             defaults: GenerationDefaults = GenerationDefaults()
+                             ) -> CompletionRequest:
+    values = read_fields(body, COMPLETION_FIELDS, where="/v1/completions")
+    requested = values.get("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)
+    if requested == 0 and not values.get("echo"):
+        raise bad_request("'max_tokens' must be at least 1 (0 only with 'echo')", "max_tokens")
+    common = _common(values, defaults, requested_max=requested, max_tokens_field="max_tokens",
+                     top_logprobs=values.get("logprobs"), logprobs_field="logprobs",
+                     add_special_tokens=True)
+    return CompletionRequest(common=common, prompts=_prompts(body.get("prompt")))
 
 
 def _prompts(value: Any) -> list[Prompt]:
@@ -230,105 +246,87 @@ def _prompts(value: Any) -> list[Prompt]:
         raise bad_request("'prompt' is required", "prompt")
     if isinstance(value, str):
         prompts: list[Any] = [value]
-    elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+    elif isinstance(value, list) and value and all(c.is_int(v) for v in value):
         prompts = [value]
     elif isinstance(value, list) and value:
         prompts = value
     else:
         raise bad_request("'prompt' must be a non-empty string, list of strings, list of token "
-                          f"ids or list of lists of token ids, got {_short(value)}", "prompt")
+                          f"ids or list of lists of token ids, got {c.short(value)}", "prompt")
     for prompt in prompts:
         text_ok = isinstance(prompt, str) and prompt
-        ids_ok = isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)
+        ids_ok = isinstance(prompt, list) and prompt and all(c.is_int(t) for t in prompt)
         if not (text_ok or ids_ok):
             raise bad_request(f"every prompt must be a non-empty string or a non-empty list of "
-                              f"token ids, got {_short(prompt)}", "prompt")
+                              f"token ids, got {c.short(prompt)}", "prompt")
     return prompts
 
 
 # ----- /v1/chat/completions -----
 
-def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
-    r = _Reader(body)
-    _common_refusals(r)
-    r.refuse("tools", lambda v: v == [], "tool calling")
-    r.refuse("functions", lambda v: v == [], "function calling")
-    r.refuse("tool_choice", lambda v: v == "none", "tool calling")
-    r.refuse("response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'}")
-    stream, options = _stream_options(r)
-    logprobs = r.get("logprobs", _bool, False)
-    top_logprobs = r.get("top_logprobs", _int)
-    if top_logprobs is not None and not logprobs:
+def parse_chat_request(body: dict[str, Any],
+                       defaults: GenerationDefaults = GenerationDefaults()
+                       ) -> ChatCompletionRequest:
+    values = read_fields(body, CHAT_FIELDS, where="/v1/chat/completions")
+    logprobs = values.get("logprobs", False)
+    top_logprobs = values.get("top_logprobs")
+    if top_logprobs not in (None, 0) and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
-    if top_logprobs is not None and top_logprobs < 0:
-        raise bad_request(f"'top_logprobs' must be >= 0, got {top_logprobs}", "top_logprobs")
     # max_completion_tokens is the new name of max_tokens; it wins when both are given.
-    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    params = _sampling_params(r, max_tokens=r.get(field, _int), max_tokens_field=field,
-                              logprobs=(top_logprobs or 0) if logprobs else None)
-    return ChatCompletionRequest(
-        model=r.get("model", _str), messages=parse_messages(body.get("messages")), params=params,
-        stream=stream, stream_options=options, logprobs=logprobs,
-        top_logprobs=top_logprobs or 0,
-        add_generation_prompt=r.get("add_generation_prompt", _bool, True),
-        continue_final_message=r.get("continue_final_message", _bool, False))
+    field = "max_completion_tokens" if "max_completion_tokens" in values else "max_tokens"
+    requested = values.get(field)
+    if requested == 0:
+        raise bad_request(f"'{field}' must be at least 1", field)
+    common = _common(values, defaults, requested_max=requested, max_tokens_field=field,
+                     top_logprobs=(top_logprobs or 0) if logprobs else None,
+                     logprobs_field="top_logprobs", add_special_tokens=False)
+    return ChatCompletionRequest(common=common, messages=parse_messages(body.get("messages")),
+                                 template=_template_options(values))
 
 
-def parse_messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise bad_request(f"'messages' must be a non-empty list, got {_short(value)}", "messages")
-    return [_message(i, m) for i, m in enumerate(value)]
-
-
-def _message(index: int, message: Any) -> dict[str, str]:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise bad_request(f"'{where}' must be an object, got {_short(message)}", where)
-    role = message.get("role")
-    if role not in _CHAT_ROLES:
-        raise bad_request(f"'{where}.role' must be one of {list(_CHAT_ROLES)}, got {role!r}",
-                          f"{where}.role")
-    return {"role": role, "content": _content(f"{where}.content", message.get("content"))}
-
-
-def _content(where: str, content: Any) -> str:
-    """Text content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
-                raise bad_request(f"'{where}[{i}]' must be a text part "
-                                  f"({{'type': 'text', 'text': ...}}); only text is supported, "
-                                  f"got {_short(part)}", f"{where}[{i}]")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise bad_request(f"'{where}' must be a string or a list of text parts, got {_short(content)}",
-                      where)
+def _template_options(values: dict[str, Any]) -> ChatTemplateOptions:
+    tools = values.get("tools")
+    if tools is not None:
+        if not tools:
+            raise bad_request("'tools' must not be empty (leave it out for no tools)", "tools")
+        if "tool_choice" not in values:  # OpenAI's default with tools is "auto"
+            raise bad_request("tool calling is not supported by jaxpaged: 'tools' with "
+                              "tool_choice 'auto' (the default with tools); send tool_choice "
+                              "'none' to only show the tools to the chat template", "tools",
+                              "unsupported_field")
+    kwargs = values.get("chat_template_kwargs", {})
+    for key in kwargs:
+        if key in _TEMPLATE_RESERVED:
+            raise bad_request(f"'chat_template_kwargs.{key}' is set by the request itself, not "
+                              "by chat_template_kwargs", f"chat_template_kwargs.{key}")
+    return ChatTemplateOptions(
+        chat_template=values.get("chat_template"), kwargs=kwargs, tools=tools,
+        add_generation_prompt=values.get("add_generation_prompt", True),
+        continue_final_message=values.get("continue_final_message", False))
 
 
 # ----- /tokenize and /detokenize (vLLM's shapes) -----
 
 def parse_tokenize_request(body: dict[str, Any]) -> TokenizeRequest:
-    r = _Reader(body)
     has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
     if has_prompt == has_messages:
         raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
+
+    def get(name: str, check: c.Check, default: Any = None) -> Any:
+        value = body.get(name)
+        return default if value is None else check(name, value)
+
     return TokenizeRequest(
-        model=r.get("model", _str), prompt=r.get("prompt", _str),
+        model=get("model", c.string), prompt=get("prompt", c.string),
         messages=parse_messages(body["messages"]) if has_messages else None,
-        add_special_tokens=r.get("add_special_tokens", _bool, True),
-        add_generation_prompt=r.get("add_generation_prompt", _bool, True),
-        return_token_strs=r.get("return_token_strs", _bool, False))
+        add_special_tokens=get("add_special_tokens", c.boolean, True),
+        add_generation_prompt=get("add_generation_prompt", c.boolean, True),
+        return_token_strs=get("return_token_strs", c.boolean, False))
 
 
 def parse_detokenize_request(body: dict[str, Any]) -> DetokenizeRequest:
-    r = _Reader(body)
     if body.get("tokens") is None:
         raise bad_request("'tokens' is required", "tokens")
-    return DetokenizeRequest(model=r.get("model", _str), tokens=r.get("tokens", _int_list))
+    model = body.get("model")
+    return DetokenizeRequest(model=None if model is None else c.string("model", model),
+                             tokens=c.int_list("tokens", body["tokens"]))

@@ -1,8 +1,9 @@
-"""OpenAI response bodies: completions and chat, whole and as stream chunks, with logprobs.
+"""OpenAI response bodies: completions and chat, whole and as stream chunks, with logprobs and
+vLLM's extras (``stop_reason``, ``token_ids``, ``prompt_token_ids``, ``prompt_logprobs``, echo).
 
 Streamed and non-streamed responses are built from the same per-step deltas: ``Choice.add``
-turns one ``CompletionOutput`` delta into text and a logprobs fragment, which a chunk sends as is
-and a whole response concatenates. So the two agree by construction.
+turns one ``CompletionOutput`` delta into a ``Delta`` (text, logprobs fragment, token ids), which
+a chunk sends as is and a whole response concatenates. So the two agree by construction.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+from jaxpaged.outputs import CompletionOutput, Logprob, PromptLogprobs
 
-from jaxpaged.outputs import CompletionOutput, Logprob
+from jaxpaged.server.protocol import ResponseOptions
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does
     from transformers import PreTrainedTokenizerBase
 
 Kind = Literal["completion", "chat"]
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
+TokenText = Callable[[int], str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +46,36 @@ class TokenTexts:
         text = self._cache.get(token_id)
         if text is None:
             text = (self._tokenizer.decode([token_id]) if self._tokenizer is not None
-                    else f"token_id:{token_id}")
+                    else token_id_text(token_id))
             if len(self._cache) < 1_000_000:
                 self._cache[token_id] = text
         return text
+
+
+def token_id_text(token_id: int) -> str:
+    """vLLM's ``return_tokens_as_token_ids`` spelling of a token."""
+    return f"token_id:{token_id}"
+
+
+@dataclasses.dataclass
+class PromptPart:
+    """One prompt as its choices report it (shared by its ``n`` choices)."""
+
+    token_ids: list[int]
+    echo_text: str  # what echo puts first ('' without echo)
+    logprobs: PromptLogprobs | None = None  # set when the engine reports them
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """What one step added to one choice."""
+
+    text: str
+    logprobs: Any  # the logprobs fragment; None without logprobs
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None
+    first: bool  # the choice's first delta (carries the echo and the prompt's token ids)
 
 
 def _finite(logprob: float) -> float:
@@ -53,9 +83,9 @@ def _finite(logprob: float) -> float:
 
 
 def _top(entry: dict[int, Logprob], top_n: int) -> list[tuple[int, float]]:
-    """The top ``top_n`` (token id, logprob) of one position, most likely first."""
+    """The top ``top_n`` (token id, logprob) of one position, most likely first (-1: all)."""
     ranked = sorted((lp.rank or 0, token_id, lp.logprob) for token_id, lp in entry.items()
-                    if lp.rank is not None and lp.rank <= top_n)
+                    if lp.rank is not None and (top_n < 0 or lp.rank <= top_n))
     return [(token_id, _finite(logprob)) for _, token_id, logprob in ranked]
 
 
@@ -65,47 +95,69 @@ class Choice:
 
     index: int
     kind: Kind
-    top_n: int | None  # None: no logprobs
-    texts: TokenTexts
+    options: ResponseOptions
+    texts: TokenText
+    prompt: PromptPart
     text_parts: list[str] = dataclasses.field(default_factory=list)
-    num_tokens: int = 0
+    token_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     text_offset: int = 0  # completions' logprobs.text_offset of the next token
     logprobs_parts: list[Any] = dataclasses.field(default_factory=list)
 
-    def add(self, seq: CompletionOutput) -> tuple[str, Any]:
-        """Take one delta; returns its text and its logprobs fragment (None without logprobs)."""
-        self.text_parts.append(seq.text)
-        self.num_tokens += len(seq.token_ids)
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def add(self, seq: CompletionOutput) -> Delta:
+        """Take one delta of this choice's sequence."""
+        first = not self.text_parts
+        text, token_ids, entries = seq.text, list(seq.token_ids), list(seq.logprobs or ())
+        if self.options.hide_output:  # echo with max_tokens 0: the one token run is not shown
+            text, token_ids, entries = "", [], []
+        self.token_ids.extend(token_ids)
         self.finish_reason = seq.finish_reason or self.finish_reason
+        self.stop_reason = seq.stop_reason if seq.stop_reason is not None else self.stop_reason
+        positions: list[tuple[int, dict[int, Logprob] | None]] = list(zip(token_ids, entries))
+        if first and self.options.echo:
+            text = self.prompt.echo_text + text
+            if self.kind == "completion":
+                positions = list(zip(self.prompt.token_ids, self.prompt.logprobs or ())) + positions
+        self.text_parts.append(text)
         fragment = None
-        if self.top_n is not None:
-            fragment = (self._completion_logprobs(seq) if self.kind == "completion"
-                        else self._chat_logprobs(seq))
+        if self.options.top_logprobs is not None:
+            fragment = (self._completion_logprobs(positions) if self.kind == "completion"
+                        else self._chat_logprobs(positions))
             self.logprobs_parts.append(fragment)
-        return seq.text, fragment
+        return Delta(text, fragment, token_ids, seq.finish_reason, seq.stop_reason, first)
 
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
 
-    def _completion_logprobs(self, seq: CompletionOutput) -> dict[str, list]:
+    def _completion_logprobs(self, positions) -> dict[str, list]:
         out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [],
                                 "top_logprobs": []}
-        for token_id, entry in zip(seq.token_ids, seq.logprobs or ()):
+        for token_id, entry in positions:
             token = self.texts(token_id)
             out["tokens"].append(token)
-            out["token_logprobs"].append(_finite(entry[token_id].logprob))
-            out["top_logprobs"].append({self.texts(t): lp for t, lp in _top(entry, self.top_n)})
+            if entry is None:  # the first prompt token has no logprob
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                out["token_logprobs"].append(_finite(entry[token_id].logprob))
+                out["top_logprobs"].append(
+                    {self.texts(t): lp for t, lp in _top(entry, self.options.top_logprobs)})
             out["text_offset"].append(self.text_offset)
             self.text_offset += len(token)
         return out
 
-    def _chat_logprobs(self, seq: CompletionOutput) -> list[dict]:
+    def _chat_logprobs(self, positions) -> list[dict]:
         content = []
-        for token_id, entry in zip(seq.token_ids, seq.logprobs or ()):
+        for token_id, entry in positions:
             item = self._chat_token(token_id, entry[token_id].logprob)
-            item["top_logprobs"] = [self._chat_token(t, lp) for t, lp in _top(entry, self.top_n)]
+            item["top_logprobs"] = [self._chat_token(t, lp)
+                                    for t, lp in _top(entry, self.options.top_logprobs)]
             content.append(item)
         return content
 
@@ -115,7 +167,7 @@ class Choice:
 
     def logprobs(self) -> dict | None:
         """The whole choice's logprobs object (None without logprobs)."""
-        if self.top_n is None:
+        if self.options.top_logprobs is None:
             return None
         if self.kind == "chat":
             return {"content": [item for part in self.logprobs_parts for item in part]}
@@ -127,6 +179,16 @@ class Choice:
         return merged
 
 
+def prompt_logprobs_json(logprobs: PromptLogprobs | None) -> list | None:
+    """vLLM's ``prompt_logprobs``: per prompt token None or {id: {logprob, rank, decoded_token}}."""
+    if logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                      "decoded_token": lp.decoded_token} for t, lp in entry.items()}
+            for entry in logprobs]
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -136,19 +198,41 @@ def _head(meta: ResponseMeta, obj: str) -> dict[str, Any]:
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model}
 
 
-def full_response(meta: ResponseMeta, kind: Kind, choices: list[Choice],
-                  prompt_tokens: int) -> dict[str, Any]:
-    """The non-streamed response."""
+def _completion_choice(c: Choice) -> dict[str, Any]:
+    body = {"index": c.index, "text": c.text, "logprobs": c.logprobs(),
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    if c.options.prompt_logprobs:
+        body["prompt_logprobs"] = prompt_logprobs_json(c.prompt.logprobs)
+    if c.options.return_token_ids:
+        body.update(prompt_token_ids=c.prompt.token_ids, token_ids=c.token_ids)
+    return body
+
+
+def _chat_choice(c: Choice) -> dict[str, Any]:
+    body = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+            "logprobs": c.logprobs(), "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason}
+    if c.options.return_token_ids:
+        body["token_ids"] = c.token_ids
+    return body
+
+
+def full_response(meta: ResponseMeta, kind: Kind, choices: list[Choice], prompt_tokens: int,
+                  prompt_text: str | None = None) -> dict[str, Any]:
+    """The non-streamed response (chat: one prompt, whose extras go at the top level)."""
     if kind == "completion":
         body = _head(meta, "text_completion")
-        body["choices"] = [{"index": c.index, "text": c.text, "logprobs": c.logprobs(),
-                            "finish_reason": c.finish_reason} for c in choices]
+        body["choices"] = [_completion_choice(c) for c in choices]
     else:
         body = _head(meta, "chat.completion")
-        body["choices"] = [{"index": c.index,
-                            "message": {"role": "assistant", "content": c.text},
-                            "logprobs": c.logprobs(), "finish_reason": c.finish_reason}
-                           for c in choices]
+        body["choices"] = [_chat_choice(c) for c in choices]
+        options, prompt = choices[0].options, choices[0].prompt
+        if options.prompt_logprobs:
+            body["prompt_logprobs"] = prompt_logprobs_json(prompt.logprobs)
+        if options.return_token_ids:
+            body["prompt_token_ids"] = prompt.token_ids
+        if options.return_prompt_text:
+            body["prompt_text"] = prompt_text
     body["usage"] = usage(prompt_tokens, sum(c.num_tokens for c in choices))
     return body
 
@@ -156,22 +240,42 @@ def full_response(meta: ResponseMeta, kind: Kind, choices: list[Choice],
 _ABSENT = object()
 
 
-def chunk(meta: ResponseMeta, kind: Kind, index: int, *, text: str | None,
-          logprobs: Any, finish_reason: str | None, role: bool = False,
+def chunk(meta: ResponseMeta, choice: Choice, delta: Delta, *,
           usage_value: Any = _ABSENT) -> dict[str, Any]:
-    """One streamed chunk with one choice. ``usage_value``: leave out, None or a usage dict."""
-    if kind == "completion":
+    """One streamed chunk with one choice's delta. ``usage_value``: leave out, None or a dict."""
+    extras: dict[str, Any] = {}
+    if choice.options.return_token_ids:
+        extras["token_ids"] = delta.token_ids
+    if choice.kind == "completion":
         body = _head(meta, "text_completion")
-        body["choices"] = [{"index": index, "text": text or "", "logprobs": logprobs,
-                            "finish_reason": finish_reason}]
+        if choice.options.return_token_ids and delta.first:
+            extras["prompt_token_ids"] = choice.prompt.token_ids
+        body["choices"] = [{"index": choice.index, "text": delta.text, "logprobs": delta.logprobs,
+                            "finish_reason": delta.finish_reason,
+                            "stop_reason": delta.stop_reason, **extras}]
     else:
-        delta: dict[str, Any] = {"role": "assistant"} if role else {}
-        if text or role:
-            delta["content"] = text or ""
         body = _head(meta, "chat.completion.chunk")
-        body["choices"] = [{"index": index, "delta": delta,
-                            "logprobs": {"content": logprobs} if logprobs is not None else None,
-                            "finish_reason": finish_reason}]
+        body["choices"] = [{"index": choice.index,
+                            "delta": {"content": delta.text} if delta.text else {},
+                            "logprobs": ({"content": delta.logprobs}
+                                         if delta.logprobs is not None else None),
+                            "finish_reason": delta.finish_reason,
+                            "stop_reason": delta.stop_reason, **extras}]
+    if usage_value is not _ABSENT:
+        body["usage"] = usage_value
+    return body
+
+
+def role_chunk(meta: ResponseMeta, choice: Choice, prompt_text: str | None, *,
+               usage_value: Any = _ABSENT) -> dict[str, Any]:
+    """A chat stream's first chunk of a choice: the role (and vLLM's prompt extras)."""
+    body = _head(meta, "chat.completion.chunk")
+    body["choices"] = [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None}]
+    if choice.options.return_token_ids:
+        body["prompt_token_ids"] = choice.prompt.token_ids
+    if choice.options.return_prompt_text:
+        body["prompt_text"] = prompt_text
     if usage_value is not _ABSENT:
         body["usage"] = usage_value
     return body

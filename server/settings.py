@@ -11,17 +11,23 @@ class ServerSettings:
 
     served_model_names: tuple[str, ...]
     """Names clients may put in ``model``; the first is the one responses report."""
-    api_key: str | None = None
-    """When set, every route but /health and /metrics needs ``Authorization: Bearer <key>``."""
+    api_keys: tuple[str, ...] = ()
+    """When set, every route but /health and /metrics needs ``Authorization: Bearer <key>`` with
+    one of these keys (vLLM's ``--api-key`` takes several)."""
     max_body_bytes: int = 16 * 1024 * 1024
     """Largest request body accepted (413 beyond)."""
+    chat_template: str | None = None
+    """The chat template's text (``--chat-template``); None: the tokenizer's."""
+    trust_request_chat_template: bool = False
+    """Whether a request may bring its own ``chat_template`` (vLLM's flag; off: 400)."""
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(
                 isinstance(n, str) and n for n in self.served_model_names):
             raise ValueError(f"served_model_names must be non-empty strings, "
                              f"got {self.served_model_names!r}")
-        if self.api_key is not None and not self.api_key:
-            raise ValueError("api_key must not be empty (leave it unset for no key)")
+        if not isinstance(self.api_keys, tuple) or not all(
+                isinstance(k, str) and k for k in self.api_keys):
+            raise ValueError("api_keys must be a tuple of non-empty strings (empty for no key)")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be a positive int, got {self.max_body_bytes!r}")

@@ -23,6 +23,7 @@ from jaxpaged.server.app import build_app
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.settings import ServerSettings
 
+
 MODEL = "llama3-rope"
 MODEL_NAME = "tiny"
 API_KEY = "sk-test-key"

@@ -214,3 +214,20 @@ def test_reset_prefix_cache_only_when_idle():
     bm.free(a)
     assert bm.reset_prefix_cache()
     assert bm.get_computed_blocks(make_request("b", list(range(9)))).block_ids == []
+
+
+def test_cache_salt_shares_blocks_only_under_the_same_salt():
+    """vLLM's cache_salt: another salt (or none) finds nothing; the same salt hits, and forks
+    keep the salt."""
+    bm = BlockManager(num_blocks=20, block_size=BS)
+    tokens = list(range(9))
+    first = Request("a", tokens, SamplingParams(), arrival_time=0.0, cache_salt="alice")
+    compute(bm, first, 9)
+    for salt in ("bob", None):
+        other = Request(f"x-{salt}", tokens, SamplingParams(), arrival_time=0.0, cache_salt=salt)
+        assert bm.get_computed_blocks(other).num_computed_tokens == 0
+    same = Request("b", tokens, SamplingParams(n=2), arrival_time=0.0, cache_salt="alice")
+    assert bm.get_computed_blocks(same).num_computed_tokens == 8
+    assert same.make_child(1).cache_salt == "alice"
+    with pytest.raises(ValueError, match="cache_salt"):
+        Request("c", tokens, SamplingParams(), cache_salt="")

@@ -15,7 +15,7 @@ from server_testing import API_KEY, MODEL, MODEL_NAME, engine_config, metric_val
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    running = start_server(engine_config(tiny_checkpoint(MODEL)), api_key=API_KEY)
+    running = start_server(engine_config(tiny_checkpoint(MODEL)), api_keys=(API_KEY,))
     yield running
     running.stop()
 

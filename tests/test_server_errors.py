@@ -78,8 +78,17 @@ BAD_REQUESTS = [
     ("completions", completion(model="gpt-4"), "model"),
     ("completions", completion(model=7), "model"),
     ("completions", completion(suffix="!"), "suffix"),
-    ("completions", completion(echo=True), "echo"),
-    ("completions", completion(logit_bias={"5": 10}), "logit_bias"),
+    ("completions", completion(echo="yes"), "echo"),
+    ("completions", completion(logit_bias={"five": 10}), "logit_bias"),
+    ("completions", completion(logit_bias={"5": 101}), "logit_bias"),
+    ("completions", completion(priority=1), "priority"),  # needs --scheduling-policy priority
+    ("completions", completion(frobnicate=1), "frobnicate"),  # no client sends it: unknown
+    ("chat", chat(messages=[{"role": "user", "content": "hi", "colour": "red"}]),
+     "messages[0].colour"),
+    ("chat", chat(chat_template="{{ messages }}"), "chat_template"),  # not trusted here
+    ("chat", chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto"),
+     "tool_choice"),
+    ("chat", chat(chat_template_kwargs={"tokenize": True}), "chat_template_kwargs.tokenize"),
     ("completions", completion(best_of=3), "best_of"),
     ("chat", chat(messages=[]), "messages"),
     ("chat", chat(messages=["hi"]), "messages[0]"),

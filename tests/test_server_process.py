@@ -1,6 +1,7 @@
 """`jaxpaged serve` as users run it: a subprocess that says where it listens, serves, and on
 SIGTERM finishes the requests in flight and exits with status 0."""
 
+import os
 import pathlib
 import re
 import signal
@@ -12,21 +13,26 @@ import httpx
 import jax
 
 from server_testing import MODEL, MODEL_NAME
+from test_serve_args import LAUNCH_LINE, make_hub_cache
 
 BIN = pathlib.Path(sys.executable).parent
 READY = re.compile(r"jaxpaged server ready at (http://127\.0\.0\.1:\d+)")
 
 
-def start_serve(model_dir: pathlib.Path) -> tuple[subprocess.Popen, str, list[str]]:
-    """Starts `jaxpaged serve --port 0`; returns the process, its URL and its growing log."""
-    command = [str(BIN / "jaxpaged"), "serve", "--model", str(model_dir), "--port", "0",
-               "--served-model-name", MODEL_NAME, "--dtype", "float32", "--max-model-len", "128",
+def start_serve(model_dir: pathlib.Path, model_args: list[str] | None = None,
+                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, list[str]]:
+    """Starts `jaxpaged serve --port 0` (``model_args``: how the model is named, default
+    ``--model DIR --served-model-name tiny``); returns the process, its URL and its growing log."""
+    if model_args is None:
+        model_args = ["--model", str(model_dir), "--served-model-name", MODEL_NAME]
+    command = [str(BIN / "jaxpaged"), "serve", *model_args, "--port", "0",
+               "--dtype", "float32", "--max-model-len", "128",
                "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
                "--num-gpu-blocks-override", "64", "--disable-access-log",
                # the test session's cache: the same step shapes compile once
                "--compilation-cache-dir", jax.config.jax_compilation_cache_dir or ""]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True)
+                               text=True, env=env)
     log: list[str] = []
     found = threading.Event()
     url: list[str] = []
@@ -93,3 +99,22 @@ def test_module_entry_point_takes_the_same_arguments():
     for flag in ("--api-key", "--served-model-name", "--max-model-len", "--max-waiting",
                  "--gpu-memory-utilization", "--no-enable-prefix-caching"):
         assert flag in result.stdout
+
+
+def test_a_vllm_launch_line_with_a_hub_id_serves_from_the_local_cache(tiny_checkpoint, tmp_path):
+    """`jaxpaged serve org/name -tp 1 --enforce-eager ...` as vLLM users type it, offline."""
+    hub = tmp_path / "hub"
+    make_hub_cache(hub, "org/tiny-llama", sorted(tiny_checkpoint(MODEL).iterdir()))
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    process, url, log = start_serve(tiny_checkpoint(MODEL), ["org/tiny-llama", *LAUNCH_LINE],
+                                    env=env)
+    try:
+        assert httpx.get(f"{url}/v1/models/org/tiny-llama", timeout=30).json()["id"] == \
+            "org/tiny-llama"
+        response = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "org/tiny-llama", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 3
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, "".join(log)

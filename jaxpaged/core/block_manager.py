@@ -27,10 +27,19 @@ BlockHash = bytes  # sha256 digest of (parent block hash, token ids of the block
 
 
 def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
-    """Chained, process-independent hash of one full block (``parent_hash`` None for block 0)."""
+    """Chained, process-independent hash of one full block (``parent_hash`` None for block 0, or
+    the request's ``salt_hash`` when it has a cache salt)."""
     digest = hashlib.sha256(parent_hash or b"")
     digest.update(array("q", token_ids))  # the array's buffer: no bytes copy
     return digest.digest()
+
+
+def salt_hash(cache_salt: str | None) -> BlockHash | None:
+    """The parent hash of a salted request's first block (vLLM's ``cache_salt``): a different salt
+    chains every block hash differently, so requests share cached blocks only under one salt."""
+    if cache_salt is None:
+        return None
+    return hashlib.sha256(b"jaxpaged-cache-salt\0" + cache_salt.encode()).digest()
 
 
 @dataclasses.dataclass(eq=False)
@@ -213,8 +222,8 @@ class BlockManager:
         if len(hashes) < num_blocks:
             bs, tokens = self.block_size, request.all_token_ids
             for i in range(len(hashes), num_blocks):
-                hashes.append(hash_block_tokens(hashes[-1] if i else None,
-                                                tokens[i * bs : (i + 1) * bs]))
+                parent = hashes[-1] if i else salt_hash(request.cache_salt)
+                hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs]))
         return hashes
 
     def allocate_slots(

@@ -67,6 +67,7 @@ class Request:
     eos_token_id: int | None = None  # the tokenizer's EOS; ends the request unless ignore_eos
     parent_id: str | None = None  # set on the children of an n > 1 request
     sample_index: int = 0  # which of the parent's n samples this is (CompletionOutput.index)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only under the same salt
 
     status: RequestStatus = dataclasses.field(default=RequestStatus.WAITING, init=False)
     output_token_ids: list[int] = dataclasses.field(default_factory=list, init=False)
@@ -97,6 +98,9 @@ class Request:
         self.prompt_token_ids = _as_token_ids(self.prompt_token_ids, self.request_id)
         if not isinstance(self.priority, int):
             raise ValueError(f"priority must be an int, got {self.priority!r}")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
+                                            or not self.cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty str or None, got {self.cache_salt!r}")
         if self.arrival_time is None:
             self.arrival_time = time.time()
         self.all_token_ids = list(self.prompt_token_ids)
@@ -184,6 +188,7 @@ class Request:
             eos_token_id=self.eos_token_id,
             parent_id=self.request_id,
             sample_index=index,
+            cache_salt=self.cache_salt,
         )
         child.num_prompt_logprob_positions = self.num_prompt_logprob_positions
         return child

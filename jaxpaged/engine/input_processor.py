@@ -37,8 +37,8 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: str | list[int] | None,
                 params: SamplingParams | None, *, prompt_token_ids: list[int] | None = None,
-                arrival_time: float | None = None,
-                priority: int = 0) -> tuple[Request, RequestState]:
+                arrival_time: float | None = None, priority: int = 0,
+                cache_salt: str | None = None) -> tuple[Request, RequestState]:
         """The request to schedule and the state to report it from; the engine checks that
         ``request_id`` is free."""
         params = params if params is not None else self.default_params
@@ -57,7 +57,7 @@ class InputProcessor:
         arrival = arrival_time if arrival_time is not None else time.time()
         request = Request(request_id=request_id, prompt_token_ids=token_ids,
                           sampling_params=params, arrival_time=arrival, priority=priority,
-                          eos_token_id=self.limits.eos_token_id)
+                          eos_token_id=self.limits.eos_token_id, cache_salt=cache_salt)
         state = RequestState(request_id, text, token_ids, params,
                              RequestMetrics(arrival_time=arrival),
                              prompt_logprobs=[None] if params.prompt_logprobs is not None else None)

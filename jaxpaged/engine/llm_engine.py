@@ -144,14 +144,15 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int] | None,
                     params: SamplingParams | None = None, *,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
-                    priority: int = 0) -> None:
+                    priority: int = 0, cache_salt: str | None = None) -> None:
         """Queues a prompt: text, token ids, or both (text reported, ids run, e.g. after a chat
-        template). Bad input raises ValueError and queues nothing."""
+        template). ``cache_salt`` (vLLM's): only requests with the same salt share prefix-cache
+        blocks. Bad input raises ValueError and queues nothing."""
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request, state = self.input_processor.process(
             request_id, prompt, params, prompt_token_ids=prompt_token_ids,
-            arrival_time=arrival_time, priority=priority)
+            arrival_time=arrival_time, priority=priority, cache_salt=cache_salt)
         self.scheduler.add_request(request)
         self.output_processor.add(state)
 

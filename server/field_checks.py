@@ -1,0 +1,132 @@
+"""Checks of JSON values: each takes ``(name, value)``, returns the value (or its normal form) and
+raises ``APIError`` 400 naming the field when the type or range is wrong.
+
+The request inventory (``request_fields.py``) gives every field one of these, so the bounds of
+every field live in one table. ``_INT64`` bounds are the widest any field accepts: a value beyond
+them could never reach an int64 column.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from jaxpaged.server.errors import bad_request
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+Check = Callable[[str, Any], Any]
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(low: int = INT64_MIN, high: int = INT64_MAX) -> Check:
+    """An int in [low, high]."""
+    def check(name: str, value: Any) -> int:
+        if not is_int(value):
+            raise bad_request(f"'{name}' must be an integer, got {short(value)}", name)
+        if not low <= value <= high:
+            raise bad_request(f"'{name}' must be in [{low}, {high}], got {value}", name)
+        return value
+    return check
+
+
+def number(name: str, value: Any) -> float:
+    """A finite int or float (range checks are SamplingParams' own)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise bad_request(f"'{name}' must be a finite number, got {short(value)}", name)
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be a boolean, got {short(value)}", name)
+    return value
+
+
+def string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"'{name}' must be a string, got {short(value)}", name)
+    return value
+
+
+def nonempty_string(name: str, value: Any) -> str:
+    if not string(name, value):
+        raise bad_request(f"'{name}' must not be empty", name)
+    return value
+
+
+def one_of(*choices: str) -> Check:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise bad_request(f"'{name}' must be one of {list(choices)}, got {short(value)}", name)
+        return value
+    return check
+
+
+def int_list(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(is_int(v) for v in value):
+        raise bad_request(f"'{name}' must be a list of integers, got {short(value)}", name)
+    return value
+
+
+def string_list(name: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad_request(f"'{name}' must be a list of strings, got {short(value)}", name)
+    return value
+
+
+def stop(name: str, value: Any) -> list[str]:
+    """A string or a list of strings (OpenAI's ``stop``), as a list."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad_request(f"'{name}' must be a string or a list of strings, got {short(value)}",
+                          name)
+    return value
+
+
+def json_object(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise bad_request(f"'{name}' must be an object, got {short(value)}", name)
+    return value
+
+
+def object_list(name: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise bad_request(f"'{name}' must be a list of objects, got {short(value)}", name)
+    return value
+
+
+def logit_bias(name: str, value: Any) -> dict[int, float]:
+    """OpenAI's ``{"token id": bias}`` (JSON keys are strings) as ``{int: float}``; biases in
+    [-100, 100] as OpenAI documents. Token ids are range-checked against the vocabulary later."""
+    json_object(name, value)
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if not key.lstrip("-").isdigit() or len(key) > 19:
+            raise bad_request(f"'{name}' keys must be token ids, got {short(key)}", name)
+        number(f"{name}[{key}]", bias)
+        if not -100 <= bias <= 100:
+            raise bad_request(f"'{name}[{key}]' must be in [-100, 100], got {bias}", name)
+        out[int(key)] = float(bias)
+    return out
+
+
+def anything(name: str, value: Any) -> Any:
+    """Any JSON value (fields whose content jaxpaged never reads: ``metadata`` ...)."""
+    return value
+
+
+def prefixed(check: Check, parent: str) -> Check:
+    """``check`` reporting the field as ``parent.name`` (nested objects)."""
+    return lambda name, value: check(f"{parent}.{name}", value)
