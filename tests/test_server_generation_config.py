@@ -7,6 +7,7 @@ import shutil
 import httpx
 import pytest
 
+from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_config_dir
 from jaxpaged.server.generation_defaults import GenerationDefaults, generation_defaults
 from jaxpaged.server.protocol import parse_chat_request, parse_completion_request
 from server_testing import MODEL, MODEL_NAME, engine_config, start_server
@@ -50,24 +51,34 @@ MODEL_CONFIG = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens":
                 "eos_token_id": [1, 2], "do_sample": True}
 
 
+def _server_defaults(mode, override, file_config):
+    """What build_app composes: the engine's defaults (the one reader of the generation
+    config), applied by the server, capping max_tokens when they come from a directory or the
+    override."""
+    engine = diff_sampling_param(mode, file_config, override or {})
+    caps = mode not in ("auto", "vllm") or "max_new_tokens" in (override or {})
+    return generation_defaults(engine, caps_max_tokens=caps)
+
+
 def test_defaults_per_generation_config_mode(tmp_path):
-    auto = generation_defaults("auto", None, MODEL_CONFIG)
+    auto = _server_defaults("auto", None, MODEL_CONFIG)
     assert auto.sampling == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
     assert auto.max_tokens == 64 and auto.max_tokens_cap is None
-    assert generation_defaults("vllm", None, MODEL_CONFIG) == GenerationDefaults()
+    assert _server_defaults("vllm", None, MODEL_CONFIG) == GenerationDefaults()
     (tmp_path / "generation_config.json").write_text(json.dumps({"min_p": 0.1,
                                                                  "max_new_tokens": 8}))
-    directory = generation_defaults(str(tmp_path), {"repetition_penalty": 1.2}, MODEL_CONFIG)
+    directory = _server_defaults(str(tmp_path), {"repetition_penalty": 1.2},
+                                 json.loads((tmp_path / "generation_config.json").read_text()))
     assert directory.sampling == {"min_p": 0.1, "repetition_penalty": 1.2}
     assert directory.resolve_max_tokens(100) == 8  # a directory's max_new_tokens caps
-    override = generation_defaults("auto", {"max_new_tokens": 3}, MODEL_CONFIG)
+    override = _server_defaults("auto", {"max_new_tokens": 3}, MODEL_CONFIG)
     assert override.resolve_max_tokens(None) == 3 and override.resolve_max_tokens(10) == 3
-    with pytest.raises(ValueError, match="no generation_config.json"):
-        generation_defaults(str(tmp_path / "nowhere"), None, {})
+    with pytest.raises(ValueError, match="must be 'auto', 'vllm' or a directory holding"):
+        generation_config_dir(str(tmp_path / "nowhere"), tmp_path)
 
 
 def test_parsing_applies_defaults_only_to_omitted_fields():
-    defaults = generation_defaults("auto", None, MODEL_CONFIG)
+    defaults = _server_defaults("auto", None, MODEL_CONFIG)
     chat = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "top_k": 5},
                               defaults).common.params
     assert (chat.top_k, chat.temperature, chat.top_p, chat.max_tokens) == (5, 0.6, 0.9, 64)
