@@ -5,8 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-from jaxpaged.cli import main as cli_main
-
 BIN = pathlib.Path(sys.executable).parent
 
 
@@ -40,8 +38,3 @@ def test_generate_rejects_bad_arguments_with_a_clear_message(tmp_path):
     assert result.returncode == 2 and "temperature" in result.stderr
     result = run_cli("generate", "Hi", "--model", str(tmp_path / "missing"), cache=tmp_path)
     assert result.returncode == 2 and "does not exist" in result.stderr
-
-
-def test_serve_takes_the_model_positionally_as_vllm_does(capsys):
-    assert cli_main(["serve", "a.gguf", "--model", "b.gguf"]) == 2
-    assert "two models given: 'a.gguf' and --model 'b.gguf'" in capsys.readouterr().err

@@ -9,7 +9,8 @@ import pytest
 from conftest import SMOLLM2_NAME
 from jaxpaged.cli import main as cli_main
 from jaxpaged.converters import default_model
-from jaxpaged.server.args import resolve_model_dir, server_settings_from_args
+from jaxpaged.server.args import (add_server_arguments, resolve_model_dir,
+                                  server_settings_from_args)
 
 
 @pytest.fixture
@@ -42,7 +43,9 @@ def test_the_converted_model_is_cached_and_served_under_its_name(offline, monkey
     params = smollm2_dir / "params"
     mtime = params.stat().st_mtime_ns
     monkeypatch.setenv("JAXPAGED_CACHE", str(smollm2_cache))
-    args = argparse.Namespace(model=None, served_model_name=None, api_key=None, port=8000)
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    args = parser.parse_args([])  # `jaxpaged serve` with no flags
     assert resolve_model_dir(args) == str(smollm2_dir)  # offline: the cached copy, no download
     assert params.stat().st_mtime_ns == mtime
     settings = server_settings_from_args(args, resolve_model_dir(args))
