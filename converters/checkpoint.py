@@ -1,4 +1,5 @@
-"""jaxpaged's own checkpoint: the parameter tree saved with orbax, beside the HF config/tokenizer.
+"""jaxpaged's own checkpoint: the parameter tree saved with orbax, beside the HF config/tokenizer
+(copied from a Hugging Face directory, or written from a GGUF file's metadata).
 
 Layout of a converted directory::
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from functools import partial
 from typing import Any
 
 import jax
@@ -21,6 +23,8 @@ import orbax.checkpoint as ocp
 
 from jaxpaged.models.config import ModelConfig
 
+from jaxpaged.converters.gguf_model import gguf_params, is_gguf_file, write_model_files
+from jaxpaged.converters.gguf_reader import GGUFFile
 from jaxpaged.converters.hf_to_params import numpy_dtype, params_from_hf
 from jaxpaged.converters.kv_scales import SCALES_FILE, read_kv_scales
 
@@ -35,24 +39,34 @@ def is_converted(model_dir: str | pathlib.Path) -> bool:
     return (pathlib.Path(model_dir) / MARKER).is_file()
 
 
-def convert(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "bf16") -> None:
-    """HF checkpoint directory -> jaxpaged checkpoint directory."""
-    hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
+def convert(src: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "bf16") -> None:
+    """HF checkpoint directory or GGUF file -> jaxpaged checkpoint directory."""
+    src, out_dir = pathlib.Path(src), pathlib.Path(out_dir)
     numpy_dtype(dtype)  # validate before doing any work
-    cfg = ModelConfig.from_dir(hf_dir)
-    params = params_from_hf(hf_dir, cfg, dtype)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"output directory {out_dir} exists and is not empty")
+    if is_gguf_file(src):
+        gguf = GGUFFile(src)
+        params, write_side_files = gguf_params(gguf, dtype), partial(write_model_files, gguf)
+    else:
+        cfg = ModelConfig.from_dir(src)
+        params = params_from_hf(src, cfg, dtype)
+        write_side_files = partial(_copy_side_files, src, cfg.num_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save((out_dir / "params").absolute(), params)
+    write_side_files(out_dir)
+    (out_dir / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "dtype": dtype}))
+
+
+def _copy_side_files(hf_dir: pathlib.Path, num_layers: int, out_dir: pathlib.Path) -> None:
+    """The HF directory's config and tokenizer files, and its fp8 KV scales if it has them."""
     for name in SIDE_FILES:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
-    scales = read_kv_scales(hf_dir, cfg.num_layers, converted=False)
+    scales = read_kv_scales(hf_dir, num_layers, converted=False)
     if scales is not None:
         (out_dir / SCALES_FILE).write_text(scales.to_json())
-    (out_dir / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "dtype": dtype}))
 
 
 def restore_params(model_dir: str | pathlib.Path, target: Any) -> Any:

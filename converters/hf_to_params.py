@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import ml_dtypes
@@ -65,11 +66,17 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def params_from_hf(model_dir: str | pathlib.Path, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     """Reads an HF checkpoint into jaxpaged's parameter tree of numpy arrays in ``dtype``."""
+    return params_from_tensors(iter_tensors(pathlib.Path(model_dir)), cfg, dtype)
+
+
+def params_from_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig,
+                        dtype: str) -> dict[str, Any]:
+    """(HF name, array) pairs -> jaxpaged's parameter tree of numpy arrays in ``dtype``."""
     target = numpy_dtype(dtype)
     expected = expected_hf_shapes(cfg)
     builder = _TreeBuilder(cfg, target)
     seen: set[str] = set()
-    for name, array in iter_tensors(pathlib.Path(model_dir)):
+    for name, array in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or kv_scale_key(name) is not None:
             continue  # KV scales belong to the KV cache: converters.kv_scales reads them
         if name == "lm_head.weight" and cfg.tie_word_embeddings:

@@ -21,14 +21,14 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from .cache_dir import cache_root, cached_build
 
 # Bump when the bytes this module writes change, so cached default checkpoints get rebuilt.
 BUILDER_VERSION = 1
@@ -374,38 +374,11 @@ def spec_fingerprint(spec: TinySpec) -> str:
 
 
 def tiny_model_dir(name: str = DEFAULT_TINY_MODEL) -> pathlib.Path:
-    """Cached fp32 checkpoint `name` under $JAXPAGED_CACHE (default ~/.cache/jaxpaged)/tiny/<name>.
-
-    Built on first use into a temporary sibling directory and renamed into place, so concurrent
-    callers never see a half-written checkpoint; rebuilt when the stamp file does not match.
-    """
+    """Cached fp32 checkpoint `name` under $JAXPAGED_CACHE (default ~/.cache/jaxpaged)/tiny/<name>,
+    built on first use and rebuilt when its stamp does not match (see cache_dir.cached_build)."""
     spec = resolve_spec(name)
-    root = pathlib.Path(os.environ.get("JAXPAGED_CACHE", "~/.cache/jaxpaged")).expanduser() / "tiny"
-    final, stamp = root / spec.name, spec_fingerprint(spec)
-    stamp_path = final / "jaxpaged_tiny_stamp.txt"
-    if stamp_path.exists() and stamp_path.read_text(encoding="utf-8") == stamp:
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
-    build_tiny_checkpoint(spec, staging)
-    (staging / stamp_path.name).write_text(stamp, encoding="utf-8")
-    if final.exists():  # stale: move it aside first (rename is atomic, rmtree is not)
-        stale = pathlib.Path(tempfile.mkdtemp(prefix=f".{spec.name}-stale-", dir=root))
-        try:
-            final.rename(stale / "old")
-        except OSError:
-            pass  # another process replaced it meanwhile
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        staging.rename(final)
-    except OSError:  # another process won the race; its checkpoint is identical
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
-def default_model_dir() -> pathlib.Path:
-    """The cached DEFAULT_TINY_MODEL checkpoint, built on first use (see tiny_model_dir)."""
-    return tiny_model_dir(DEFAULT_TINY_MODEL)
+    return cached_build(cache_root() / "tiny" / spec.name, spec_fingerprint(spec),
+                        "jaxpaged_tiny_stamp.txt", lambda out: build_tiny_checkpoint(spec, out))
 
 
 def main(argv: list[str] | None = None) -> None:

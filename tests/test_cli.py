@@ -1,4 +1,4 @@
-"""The README's main command: `jaxpaged generate` on the built-in default model."""
+"""The README's one-prompt command: `jaxpaged generate`, on the built-in default model."""
 
 import os
 import pathlib
@@ -14,13 +14,22 @@ def run_cli(*args, cache):
                           env=env, timeout=300)
 
 
-def test_generate_on_the_default_model_is_deterministic_when_greedy(tmp_path):
-    first = run_cli("generate", "Once upon a time", "--max-tokens", "12", cache=tmp_path)
+def test_generate_on_the_default_model_answers(smollm2_cache):
+    result = run_cli("generate", "The capital of France is", "--max-tokens", "3",
+                     cache=smollm2_cache)  # the session's converted default model
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The capital of France is Paris")
+
+
+def test_generate_is_deterministic_when_greedy(tiny_checkpoint, tmp_path):
+    model = str(tiny_checkpoint("llama3-rope"))
+    first = run_cli("generate", "Once upon a time", "--max-tokens", "12", "--model", model,
+                    cache=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("Once upon a time")
     assert len(first.stdout.strip()) > len("Once upon a time")
-    assert any(tmp_path.iterdir()), "the default model is built into the cache on first use"
-    again = run_cli("generate", "Once upon a time", "--max-tokens", "12", cache=tmp_path)
+    again = run_cli("generate", "Once upon a time", "--max-tokens", "12", "--model", model,
+                    cache=tmp_path)
     assert again.stdout == first.stdout
 
 

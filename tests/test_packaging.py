@@ -48,6 +48,7 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(wheel, tmp_path):
     code = ("import importlib, jaxpaged; "
             f"mods = [importlib.import_module(m) for m in {SUBPACKAGES!r}]; "
             "import jaxpaged.cli, jaxpaged.models.loader, jaxpaged.converters.tiny; "
+            "import jaxpaged.converters.default_model, jaxpaged.converters.gguf_model; "
             "print(jaxpaged.__file__); print(*[m.__file__ for m in mods], sep='\\n')")
     out = subprocess.check_output([str(python), "-c", code], cwd=tmp_path, text=True,
                                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

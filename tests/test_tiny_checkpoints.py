@@ -206,18 +206,18 @@ def test_bad_spec_raises(changes, field):
         tiny.TinySpec(**fields)
 
 
-def test_default_model_dir_builds_once_and_rebuilds_when_stale(built, tmp_path, monkeypatch):
+def test_tiny_model_dir_builds_once_and_rebuilds_when_stale(built, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXPAGED_CACHE", str(tmp_path))
-    directory = tiny.default_model_dir()
+    directory = tiny.tiny_model_dir()
     assert directory == tmp_path / "tiny" / tiny.DEFAULT_TINY_MODEL
     digests = file_digests(directory)
     assert {k: v for k, v in digests.items() if k in EXPECTED_FILES} == file_digests(built[tiny.DEFAULT_TINY_MODEL])
     mtime = (directory / "model.safetensors").stat().st_mtime_ns
-    assert tiny.default_model_dir() == directory
+    assert tiny.tiny_model_dir() == directory
     assert (directory / "model.safetensors").stat().st_mtime_ns == mtime  # cached, not rebuilt
     (directory / "model.safetensors").write_bytes(b"corrupt")
     (directory / "jaxpaged_tiny_stamp.txt").write_text("stale")
-    assert tiny.default_model_dir() == directory
+    assert tiny.tiny_model_dir() == directory
     assert file_digests(directory) == digests
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [tiny.DEFAULT_TINY_MODEL]  # no leftovers
 

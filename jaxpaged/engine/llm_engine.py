@@ -15,7 +15,6 @@ engine back in working order after ``step()`` raised.
 from __future__ import annotations
 
 import logging
-import pathlib
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax
 from flax import nnx
 
 from jaxpaged.config import EngineConfig
+from jaxpaged.converters.gguf_model import resolve_model_path
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
 from jaxpaged.engine import setup
@@ -45,7 +45,7 @@ class LLMEngine:
         self.config = config
         start = time.perf_counter()
         setup.enable_compilation_cache(config.compilation_cache_dir)
-        model_dir = pathlib.Path(config.model)
+        model_dir = resolve_model_path(config.model)  # a .gguf file: its side files
         self.model_config = ModelConfig.from_dir(model_dir)
         self.tokenizer = setup.load_engine_tokenizer(config, model_dir)
         self.generation_config = setup.read_json(
@@ -62,6 +62,7 @@ class LLMEngine:
         weights_s = time.perf_counter() - start
         self.kv_dtype = setup.kv_pool_dtype(config, dtype)
         self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, self.kv_dtype)
+        self.limits = setup.fit_limits_to_pool(config, self.limits, self.kv_plan)
         self.eos_token_id, all_eos_ids = setup.eos_token_ids(
             self.model_config, self.generation_config, self.tokenizer)
         self.scheduler = Scheduler(setup.scheduler_config(config, self.limits),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxpaged.config import KV_CACHE_DTYPES, EngineConfig
 from jaxpaged.converters.checkpoint import is_converted
+from jaxpaged.converters.gguf_model import gguf_source, resolve_model_path
 from jaxpaged.converters.kv_scales import KVScales, read_kv_scales
 from jaxpaged.core.scheduler_config import SchedulerConfig
 from jaxpaged.engine.tokenizer import load_tokenizer
@@ -23,7 +24,8 @@ from jaxpaged.models.loader import jax_dtype
 from jaxpaged.runner.buckets import BucketLadder
 from jaxpaged.pallas_kernels.kv_quant import is_fp8
 from jaxpaged.runner.executable_cache import ExecutableCache, environment_fingerprint
-from jaxpaged.runner.kv_sizing import KVPlan, activation_reserve_bytes, plan_kv_cache
+from jaxpaged.runner.kv_sizing import (KVPlan, activation_reserve_bytes, fit_max_model_len,
+                                       plan_kv_cache)
 
 logger = logging.getLogger(__name__)
 
@@ -150,17 +152,25 @@ def plan_kv(config: EngineConfig, model_config: ModelConfig, limits: EngineLimit
             pool_dtype: jnp.dtype) -> KVPlan:
     return plan_kv_cache(
         model_config, dtype=pool_dtype, block_size=config.block_size,
-        max_model_len=limits.max_model_len, gpu_memory_utilization=config.gpu_memory_utilization,
+        max_model_len=limits.max_model_len, max_num_seqs=limits.max_num_seqs,
+        gpu_memory_utilization=config.gpu_memory_utilization,
         activation_bytes=activation_reserve_bytes(model_config, limits.max_num_batched_tokens,
                                                   limits.max_num_seqs),
         kv_cache_memory_bytes=config.kv_cache_memory_bytes,
         num_blocks_override=config.num_gpu_blocks_override)
 
 
+def fit_limits_to_pool(config: EngineConfig, limits: EngineLimits, plan: KVPlan) -> EngineLimits:
+    """``limits`` with max_model_len lowered to the pool when the user did not set it."""
+    max_model_len = fit_max_model_len(plan, limits.max_model_len,
+                                      may_lower=config.max_model_len is None)
+    return dataclasses.replace(limits, max_model_len=max_model_len)
+
+
 def load_engine_tokenizer(config: EngineConfig, model_dir: pathlib.Path):
     """The tokenizer (``config.tokenizer`` or the model's), or None when the engine runs on token
     ids alone (``skip_tokenizer_init``, or dummy weights in a directory without tokenizer files)."""
-    tokenizer_dir = pathlib.Path(config.tokenizer) if config.tokenizer else model_dir
+    tokenizer_dir = resolve_model_path(config.tokenizer) if config.tokenizer else model_dir
     has_files = any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     if config.skip_tokenizer_init or (config.load_format == "dummy" and not has_files):
         return None
@@ -179,6 +189,8 @@ def checkpoint_kv_scales(config: EngineConfig, model_dir: pathlib.Path, model_co
     scales a checkpoint carries for a pool that is not fp8 have no use (said in the log)."""
     if config.load_format == "dummy" or config.calculate_kv_scales:
         return None
+    if gguf_source(model_dir) is not None:
+        return None  # a GGUF file carries no KV-cache scales
     scales = read_kv_scales(model_dir, model_config.num_layers,
                             converted=is_converted(model_dir))
     if scales is not None and not is_fp8(pool_dtype):

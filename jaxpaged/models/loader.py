@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.converters.checkpoint import is_converted, restore_params
+from jaxpaged.converters.gguf_model import gguf_params, gguf_source
 from jaxpaged.converters.hf_to_params import params_from_hf
 from jaxpaged.models.dummy_weights import dummy_params
 from jaxpaged.models.llama import LlamaForCausalLM
@@ -50,6 +51,8 @@ def load_model(model_dir: str | pathlib.Path, *, dtype: str = "bf16", attn_impl:
         params = dummy_params(target, seed)
     elif is_converted(model_dir):
         params = unstack_layers(restore_params(model_dir, stack_layers(target)))
+    elif (gguf := gguf_source(model_dir)) is not None:  # side files of a .gguf (resolve_model_path)
+        params = _to_device(unstack_layers(gguf_params(gguf, dtype)), target)
     else:
         params = _to_device(unstack_layers(params_from_hf(model_dir, cfg, dtype)), target)
     nnx.replace_by_pure_dict(state, params)

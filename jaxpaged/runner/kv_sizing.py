@@ -13,8 +13,10 @@ from jaxpaged.sample.prompt_logprobs import PROMPT_LOGPROBS_CHUNK
 
 logger = logging.getLogger(__name__)
 
-# Without an accelerator there is no memory limit to read; the pool gets this much.
-DEFAULT_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
+# Without an accelerator there is no memory limit to read: the pool gets what max_num_seqs
+# sequences of max_model_len need, within these bounds.
+MIN_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
+MAX_CPU_KV_CACHE_BYTES = 1024 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,32 +46,45 @@ def activation_reserve_bytes(cfg: ModelConfig, max_num_batched_tokens: int, max_
 
 
 def plan_kv_cache(cfg: ModelConfig, *, dtype, block_size: int, max_model_len: int,
-                  gpu_memory_utilization: float, activation_bytes: int,
+                  max_num_seqs: int, gpu_memory_utilization: float, activation_bytes: int,
                   kv_cache_memory_bytes: int | None = None,
                   num_blocks_override: int | None = None) -> KVPlan:
-    """Sizes the pool; a ValueError says what to change when one max_model_len sequence can't fit."""
+    """Sizes the pool (``fit_max_model_len`` then checks that one sequence fits)."""
     bytes_per_block = KVCache.bytes_per_block(num_layers=cfg.num_layers, block_size=block_size,
                                               num_kv_heads=cfg.num_kv_heads,
                                               head_dim=cfg.head_dim, dtype=dtype)
     if num_blocks_override is not None:
         num_blocks = num_blocks_override
     else:
-        budget = kv_cache_memory_bytes or _free_bytes(gpu_memory_utilization, activation_bytes)
+        cpu_bytes = max_num_seqs * (-(-max_model_len // block_size)) * bytes_per_block
+        budget = kv_cache_memory_bytes or _free_bytes(gpu_memory_utilization, activation_bytes,
+                                                      cpu_bytes)
         num_blocks = budget // bytes_per_block
-    plan = KVPlan(num_blocks=int(num_blocks), block_size=block_size, bytes_per_block=bytes_per_block)
-    needed = -(-max_model_len // block_size) + 1
-    if plan.num_blocks < needed:
-        raise ValueError(
-            f"the KV cache holds {max(plan.capacity_tokens, 0)} tokens ({plan.num_blocks} blocks of "
-            f"{block_size}), fewer than one sequence of max_model_len={max_model_len} needs "
-            f"({needed} blocks): lower max_model_len or max_num_batched_tokens, or raise "
-            "gpu_memory_utilization / kv_cache_memory_bytes")
-    return plan
+    return KVPlan(num_blocks=int(num_blocks), block_size=block_size, bytes_per_block=bytes_per_block)
 
 
-def _free_bytes(gpu_memory_utilization: float, activation_bytes: int) -> int:
+def fit_max_model_len(plan: KVPlan, max_model_len: int, *, may_lower: bool) -> int:
+    """``max_model_len`` if one sequence of it fits the pool. Otherwise, when ``may_lower`` (the
+    user did not set it), the pool's capacity, with a warning, as vLLM lowers max_model_len to
+    fit; else a ValueError that says what to change."""
+    needed = -(-max_model_len // plan.block_size) + 1  # + the null block
+    if plan.num_blocks >= needed:
+        return max_model_len
+    if may_lower and plan.capacity_tokens >= plan.block_size:
+        logger.warning("max_model_len lowered from %d (the model's) to %d: the KV cache holds "
+                       "%d tokens; set max_model_len or the KV cache size to choose",
+                       max_model_len, plan.capacity_tokens, plan.capacity_tokens)
+        return plan.capacity_tokens
+    raise ValueError(
+        f"the KV cache holds {max(plan.capacity_tokens, 0)} tokens ({plan.num_blocks} blocks of "
+        f"{plan.block_size}), fewer than one sequence of max_model_len={max_model_len} needs "
+        f"({needed} blocks): lower max_model_len or max_num_batched_tokens, or raise "
+        "gpu_memory_utilization / kv_cache_memory_bytes")
+
+
+def _free_bytes(gpu_memory_utilization: float, activation_bytes: int, cpu_bytes: int) -> int:
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
-        return DEFAULT_CPU_KV_CACHE_BYTES
+        return min(max(cpu_bytes, MIN_CPU_KV_CACHE_BYTES), MAX_CPU_KV_CACHE_BYTES)
     budget = stats["bytes_limit"] * gpu_memory_utilization - stats.get("bytes_in_use", 0)
     return max(int(budget - activation_bytes), 0)
