@@ -118,6 +118,9 @@ for label in $stages; do
     kernels-quick) run kernels 200 python3 bench/kernels.py --check --no-sweep --out "$OUT" ;;
     kernels-fp8) run kernels-fp8 420 python3 bench/kernels.py --check --no-sweep --kv-dtype fp8 \
              --out "$OUT/fp8" ;;
+    kernels-fp8-variants) run kernels-fp8-variants 420 python3 bench/kernels.py --no-sweep \
+             --kv-dtype fp8 --fp8-decode-variants fp8_compute=query,pages_per_step=8 \
+             --out "$OUT/fp8v" ;;
     kernels-fp8-e5m2) run kernels-fp8-e5m2 420 python3 bench/kernels.py --check --no-sweep \
              --kv-dtype fp8_e5m2 --out "$OUT/fp8-e5m2" ;;
     kernel-tests-fp8) run kernel-tests-fp8 200 python3 -m pytest -m gpu -q -p no:cacheprovider \

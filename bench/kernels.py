@@ -431,9 +431,11 @@ def with_bf16_speedup(row: Row | None, bf16: Row | None) -> Row | None:
 
 def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array],
                  copy_bw: float, log: Callable,
-                 fp8: tuple[Setup, Pools] | None = None) -> list[Row]:
-    """Per decode shape: our kernel (and with ``fp8`` the same kernel on fp8 pages), the best
-    built-in, XLA, and the plain reads of the same bytes."""
+                 fp8: tuple[Setup, Pools] | None = None,
+                 fp8_overrides: tuple[str, ...] = ()) -> list[Row]:
+    """Per decode shape: our kernel (and with ``fp8`` the same kernel on fp8 pages, plus one row
+    per ``fp8_overrides`` entry: ``field=value[+field=value]`` laid over the model's tuning), the
+    best built-in, XLA, and the plain reads of the same bytes."""
     rows = []
     rng = np.random.default_rng(0)
     for batch, context in setup.decode_shapes:
@@ -443,16 +445,23 @@ def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array
         config = f"splits={splits},hpp={tuning.heads_per_program}"
         ours = time_ours(setup, log, pools, case, copy_bw, section="decode", config=config,
                          tuning=tuning)
-        ours_fp8 = None
+        ours_fp8, fp8_variants = None, []
         if fp8 is not None:
             fp8_setup, fp8_pools = fp8
             fp8_case = decode_case(fp8_setup, fp8_pools, batch, context, rng)
             ours_fp8 = with_bf16_speedup(time_ours(fp8_setup, log, fp8_pools, fp8_case, copy_bw,
                                                    section="decode", config=config,
                                                    tuning=tuning), ours)
+            for spec in fp8_overrides:
+                variant = parse_variant("default+" + spec).tuning
+                fields = {f: getattr(variant, f) for f in spec_fields(spec)}
+                fp8_variants.append(with_bf16_speedup(time_ours(
+                    fp8_setup, log, fp8_pools, fp8_case, copy_bw, section="decode",
+                    config=f"{config},{spec}", tuning=dataclasses.replace(tuning, **fields)),
+                    ours))
         builtin, xla = time_baselines(setup, log, pools, pools_t, case, copy_bw)
         reads = time_stream_read(setup, log, pools, case, copy_bw)
-        for row in (ours, ours_fp8, builtin, xla):
+        for row in (ours, ours_fp8, *fp8_variants, builtin, xla):
             if row is not None:
                 rows.append(_set_speedup(row, builtin))
                 log(_format_row(row))
@@ -578,6 +587,11 @@ def parse_variant(spec: str) -> DecodeVariant:
             raise ValueError(f"decode variant {spec!r}: {key!r} is not splits or a DecodeTuning "
                              f"field ({', '.join(sorted(names))})")
     return DecodeVariant(spec, dataclasses.replace(tuning, **fields), splits)
+
+
+def spec_fields(spec: str) -> list[str]:
+    """The DecodeTuning fields a ``field=value[+field=value]`` spec sets."""
+    return [item.partition("=")[0] for item in spec.split("+") if item]
 
 
 def parse_variants(text: str) -> list[DecodeVariant]:
@@ -992,6 +1006,10 @@ def main(argv: list[str] | None = None) -> int:
                              "ragged and sweep sections")
     parser.add_argument("--no-variant-checks", action="store_true",
                         help="skip the per-variant numerics check on the GPU")
+    parser.add_argument("--fp8-decode-variants", default="",
+                        help="with --kv-dtype fp8*: extra decode rows on fp8 pages, each "
+                             "'field=value[+field=value]' over the model's tuning, "
+                             "comma-separated (e.g. fp8_compute=query,pages_per_step=8)")
     parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
                         help="fp8 / fp8_e4m3 / fp8_e5m2: also time (and check) the decode and "
                              "ragged kernels on fp8 pages, next to bf16")
@@ -1033,7 +1051,9 @@ def main(argv: list[str] | None = None) -> int:
     pools_t = tuple(jnp.transpose(p, (2, 0, 1, 3)) for p in (pools.k, pools.v))
     fp8 = None if fp8_setup is None else (fp8_setup, make_pools(fp8_setup, fp8_setup.pool_pages))
     standard = not (variants and args.variants_only)
-    rows = bench_decode(setup, pools, pools_t, copy_bw, log, fp8) if standard else []
+    fp8_overrides = tuple(s for s in args.fp8_decode_variants.split(",") if s)
+    rows = (bench_decode(setup, pools, pools_t, copy_bw, log, fp8, fp8_overrides)
+            if standard else [])
     if variants:
         rows += bench_decode_variants(setup, pools, pools_t, copy_bw, log, variants,
                                       extra_splits, check=not args.no_variant_checks)

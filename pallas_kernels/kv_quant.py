@@ -58,6 +58,27 @@ def is_fp8(dtype: jnp.dtype) -> bool:
     return jnp.dtype(dtype) in FP8_DTYPES
 
 
+def compute_dtype(cache_dtype: jnp.dtype, q_dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype a kernel converts loaded K/V tiles (and q) to before its matmuls.
+
+    A bf16 query over an fp8 pool computes in float16: fp8 -> f16 is one conversion instruction
+    per two values on Hopper (e5m2 is f16's top byte), fp8 -> bf16 a chain of them, which made
+    the fp8 decode kernel no faster than bf16 on half the bytes (bench/RESULTS.md). Every fp8 code
+    is exact in f16; q rounds to f16's 10-bit mantissa (finer than bf16's 7) after a clip to its
+    range. Other pools and queries keep q's dtype."""
+    if is_fp8(cache_dtype) and jnp.dtype(q_dtype) == jnp.dtype(jnp.bfloat16):
+        return jnp.dtype(jnp.float16)
+    return jnp.dtype(q_dtype)
+
+
+def to_compute(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``x`` in the compute dtype; a narrowing to f16 clips to its finite range first."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float16) and x.dtype != jnp.float16:
+        limit = float(jnp.finfo(jnp.float16).max)
+        x = jnp.clip(x.astype(jnp.float32), -limit, limit)
+    return x.astype(dtype)
+
+
 def fp8_max(dtype: jnp.dtype) -> float:
     """Largest finite value of the fp8 format (448 for e4m3fn, 57344 for e5m2)."""
     return float(jnp.finfo(dtype).max)

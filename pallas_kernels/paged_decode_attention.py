@@ -38,8 +38,10 @@ in its unmasked loop the V tile went to the dot with no select and was pipelined
 no second trip through shared memory) gives ~88 registers and 39 KB of shared memory at
 ``pages_per_step=4``: 5 programs/SM. ``gather="pages"`` keeps the old structure for comparison.
 
-fp8 pools (``kv_quant``). K/V tiles are loaded as fp8 (half the bytes) and converted to q's dtype
-in registers, which is exact; nothing else is scaled per element. ``k_scale`` joins the one
+fp8 pools (``kv_quant``). K/V tiles are loaded as fp8 (half the bytes) and converted in registers
+to ``kv_quant.compute_dtype`` (f16 for a bf16 query: one instruction per two values, where bf16
+takes a chain; ``DecodeTuning.fp8_compute="query"`` keeps q's dtype), which is exact; nothing
+else is scaled per element. ``k_scale`` joins the one
 multiply per score that is there anyway (``logits = (q . k_code) * (sm_scale * k_scale)``) and
 ``v_scale`` the one per output row (``out = acc * (v_scale / l)``; split-K partials store
 ``acc * v_scale``, which the combine, linear in ``acc``, carries through). The scales are one
@@ -65,8 +67,9 @@ from jaxpaged.pallas_kernels.backend import (MASK_VALUE, block_tables_within_con
                                              matmul_f32, normalized_output, online_softmax_step,
                                              require_power_of_2, resolve_impl, scaled_logits,
                                              triton_call, validate_paged_kv, validate_scales)
-from jaxpaged.pallas_kernels.kv_quant import (kv_scales, load_scales, masked_load_fill,
-                                              reference_scales, scales_spec)
+from jaxpaged.pallas_kernels.kv_quant import (compute_dtype, kv_scales, load_scales,
+                                              masked_load_fill, reference_scales, scales_spec,
+                                              to_compute)
 from jaxpaged.pallas_kernels.split_k_combine import combine_splits_pallas, combine_splits_xla
 
 LAUNCH_ORDERS = ("seq_inner", "head_inner")
@@ -91,6 +94,9 @@ class DecodeTuning:
     combine: str = "pallas"  # split-K partials merged by a second Pallas kernel or in XLA
     heads_per_program: int = 1  # adjacent kv heads one program reads as one contiguous row
     gather: str = "rows"  # K/V tile as one row gather, or pages then a reshape (the old kernel's)
+    # fp8 pools: "auto" computes in kv_quant.compute_dtype (f16 for a bf16 query), "query" in
+    # q's dtype (the first fp8 kernel's choice; kept to measure against)
+    fp8_compute: str = "auto"
 
     def __post_init__(self):
         for name in ("pages_per_step", "num_warps", "heads_per_program"):
@@ -102,7 +108,7 @@ class DecodeTuning:
                 raise ValueError(f"DecodeTuning.{name} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("launch_order", LAUNCH_ORDERS), ("mask_steps", MASK_STEPS),
                               ("guard", GUARDS), ("combine", COMBINES),
-                              ("gather", GATHERS)):
+                              ("gather", GATHERS), ("fp8_compute", ("auto", "query"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DecodeTuning.{name} must be one of {allowed}, got "
                                  f"{getattr(self, name)!r}")
@@ -137,6 +143,7 @@ class _KernelShape:
     num_splits: int
     tuning: DecodeTuning
     quantized: bool  # an fp8 pool: the kernel takes the f32[2] scale operand
+    compute_dtype: jnp.dtype  # K/V tiles and q are converted to this before the matmuls
 
     @property
     def real_rows(self) -> int:  # query heads of one program: heads_per_program x G
@@ -232,7 +239,7 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
     _, head_group = _program_ids(tuning.launch_order)
     length = jnp.clip(length_ref[0], 0, shape.table_width * page_size)
 
-    q = _load_q(q_ref, shape, head_group)  # [M, hpp * D]
+    q = to_compute(_load_q(q_ref, shape, head_group), shape.compute_dtype)  # [M, hpp * D]
 
     num_pages = pl.cdiv(length, page_size)
     if shape.num_splits == 1:
@@ -253,7 +260,7 @@ def _decode_kernel(length_ref,  # i32[1]: context length of this sequence
             if tuning.guard == "where":  # never dereference entries past the end
                 page_idx = page0 + jnp.arange(pps, dtype=jnp.int32)
                 page_ids = jnp.where(page_idx < num_pages, page_ids, 0)
-        # fp8 -> q's dtype is exact (kv_quant); for other pools the cast is a no-op.
+        # fp8 -> the compute dtype is exact (kv_quant); for other pools the cast is a no-op.
         k = _kv_tile(k_ref, page_ids, valid, page_size=page_size, tuning=tuning).astype(q.dtype)
         v = _kv_tile(v_ref, page_ids, valid, page_size=page_size, tuning=tuning).astype(q.dtype)
         logits = scaled_logits(matmul_f32(q, k, transpose_b=True, precision=precision),
@@ -316,7 +323,9 @@ def _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, scales, *, sm_sc
     shape = _KernelShape(sm_scale=sm_scale, soft_cap=soft_cap,
                          group=num_q_heads // num_kv_heads, head_dim=head_dim,
                          table_width=table_width, num_splits=splits, tuning=tuning,
-                         quantized=scales is not None)
+                         quantized=scales is not None,
+                         compute_dtype=(compute_dtype(k_cache.dtype, q.dtype)
+                                        if tuning.fp8_compute == "auto" else jnp.dtype(q.dtype)))
     # hpp adjacent kv heads of a token are one contiguous row of hpp * D values (a free reshape).
     pools = [c.reshape(num_pages, page_size, num_kv_heads // hpp, hpp * head_dim)
              for c in (k_cache, v_cache)]
@@ -446,8 +455,8 @@ def paged_decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     """XLA gather + einsum: gather each sequence's pages into a dense context, masked softmax.
 
     Scores and softmax in f32 (f32 inputs use full-precision matmuls); an fp8 context is
-    converted to q's dtype (exact) and the scales folded as in the kernel. The split/tile
-    arguments are accepted for signature parity and ignored.
+    converted to ``kv_quant.compute_dtype`` (exact; f16 for a bf16 query) and the scales folded
+    as in the kernel. The split/tile arguments are accepted for signature parity and ignored.
     """
     del num_kv_splits, impl, interpret, tuning
     _validate(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, soft_cap, None)
@@ -456,10 +465,13 @@ def paged_decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     _, page_size, num_kv_heads, _ = k_cache.shape
     context = block_tables.shape[1] * page_size
     precision = dot_precision(q.dtype)
+    compute = compute_dtype(k_cache.dtype, q.dtype)
+    out_dtype = q.dtype
+    q = to_compute(q, compute)
 
     tables = block_tables_within_context(block_tables, seq_lens, page_size)
-    k = k_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(q.dtype)
-    v = v_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(q.dtype)
+    k = k_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(compute)
+    v = v_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(compute)
     valid = jnp.arange(context)[None, :] < seq_lens[:, None]  # [S, L]
     v = jnp.where(valid[:, :, None, None], v, jnp.zeros_like(v))
     q_groups = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
@@ -474,4 +486,4 @@ def paged_decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     p = p / jnp.where(denom == 0.0, 1.0, denom)
     o = jnp.einsum("shgt,sthd->shgd", p.astype(v.dtype), v, precision=precision,
                    preferred_element_type=jnp.float32) * v_scale
-    return o.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+    return o.reshape(num_seqs, num_q_heads, head_dim).astype(out_dtype)

@@ -26,8 +26,8 @@ q and the output are padded by ``block_q`` tokens so tile loads and (masked) sto
 bounds; the output buffer starts as zeros and is aliased into the kernel, which stores only real
 rows, so padding tokens stay zero.
 
-fp8 pools (``kv_quant``): pages are gathered as fp8 and converted to q's dtype in registers
-(exact); ``k_scale`` is folded into the logit scale, ``v_scale`` into the per-row ``1 / l`` of the
+fp8 pools (``kv_quant``): pages are gathered as fp8 and converted in registers to
+``kv_quant.compute_dtype`` (exact; q goes to that dtype too, f16 for a bf16 query); ``k_scale`` is folded into the logit scale, ``v_scale`` into the per-row ``1 / l`` of the
 output (the decode kernel's arithmetic); the scales are one ``f32[2]`` operand.
 
 Decode-only batches (``max_query_len == 1``) take the split-K decode kernel of
@@ -57,7 +57,8 @@ from jaxpaged.pallas_kernels.backend import (MASK_VALUE, block_tables_within_con
                                              online_softmax_step, require_power_of_2, resolve_impl,
                                              scaled_logits, triton_call, validate_paged_kv,
                                              validate_scales)
-from jaxpaged.pallas_kernels.kv_quant import kv_scales, load_scales, reference_scales, scales_spec
+from jaxpaged.pallas_kernels.kv_quant import (compute_dtype, kv_scales, load_scales,
+                                              reference_scales, scales_spec, to_compute)
 from jaxpaged.pallas_kernels.paged_decode_attention import DecodeTuning, paged_decode_attention
 
 DEFAULT_TILE_ROWS = 64  # block_q * Gp when block_q is None
@@ -145,6 +146,7 @@ def _ragged_kernel(work_ref,  # i32[4]: this tile's (seq, q_start, num_rows, fir
         precision = dot_precision(q_ref.dtype)
 
         q = q_ref[pl.ds(q_start, block_q)].reshape(rows, head_dim)  # row = token * Gp + head
+        q = to_compute(q, compute_dtype(k_ref.dtype, q.dtype))
         row_token = jnp.minimum(jnp.arange(rows, dtype=jnp.int32) // padded_group, num_rows - 1)
         row_pos = first_pos + row_token  # [rows]
         last_pos = first_pos + num_rows - 1
@@ -159,7 +161,7 @@ def _ragged_kernel(work_ref,  # i32[4]: this tile's (seq, q_start, num_rows, fir
             if masked:  # entries past the context may hold anything
                 page_idx = page0 + jnp.arange(pages_per_step, dtype=jnp.int32)
                 page_ids = jnp.where(page_idx * page_size <= last_pos, page_ids, 0)
-            # fp8 -> q's dtype is exact (kv_quant); for other pools the cast is a no-op.
+            # fp8 -> the compute dtype is exact (kv_quant); for other pools a no-op.
             k = gather_pages(k_ref, page_ids).astype(q.dtype)  # [block_k, D]
             v = gather_pages(v_ref, page_ids).astype(q.dtype)
             logits = scaled_logits(matmul_f32(q, k, transpose_b=True, precision=precision),
@@ -338,7 +340,8 @@ def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
 
     ``Qmax = max_query_len`` (else T), so memory is ``S * Hq * Qmax * W * page_size`` f32 scores:
     meant for tests and CPU runs. Scores and softmax in f32 (f32 inputs use full-precision
-    matmuls); an fp8 context is converted to q's dtype (exact) and the scales folded as in the
+    matmuls); an fp8 context is converted to ``kv_quant.compute_dtype`` (exact; f16 for a bf16
+    query, q clipped and rounded to f16) and the scales folded as in the
     kernel. Tile/backend arguments are accepted for signature parity and ignored.
     """
     del one_token_per_sequence, impl, interpret, tuning
@@ -358,12 +361,13 @@ def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     local = jnp.arange(q_max, dtype=jnp.int32)  # [Qmax]
     token = starts[:, None] + local[None, :]  # [S, Qmax]
     row_real = (local[None, :] < q_lens[:, None]) & (token < num_tokens)
-    q_dense = q[jnp.clip(token, 0, num_tokens - 1)]  # [S, Qmax, Hq, D]
+    compute = compute_dtype(k_cache.dtype, q.dtype)
+    q_dense = to_compute(q[jnp.clip(token, 0, num_tokens - 1)], compute)  # [S, Qmax, Hq, D]
     q_pos = (seq_lens - q_lens)[:, None] + local[None, :]  # [S, Qmax]
 
     tables = block_tables_within_context(block_tables, seq_lens, page_size)
-    k = k_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(q.dtype)
-    v = v_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(q.dtype)
+    k = k_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(compute)
+    v = v_cache[tables].reshape(num_seqs, context, num_kv_heads, head_dim).astype(compute)
     kv_pos = jnp.arange(context, dtype=jnp.int32)
     in_context = kv_pos[None, :] < seq_lens[:, None]  # [S, L]
     v = jnp.where(in_context[:, :, None, None], v, jnp.zeros_like(v))
