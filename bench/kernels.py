@@ -449,9 +449,14 @@ def bench_decode(setup: Setup, pools: Pools, pools_t: tuple[jax.Array, jax.Array
         if fp8 is not None:
             fp8_setup, fp8_pools = fp8
             fp8_case = decode_case(fp8_setup, fp8_pools, batch, context, rng)
+            # the model's fp8 tuning; the overrides below are laid over the bf16 one
+            fp8_tuning = default_decode_tuning(batch, setup.num_kv_heads, fp8_setup.kv_dtype)
+            fp8_splits = choose_num_kv_splits(batch, setup.num_kv_heads, case.width, fp8_tuning)
+            fp8_config = (f"splits={fp8_splits},hpp={fp8_tuning.heads_per_program},"
+                          f"pps={fp8_tuning.pages_per_step}")
             ours_fp8 = with_bf16_speedup(time_ours(fp8_setup, log, fp8_pools, fp8_case, copy_bw,
-                                                   section="decode", config=config,
-                                                   tuning=tuning), ours)
+                                                   section="decode", config=fp8_config,
+                                                   tuning=fp8_tuning), ours)
             for spec in fp8_overrides:
                 variant = parse_variant("default+" + spec).tuning
                 fields = {f: getattr(variant, f) for f in spec_fields(spec)}

@@ -67,7 +67,7 @@ from jaxpaged.pallas_kernels.backend import (MASK_VALUE, block_tables_within_con
                                              matmul_f32, normalized_output, online_softmax_step,
                                              require_power_of_2, resolve_impl, scaled_logits,
                                              triton_call, validate_paged_kv, validate_scales)
-from jaxpaged.pallas_kernels.kv_quant import (compute_dtype, kv_scales, load_scales,
+from jaxpaged.pallas_kernels.kv_quant import (compute_dtype, is_fp8, kv_scales, load_scales,
                                               masked_load_fill, reference_scales, scales_spec,
                                               to_compute)
 from jaxpaged.pallas_kernels.split_k_combine import combine_splits_pallas, combine_splits_xla
@@ -421,26 +421,31 @@ def paged_decode_attention(q: jax.Array,  # [S, Hq, D]: one new token per sequen
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
                                                 k_scale=k_scale, v_scale=v_scale,
                                                 sm_scale=sm_scale, soft_cap=soft_cap)
-    tuning = tuning or default_decode_tuning(q.shape[0], k_cache.shape[2])
+    tuning = tuning or default_decode_tuning(q.shape[0], k_cache.shape[2], k_cache.dtype)
     _validate_for_kernel(k_cache, tuning)
     return _decode_pallas(q, k_cache, v_cache, block_tables, seq_lens, scales, sm_scale=sm_scale,
                           soft_cap=soft_cap, num_kv_splits=num_kv_splits, tuning=tuning,
                           interpret=interpret)
 
 
-# Measured on an H200 (bench/RESULTS.md, 2026-11-26): with fewer than 16 (sequence, kv head)
-# pairs, reading two adjacent kv heads per program (512-byte rows) two pages at a time won at
-# 1x4096 (0.0137 ms against 0.0159 for the default); from 4x16384 on the default won. On an H100
-# the same structure with splits of 4 pages (64 splits at 1x4096) took 0.0130 ms against 0.0167
-# with splits of 8 pages (32 splits), 0.0143 with 128 splits and 0.0207 for JAX's built-in.
+# With fewer than 16 (sequence, kv head) pairs, reading two adjacent kv heads per program
+# (512-byte rows) two pages at a time, in splits of 4 pages, measured fastest at 1x4096 on the
+# H100 and the H200; from 4x16384 on the default won (bench/RESULTS.md, kernel variants).
 _FEW_PAIRS = 16
 _FEW_PAIRS_TUNING = DecodeTuning(heads_per_program=2, pages_per_step=2, min_pages_per_split=4)
+# fp8 pages are half as wide: eight pages a step keep a step's bytes (and a thread's load width)
+# those of four bf16 pages; measured faster on every shape but the few-pairs one (bench/RESULTS.md,
+# fp8 KV cache).
+_FP8_TUNING = DecodeTuning(pages_per_step=8)
 
 
-def default_decode_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
-    """The kernel structure measured fastest for this decode shape."""
+def default_decode_tuning(num_seqs: int, num_kv_heads: int,
+                          kv_dtype: jnp.dtype | None = None) -> DecodeTuning:
+    """The kernel structure measured fastest for this decode shape (and pool dtype)."""
     if num_seqs * num_kv_heads < _FEW_PAIRS and num_kv_heads % 2 == 0:
         return _FEW_PAIRS_TUNING
+    if kv_dtype is not None and is_fp8(kv_dtype):
+        return _FP8_TUNING
     return DecodeTuning()
 
 

@@ -192,8 +192,9 @@ def test_fp8_decode_reads_fp8_pages_and_copies_no_pool(triton_modules, splits):
     assert "stablehlo.convert" not in text or "300x16x8x128xbf16" not in text
     assert "tensor<300x16x8x128xf8E4M3FN>" in text
     decode = triton_modules[0]
-    assert "tensor<64x128x!tt.ptr<f8E4M3FN>>" in decode  # 4 pages x 16 tokens as rows
+    assert "tensor<128x128x!tt.ptr<f8E4M3FN>>" in decode  # fp8's 8 pages x 16 tokens as rows
     assert "tt.fp_to_fp" in decode and "!tt.ptr<bf16>" in decode  # q and the output stay bf16
+    assert "tensor<128x128xf16>" in decode  # tiles converted to f16 (kv_quant.compute_dtype)
 
 
 def test_fp8_stores_round_to_nearest_even(triton_modules):
