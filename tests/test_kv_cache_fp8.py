@@ -27,7 +27,10 @@ def _llm(path, **overrides) -> LLM:
 
 @pytest.fixture(scope="module")
 def fp8_llm(tiny_checkpoint):
-    return _llm(tiny_checkpoint(MODEL), kv_cache_dtype="fp8", calculate_kv_scales=True)
+    """Calibrated fp8 pages; a pool of 12 blocks, so that a batch of the tests' prompts preempts
+    (one engine for the module: every step shape compiles once)."""
+    return _llm(tiny_checkpoint(MODEL), kv_cache_dtype="fp8", calculate_kv_scales=True,
+                num_gpu_blocks_override=13)
 
 
 def _with_scales(src, dst, k, v, names=("self_attn.k_scale", "self_attn.v_scale")):
@@ -127,23 +130,21 @@ def test_bad_kv_cache_settings_are_refused(tiny_checkpoint, kwargs, match):
         _llm(tiny_checkpoint(MODEL), **kwargs)
 
 
-def test_scheduler_features_work_unchanged_on_an_fp8_pool(tiny_checkpoint, fp8_llm):
+def test_scheduler_features_work_unchanged_on_an_fp8_pool(fp8_llm):
     """Chunked prefill (32-token budget), prefix caching, n > 1 sharing and preemption (a pool of
     12 blocks for 7 requests) on fp8 pages: a batch gives what each request gives alone."""
-    small = _llm(tiny_checkpoint(MODEL), kv_cache_dtype="fp8", calculate_kv_scales=True,
-                 num_gpu_blocks_override=13)
-    assert small.llm_engine.kv_scales == fp8_llm.llm_engine.kv_scales
+    preempted = fp8_llm.llm_engine.scheduler.make_stats().num_preemptions
     shared = random_prompts(1, seed=2, low=40, high=40)[0]["prompt_token_ids"]
     prompts = random_prompts(5, seed=1, low=20, high=60) + [
         {"prompt_token_ids": shared + [7 + i]} for i in range(2)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    batched = token_ids(small.generate(prompts, params, use_tqdm=False))
-    assert small.llm_engine.scheduler.make_stats().num_preemptions > 0
+    batched = token_ids(fp8_llm.generate(prompts, params, use_tqdm=False))
+    assert fp8_llm.llm_engine.scheduler.make_stats().num_preemptions > preempted
     alone = [token_ids(fp8_llm.generate(p, params, use_tqdm=False))[0] for p in prompts]
     assert batched == alone
     sampled = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
-    runs = [[c.token_ids for c in small.generate(prompts[-1], sampled, use_tqdm=False)[0].outputs]
+    runs = [[c.token_ids for c in fp8_llm.generate(prompts[-1], sampled, use_tqdm=False)[0].outputs]
             for _ in range(2)]
     assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) > 1
-    manager = small.llm_engine.scheduler.block_manager
-    assert manager.num_free_blocks == small.llm_engine.kv_plan.num_blocks - 1
+    manager = fp8_llm.llm_engine.scheduler.block_manager
+    assert manager.num_free_blocks == fp8_llm.llm_engine.kv_plan.num_blocks - 1
