@@ -33,8 +33,8 @@ keeps about one tile per operand in flight (with ``num_stages`` 2-4 the pipeline
 table entries, not a second tile), so bandwidth follows resident programs per SM, i.e. registers
 and shared memory per program. The old kernel gathered ``[pps, page, D]`` pages and reshaped them;
 in its unmasked loop the V tile went to the dot with no select and was pipelined through
-*registers* (~166 registers: 3 programs/SM, vs ~121 and 4 for the one-loop example that reached
-3.1 TB/s). Gathering rows directly as ``[pps * page, D]`` and guarding with masked loads (so V needs
+*registers* (~166 registers: 3 programs/SM, vs ~121 and 4 for the one-loop example of
+``shared/examples``; bandwidths in bench/RESULTS.md). Gathering rows directly as ``[pps * page, D]`` and guarding with masked loads (so V needs
 no second trip through shared memory) gives ~88 registers and 39 KB of shared memory at
 ``pages_per_step=4``: 5 programs/SM. ``gather="pages"`` keeps the old structure for comparison.
 

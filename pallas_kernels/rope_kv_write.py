@@ -9,8 +9,8 @@ anything stored for a slot outside the pool). Pool layout as in ``kv_write``: ``
 Hkv, D]``, updated in place (donated, ``input_output_aliases``).
 
 Why one kernel. Done in XLA, a decode layer spends five small kernels here (slice V, rope K, rope q,
-the layer's slot offset, the K/V write), each ~1.2 us plus a launch gap at batch 1; this is one
-(2.35 us at batch 1 on an H100; the batch-1 step went from 630 to 535 kernels, bench/RESULTS.md).
+the layer's slot offset, the K/V write), each paying a launch at batch 1; this is one, measured
+faster and with fewer kernels per step (bench/RESULTS.md, "third run").
 ``slot_offset`` (an i32 scalar operand, not a static argument) moves layer-local slots into the
 layer-flattened pool, so every layer runs the same compiled kernel.
 
