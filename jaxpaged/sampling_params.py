@@ -141,7 +141,7 @@ class SamplingParams:
     def _verify_args(self) -> None:
         _check_int("n", self.n, minimum=1)
         if self.best_of is not None:
-            raise ValueError(f"best_of is not supported; got best_of={self.best_of!r} (use n).")
+            raise ValueError(f"best_of is not supported; got best_of={self.best_of!r} (use n)")
         _check_real("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_real("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_real("repetition_penalty", self.repetition_penalty)
@@ -152,7 +152,7 @@ class SamplingParams:
         _check_real("temperature", self.temperature, 0.0)
         _check_real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         _check_int("top_k", self.top_k, minimum=-1, hint="0 or -1 disables, else >= 1")
         _check_real("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
@@ -174,9 +174,9 @@ class SamplingParams:
 
     def _verify_stop(self) -> None:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}.")
+            raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}")
         if any(not s for s in self.stop):
-            raise ValueError(f"stop cannot contain an empty string, got {self.stop!r}.")
+            raise ValueError(f"stop cannot contain an empty string, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, list) or not all(
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
@@ -192,18 +192,18 @@ class SamplingParams:
                 raise ValueError(f"allowed_token_ids must be a list of non-negative ints, got "
                                  f"{self.allowed_token_ids!r}.")
             if not self.allowed_token_ids:
-                raise ValueError("allowed_token_ids must not be empty (None allows every token).")
+                raise ValueError("allowed_token_ids must not be empty (None allows every token)")
         if not isinstance(self.bad_words, list) or not all(
             isinstance(w, str) for w in self.bad_words
         ):
-            raise ValueError(f"bad_words must be a list of str, got {self.bad_words!r}.")
+            raise ValueError(f"bad_words must be a list of str, got {self.bad_words!r}")
         if any(not w for w in self.bad_words):
-            raise ValueError(f"bad_words cannot contain an empty string, got {self.bad_words!r}.")
+            raise ValueError(f"bad_words cannot contain an empty string, got {self.bad_words!r}")
         if self.truncate_prompt_tokens is not None:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=-1,
                        hint=">= 1 or -1")
             if self.truncate_prompt_tokens == 0:
-                raise ValueError("truncate_prompt_tokens must be >= 1 or -1, got 0.")
+                raise ValueError("truncate_prompt_tokens must be >= 1 or -1, got 0")
 
     def update_from_tokenizer(self, tokenizer) -> None:
         """Tokenize ``bad_words`` as vLLM does: each word (left-stripped) without a leading space,
@@ -213,7 +213,7 @@ class SamplingParams:
         for word in self.bad_words:
             plain = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
             if not plain:
-                raise ValueError(f"bad_words entry {word!r} tokenizes to no tokens.")
+                raise ValueError(f"bad_words entry {word!r} tokenizes to no tokens")
             self._bad_words_token_ids.append(plain)
             spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
             if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
@@ -291,7 +291,7 @@ def _normalise_logit_bias(logit_bias: Any) -> dict[int, float] | None:
     if logit_bias is None:
         return None
     if not isinstance(logit_bias, Mapping):
-        raise ValueError(f"logit_bias must be a dict of token id -> float, got {logit_bias!r}.")
+        raise ValueError(f"logit_bias must be a dict of token id -> float, got {logit_bias!r}")
     normalised = {}
     for key, value in logit_bias.items():
         try:
@@ -299,9 +299,9 @@ def _normalise_logit_bias(logit_bias: Any) -> dict[int, float] | None:
         except (TypeError, ValueError):
             token_id = None
         if token_id is None or token_id < 0:
-            raise ValueError(f"logit_bias keys must be non-negative token ids, got {key!r}.")
+            raise ValueError(f"logit_bias keys must be non-negative token ids, got {key!r}")
         if not isinstance(value, Real) or isinstance(value, bool) or value != value:
-            raise ValueError(f"logit_bias[{key!r}] must be a number, got {value!r}.")
+            raise ValueError(f"logit_bias[{key!r}] must be a number, got {value!r}")
         normalised[token_id] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(value)))
     return normalised
 
@@ -312,15 +312,15 @@ def _is_int(value: Any) -> bool:
 
 def _check_int(name: str, value: Any, minimum: int | None = None, hint: str = "") -> None:
     if not _is_int(value):
-        raise ValueError(f"{name} must be an int, got {value!r}.")
+        raise ValueError(f"{name} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
         detail = hint or f"at least {minimum}"
-        raise ValueError(f"{name} must be {detail}, got {value}.")
+        raise ValueError(f"{name} must be {detail}, got {value}")
 
 
 def _check_real(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
     if not isinstance(value, Real) or isinstance(value, bool) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}.")
+        raise ValueError(f"{name} must be a number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {bounds}, got {value}.")
+        raise ValueError(f"{name} must be in {bounds}, got {value}")

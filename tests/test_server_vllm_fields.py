@@ -339,3 +339,22 @@ def test_truncate_prompt_tokens(http, side):
     assert cut["usage"]["prompt_tokens"] == 8
     assert cut["choices"][0]["prompt_token_ids"] == kept
     assert cut["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"]
+
+
+def test_logprobs_minus_one_is_the_whole_vocabulary_when_max_logprobs_allows(tiny_checkpoint,
+                                                                             http):
+    """vLLM's -1: every token's logprob, allowed only with --max-logprobs -1 (else a 400)."""
+    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 2, "temperature": 0,
+            "logprobs": -1, "return_tokens_as_token_ids": True}
+    refused = http.post("/v1/completions", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    running = start_server(engine_config(tiny_checkpoint(MODEL), max_logprobs=-1))
+    try:
+        with httpx.Client(base_url=running.base_url, timeout=60) as c:
+            answer = c.post("/v1/completions", json=body).json()
+    finally:
+        running.stop()
+    vocab = running.engine.model_config.vocab_size
+    tops = answer["choices"][0]["logprobs"]["top_logprobs"]
+    assert len(tops) == 2 and all(len(t) == vocab for t in tops)
+    assert all(abs(sum(np.exp(list(t.values()))) - 1) < 1e-3 for t in tops)

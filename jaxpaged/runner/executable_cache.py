@@ -297,9 +297,8 @@ def abstract_signature(*args: Any) -> str:
     captures are not seen). Any other repr holding a memory address raises ValueError: it would
     change every process (the cache would never hit) and says nothing of the object's state.
 
-    Cost: about 1 ms per ~200 array leaves; reprs of large static objects (a 32-layer nnx
-    GraphDef: ~20 ms) dominate, so describe arguments shared by every call once and join the
-    strings."""
+    Cost: reprs of large static objects (a many-layer nnx GraphDef) dominate the array leaves, so
+    describe arguments shared by every call once and join the strings."""
     leaves, treedef = jax.tree.flatten(args)
     memo: dict[Any, str] = {}
     lines = [_no_address(str(treedef), "the pytree structure")]

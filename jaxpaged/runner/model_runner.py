@@ -305,7 +305,7 @@ class ModelRunner:
 
     def _static_model_signature(self) -> str:
         """The model's graph (config, attention implementation) and weight tree, described once
-        (a 32-layer graph takes ~20 ms)."""
+        (describing a large graph is the costly part of a signature)."""
         if self._model_signature is None:
             self._model_signature = abstract_signature(self.graphdef, self._state_treedef)
         return self._model_signature
