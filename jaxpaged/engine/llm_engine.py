@@ -15,6 +15,7 @@ engine back in working order after ``step()`` raised.
 from __future__ import annotations
 
 import logging
+import pathlib
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from flax import nnx
 
 from jaxpaged.config import EngineConfig
 from jaxpaged.converters.gguf_model import resolve_model_path
+from jaxpaged.converters.kv_scales import KVScales
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
 from jaxpaged.engine import setup
@@ -30,7 +32,6 @@ from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_
 from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.models.config import ModelConfig
-from jaxpaged.converters.kv_scales import KVScales
 from jaxpaged.models.loader import load_model
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
