@@ -1,7 +1,7 @@
 """Start-up of the engine: resolving the config's defaults against the model and the backend
-(context length, token budget, EOS ids, bucket ladder, KV pool size and dtype, the checkpoint's fp8
-KV scales), JAX's persistent compilation
-cache, the on-disk cache of compiled step programs, the checkpoint's dtype, the start-up timings."""
+(context length, token budget, EOS ids, bucket ladder, KV pool size and dtype, the checkpoint's
+fp8 KV scales), JAX's persistent compilation cache, the on-disk cache of compiled step programs,
+the checkpoint's dtype, the start-up timings."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from jaxpaged.core.scheduler_config import SchedulerConfig
 from jaxpaged.engine.tokenizer import load_tokenizer
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loader import jax_dtype
-from jaxpaged.runner.buckets import BucketLadder
 from jaxpaged.pallas_kernels.kv_quant import is_fp8
+from jaxpaged.runner.buckets import BucketLadder
 from jaxpaged.runner.executable_cache import ExecutableCache, environment_fingerprint
 from jaxpaged.runner.kv_sizing import (KVPlan, activation_reserve_bytes, fit_max_model_len,
                                        plan_kv_cache)
