@@ -185,16 +185,9 @@ def kv_pool_dtype(config: EngineConfig, model_dtype: str) -> jnp.dtype:
 
 def checkpoint_kv_scales(config: EngineConfig, model_dir: pathlib.Path, model_config: ModelConfig,
                          pool_dtype: jnp.dtype) -> KVScales | None:
-    """The checkpoint's fp8 KV scales when the pool is fp8 and they are not to be calibrated;
-    scales a checkpoint carries for a pool that is not fp8 have no use (said in the log)."""
-    if config.load_format == "dummy" or config.calculate_kv_scales:
+    """The checkpoint's fp8 KV scales when the pool is fp8 and they are not to be calibrated
+    (other pools never read them: a second pass over a checkpoint costs its load time)."""
+    if (not is_fp8(pool_dtype) or config.load_format == "dummy" or config.calculate_kv_scales
+            or gguf_source(model_dir) is not None):  # a GGUF file carries no KV-cache scales
         return None
-    if gguf_source(model_dir) is not None:
-        return None  # a GGUF file carries no KV-cache scales
-    scales = read_kv_scales(model_dir, model_config.num_layers,
-                            converted=is_converted(model_dir))
-    if scales is not None and not is_fp8(pool_dtype):
-        logger.info("the checkpoint's fp8 KV-cache scales are unused with a %s KV cache "
-                    "(kv_cache_dtype='fp8' uses them)", pool_dtype)
-        return None
-    return scales
+    return read_kv_scales(model_dir, model_config.num_layers, converted=is_converted(model_dir))
