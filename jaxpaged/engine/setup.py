@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import pathlib
 
 import jax
@@ -26,8 +25,6 @@ from jaxpaged.runner.buckets import BucketLadder
 from jaxpaged.runner.executable_cache import ExecutableCache, environment_fingerprint
 from jaxpaged.runner.kv_sizing import (KVPlan, activation_reserve_bytes, fit_max_model_len,
                                        plan_kv_cache)
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
