@@ -19,18 +19,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jaxpaged.engine.llm_engine import LLMEngine
-from jaxpaged.engine.tokenizer import load_tokenizer
+from jaxpaged.engine.tokenizer import TokenTexts, load_tokenizer
 
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.auth import BearerAuthMiddleware
 from jaxpaged.server.context import ServerContext
-from jaxpaged.server.endpoints import detokenize, health, list_models, metrics_endpoint, retrieve_model, tokenize, version
+from jaxpaged.server.endpoints import (detokenize, health, list_models, metrics_endpoint,
+                                       retrieve_model, tokenize, version)
 from jaxpaged.server.errors import APIError
 from jaxpaged.server.generation import create_chat_completion, create_completion
 from jaxpaged.server.generation_defaults import generation_defaults
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.request_id import RequestIdMiddleware
-from jaxpaged.server.responses import TokenTexts
 from jaxpaged.server.settings import ServerSettings
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does

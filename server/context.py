@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from jaxpaged.engine.tokenizer import TokenTexts
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.errors import bad_request
 from jaxpaged.server.generation_defaults import GenerationDefaults
 from jaxpaged.server.metrics import ServerMetrics
-from jaxpaged.server.responses import TokenTexts
 from jaxpaged.server.settings import ServerSettings
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does

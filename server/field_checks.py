@@ -47,16 +47,30 @@ def number(name: str, value: Any) -> float:
     return value
 
 
-def boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise bad_request(f"'{name}' must be a boolean, got {short(value)}", name)
-    return value
+def _of_type(kind: type, what: str) -> Check:
+    """A value of Python type ``kind`` ("'x' must be WHAT" otherwise)."""
+    def check(name: str, value: Any) -> Any:
+        if not isinstance(value, kind):
+            raise bad_request(f"'{name}' must be {what}, got {short(value)}", name)
+        return value
+    return check
 
 
-def string(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise bad_request(f"'{name}' must be a string, got {short(value)}", name)
-    return value
+def _list_of(ok: Callable[[Any], bool], what: str) -> Check:
+    """A list whose every item passes ``ok`` ("'x' must be a list of WHAT" otherwise)."""
+    def check(name: str, value: Any) -> list:
+        if not isinstance(value, list) or not all(ok(v) for v in value):
+            raise bad_request(f"'{name}' must be a list of {what}, got {short(value)}", name)
+        return value
+    return check
+
+
+boolean = _of_type(bool, "a boolean")
+string = _of_type(str, "a string")
+json_object = _of_type(dict, "an object")
+int_list = _list_of(is_int, "integers")
+string_list = _list_of(lambda v: isinstance(v, str), "strings")
+object_list = _list_of(lambda v: isinstance(v, dict), "objects")
 
 
 def nonempty_string(name: str, value: Any) -> str:
@@ -73,18 +87,6 @@ def one_of(*choices: str) -> Check:
     return check
 
 
-def int_list(name: str, value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(is_int(v) for v in value):
-        raise bad_request(f"'{name}' must be a list of integers, got {short(value)}", name)
-    return value
-
-
-def string_list(name: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise bad_request(f"'{name}' must be a list of strings, got {short(value)}", name)
-    return value
-
-
 def stop(name: str, value: Any) -> list[str]:
     """A string or a list of strings (OpenAI's ``stop``), as a list."""
     if isinstance(value, str):
@@ -92,18 +94,6 @@ def stop(name: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise bad_request(f"'{name}' must be a string or a list of strings, got {short(value)}",
                           name)
-    return value
-
-
-def json_object(name: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise bad_request(f"'{name}' must be an object, got {short(value)}", name)
-    return value
-
-
-def object_list(name: str, value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise bad_request(f"'{name}' must be a list of objects, got {short(value)}", name)
     return value
 
 

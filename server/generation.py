@@ -24,9 +24,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from jaxpaged.core.scheduler import QueueFullError
+from jaxpaged.engine.input_processor import logprobs_over_limit
 from jaxpaged.outputs import RequestOutput
-
-from jaxpaged.server.async_engine import EngineInput, EngineUnavailableError, OutputStream, RequestFailedError
+from jaxpaged.server.async_engine import (EngineInput, EngineUnavailableError, OutputStream,
+                                          RequestFailedError)
 from jaxpaged.server.context import ServerContext, context_of
 from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.json_body import read_json_object
@@ -60,7 +61,9 @@ class _Job:
 
     def new_choices(self, ctx: ServerContext) -> dict[int, Choice]:
         options = self.request.response
-        texts = token_id_text if options.return_tokens_as_token_ids else ctx.token_texts
+        # without a tokenizer a token's text is vLLM's "token_id:N" spelling
+        texts = (token_id_text if options.return_tokens_as_token_ids or ctx.tokenizer is None
+                 else ctx.token_texts)
         return {k * self.n + i: Choice(k * self.n + i, self.kind, options, texts, prompt)
                 for k, prompt in enumerate(self.prompts) for i in range(self.n)}
 
@@ -145,13 +148,10 @@ def _check_limits(ctx: ServerContext, common: GenerationRequest) -> None:
         raise bad_request(f"'n' must be at most max_num_seqs={ctx.max_num_seqs}, got {params.n}",
                           "n")
     top = common.response.top_logprobs
-    # -1 asks for the whole vocabulary; max_logprobs=-1 allows it (the engine's rule)
-    limit = ctx.vocab_size if ctx.max_logprobs == -1 else ctx.max_logprobs
     for field, value in ((common.logprobs_field, top), ("prompt_logprobs", params.prompt_logprobs)):
-        wanted = ctx.vocab_size if value == -1 else value
-        if wanted is not None and wanted > limit:
-            raise bad_request(f"'{field}' asks for {wanted} logprobs; at most {limit} "
-                              f"(--max-logprobs {ctx.max_logprobs})", field)
+        if logprobs_over_limit(value, ctx.max_logprobs, ctx.vocab_size):  # the engine's rule
+            raise bad_request(f"'{field}' asks for more logprobs than --max-logprobs "
+                              f"{ctx.max_logprobs} allows, got {value}", field)
     for field, token_ids in common.token_id_fields.items():
         for token_id in token_ids:
             if not 0 <= token_id < ctx.vocab_size:

@@ -17,7 +17,8 @@ import uvicorn
 from jaxpaged.engine.llm_engine import LLMEngine
 
 from jaxpaged.server.app import build_app
-from jaxpaged.server.args import engine_config_from_args, resolve_model_dir, server_settings_from_args
+from jaxpaged.server.args import (engine_config_from_args, resolve_model_dir,
+                                  server_settings_from_args)
 
 logger = logging.getLogger("jaxpaged.server")
 

@@ -12,14 +12,11 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from jaxpaged.outputs import CompletionOutput, Logprob, PromptLogprobs
 
 from jaxpaged.server.protocol import ResponseOptions
-
-if TYPE_CHECKING:  # transformers loads only when a tokenizer does
-    from transformers import PreTrainedTokenizerBase
 
 Kind = Literal["completion", "chat"]
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
@@ -33,23 +30,6 @@ class ResponseMeta:
     id: str  # "cmpl-..." / "chatcmpl-..."
     created: int  # unix seconds
     model: str  # the served model name
-
-
-class TokenTexts:
-    """Token id -> its text piece, cached (for logprobs)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None):
-        self._tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = (self._tokenizer.decode([token_id]) if self._tokenizer is not None
-                    else token_id_text(token_id))
-            if len(self._cache) < 1_000_000:
-                self._cache[token_id] = text
-        return text
 
 
 def token_id_text(token_id: int) -> str:

@@ -27,6 +27,15 @@ class InputLimits:
     all_eos_token_ids: tuple[int, ...]  # every id that ends a sequence (sorted)
 
 
+def logprobs_over_limit(value: int | None, max_logprobs: int, vocab_size: int) -> bool:
+    """Whether ``logprobs`` / ``prompt_logprobs`` = ``value`` asks for more than ``max_logprobs``
+    allows (vLLM's rule: -1 is the whole vocabulary, and ``max_logprobs=-1`` allows it)."""
+    if value is None:
+        return False
+    wanted = vocab_size if value == -1 else value
+    return wanted > (vocab_size if max_logprobs == -1 else max_logprobs)
+
+
 class InputProcessor:
     def __init__(self, tokenizer, limits: InputLimits,
                  default_params: SamplingParams | None = None):
@@ -111,13 +120,10 @@ class InputProcessor:
         if len(token_ids) >= max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; with max_model_len="
                              f"{max_model_len} at most {max_model_len - 1} fit")
-        vocab = self.limits.vocab_size
-        max_logprobs = vocab if self.limits.max_logprobs == -1 else self.limits.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            wanted = vocab if value == -1 else value
-            if wanted is not None and wanted > max_logprobs:
-                raise ValueError(f"{name}={value} asks for {wanted} logprobs, more than "
+            if logprobs_over_limit(value, self.limits.max_logprobs, self.limits.vocab_size):
+                raise ValueError(f"{name}={value} asks for more logprobs than "
                                  f"max_logprobs={self.limits.max_logprobs} allows")
         self._check_vocab("stop_token_ids", params.stop_token_ids)
         self._check_vocab("logit_bias", params.logit_bias or ())

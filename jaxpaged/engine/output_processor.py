@@ -13,33 +13,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
 
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import RequestUpdate, SchedulerOutput
 from jaxpaged.engine.request_state import RequestState, SequenceState
+from jaxpaged.engine.tokenizer import TokenTexts
 from jaxpaged.outputs import Logprob, RequestOutput
 from jaxpaged.runner.model_runner import TokenLogprobs
 from jaxpaged.sample.prompt_logprobs import PromptLogprobsChunk
-
-
-class TokenTexts:
-    """Each token id's own text, ``tokenizer.decode([id])`` (context-free, so kept per id)."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self._texts: dict[int, str] = {}  # grows to at most the vocabulary
-
-    def texts(self, token_ids: Iterable[int], detokenize: bool = True) -> dict[int, str | None]:
-        """id -> text for every id of ``token_ids`` (None without a tokenizer or detokenize)."""
-        ids = list(dict.fromkeys(token_ids))
-        if self._tokenizer is None or not detokenize:
-            return dict.fromkeys(ids)
-        missing = [i for i in ids if i not in self._texts]
-        if missing:
-            self._texts.update(zip(missing, self._tokenizer.batch_decode([[i] for i in missing])))
-        return {i: self._texts[i] for i in ids}
 
 
 class OutputProcessor:
@@ -87,12 +69,12 @@ class OutputProcessor:
             if state is None:
                 continue
             index = request.sample_index
-            if index == 0:
-                state.num_cached_tokens = request.num_cached_tokens
             seq = state.sequences.get(index)
-            if seq is None:
+            if seq is None:  # its first tokens: admitted, so its prefix-cache hit is known
                 seq = state.sequences[index] = SequenceState.for_request(
                     request, state.prompt_token_ids, self.tokenizer)
+                if index == 0:
+                    state.num_cached_tokens = request.num_cached_tokens
             self._append(state, seq, request, update,
                          logprobs.get(request.request_id) if logprobs else None)
             metrics = state.metrics

@@ -1,9 +1,9 @@
 """What the engine keeps per request between steps to build its ``RequestOutput``s.
 
 A request with ``n`` samples is one ``RequestState`` holding ``n`` ``SequenceState``s (created as
-each child sequence first gets tokens). The output processor appends each step's tokens and logprobs to them;
-``RequestState.output`` then turns them into the step's ``RequestOutput`` per the request's
-``output_kind``.
+each child sequence first gets tokens). The output processor appends each step's tokens and
+logprobs to them; ``RequestState.output`` then turns them into the step's ``RequestOutput`` per
+the request's ``output_kind``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,8 @@ import dataclasses
 
 from jaxpaged.core.request import Request
 from jaxpaged.engine.detokenizer import IncrementalDetokenizer
-from jaxpaged.outputs import (
-    CompletionOutput,
-    Logprob,
-    PromptLogprobs,
-    RequestMetrics,
-    RequestOutput,
-)
+from jaxpaged.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
+                              RequestOutput)
 from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
 
 

@@ -90,3 +90,9 @@ def validate_ids(prompt_ids_list, output_ids_list, vocab_size: int) -> None:
     for row, (prompt, output) in enumerate(zip(prompt_ids_list, output_ids_list)):
         check_ids(f"prompt_ids_list[{row}]", id_array(prompt), vocab_size)
         check_ids(f"output_ids_list[{row}]", id_array(output), vocab_size)
+
+
+def frozen(array: np.ndarray) -> np.ndarray:
+    """Mark an array that is reused across steps read-only (a stray write would corrupt them)."""
+    array.flags.writeable = False
+    return array

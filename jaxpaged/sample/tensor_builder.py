@@ -20,7 +20,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxpaged.sample.inputs import (SamplingParamsLike, check_ids, id_array, pad_lists,
+from jaxpaged.sample.inputs import (SamplingParamsLike, check_ids, frozen, id_array, pad_lists,
                                     validate_batch, validate_ids, validate_params)
 from jaxpaged.sample.tensors import SamplingTensors, step_key_data
 from jaxpaged.sample.token_constraints import BatchConstraints, ConstraintRow, constraint_row
@@ -60,12 +60,6 @@ def _seed_halves(seed: int | None) -> tuple[int, int]:
         return 0, 0
     seed64 = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
     return seed64 & 0xFFFF_FFFF, seed64 >> 32
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    """Mark an array that is reused across steps read-only (a stray write would corrupt them)."""
-    array.flags.writeable = False
-    return array
 
 
 # The per-request values kept in SamplingTensorBuilder's store, one row per live request.
@@ -263,12 +257,12 @@ class SamplingTensorBuilder:
         logprobs = ints[_INT["logprobs"], :num_rows]
         penalty_rows = np.flatnonzero(ints[_INT["uses_penalties"], :num_rows])
         return _BatchColumns(
-            rows=rows, pad_to=pad_to, floats=_frozen(floats),
-            top_k=_frozen(ints[_INT["top_k"]].astype(np.int32)),
+            rows=rows, pad_to=pad_to, floats=frozen(floats),
+            top_k=frozen(ints[_INT["top_k"]].astype(np.int32)),
             min_tokens=ints[_INT["min_tokens"], :num_rows].copy(),
-            seeds=_frozen(np.stack([ints[_INT["seed_lo"]], ints[_INT["seed_hi"]]], axis=1)
+            seeds=frozen(np.stack([ints[_INT["seed_lo"]], ints[_INT["seed_hi"]]], axis=1)
                           .astype(np.uint32)),
-            has_seed=_frozen(ints[_INT["has_seed"]].astype(np.bool_)),
+            has_seed=frozen(ints[_INT["has_seed"]].astype(np.bool_)),
             penalty_rows=penalty_rows,
             prompt_ids=self._prompt_ids(rows, penalty_rows, pad_to),
             constraints=BatchConstraints.stack([r.constraints for r in rows], pad_to),
@@ -292,7 +286,7 @@ class SamplingTensorBuilder:
             return None
         prompts = [rows[i].prompt_array for i in penalty_rows]
         width = self._penalty_width(max(map(len, prompts)), "prompt_ids_list")
-        return _frozen(pad_lists(prompts, penalty_rows, pad_to, width))
+        return frozen(pad_lists(prompts, penalty_rows, pad_to, width))
 
     def _output_ids(self, columns: _BatchColumns, output_ids_list) -> np.ndarray | None:
         """i32[B, Lo] output ids of the rows that use penalties (others -1); None if none does."""
@@ -315,7 +309,7 @@ class SamplingTensorBuilder:
             no_bans = self._no_bans.get(columns.pad_to)
             if no_bans is None:
                 no_bans = np.full((columns.pad_to, MIN_BANNED_WIDTH), -1, np.int32)
-                no_bans = self._no_bans[columns.pad_to] = _frozen(no_bans)
+                no_bans = self._no_bans[columns.pad_to] = frozen(no_bans)
             return no_bans
         stop_ids = [columns.rows[i].stop_ids for i in below]
         width = _next_pow2(max(map(len, stop_ids)), MIN_BANNED_WIDTH)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.sample.inputs import SamplingParamsLike, check_ids, id_array, pad_lists
+from jaxpaged.sample.inputs import SamplingParamsLike, check_ids, frozen, id_array, pad_lists
 
 # Smallest width C of the constraint arrays (a few biased / allowed ids / bad words share one
 # compiled sampler; warm-up compiles this width).
@@ -127,11 +127,6 @@ def bad_word_bans(row: ConstraintRow, output_ids: Sequence[int],
     return ban_ids, ban_after
 
 
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False  # shared by every step of the batch
-    return array
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class BatchConstraints:
     """One batch's constraints: the arrays that stay while the batch does, and the rows whose
@@ -151,15 +146,15 @@ class BatchConstraints:
         width = constraint_width(used)
 
         def pad(lists, dtype, fill):
-            return _frozen(pad_lists(lists, index, pad_to, width, dtype, fill))
+            return frozen(pad_lists(lists, index, pad_to, width, dtype, fill))
 
-        no_last = _frozen(np.full(pad_to, -1, np.int32))
+        no_last = frozen(np.full(pad_to, -1, np.int32))
         static = TokenConstraints(
             bias_ids=pad([r.bias_ids for r in used], np.int32, -1),
             bias_values=pad([r.bias_values for r in used], np.float32, 0.0),
             allowed_ids=pad([r.allowed_ids for r in used], np.int32, -1),
             ban_ids=pad([r.single_bans for r in used], np.int32, -1),
-            ban_after=_frozen(np.full((pad_to, width), -1, np.int32)),
+            ban_after=frozen(np.full((pad_to, width), -1, np.int32)),
             last_token=no_last, last_token_row=no_last)
         return cls(rows, static, [i for i in index if rows[i].multi_words])
 
