@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxpaged.engine.input_processor import truncate_prompt
 from jaxpaged.server.context import ServerContext
 from jaxpaged.server.errors import bad_request
 from jaxpaged.server.protocol import ChatTemplateOptions, Prompt, Tokenization
@@ -32,16 +33,16 @@ def check_token_ids(ctx: ServerContext, token_ids: list[int], field: str) -> Non
 
 def truncate(ctx: ServerContext, token_ids: list[int], tokenization: Tokenization,
              room: int) -> list[int]:
-    """vLLM's ``truncate_prompt_tokens``: keep that many tokens (-1: as many as leave ``room``
-    output tokens in the context); "left" keeps the last ones, "right" the first."""
-    keep = tokenization.truncate_prompt_tokens
-    if keep is None:
-        return token_ids
-    if keep == -1:
-        keep = max(ctx.max_model_len - max(room, 1), 1)
-    if len(token_ids) <= keep:
-        return token_ids
-    return token_ids[-keep:] if tokenization.truncation_side == "left" else token_ids[:keep]
+    """vLLM's ``truncate_prompt_tokens`` (the engine's ``truncate_prompt``), with the request's
+    ``truncation_side``; -1 keeps as many as leave ``room`` output tokens in the context. Done
+    here, not again in the engine: the server needs the prompt's final length itself."""
+    try:
+        return truncate_prompt(token_ids, tokenization.truncate_prompt_tokens,
+                               max_model_len=ctx.max_model_len,
+                               longest=max(ctx.max_model_len - max(room, 1), 1),
+                               side=tokenization.truncation_side)
+    except ValueError as e:
+        raise bad_request(str(e), "truncate_prompt_tokens") from None
 
 
 def encode(ctx: ServerContext, text: str, add_special_tokens: bool) -> list[int]:

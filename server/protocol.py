@@ -30,8 +30,9 @@ Prompt = str | list[int]
 _PASSED_THROUGH = ("n", "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "min_tokens", "skip_special_tokens",
                    "spaces_between_special_tokens", "include_stop_str_in_output",
-                   # the sampler's vocabulary masks, and the prompt cut (vLLM's names and types)
-                   "logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens")
+                   # the sampler's vocabulary masks (vLLM's names and types); the prompt cut,
+                   # truncate_prompt_tokens, is the server's own (``prompts.truncate``)
+                   "logit_bias", "allowed_token_ids", "bad_words")
 
 # apply_chat_template's own parameters: chat_template_kwargs may not set them.
 _TEMPLATE_RESERVED = frozenset({

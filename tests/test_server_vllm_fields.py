@@ -341,6 +341,14 @@ def test_truncate_prompt_tokens(http, side):
     assert cut["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"]
 
 
+@pytest.mark.parametrize("keep", [0, -2, 129])
+def test_truncate_prompt_tokens_out_of_range_is_a_400(http, keep):
+    answer = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": list(range(10, 40)),
+                                                "max_tokens": 2, "truncate_prompt_tokens": keep})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_logprobs_minus_one_is_the_whole_vocabulary_when_max_logprobs_allows(tiny_checkpoint,
                                                                              http):
     """vLLM's -1: every token's logprob, allowed only with --max-logprobs -1 (else a 400)."""

@@ -36,6 +36,22 @@ def logprobs_over_limit(value: int | None, max_logprobs: int, vocab_size: int) -
     return wanted > (vocab_size if max_logprobs == -1 else max_logprobs)
 
 
+def truncate_prompt(token_ids: list[int], keep: int | None, *, max_model_len: int, longest: int,
+                    side: str = "left") -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the last (``side`` "left") or first ("right") ``keep``
+    tokens; -1 keeps ``longest``. ``keep`` of 0, below -1 or above ``max_model_len`` is a
+    ValueError naming the field (vLLM's limits)."""
+    if keep is None:
+        return token_ids
+    if keep == 0 or keep < -1 or keep > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens must be -1 or in [1, max_model_len="
+                         f"{max_model_len}], got {keep}")
+    keep = longest if keep == -1 else keep
+    if len(token_ids) <= keep:
+        return token_ids
+    return token_ids[-keep:] if side == "left" else token_ids[:keep]
+
+
 class InputProcessor:
     def __init__(self, tokenizer, limits: InputLimits,
                  default_params: SamplingParams | None = None):
@@ -91,15 +107,10 @@ class InputProcessor:
         return None, token_ids
 
     def _truncate(self, token_ids: list[int], keep: int | None) -> list[int]:
-        """The last ``keep`` prompt tokens (vLLM's left truncation); -1: as many as fit."""
-        if keep is None:
-            return token_ids
+        """The last ``keep`` prompt tokens; -1: the longest prompt ``_validate`` accepts."""
         max_model_len = self.limits.max_model_len
-        if keep > max_model_len:
-            raise ValueError(f"truncate_prompt_tokens={keep} is greater than max_model_len="
-                             f"{max_model_len}")
-        keep = max_model_len - 1 if keep == -1 else keep  # the longest prompt _validate accepts
-        return token_ids[-keep:]
+        return truncate_prompt(token_ids, keep, max_model_len=max_model_len,
+                               longest=max_model_len - 1)
 
     def _tokenize_bad_words(self, params: SamplingParams) -> None:
         if not params.bad_words:
