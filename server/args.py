@@ -83,7 +83,7 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
                    help="half/float16 run as bfloat16, with a warning")
     g.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the model's), fp8 / fp8_e4m3 / fp8_e5m2 (one byte per value: twice "
-                        "the tokens), bfloat16, float32")
+                        "the tokens), or bfloat16 / float32 when that is the model's dtype")
     g.add_argument("--calculate-kv-scales", action="store_true",
                    help="fp8 KV cache: estimate the K/V scales at start-up (else the "
                         "checkpoint's, or 1.0)")

@@ -124,6 +124,7 @@ def test_incomplete_checkpoint_scales_are_refused_by_name(tiny_checkpoint, tmp_p
     (dict(kv_cache_dtype="fp8_inc"), "kv_cache_dtype must be one of"),
     (dict(kv_cache_dtype="int8"), "kv_cache_dtype must be one of"),
     (dict(calculate_kv_scales=True), "calculate_kv_scales=True needs an fp8 kv_cache_dtype"),
+    (dict(kv_cache_dtype="bfloat16"), "kv_cache_dtype='bfloat16' needs a bfloat16 model"),
 ])
 def test_bad_kv_cache_settings_are_refused(tiny_checkpoint, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -57,11 +57,11 @@ class LLMEngine:
         self.limits = setup.resolve_limits(config, self.model_config,
                                            on_cpu=jax.default_backend() == "cpu")
         dtype = setup.resolve_dtype(config.dtype, model_dir)
+        self.kv_dtype = setup.kv_pool_dtype(config, dtype)  # refused before the weights load
         model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl,
                            load_format=config.load_format, seed=config.seed)
         jax.block_until_ready(nnx.state(model))
         weights_s = time.perf_counter() - start
-        self.kv_dtype = setup.kv_pool_dtype(config, dtype)
         self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, self.kv_dtype)
         self.limits = setup.fit_limits_to_pool(config, self.limits, self.kv_plan)
         self.eos_token_id, all_eos_ids = setup.eos_token_ids(

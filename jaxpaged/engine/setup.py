@@ -175,9 +175,15 @@ def load_engine_tokenizer(config: EngineConfig, model_dir: pathlib.Path):
 
 
 def kv_pool_dtype(config: EngineConfig, model_dtype: str) -> jnp.dtype:
-    """The KV pool's dtype: ``kv_cache_dtype``, or the model's for "auto"."""
+    """The KV pool's dtype: ``kv_cache_dtype``, or the model's for "auto". A pool that is not fp8
+    must have the model's dtype (the attention kernels read it with the model's queries)."""
     name = KV_CACHE_DTYPES[config.kv_cache_dtype]
-    return jnp.dtype(name) if name is not None else jax_dtype(model_dtype)
+    model = jax_dtype(model_dtype)
+    pool = jnp.dtype(name) if name is not None else model
+    if not is_fp8(pool) and pool != model:
+        raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs a {pool.name} model, "
+                         f"this one runs in {model.name}: use 'auto' or an fp8 kv_cache_dtype")
+    return pool
 
 
 def checkpoint_kv_scales(config: EngineConfig, model_dir: pathlib.Path, model_config: ModelConfig,
