@@ -91,8 +91,9 @@ class EngineConfig:
     may then ask for the whole vocabulary with -1, as in vLLM)."""
     tensor_parallel_size: int = 1
     """Devices to shard the model over (only 1 for now)."""
-    attention_impl: Literal["auto", "pallas", "reference"] = "auto"
-    """Attention kernels: Pallas on GPU ("auto"), or the jnp reference."""
+    attention_impl: Literal["auto", "pallas", "xla", "reference"] = "auto"
+    """Attention: "auto" runs the Pallas kernels on a CUDA GPU and the XLA path ("xla": loops
+    over the pages a step uses) elsewhere; "reference" is the dense jnp reference (tests)."""
     async_scheduling: bool = True
     """Overlap the host with the device (vLLM's name): each step's sampled ids feed the next step
     on the device and reach the host one step late, so scheduling and detokenizing run while the
@@ -106,6 +107,12 @@ class EngineConfig:
     override_generation_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Sampling defaults laid over the generation config, e.g. ``{"temperature": 0.5}`` (keys:
     repetition_penalty, temperature, top_k, top_p, min_p, max_new_tokens)."""
+    compile_step_shapes: Literal["auto", "start", "first_use"] = "auto"
+    """When the step programs compile. "start": every step shape (and the common samplers) at
+    start-up, so no step ever waits for the compiler. "first_use": each when a step first needs
+    it: start-up takes seconds, and the first step of each new shape waits for its compile.
+    "auto": "start" on a GPU, "first_use" on the CPU (where compiling every shape of a real
+    model takes minutes on a small machine)."""
     compilation_cache_dir: str | None = "~/.cache/jaxpaged/xla"
     """JAX's persistent compilation cache (makes the second start fast), with jaxpaged's compiled
     step programs beside it (``jaxpaged-executables/``: a warm start loads them without tracing);
@@ -131,6 +138,9 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported "
                              "yet (only 1)")
         self._verify_dtypes()
+        if self.compile_step_shapes not in ("auto", "start", "first_use"):
+            raise ValueError(f"compile_step_shapes must be 'auto', 'start' or 'first_use', "
+                             f"got {self.compile_step_shapes!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory, "
                              f"got {self.generation_config!r}")

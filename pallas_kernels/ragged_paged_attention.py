@@ -245,8 +245,8 @@ def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
     return jnp.where(real[:, None, None], o_seq[seq], jnp.zeros_like(q))
 
 
-def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale, soft_cap,
-              max_query_len) -> None:
+def validate_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale,
+                    soft_cap, max_query_len) -> None:
     if q.ndim != 3:
         raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
     validate_paged_kv(k_cache, v_cache, block_tables, seq_lens, num_q_heads=q.shape[1],
@@ -298,8 +298,8 @@ def ragged_paged_attention(q: jax.Array,  # [T, Hq, D]: new tokens of all sequen
     logits. ``impl``: "auto" (Pallas on a CUDA GPU, else the reference) | "pallas" | "reference";
     ``interpret=True`` runs the Pallas kernels on the CPU.
     """
-    _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale, soft_cap,
-              max_query_len)
+    validate_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale,
+                    soft_cap, max_query_len)
     if one_token_per_sequence and (max_query_len != 1 or q.shape[0] != seq_lens.shape[0]):
         raise ValueError(f"one_token_per_sequence needs max_query_len=1 and as many tokens as "
                          f"sequences, got max_query_len={max_query_len}, {q.shape[0]} tokens, "
@@ -345,8 +345,8 @@ def ragged_paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     kernel. Tile/backend arguments are accepted for signature parity and ignored.
     """
     del one_token_per_sequence, impl, interpret, tuning
-    _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale, soft_cap,
-              max_query_len)
+    validate_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale,
+                    soft_cap, max_query_len)
     k_scale, v_scale = reference_scales(k_cache.dtype, k_scale, v_scale)
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs, table_width = block_tables.shape

@@ -106,7 +106,11 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
                    help="only 1 for now")
-    g.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "reference"])
+    g.add_argument("--compile-step-shapes", default="auto", choices=["auto", "start", "first_use"],
+                   help="compile every step shape at start-up ('start', the GPU default) or "
+                        "each on first use ('first_use', the CPU default)")
+    g.add_argument("--attention-impl", default="auto",
+                   choices=["auto", "pallas", "xla", "reference"])
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="overlap scheduling and detokenizing with the device step (default on)")
     g.add_argument("--generation-config", default="auto",

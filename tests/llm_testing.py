@@ -27,7 +27,7 @@ def golden_prompts(model: str = MODEL) -> tuple[list[dict], list[list[int]]]:
 def make_llm(tiny_checkpoint, **overrides) -> LLM:
     """The engine settings every engine test shares, so a suite run reuses their compilations."""
     args = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
-                seed=0)
+                seed=0, compile_step_shapes="start")
     return LLM(str(tiny_checkpoint(MODEL)), **{**args, **overrides})
 
 

@@ -83,8 +83,10 @@ class LLMEngine:
             executable_cache=setup.open_executable_cache())
         jax.block_until_ready(self.runner.kv_cache.k)
         kv_alloc_s = time.perf_counter() - start
-        self.startup = setup.StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
-                                            compile_s=self.runner.warmup())
+        self.compiles_at_start = setup.compiles_at_start(config)
+        self.startup = setup.StartupTimings(
+            weights_s=weights_s, kv_alloc_s=kv_alloc_s,
+            compile_s=self.runner.warmup() if self.compiles_at_start else 0.0)
         # async scheduling: the dispatched step whose results are not applied yet
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._log_ready()
@@ -109,10 +111,15 @@ class LLMEngine:
                     self.config.block_size, plan.max_concurrency(self.max_model_len),
                     self.max_model_len, self.kv_dtype.name,
                     " with calibrated scales" if self.config.calculate_kv_scales else "")
+        shapes = len(self.runner.ladder.all_shapes())
+        if not self.compiles_at_start:
+            logger.info("engine ready: weights %.1f s, KV allocation %.1f s; %d step shapes "
+                        "compile on first use (compile_step_shapes=%r)", self.startup.weights_s,
+                        self.startup.kv_alloc_s, shapes, self.config.compile_step_shapes)
+            return
         logger.info("engine ready: weights %.1f s, KV allocation %.1f s, compilation %.1f s "
                     "(%d step shapes; %s)", self.startup.weights_s, self.startup.kv_alloc_s,
-                    self.startup.compile_s, len(self.runner.ladder.all_shapes()),
-                    self.runner.executable_cache_summary())
+                    self.startup.compile_s, shapes, self.runner.executable_cache_summary())
 
     @property
     def max_model_len(self) -> int:

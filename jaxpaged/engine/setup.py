@@ -57,6 +57,13 @@ def open_executable_cache() -> ExecutableCache | None:
                            environment_fingerprint())
 
 
+def compiles_at_start(config: EngineConfig) -> bool:
+    """Whether warm-up compiles every step shape at start-up (``compile_step_shapes``)."""
+    if config.compile_step_shapes == "auto":
+        return jax.default_backend() != "cpu"
+    return config.compile_step_shapes == "start"
+
+
 def read_json(path: pathlib.Path) -> dict:
     """The file's JSON object; {} when there is no such file."""
     return json.loads(path.read_text()) if path.is_file() else {}

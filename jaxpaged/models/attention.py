@@ -2,9 +2,10 @@
 
 The model calls ``paged_attention`` per layer with the layer index and its fused QKV projection;
 this module moves the step's layer-local slots and block ids into the layer-flattened pool
-(``kv_cache`` module doc) and dispatches to the kernels in ``jaxpaged.pallas_kernels`` (Pallas on
-an NVIDIA GPU, their jnp references elsewhere): one kernel rotates q and k and stores K/V, one
-attends.
+(``kv_cache`` module doc) and dispatches to the kernels in ``jaxpaged.pallas_kernels``: one rotates q
+and k and stores K/V, one attends. ``impl``: "pallas" (the Pallas kernels, a CUDA GPU), "xla"
+(the jnp K/V write and the XLA attention path that loops over the pages a step uses: the CPU),
+"reference" (the dense jnp references: tests), "auto" (Pallas on a CUDA GPU, else "xla").
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ import jax.numpy as jnp
 
 from jaxpaged.models.attention_metadata import AttentionMetadata
 from jaxpaged.models.kv_cache import KVCache
+from jaxpaged.pallas_kernels.backend import on_gpu
 from jaxpaged.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from jaxpaged.pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_xla
 from jaxpaged.pallas_kernels.rope_kv_write import rope_and_write_kv
 
-ATTENTION_IMPLS = ("auto", "pallas", "reference")
+ATTENTION_IMPLS = ("auto", "pallas", "xla", "reference")
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """``impl`` with "auto" resolved: "pallas" on a CUDA GPU, else "xla"."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if on_gpu() else "xla"
+    return impl
 
 
 def paged_attention(qkv: jax.Array,  # [T, Hkv, G + 2, D]: per kv head its G queries, K, V
@@ -33,16 +45,22 @@ def paged_attention(qkv: jax.Array,  # [T, Hkv, G + 2, D]: per kv head its G que
                     soft_cap: float | None = None,
                     impl: str = "auto") -> tuple[jax.Array, KVCache]:
     """Returns the attention output [T, Hq, D] and the pool with this step's K/V written."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    impl = resolve_attention_impl(impl)
+    kernel_impl = "reference" if impl == "xla" else impl  # the K/V write has no XLA variant
     block_offset = layer * kv_cache.num_blocks
     # A constant operand, not a static argument: every layer runs the same compiled kernel.
     slot_offset = jnp.int32(block_offset * kv_cache.block_size)
     scales = kv_cache.scales(layer)  # fp8 pools: this layer's K/V scales, operands as well
     q, k_pool, v_pool = rope_and_write_kv(qkv, cos, sin, kv_cache.k, kv_cache.v,
-                                          md.slot_mapping, slot_offset, **scales, impl=impl)
-    out = ragged_paged_attention(q, k_pool, v_pool, md.block_tables + block_offset, md.seq_lens,
-                                 md.query_start_loc, **scales, sm_scale=sm_scale,
-                                 soft_cap=soft_cap, max_query_len=md.max_query_len,
-                                 one_token_per_sequence=md.is_decode_batch, impl=impl)
+                                          md.slot_mapping, slot_offset, **scales, impl=kernel_impl)
+    tables = md.block_tables + block_offset
+    if impl == "xla":
+        out = ragged_paged_attention_xla(q, k_pool, v_pool, tables, md.seq_lens,
+                                         md.query_start_loc, **scales, sm_scale=sm_scale,
+                                         soft_cap=soft_cap, max_query_len=md.max_query_len)
+    else:
+        out = ragged_paged_attention(q, k_pool, v_pool, tables, md.seq_lens, md.query_start_loc,
+                                     **scales, sm_scale=sm_scale, soft_cap=soft_cap,
+                                     max_query_len=md.max_query_len,
+                                     one_token_per_sequence=md.is_decode_batch, impl=kernel_impl)
     return out, dataclasses.replace(kv_cache, k=k_pool, v=v_pool)
