@@ -36,6 +36,10 @@ from jaxpaged.server.settings import ServerSettings
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does
     from transformers import PreTrainedTokenizerBase
 
+# How long shutdown waits for the engine thread to finish its step and end; a thread stuck
+# longer is left behind so that the process always exits.
+ENGINE_STOP_TIMEOUT_S = 30.0
+
 
 def _caps_max_tokens(config) -> bool:
     """A max_new_tokens from a generation-config directory or the override caps every request."""
@@ -87,7 +91,7 @@ async def _lifespan(app: Starlette):
     try:
         yield
     finally:
-        await asyncio.to_thread(engine.stop)
+        await asyncio.to_thread(engine.stop, ENGINE_STOP_TIMEOUT_S)
 
 
 # ----- errors -----

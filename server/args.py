@@ -22,6 +22,8 @@ from jaxpaged.server.chat_template import load_chat_template
 from jaxpaged.server.settings import ServerSettings
 
 API_KEY_ENV = "JAXPAGED_API_KEY"
+# The server's waiting queue is bounded by default: one client cannot queue without limit.
+DEFAULT_SERVER_MAX_WAITING = 4096
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
@@ -54,6 +56,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="vLLM's flag; a no-op: jaxpaged does not log request contents")
     p.add_argument("--max-log-len", type=int, default=None,
                    help="vLLM's flag; a no-op: jaxpaged does not log request contents")
+    p.add_argument("--max-prompts-per-request", type=int, default=1024, metavar="N",
+                   help="most prompts one /v1/completions request may carry (400 beyond)")
     p.add_argument("--timeout-graceful-shutdown", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM/SIGINT wait at most this long for in-flight requests "
                         "(default: until they finish)")
@@ -100,8 +104,9 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
                    default=True)
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests' 'priority' orders admission (lower first)")
-    g.add_argument("--max-waiting", type=int, default=None,
-                   help="most queued requests; more are answered 503 (default: unbounded)")
+    g.add_argument("--max-waiting", type=int, default=DEFAULT_SERVER_MAX_WAITING,
+                   help="most queued requests; more are answered 503 (default: "
+                        f"{DEFAULT_SERVER_MAX_WAITING}; the Python API's LLM is unbounded)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
@@ -186,4 +191,5 @@ def server_settings_from_args(args: argparse.Namespace, model_dir: str) -> Serve
         keys = (os.environ[API_KEY_ENV],) if os.environ.get(API_KEY_ENV) else ()
     return ServerSettings(served_model_names=names, api_keys=keys,
                           chat_template=load_chat_template(args.chat_template),
-                          trust_request_chat_template=args.trust_request_chat_template)
+                          trust_request_chat_template=args.trust_request_chat_template,
+                          max_prompts_per_request=args.max_prompts_per_request)

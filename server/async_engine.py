@@ -176,13 +176,20 @@ class AsyncEngine:
     def abort(self, request_ids: list[str]) -> None:
         self._post(_Abort(list(request_ids)))
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop the thread: requests still running are aborted. Blocks until it ended."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the thread: requests still running are aborted. Waits at most ``timeout``
+        seconds (None: until it ended); True when the thread ended. A thread stuck inside a step
+        is left behind (it is a daemon thread, so the process can still exit)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("the engine thread did not stop within %s s; leaving it behind", timeout)
+            return False
+        return True
 
     def _post(self, command: _Add | _Abort) -> None:
         with self._cond:

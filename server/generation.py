@@ -80,7 +80,8 @@ class _Job:
 async def create_completion(request: Request) -> Response:
     ctx = context_of(request)
     parsed = parse_completion_request(
-        await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults)
+        await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults,
+        max_prompts=ctx.settings.max_prompts_per_request)
     common = parsed.common
     ctx.check_model(common.model)
     room = common.params.max_tokens or 1

@@ -159,9 +159,11 @@ class LLMEngine:
         self.output_processor.add(state)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
-        """Safe while a step is in flight: its results for aborted requests are dropped."""
-        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
-            self.scheduler.abort_request(request_id)
+        """Safe while a step is in flight: its results for aborted requests are dropped. Many
+        ids are aborted in one batch (one pass over the waiting queue)."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.scheduler.abort_requests(ids)
+        for request_id in ids:
             self.output_processor.requests.pop(request_id, None)
         self._drop_idle_in_flight()
 
