@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -26,10 +27,12 @@ from jaxpaged.server.auth import BearerAuthMiddleware
 from jaxpaged.server.context import ServerContext
 from jaxpaged.server.endpoints import (detokenize, health, list_models, metrics_endpoint,
                                        retrieve_model, tokenize, version)
+from jaxpaged.server.error_boundary import ErrorBoundaryMiddleware
 from jaxpaged.server.errors import APIError
 from jaxpaged.server.generation import create_chat_completion, create_completion
 from jaxpaged.server.generation_defaults import generation_defaults
 from jaxpaged.server.metrics import ServerMetrics
+from jaxpaged.server.origins import OriginGuardMiddleware
 from jaxpaged.server.request_id import RequestIdMiddleware
 from jaxpaged.server.settings import ServerSettings
 
@@ -70,12 +73,25 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
     ]
     app = Starlette(
         routes=routes, lifespan=_lifespan,
-        middleware=[Middleware(RequestIdMiddleware),
+        middleware=[Middleware(RequestIdMiddleware), Middleware(ErrorBoundaryMiddleware),
+                    Middleware(OriginGuardMiddleware, allowed_hosts=settings.allowed_hosts,
+                               allowed_origins=settings.allowed_origins),
+                    *_cors(settings),
                     Middleware(BearerAuthMiddleware, api_keys=settings.api_keys)],
-        exception_handlers={APIError: _api_error, HTTPException: _http_error,
-                            Exception: _internal_error})
+        exception_handlers={APIError: _api_error, HTTPException: _http_error})
+    # NOTE: Starlette's slash redirect builds its Location from the Host header (an open
+    # redirect to any host); /v1/completions/ is a 404 instead.
+    app.router.redirect_slashes = False
     app.state.context = context
     return app
+
+
+def _cors(settings: ServerSettings) -> list[Middleware]:
+    """CORS answers (preflights included) for the allowed origins only."""
+    if not settings.allowed_origins:
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                       allow_methods=["GET", "POST"], allow_headers=["*"])]
 
 
 def _own_tokenizer(engine: LLMEngine) -> PreTrainedTokenizerBase | None:
@@ -104,8 +120,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return APIError(exc.status_code, str(exc.detail), code="not_found"
                     if exc.status_code == 404 else None).to_response()
 
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    """JSON for a bug; Starlette re-raises it afterwards, so uvicorn logs the traceback."""
-    return APIError(500, f"internal server error: {type(exc).__name__}",
-                    code="internal_error").to_response()

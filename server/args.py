@@ -19,6 +19,7 @@ from typing import Any
 from jaxpaged.config import _NO_OP_VLLM_ARGS, EngineConfig
 
 from jaxpaged.server.chat_template import load_chat_template
+from jaxpaged.server.origins import LOOPBACK_NAMES, is_loopback
 from jaxpaged.server.settings import ServerSettings
 
 API_KEY_ENV = "JAXPAGED_API_KEY"
@@ -56,6 +57,13 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="vLLM's flag; a no-op: jaxpaged does not log request contents")
     p.add_argument("--max-log-len", type=int, default=None,
                    help="vLLM's flag; a no-op: jaxpaged does not log request contents")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="browser origins allowed to call the API (CORS), e.g. "
+                        "http://localhost:3000, or '*'; default: none but pages under an "
+                        "allowed host (a JSON list is accepted, as vLLM's)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="NAME",
+                   help="Host header names accepted (DNS-rebinding guard), or '*'; default: "
+                        "the loopback names when --host is a loopback address, else any")
     p.add_argument("--max-prompts-per-request", type=int, default=1024, metavar="N",
                    help="most prompts one /v1/completions request may carry (400 beyond)")
     p.add_argument("--timeout-graceful-shutdown", type=float, default=None, metavar="SECONDS",
@@ -192,4 +200,24 @@ def server_settings_from_args(args: argparse.Namespace, model_dir: str) -> Serve
     return ServerSettings(served_model_names=names, api_keys=keys,
                           chat_template=load_chat_template(args.chat_template),
                           trust_request_chat_template=args.trust_request_chat_template,
-                          max_prompts_per_request=args.max_prompts_per_request)
+                          max_prompts_per_request=args.max_prompts_per_request,
+                          allowed_hosts=_allowed_hosts(args),
+                          allowed_origins=_name_list(args.allowed_origins))
+
+
+def _name_list(values: list[str] | None) -> tuple[str, ...]:
+    """Names given one per argument, or as one JSON list (vLLM's ``--allowed-origins '["*"]'``)."""
+    if not values:
+        return ()
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        parsed = json.loads(values[0])
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise ValueError(f"expected a JSON list of strings, got {values[0]!r}")
+        return tuple(parsed)
+    return tuple(values)
+
+
+def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...] | None:
+    if args.allowed_hosts:
+        return _name_list(args.allowed_hosts)
+    return LOOPBACK_NAMES if is_loopback(args.host) else None

@@ -22,6 +22,12 @@ class ServerSettings:
     """Whether a request may bring its own ``chat_template`` (vLLM's flag; off: 400)."""
     max_prompts_per_request: int = 1024
     """Most prompts in one /v1/completions request (400 beyond, before any tokenization)."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host header names accepted (400 otherwise; DNS rebinding); None: any
+    (``--allowed-hosts``; the command line's default is the loopback names on loopback)."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed (403 for a request with another ``Origin``; CORS answers for
+    these); ``"*"``: all. Pages under an allowed host name are always allowed."""
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(

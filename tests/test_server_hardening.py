@@ -140,3 +140,135 @@ def test_2_scheduler_aborts_a_long_waiting_queue_in_one_pass():
 def test_8_mixed_prompt_list_is_400(http):
     response = http.post("/v1/completions", json=completion(prompt=["a", [1]]))
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+# ----- 3: lone surrogates are 400, and the connection stays usable -----
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", "\\udfff"], "max_tokens": 2}', "prompt[1]"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], '
+     '"stop": ["\\udc00"]}', "stop[0]"),
+    ("/tokenize", '{"prompt": "\\ud83d"}', "prompt"),
+])
+def test_3_lone_surrogates_are_400_on_a_kept_alive_connection(server, path, body, param):
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:  # one connection
+        response = c.post(path, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+        assert c.post("/v1/completions", json=completion()).status_code == 200
+
+
+# ----- 7: cross-site requests -----
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_7_bodies_not_typed_json_get_415(server, content_type):
+    headers = {} if content_type is None else {"content-type": content_type}
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        response = c.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
+                          headers=headers)
+    assert response.status_code == 415, response.text
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+    assert not server.engine.has_unfinished_requests()
+
+
+def test_7_json_with_charset_is_accepted(http):
+    response = http.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
+                         headers={"content-type": "application/json; charset=utf-8"})
+    assert response.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def guarded_app(server):
+    """The same engine behind an app with loopback-only hosts and one allowed origin."""
+    from jaxpaged.server.app import build_app
+    from jaxpaged.server.origins import LOOPBACK_NAMES
+    from jaxpaged.server.settings import ServerSettings
+
+    return build_app(server.engine, ServerSettings(
+        served_model_names=(MODEL_NAME,), allowed_hosts=LOOPBACK_NAMES,
+        allowed_origins=("http://app.example",)))
+
+
+def _asgi_client(app, host: str):
+    transport = httpx.ASGITransport(app=app)
+    return httpx.AsyncClient(transport=transport, base_url=f"http://{host}")
+
+
+@pytest.mark.parametrize("host,origin,status", [
+    ("127.0.0.1:8000", None, 200), ("localhost", None, 200), ("[::1]:8000", None, 200),
+    ("evil.example", None, 400), ("127.0.0.1.evil.example:8000", None, 400),
+    ("127.0.0.1:8000", "http://evil.example", 403),
+    ("127.0.0.1:8000", "http://localhost:3000", 200),  # a page of this machine
+    ("127.0.0.1:8000", "http://app.example", 200),
+])
+def test_7_host_and_origin_checks(guarded_app, host, origin, status):
+    async def scenario():
+        async with _asgi_client(guarded_app, host) as c:
+            headers = {"origin": origin} if origin else {}
+            return await c.get("/v1/models", headers=headers)
+
+    response = asyncio.run(scenario())
+    assert response.status_code == status, response.text
+    if status != 200:
+        assert response.json()["error"]["message"]
+
+
+def test_7_allowed_origin_gets_a_cors_preflight_answer(guarded_app):
+    async def scenario():
+        async with _asgi_client(guarded_app, "127.0.0.1:8000") as c:
+            return await c.options("/v1/completions", headers={
+                "origin": "http://app.example", "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type"})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "http://app.example"
+
+
+def test_7_loopback_binding_defaults_to_loopback_hosts():
+    import argparse
+
+    from jaxpaged.server.args import add_server_arguments, server_settings_from_args
+
+    def settings(*argv):
+        parser = argparse.ArgumentParser()
+        add_server_arguments(parser)
+        return server_settings_from_args(parser.parse_args(["m", *argv]), "m")
+
+    assert settings().allowed_hosts == ("localhost", "127.0.0.1", "::1")
+    assert settings("--host", "0.0.0.0").allowed_hosts is None
+    assert settings("--allowed-hosts", "a.example").allowed_hosts == ("a.example",)
+    assert settings("--allowed-origins", '["http://x"]').allowed_origins == ("http://x",)
+
+
+# ----- 8: smaller leaks -----
+
+def test_8_trailing_slash_is_404_not_a_redirect_to_the_host_header(http):
+    response = http.post("/v1/completions/", json=completion(),
+                         headers={"host": "evil.example"}, follow_redirects=False)
+    assert response.status_code == 404
+    assert "location" not in response.headers
+
+
+@pytest.mark.parametrize("content", [b'{"prompt": 1' + b"0" * 5000 + b"}",
+                                     b"[" * 20_000 + b"]" * 20_000, b'{"a": 1,'])
+def test_8_json_errors_name_no_python_internals(http, content):
+    response = http.post("/v1/completions", content=content,
+                         headers={"content-type": "application/json"})
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400
+    assert "sys." not in message and "recursion" not in message and "Error" not in message
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", completion()),
+                                       ("/v1/completions", completion(temperature=-1)),
+                                       ("/v1/completions", completion(stream=True)),
+                                       ("/tokenize", {"prompt": "hi"}),
+                                       ("/v1/nothing", {})])
+def test_8_x_request_id_is_echoed_on_every_answer(http, path, body):
+    response = http.post(path, json=body, headers={"x-request-id": "my-id-42"})
+    assert response.headers["x-request-id"] == "my-id-42"
