@@ -26,6 +26,11 @@ LOGIT_BIAS_LIMIT = 100.0
 # min_tokens, top_k, logprobs ...) fit int32; the seed is int64 (vLLM's range); reals are finite in
 # float32.
 INT32_MAX = 2**31 - 1
+# Lists checked every step for every sequence (stop strings against the new text, stop ids and
+# bad words in the sampler) are bounded, so one request cannot slow the batch it runs in.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 4096  # all stop strings together
+MAX_TOKEN_ID_LIST = 256  # stop_token_ids, bad_words
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -184,6 +189,15 @@ class SamplingParams:
             raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}")
         if any(not s for s in self.stop):
             raise ValueError(f"stop cannot contain an empty string, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got "
+                             f"{len(self.stop)}")
+        if sum(len(s) for s in self.stop) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings may total at most {MAX_STOP_CHARS} characters, got "
+                             f"{sum(len(s) for s in self.stop)}")
+        if isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) > MAX_TOKEN_ID_LIST:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_TOKEN_ID_LIST} ids, got "
+                             f"{len(self.stop_token_ids)}")
         if not isinstance(self.stop_token_ids, list) or not all(
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
@@ -206,6 +220,9 @@ class SamplingParams:
             raise ValueError(f"bad_words must be a list of str, got {self.bad_words!r}")
         if any(not w for w in self.bad_words):
             raise ValueError(f"bad_words cannot contain an empty string, got {self.bad_words!r}")
+        if len(self.bad_words) > MAX_TOKEN_ID_LIST:
+            raise ValueError(f"bad_words may hold at most {MAX_TOKEN_ID_LIST} words, got "
+                             f"{len(self.bad_words)}")
         if self.truncate_prompt_tokens is not None:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=-1,
                        hint=">= 1 or -1")

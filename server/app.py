@@ -31,6 +31,7 @@ from jaxpaged.server.error_boundary import ErrorBoundaryMiddleware
 from jaxpaged.server.errors import APIError
 from jaxpaged.server.generation import create_chat_completion, create_completion
 from jaxpaged.server.generation_defaults import generation_defaults
+from jaxpaged.server.host_work import HostWorkPool
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.origins import OriginGuardMiddleware
 from jaxpaged.server.request_id import RequestIdMiddleware
@@ -54,6 +55,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
     metrics = ServerMetrics(settings.served_model_names[0])
     tokenizer = _own_tokenizer(engine)
     context = ServerContext(
+        host_work=HostWorkPool(lambda: _own_tokenizer(engine)),
+        max_prompt_chars=max_prompt_chars(tokenizer, engine.max_model_len),
         settings=settings, engine=AsyncEngine(engine, metrics), tokenizer=tokenizer,
         token_texts=TokenTexts(tokenizer), metrics=metrics, max_model_len=engine.max_model_len,
         vocab_size=engine.model_config.vocab_size, max_num_seqs=engine.max_num_seqs,
@@ -86,6 +89,17 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
     return app
 
 
+def max_prompt_chars(tokenizer: PreTrainedTokenizerBase | None, max_model_len: int) -> int:
+    """Characters beyond which a text cannot fit ``max_model_len`` tokens: no token spells more
+    characters than the vocabulary's longest entry (byte-level entries spell one byte per
+    character), with a factor 2 for normalizers that merge characters. A longer text is refused
+    before it is tokenized."""
+    if tokenizer is None:
+        return 0
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max_model_len * max(longest, 1) * 2
+
+
 def _cors(settings: ServerSettings) -> list[Middleware]:
     """CORS answers (preflights included) for the allowed origins only."""
     if not settings.allowed_origins:
@@ -107,6 +121,7 @@ async def _lifespan(app: Starlette):
     try:
         yield
     finally:
+        app.state.context.host_work.shutdown()
         await asyncio.to_thread(engine.stop, ENGINE_STOP_TIMEOUT_S)
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import uvicorn
+from starlette.applications import Starlette
 
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.config import EngineConfig
@@ -41,6 +42,7 @@ class RunningServer:
     base_url: str
     engine: LLMEngine
     async_engine: AsyncEngine
+    app: Starlette
     server: uvicorn.Server
     thread: threading.Thread
 
@@ -70,8 +72,8 @@ def start_server(config: EngineConfig, **settings) -> RunningServer:
     if not server.started:
         raise RuntimeError("the test server did not start")
     port = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(f"http://127.0.0.1:{port}", engine, app.state.context.engine, server,
-                         thread)
+    return RunningServer(f"http://127.0.0.1:{port}", engine, app.state.context.engine, app,
+                         server, thread)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,

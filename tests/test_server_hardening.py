@@ -272,3 +272,55 @@ def test_8_json_errors_name_no_python_internals(http, content):
 def test_8_x_request_id_is_echoed_on_every_answer(http, path, body):
     response = http.post(path, json=body, headers={"x-request-id": "my-id-42"})
     assert response.headers["x-request-id"] == "my-id-42"
+
+
+# ----- 4: tokenization is bounded and off the event loop -----
+
+def test_4_a_text_too_long_for_any_context_is_refused_before_tokenizing(server, http):
+    ctx = server.app.state.context
+    too_long = "x" * (ctx.max_prompt_chars + 1)
+    for path, body, param in [("/v1/completions", completion(prompt=too_long), "prompt"),
+                              ("/v1/chat/completions", chat(messages=[
+                                  {"role": "user", "content": too_long}]), "messages"),
+                              ("/tokenize", {"prompt": too_long}, "prompt")]:
+        response = http.post(path, json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and error["code"] == "context_length_exceeded"
+
+
+def test_4_tokenization_runs_on_worker_threads_and_health_answers_meanwhile(server):
+    import threading
+
+    ctx = server.app.state.context
+    long_text = "word " * (ctx.max_prompt_chars // 5 - 1)  # tokenized, then too many tokens
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+            heavy = [asyncio.create_task(c.post("/tokenize", json={"prompt": long_text}))
+                     for _ in range(4)]
+            health = await c.get("/health")
+            return health, await asyncio.gather(*heavy)
+
+    health, heavy = asyncio.run(scenario())
+    assert health.status_code == 200
+    assert all(r.status_code == 200 and r.json()["count"] > 128 for r in heavy)
+    assert any(t.name.startswith("jaxpaged-tokenize") for t in threading.enumerate())
+
+
+# ----- 5: bounded stop lists -----
+
+def test_5_huge_stop_lists_are_400_and_hurt_nobody(server):
+    many = [f"stop{i}" for i in range(20_000)]
+    _, response = beside_innocent(
+        server, lambda c: c.post("/v1/completions", json=completion(stop=many, n=4)))
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
+    long = completion(stop=["y" * 5000])
+    assert httpx.post(f"{server.base_url}/v1/completions", json=long).status_code == 400
+
+
+def test_5_stop_lists_within_the_limits_work(http):
+    from jaxpaged.sampling_params import MAX_STOP_STRINGS
+
+    body = completion(stop=[f"zz{i}" for i in range(MAX_STOP_STRINGS)], n=2)
+    assert http.post("/v1/completions", json=body).status_code == 200
