@@ -66,6 +66,14 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                         "the loopback names when --host is a loopback address, else any")
     p.add_argument("--max-prompts-per-request", type=int, default=1024, metavar="N",
                    help="most prompts one /v1/completions request may carry (400 beyond)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="close a kept-alive connection idle this long (uvicorn's option)")
+    p.add_argument("--timeout-request-read", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection whose request (head and body) has not arrived "
+                        "whole within this time (half-open and slow clients)")
+    p.add_argument("--limit-concurrency", type=int, default=512, metavar="N",
+                   help="most connections or requests in progress; new requests beyond get "
+                        "503 (uvicorn's option)")
     p.add_argument("--timeout-graceful-shutdown", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM/SIGINT wait at most this long for in-flight requests "
                         "(default: until they finish)")

@@ -17,6 +17,7 @@ import uvicorn
 from jaxpaged.engine.llm_engine import LLMEngine
 
 from jaxpaged.server.app import build_app
+from jaxpaged.server.http_protocol import timed_h11_protocol
 from jaxpaged.server.args import (engine_config_from_args, resolve_model_dir,
                                   server_settings_from_args)
 
@@ -55,7 +56,8 @@ def run_server(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level or args.log_level,
                             access_log=not args.disable_access_log, lifespan="on",
-                            timeout_graceful_shutdown=args.timeout_graceful_shutdown)
+                            timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+                            **connection_limits(args))
     server = DrainingServer(config, on_exit=app.state.context.engine.drain)
     # uvicorn re-raises the exit signal to the previous handler once it has shut down; a no-op
     # handler here turns that into a clean return (exit status 0) after the graceful drain.
@@ -63,6 +65,16 @@ def run_server(args: argparse.Namespace) -> int:
         signal.signal(sig, _already_handled)
     server.run()
     return 0 if server.started else 1
+
+
+def connection_limits(args: argparse.Namespace) -> dict:
+    """uvicorn's connection guards: idle kept-alive connections close after
+    ``--timeout-keep-alive``; a request must arrive whole within ``--timeout-request-read``
+    (``http_protocol.py``); beyond ``--limit-concurrency`` connections or tasks new requests get
+    503."""
+    return {"timeout_keep_alive": args.timeout_keep_alive,
+            "limit_concurrency": args.limit_concurrency,
+            "http": timed_h11_protocol(args.timeout_request_read)}
 
 
 def _configure_logging(level: str) -> None:

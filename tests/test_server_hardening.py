@@ -324,3 +324,83 @@ def test_5_stop_lists_within_the_limits_work(http):
 
     body = completion(stop=[f"zz{i}" for i in range(MAX_STOP_STRINGS)], n=2)
     assert http.post("/v1/completions", json=body).status_code == 200
+
+
+# ----- 6: connections that never finish a request are closed -----
+
+@pytest.fixture(scope="module")
+def timed_server():
+    """A bare uvicorn server with the serve command's connection guards (short timeouts)."""
+    import argparse
+    import threading
+
+    import uvicorn
+
+    from jaxpaged.server.args import add_server_arguments
+    from jaxpaged.server.launch import connection_limits
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    args = parser.parse_args(["m", "--timeout-request-read", "0.3", "--timeout-keep-alive",
+                              "0.3", "--limit-concurrency", "4"])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="off", **connection_limits(args)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: server.started, timeout=30)
+    yield server.servers[0].sockets[0].getsockname()[:2]
+    server.should_exit = True
+    thread.join(10)
+
+
+def _closed_by_server(sock, timeout: float = 20.0) -> bool:
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except (TimeoutError, ConnectionResetError) as e:
+        return isinstance(e, ConnectionResetError)
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST / HTTP/1.1\r\nHost: x\r\n",
+                                  b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab"],
+                         ids=["silent", "half-head", "stalled-body"])
+def test_6_half_open_connections_are_closed(timed_server, sent):
+    import socket
+
+    with socket.create_connection(timed_server) as sock:
+        sock.sendall(sent)
+        assert _closed_by_server(sock)
+
+
+def test_6_idle_kept_alive_connections_are_closed_and_whole_requests_served(timed_server):
+    import socket
+
+    with socket.create_connection(timed_server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(20)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert _closed_by_server(sock)  # keep-alive timeout
+
+
+def test_6_connections_beyond_the_limit_get_503(timed_server):
+    import socket
+
+    idle = [socket.create_connection(timed_server) for _ in range(4)]
+    try:
+        with socket.create_connection(timed_server) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.settimeout(20)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 503")
+    finally:
+        for s in idle:
+            s.close()
