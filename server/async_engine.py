@@ -261,7 +261,7 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as e:
             logger.exception("an engine step failed; failing its requests")
-            self._fail(self.engine.recover(set(self._streams)), e)
+            self._fail(self.engine.recover(set(self._streams), e), e)
             return
         if not outputs and not self.engine.scheduler.has_unfinished_requests():
             # NOTE: the engine tracks requests its scheduler lost; nothing would ever finish them

@@ -58,10 +58,10 @@ class RunningServer:
         return block_manager.num_free_blocks == block_manager.num_blocks - 1
 
 
-def start_server(config: EngineConfig, **settings) -> RunningServer:
+def start_server(config: EngineConfig, step_hook=None, **settings) -> RunningServer:
     """Builds the engine and serves it; ``settings``: ServerSettings fields (the served model
-    name defaults to MODEL_NAME)."""
-    engine = LLMEngine(config)
+    name defaults to MODEL_NAME); ``step_hook``: the engine's fault-injection hook."""
+    engine = LLMEngine(config, step_hook=step_hook)
     settings.setdefault("served_model_names", (MODEL_NAME,))
     app = build_app(engine, ServerSettings(**settings))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",

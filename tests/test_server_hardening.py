@@ -15,6 +15,7 @@ import pytest
 from jaxpaged.core.request import Request
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_config import SchedulerConfig
+from jaxpaged.engine.faults import FaultInjector
 from jaxpaged.sampling_params import SamplingParams
 
 from server_testing import MODEL, MODEL_NAME, engine_config, poll, start_server, wait_until
@@ -23,8 +24,13 @@ MAX_PROMPTS = 64
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    running = start_server(engine_config(tiny_checkpoint(MODEL)),
+def faults():
+    return FaultInjector()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, faults):
+    running = start_server(engine_config(tiny_checkpoint(MODEL)), step_hook=faults,
                            max_prompts_per_request=MAX_PROMPTS)
     yield running
     running.stop()
@@ -44,7 +50,8 @@ def chat(**fields):
     return {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], **fields}
 
 
-INNOCENT = completion(prompt="An innocent request", max_tokens=24, ignore_eos=True, stream=True)
+INNOCENT = completion(prompt="An innocent request", max_tokens=24, ignore_eos=True, stream=True,
+                      temperature=0)
 
 
 async def _stream_events(c: httpx.AsyncClient, body: dict) -> list[str]:
@@ -404,3 +411,37 @@ def test_6_connections_beyond_the_limit_get_503(timed_server):
     finally:
         for s in idle:
             s.close()
+
+
+# ----- a failure inside a step fails only the requests it belongs to -----
+
+def _text(events: list[str]) -> str:
+    import json
+
+    return "".join(json.loads(e[6:])["choices"][0]["text"] for e in events
+                   if e != "data: [DONE]" and json.loads(e[6:])["choices"])
+
+
+def test_a_fault_in_one_request_spares_the_streams_beside_it(server, http, faults):
+    """A ``RequestFault`` naming the bad request: it gets a 500, the innocent stream running in
+    the same steps is recomputed and ends with exactly the text it has when run alone."""
+    alone = asyncio.run(_alone(server))
+
+    async def hostile(c):
+        assert await poll(lambda: server.engine.scheduler.num_running >= 1)
+        faults.fail_request("cmpl-bad-one")
+        return await c.post("/v1/completions", json=completion(prompt="Bad", max_tokens=8),
+                            headers={"x-request-id": "bad-one"})
+
+    fired = faults.fired
+    events, bad = beside_innocent(server, hostile)
+    assert faults.fired == fired + 1
+    assert _text(events) == alone  # recomputed: nothing lost or changed (greedy)
+    assert bad.status_code == 500 and bad.json()["error"]["code"] == "engine_error"
+    assert bad.headers["x-request-id"] == "bad-one"
+    assert http.post("/v1/completions", json=completion()).status_code == 200
+
+
+async def _alone(server) -> str:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+        return _text(await _stream_events(c, {**INNOCENT, "temperature": 0}))

@@ -157,6 +157,19 @@ class Scheduler:
             self._finish(request, status, stop_reason)
         return finished
 
+    def preempt_all_running(self) -> None:
+        """Preempt every running request (recompute from its tokens; order kept at the front of
+        the waiting queue): after a failed step, whose K/V writes may be missing."""
+        for request in reversed(self.running):
+            self.block_manager.free(request)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
+            request.num_output_placeholders = 0
+            request.num_preemptions += 1
+            self.num_preemptions += 1
+            self.waiting.prepend(request)
+        self.running = []
+
     # ----- one step -----
 
     def schedule(self) -> SchedulerOutput:
