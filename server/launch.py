@@ -8,6 +8,7 @@ engine thread and the process exits with status 0 (a second SIGINT forces the ex
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 from collections.abc import Callable
@@ -22,15 +23,35 @@ from jaxpaged.server.args import (engine_config_from_args, resolve_model_dir,
                                   server_settings_from_args)
 
 logger = logging.getLogger("jaxpaged.server")
+CUT_NOTICE_S = 1.0  # streams are ended this long before the graceful shutdown time is over
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server that also tells the app to refuse new work on the first exit signal,
     and logs the ready line with the bound address once it listens."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None],
+                 end_streams: Callable[[], None] = lambda: None):
         super().__init__(config)
         self._on_exit = on_exit
+        self._end_streams = end_streams
+
+    async def _wait_tasks_to_complete(self) -> None:
+        """uvicorn waits ``timeout_graceful_shutdown`` for the responses in flight, then cancels
+        them mid-stream. Shortly before that, the engine ends every stream itself, so each one
+        closes with an error event and [DONE] (a whole response with 503)."""
+        grace = self.config.timeout_graceful_shutdown
+        if grace is None:
+            await super()._wait_tasks_to_complete()
+            return
+        try:
+            async with asyncio.timeout(max(grace - min(CUT_NOTICE_S, grace / 2), 0.0)):
+                await super()._wait_tasks_to_complete()
+        except TimeoutError:
+            logger.warning("the graceful shutdown time is almost over: ending the streams in "
+                           "flight with an error event")
+            self._end_streams()
+            await super()._wait_tasks_to_complete()
 
     def handle_exit(self, sig, frame) -> None:
         self._on_exit()
@@ -58,7 +79,8 @@ def run_server(args: argparse.Namespace) -> int:
                             access_log=not args.disable_access_log, lifespan="on",
                             timeout_graceful_shutdown=args.timeout_graceful_shutdown,
                             **connection_limits(args))
-    server = DrainingServer(config, on_exit=app.state.context.engine.drain)
+    server = DrainingServer(config, on_exit=app.state.context.engine.drain,
+                            end_streams=app.state.context.engine.end_streams)
     # uvicorn re-raises the exit signal to the previous handler once it has shut down; a no-op
     # handler here turns that into a clean return (exit status 0) after the graceful drain.
     for sig in (signal.SIGINT, signal.SIGTERM):
