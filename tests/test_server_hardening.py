@@ -445,3 +445,21 @@ def test_a_fault_in_one_request_spares_the_streams_beside_it(server, http, fault
 async def _alone(server) -> str:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
         return _text(await _stream_events(c, {**INNOCENT, "temperature": 0}))
+
+
+# ----- client disconnects are one INFO line -----
+
+def test_a_client_leaving_mid_body_is_one_info_line(server, caplog):
+    import logging
+    import socket
+
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
+            assert wait_until(lambda: server.server.server_state.tasks, timeout=10)
+        assert wait_until(lambda: any("client disconnected" in r.getMessage()
+                                      for r in caplog.records), timeout=10)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert wait_until(lambda: not server.server.server_state.tasks, timeout=10)
