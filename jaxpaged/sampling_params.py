@@ -21,6 +21,18 @@ from typing import Any
 SAMPLING_EPS = 1e-5
 # vLLM clamps every logit_bias value into [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT].
 LOGIT_BIAS_LIMIT = 100.0
+# Upper bounds of the numeric fields: each reaches a device tensor (i32 / i64 columns, f32 values),
+# so a value beyond them must be refused here, not overflow inside a step. Counts (n, max_tokens,
+# min_tokens, top_k, logprobs ...) fit int32; the seed is int64 (vLLM's range); reals are finite in
+# float32.
+INT32_MAX = 2**31 - 1
+# Lists checked every step for every sequence (stop strings against the new text, stop ids and
+# bad words in the sampler) are bounded, so one request cannot slow the batch it runs in.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 4096  # all stop strings together
+MAX_TOKEN_ID_LIST = 256  # stop_token_ids, bad_words
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class SamplingType(enum.IntEnum):
@@ -156,7 +168,7 @@ class SamplingParams:
         _check_int("top_k", self.top_k, minimum=-1, hint="0 or -1 disables, else >= 1")
         _check_real("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
-            _check_int("seed", self.seed)
+            _check_int("seed", self.seed, minimum=INT64_MIN, maximum=INT64_MAX)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("min_tokens", self.min_tokens, minimum=0)
@@ -177,6 +189,15 @@ class SamplingParams:
             raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}")
         if any(not s for s in self.stop):
             raise ValueError(f"stop cannot contain an empty string, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got "
+                             f"{len(self.stop)}")
+        if sum(len(s) for s in self.stop) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings may total at most {MAX_STOP_CHARS} characters, got "
+                             f"{sum(len(s) for s in self.stop)}")
+        if isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) > MAX_TOKEN_ID_LIST:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_TOKEN_ID_LIST} ids, got "
+                             f"{len(self.stop_token_ids)}")
         if not isinstance(self.stop_token_ids, list) or not all(
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
@@ -199,6 +220,9 @@ class SamplingParams:
             raise ValueError(f"bad_words must be a list of str, got {self.bad_words!r}")
         if any(not w for w in self.bad_words):
             raise ValueError(f"bad_words cannot contain an empty string, got {self.bad_words!r}")
+        if len(self.bad_words) > MAX_TOKEN_ID_LIST:
+            raise ValueError(f"bad_words may hold at most {MAX_TOKEN_ID_LIST} words, got "
+                             f"{len(self.bad_words)}")
         if self.truncate_prompt_tokens is not None:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=-1,
                        hint=">= 1 or -1")
@@ -310,17 +334,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, minimum: int | None = None, hint: str = "") -> None:
+def _check_int(name: str, value: Any, minimum: int | None = None, hint: str = "",
+               maximum: int = INT32_MAX) -> None:
+    """An int in [minimum, maximum]; ``maximum`` defaults to int32's (the device columns')."""
     if not _is_int(value):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
         detail = hint or f"at least {minimum}"
         raise ValueError(f"{name} must be {detail}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")
 
 
 def _check_real(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    """A real number in [low, high], finite in float32 (the sampler's dtype)."""
     if not isinstance(value, Real) or isinstance(value, bool) or value != value:
         raise ValueError(f"{name} must be a number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite float32 number, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be in {bounds}, got {value}")

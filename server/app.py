@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -26,15 +27,22 @@ from jaxpaged.server.auth import BearerAuthMiddleware
 from jaxpaged.server.context import ServerContext
 from jaxpaged.server.endpoints import (detokenize, health, list_models, metrics_endpoint,
                                        retrieve_model, tokenize, version)
+from jaxpaged.server.error_boundary import ErrorBoundaryMiddleware
 from jaxpaged.server.errors import APIError
 from jaxpaged.server.generation import create_chat_completion, create_completion
 from jaxpaged.server.generation_defaults import generation_defaults
+from jaxpaged.server.host_work import HostWorkPool
 from jaxpaged.server.metrics import ServerMetrics
+from jaxpaged.server.origins import OriginGuardMiddleware
 from jaxpaged.server.request_id import RequestIdMiddleware
 from jaxpaged.server.settings import ServerSettings
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does
     from transformers import PreTrainedTokenizerBase
+
+# How long shutdown waits for the engine thread to finish its step and end; a thread stuck
+# longer is left behind so that the process always exits.
+ENGINE_STOP_TIMEOUT_S = 30.0
 
 
 def _caps_max_tokens(config) -> bool:
@@ -47,6 +55,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
     metrics = ServerMetrics(settings.served_model_names[0])
     tokenizer = _own_tokenizer(engine)
     context = ServerContext(
+        host_work=HostWorkPool(lambda: _own_tokenizer(engine)),
+        max_prompt_chars=max_prompt_chars(tokenizer, engine.max_model_len),
         settings=settings, engine=AsyncEngine(engine, metrics), tokenizer=tokenizer,
         token_texts=TokenTexts(tokenizer), metrics=metrics, max_model_len=engine.max_model_len,
         vocab_size=engine.model_config.vocab_size, max_num_seqs=engine.max_num_seqs,
@@ -66,12 +76,36 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
     ]
     app = Starlette(
         routes=routes, lifespan=_lifespan,
-        middleware=[Middleware(RequestIdMiddleware),
+        middleware=[Middleware(RequestIdMiddleware), Middleware(ErrorBoundaryMiddleware),
+                    Middleware(OriginGuardMiddleware, allowed_hosts=settings.allowed_hosts,
+                               allowed_origins=settings.allowed_origins),
+                    *_cors(settings),
                     Middleware(BearerAuthMiddleware, api_keys=settings.api_keys)],
-        exception_handlers={APIError: _api_error, HTTPException: _http_error,
-                            Exception: _internal_error})
+        exception_handlers={APIError: _api_error, HTTPException: _http_error})
+    # NOTE: Starlette's slash redirect builds its Location from the Host header (an open
+    # redirect to any host); /v1/completions/ is a 404 instead.
+    app.router.redirect_slashes = False
     app.state.context = context
     return app
+
+
+def max_prompt_chars(tokenizer: PreTrainedTokenizerBase | None, max_model_len: int) -> int:
+    """Characters beyond which a text cannot fit ``max_model_len`` tokens: no token spells more
+    characters than the vocabulary's longest entry (byte-level entries spell one byte per
+    character), with a factor 2 for normalizers that merge characters. A longer text is refused
+    before it is tokenized."""
+    if tokenizer is None:
+        return 0
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max_model_len * max(longest, 1) * 2
+
+
+def _cors(settings: ServerSettings) -> list[Middleware]:
+    """CORS answers (preflights included) for the allowed origins only."""
+    if not settings.allowed_origins:
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                       allow_methods=["GET", "POST"], allow_headers=["*"])]
 
 
 def _own_tokenizer(engine: LLMEngine) -> PreTrainedTokenizerBase | None:
@@ -87,7 +121,8 @@ async def _lifespan(app: Starlette):
     try:
         yield
     finally:
-        await asyncio.to_thread(engine.stop)
+        app.state.context.host_work.shutdown()
+        await asyncio.to_thread(engine.stop, ENGINE_STOP_TIMEOUT_S)
 
 
 # ----- errors -----
@@ -100,8 +135,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return APIError(exc.status_code, str(exc.detail), code="not_found"
                     if exc.status_code == 404 else None).to_response()
 
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    """JSON for a bug; Starlette re-raises it afterwards, so uvicorn logs the traceback."""
-    return APIError(500, f"internal server error: {type(exc).__name__}",
-                    code="internal_error").to_response()

@@ -19,9 +19,12 @@ from typing import Any
 from jaxpaged.config import _NO_OP_VLLM_ARGS, EngineConfig
 
 from jaxpaged.server.chat_template import load_chat_template
+from jaxpaged.server.origins import LOOPBACK_NAMES, is_loopback
 from jaxpaged.server.settings import ServerSettings
 
 API_KEY_ENV = "JAXPAGED_API_KEY"
+# The server's waiting queue is bounded by default: one client cannot queue without limit.
+DEFAULT_SERVER_MAX_WAITING = 4096
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
@@ -54,6 +57,23 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="vLLM's flag; a no-op: jaxpaged does not log request contents")
     p.add_argument("--max-log-len", type=int, default=None,
                    help="vLLM's flag; a no-op: jaxpaged does not log request contents")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="browser origins allowed to call the API (CORS), e.g. "
+                        "http://localhost:3000, or '*'; default: none but pages under an "
+                        "allowed host (a JSON list is accepted, as vLLM's)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="NAME",
+                   help="Host header names accepted (DNS-rebinding guard), or '*'; default: "
+                        "the loopback names when --host is a loopback address, else any")
+    p.add_argument("--max-prompts-per-request", type=int, default=1024, metavar="N",
+                   help="most prompts one /v1/completions request may carry (400 beyond)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="close a kept-alive connection idle this long (uvicorn's option)")
+    p.add_argument("--timeout-request-read", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection whose request (head and body) has not arrived "
+                        "whole within this time (half-open and slow clients)")
+    p.add_argument("--limit-concurrency", type=int, default=512, metavar="N",
+                   help="most connections or requests in progress; new requests beyond get "
+                        "503 (uvicorn's option)")
     p.add_argument("--timeout-graceful-shutdown", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM/SIGINT wait at most this long for in-flight requests "
                         "(default: until they finish)")
@@ -100,8 +120,9 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
                    default=True)
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests' 'priority' orders admission (lower first)")
-    g.add_argument("--max-waiting", type=int, default=None,
-                   help="most queued requests; more are answered 503 (default: unbounded)")
+    g.add_argument("--max-waiting", type=int, default=DEFAULT_SERVER_MAX_WAITING,
+                   help="most queued requests; more are answered 503 (default: "
+                        f"{DEFAULT_SERVER_MAX_WAITING}; the Python API's LLM is unbounded)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
@@ -190,4 +211,25 @@ def server_settings_from_args(args: argparse.Namespace, model_dir: str) -> Serve
         keys = (os.environ[API_KEY_ENV],) if os.environ.get(API_KEY_ENV) else ()
     return ServerSettings(served_model_names=names, api_keys=keys,
                           chat_template=load_chat_template(args.chat_template),
-                          trust_request_chat_template=args.trust_request_chat_template)
+                          trust_request_chat_template=args.trust_request_chat_template,
+                          max_prompts_per_request=args.max_prompts_per_request,
+                          allowed_hosts=_allowed_hosts(args),
+                          allowed_origins=_name_list(args.allowed_origins))
+
+
+def _name_list(values: list[str] | None) -> tuple[str, ...]:
+    """Names given one per argument, or as one JSON list (vLLM's ``--allowed-origins '["*"]'``)."""
+    if not values:
+        return ()
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        parsed = json.loads(values[0])
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise ValueError(f"expected a JSON list of strings, got {values[0]!r}")
+        return tuple(parsed)
+    return tuple(values)
+
+
+def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...] | None:
+    if args.allowed_hosts:
+        return _name_list(args.allowed_hosts)
+    return LOOPBACK_NAMES if is_loopback(args.host) else None

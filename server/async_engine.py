@@ -9,6 +9,7 @@ talk to it without polling.
          await admitted <--call_soon_threadsafe-- ok / ValueError / QueueFullError
     async for out in stream <--call_soon_threadsafe-- engine.step() -> DELTA RequestOutputs
     stream.close() --_Abort--> command list ---> engine.abort_request(...)  (blocks freed)
+    end_streams() --_EndAll--> command list ---> abort all; streams end with an error event
 
 The thread sleeps on a ``threading.Condition`` while there are no commands and no unfinished
 requests, and loops ``engine.step()`` otherwise; commands are applied only between steps, so the
@@ -117,6 +118,13 @@ class _Abort:
     request_ids: list[str]
 
 
+@dataclasses.dataclass
+class _EndAll:
+    """Abort every live request; each stream ends with ``error`` (shutdown's last resort)."""
+
+    error: EngineUnavailableError
+
+
 # (target, value): a stream gets an output or an error; an admission future gets None or an error.
 _Delivery = tuple[OutputStream | asyncio.Future, Any]
 
@@ -176,13 +184,25 @@ class AsyncEngine:
     def abort(self, request_ids: list[str]) -> None:
         self._post(_Abort(list(request_ids)))
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop the thread: requests still running are aborted. Blocks until it ended."""
+    def end_streams(self, message: str = "the server is shutting down") -> None:
+        """Abort every live request now: its stream ends with an error event and [DONE] (a
+        whole response with 503), instead of being cut when shutdown's grace time is over."""
+        self._post(_EndAll(EngineUnavailableError(message)))
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the thread: requests still running are aborted. Waits at most ``timeout``
+        seconds (None: until it ended); True when the thread ended. A thread stuck inside a step
+        is left behind (it is a daemon thread, so the process can still exit)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("the engine thread did not stop within %s s; leaving it behind", timeout)
+            return False
+        return True
 
     def _post(self, command: _Add | _Abort) -> None:
         with self._cond:
@@ -216,6 +236,8 @@ class AsyncEngine:
         for command in commands:
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _EndAll):
+                self._end_all(command.error)
             else:
                 self._abort(command.request_ids)
         if self.engine.has_unfinished_requests():
@@ -254,7 +276,7 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as e:
             logger.exception("an engine step failed; failing its requests")
-            self._fail(self.engine.recover(set(self._streams)), e)
+            self._fail(self.engine.recover(set(self._streams), e), e)
             return
         if not outputs and not self.engine.scheduler.has_unfinished_requests():
             # NOTE: the engine tracks requests its scheduler lost; nothing would ever finish them
@@ -290,8 +312,12 @@ class AsyncEngine:
         with self._cond:
             self._closed_error = error
             commands, self._commands = self._commands, []
-        deliveries: list[_Delivery] = [(c.admitted, error) for c in commands
-                                       if isinstance(c, _Add)]
+        self._deliver([(c.admitted, error) for c in commands if isinstance(c, _Add)])
+        self._end_all(error)
+
+    def _end_all(self, error: EngineUnavailableError) -> None:
+        """Abort every live request; its stream gets ``error``."""
+        deliveries: list[_Delivery] = []
         try:
             self.engine.abort_request(list(self._streams))
         except Exception:

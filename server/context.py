@@ -12,6 +12,7 @@ from jaxpaged.engine.tokenizer import TokenTexts
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.errors import bad_request
 from jaxpaged.server.generation_defaults import GenerationDefaults
+from jaxpaged.server.host_work import HostWorkPool
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.settings import ServerSettings
 
@@ -34,11 +35,17 @@ class ServerContext:
     max_logprobs: int
     scheduling_policy: str  # "fcfs" or "priority": a request's priority needs the latter
     generation_defaults: GenerationDefaults  # for the fields a request omits
+    host_work: HostWorkPool  # tokenization and chat templates, off the event loop
+    max_prompt_chars: int  # longer texts cannot fit max_model_len: refused before tokenizing
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # model cards
 
     @property
     def model_name(self) -> str:
         return self.settings.served_model_names[0]
+
+    def with_tokenizer(self, tokenizer: PreTrainedTokenizerBase | None) -> ServerContext:
+        """This context with a worker thread's own tokenizer (``HostWorkPool.run``)."""
+        return dataclasses.replace(self, tokenizer=tokenizer)
 
     def check_model(self, name: str | None) -> None:
         """400 unless ``name`` is None or one of the served names."""

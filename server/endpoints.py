@@ -12,8 +12,8 @@ from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.json_body import read_json_object
 from jaxpaged.server.metrics import CONTENT_TYPE
 from jaxpaged.server.prompts import chat_token_ids, encode, render_chat
-from jaxpaged.server.protocol import (ChatTemplateOptions, parse_detokenize_request,
-                                      parse_tokenize_request)
+from jaxpaged.server.protocol import (ChatTemplateOptions, TokenizeRequest,
+                                      parse_detokenize_request, parse_tokenize_request)
 
 
 async def health(request: Request) -> Response:
@@ -56,6 +56,12 @@ async def tokenize(request: Request) -> Response:
     ctx = context_of(request)
     parsed = parse_tokenize_request(await read_json_object(request, ctx.settings.max_body_bytes))
     ctx.check_model(parsed.model)
+    return JSONResponse(await ctx.host_work.run(_tokenize, ctx, parsed))
+
+
+def _tokenize(tokenizer, ctx: ServerContext, parsed: TokenizeRequest) -> dict:
+    """/tokenize's body (a worker thread, its own tokenizer)."""
+    ctx = ctx.with_tokenizer(tokenizer)
     if parsed.messages is not None:
         text = render_chat(ctx, parsed.messages, ChatTemplateOptions(
             chat_template=None, kwargs={}, tools=None,
@@ -63,10 +69,9 @@ async def tokenize(request: Request) -> Response:
         tokens = chat_token_ids(ctx, text)
     else:
         tokens = encode(ctx, parsed.prompt, parsed.add_special_tokens)
-    body = {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens,
-            "token_strs": ctx.tokenizer.convert_ids_to_tokens(tokens)
+    return {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens,
+            "token_strs": tokenizer.convert_ids_to_tokens(tokens)
             if parsed.return_token_strs else None}
-    return JSONResponse(body)
 
 
 async def detokenize(request: Request) -> Response:
@@ -79,4 +84,5 @@ async def detokenize(request: Request) -> Response:
             raise bad_request(f"token id {token_id} is not in [0, {ctx.vocab_size})", "tokens")
     if ctx.tokenizer is None:
         raise bad_request("this server has no tokenizer", "tokens")
-    return JSONResponse({"prompt": ctx.tokenizer.decode(parsed.tokens)})
+    text = await ctx.host_work.run(lambda tokenizer: tokenizer.decode(parsed.tokens))
+    return JSONResponse({"prompt": text})

@@ -2,8 +2,10 @@
 raises ``APIError`` 400 naming the field when the type or range is wrong.
 
 The request inventory (``request_fields.py``) gives every field one of these, so the bounds of
-every field live in one table. ``_INT64`` bounds are the widest any field accepts: a value beyond
-them could never reach an int64 column.
+every field live in one table. ``INT64`` bounds are the widest any field accepts (seed,
+priority): a value beyond them could never reach an int64 column. Counts and lengths (``count``:
+n, max_tokens, min_tokens, top_k, logprobs ...) stop at ``INT32_MAX``, ``SamplingParams``' own
+bound, so no request value can overflow a device column inside a step.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from jaxpaged.server.errors import bad_request
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+from jaxpaged.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN  # noqa: F401 (re-exported)
 
 Check = Callable[[str, Any], Any]
 
@@ -38,6 +40,11 @@ def integer(low: int = INT64_MIN, high: int = INT64_MAX) -> Check:
             raise bad_request(f"'{name}' must be in [{low}, {high}], got {value}", name)
         return value
     return check
+
+
+def count(low: int) -> Check:
+    """An int in [low, INT32_MAX]: a count or a length (n, max_tokens, top_k, logprobs ...)."""
+    return integer(low, INT32_MAX)
 
 
 def number(name: str, value: Any) -> float:

@@ -80,15 +80,24 @@ class _Job:
 async def create_completion(request: Request) -> Response:
     ctx = context_of(request)
     parsed = parse_completion_request(
-        await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults)
+        await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults,
+        max_prompts=ctx.settings.max_prompts_per_request)
     common = parsed.common
     ctx.check_model(common.model)
+    prompts, parts = await ctx.host_work.run(_prepare_completion, ctx, parsed)
+    job = _make_job(ctx, request, "completion", prompts, parts, common)
+    return await _run(request, ctx, job)
+
+
+def _prepare_completion(tokenizer, ctx: ServerContext, parsed
+                        ) -> tuple[list[tuple[str | None, list[int]]], list[PromptPart]]:
+    """Tokenized prompts and their echo texts (a worker thread, its own tokenizer)."""
+    ctx, common = ctx.with_tokenizer(tokenizer), parsed.common
     room = common.params.max_tokens or 1
     prompts = [tokenize_prompt(ctx, p, common.tokenization, room) for p in parsed.prompts]
     parts = [PromptPart(ids, _completion_echo(ctx, text, ids) if common.response.echo else "")
              for text, ids in prompts]
-    job = _make_job(ctx, request, "completion", prompts, parts, common)
-    return await _run(request, ctx, job)
+    return prompts, parts
 
 
 def _completion_echo(ctx: ServerContext, text: str | None, token_ids: list[int]) -> str:
@@ -106,13 +115,20 @@ async def create_chat_completion(request: Request) -> Response:
         await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults)
     common = parsed.common
     ctx.check_model(common.model)
-    text = render_chat(ctx, parsed.messages, parsed.template)
-    ids = truncate(ctx, chat_token_ids(ctx, text, common.tokenization.add_special_tokens),
-                   common.tokenization, common.params.max_tokens or 1)
+    text, ids = await ctx.host_work.run(_prepare_chat, ctx, parsed)
     echo = _chat_echo(parsed.messages, parsed.template.add_generation_prompt)
     part = PromptPart(ids, echo if common.response.echo else "")
     job = _make_job(ctx, request, "chat", [(text, ids)], [part], common, prompt_text=text)
     return await _run(request, ctx, job)
+
+
+def _prepare_chat(tokenizer, ctx: ServerContext, parsed) -> tuple[str, list[int]]:
+    """The rendered template and its (truncated) token ids (a worker thread)."""
+    ctx, common = ctx.with_tokenizer(tokenizer), parsed.common
+    text = render_chat(ctx, parsed.messages, parsed.template)
+    ids = truncate(ctx, chat_token_ids(ctx, text, common.tokenization.add_special_tokens),
+                   common.tokenization, common.params.max_tokens or 1)
+    return text, ids
 
 
 def _chat_echo(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:

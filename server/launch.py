@@ -8,6 +8,7 @@ engine thread and the process exits with status 0 (a second SIGINT forces the ex
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 from collections.abc import Callable
@@ -17,19 +18,40 @@ import uvicorn
 from jaxpaged.engine.llm_engine import LLMEngine
 
 from jaxpaged.server.app import build_app
+from jaxpaged.server.http_protocol import timed_h11_protocol
 from jaxpaged.server.args import (engine_config_from_args, resolve_model_dir,
                                   server_settings_from_args)
 
 logger = logging.getLogger("jaxpaged.server")
+CUT_NOTICE_S = 1.0  # streams are ended this long before the graceful shutdown time is over
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server that also tells the app to refuse new work on the first exit signal,
     and logs the ready line with the bound address once it listens."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None],
+                 end_streams: Callable[[], None] = lambda: None):
         super().__init__(config)
         self._on_exit = on_exit
+        self._end_streams = end_streams
+
+    async def _wait_tasks_to_complete(self) -> None:
+        """uvicorn waits ``timeout_graceful_shutdown`` for the responses in flight, then cancels
+        them mid-stream. Shortly before that, the engine ends every stream itself, so each one
+        closes with an error event and [DONE] (a whole response with 503)."""
+        grace = self.config.timeout_graceful_shutdown
+        if grace is None:
+            await super()._wait_tasks_to_complete()
+            return
+        try:
+            async with asyncio.timeout(max(grace - min(CUT_NOTICE_S, grace / 2), 0.0)):
+                await super()._wait_tasks_to_complete()
+        except TimeoutError:
+            logger.warning("the graceful shutdown time is almost over: ending the streams in "
+                           "flight with an error event")
+            self._end_streams()
+            await super()._wait_tasks_to_complete()
 
     def handle_exit(self, sig, frame) -> None:
         self._on_exit()
@@ -55,14 +77,26 @@ def run_server(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level or args.log_level,
                             access_log=not args.disable_access_log, lifespan="on",
-                            timeout_graceful_shutdown=args.timeout_graceful_shutdown)
-    server = DrainingServer(config, on_exit=app.state.context.engine.drain)
+                            timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+                            **connection_limits(args))
+    server = DrainingServer(config, on_exit=app.state.context.engine.drain,
+                            end_streams=app.state.context.engine.end_streams)
     # uvicorn re-raises the exit signal to the previous handler once it has shut down; a no-op
     # handler here turns that into a clean return (exit status 0) after the graceful drain.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _already_handled)
     server.run()
     return 0 if server.started else 1
+
+
+def connection_limits(args: argparse.Namespace) -> dict:
+    """uvicorn's connection guards: idle kept-alive connections close after
+    ``--timeout-keep-alive``; a request must arrive whole within ``--timeout-request-read``
+    (``http_protocol.py``); beyond ``--limit-concurrency`` connections or tasks new requests get
+    503."""
+    return {"timeout_keep_alive": args.timeout_keep_alive,
+            "limit_concurrency": args.limit_concurrency,
+            "http": timed_h11_protocol(args.timeout_request_read)}
 
 
 def _configure_logging(level: str) -> None:

@@ -45,10 +45,21 @@ def truncate(ctx: ServerContext, token_ids: list[int], tokenization: Tokenizatio
         raise bad_request(str(e), "truncate_prompt_tokens") from None
 
 
-def encode(ctx: ServerContext, text: str, add_special_tokens: bool) -> list[int]:
+def encode(ctx: ServerContext, text: str, add_special_tokens: bool,
+           field: str = "prompt") -> list[int]:
+    """Token ids of ``text``; a text too long to fit the context is refused before tokenizing."""
     if ctx.tokenizer is None:
         raise bad_request("this server has no tokenizer: send token ids", "prompt")
+    check_text_length(ctx, len(text), field)
     return list(ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def check_text_length(ctx: ServerContext, num_chars: int, field: str) -> None:
+    if num_chars > ctx.max_prompt_chars:
+        raise bad_request(f"this model's maximum context length is {ctx.max_model_len} tokens, "
+                          f"and the {field} has {num_chars} characters: more than any "
+                          f"{ctx.max_model_len} tokens can spell (at most {ctx.max_prompt_chars})",
+                          field, "context_length_exceeded")
 
 
 def render_chat(ctx: ServerContext, messages: list[dict[str, Any]],
@@ -62,6 +73,7 @@ def render_chat(ctx: ServerContext, messages: list[dict[str, Any]],
         raise bad_request("a chat template in the request needs the server started with "
                           "--trust-request-chat-template", "chat_template")
     extra = {"tools": options.tools} if options.tools is not None else {}
+    check_text_length(ctx, sum(len(m["content"]) for m in messages), "messages")
     try:
         return ctx.tokenizer.apply_chat_template(
             messages, tokenize=False,
@@ -75,4 +87,4 @@ def render_chat(ctx: ServerContext, messages: list[dict[str, Any]],
 def chat_token_ids(ctx: ServerContext, text: str, add_special_tokens: bool = False) -> list[int]:
     """The rendered template already holds the special tokens (BOS ...): by default add none
     (vLLM's chat ``add_special_tokens`` adds them on top)."""
-    return encode(ctx, text, add_special_tokens=add_special_tokens)
+    return encode(ctx, text, add_special_tokens=add_special_tokens, field="messages")

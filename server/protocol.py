@@ -229,8 +229,9 @@ def _token_id_fields(values: dict[str, Any]) -> dict[str, list[int]]:
 # ----- /v1/completions -----
 
 def parse_completion_request(body: dict[str, Any],
-                             defaults: GenerationDefaults = GenerationDefaults()
-                             ) -> CompletionRequest:
+                             defaults: GenerationDefaults = GenerationDefaults(),
+                             max_prompts: int | None = None) -> CompletionRequest:
+    """``max_prompts``: most prompts one request may carry (400 beyond; None: no limit)."""
     values = read_fields(body, COMPLETION_FIELDS, where="/v1/completions")
     requested = values.get("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)
     if requested == 0 and not values.get("echo"):
@@ -238,11 +239,13 @@ def parse_completion_request(body: dict[str, Any],
     common = _common(values, defaults, requested_max=requested, max_tokens_field="max_tokens",
                      top_logprobs=values.get("logprobs"), logprobs_field="logprobs",
                      add_special_tokens=True)
-    return CompletionRequest(common=common, prompts=_prompts(body.get("prompt")))
+    return CompletionRequest(common=common, prompts=_prompts(body.get("prompt"), max_prompts))
 
 
-def _prompts(value: Any) -> list[Prompt]:
-    """OpenAI's four prompt forms: str, [str, ...], [int, ...], [[int, ...], ...]."""
+def _prompts(value: Any, max_prompts: int | None = None) -> list[Prompt]:
+    """OpenAI's four prompt forms: str, [str, ...], [int, ...], [[int, ...], ...]; a list of
+    prompts is all texts or all token-id lists (as OpenAI's and vLLM's schemas), at most
+    ``max_prompts`` of them."""
     if value is None:
         raise bad_request("'prompt' is required", "prompt")
     if isinstance(value, str):
@@ -254,12 +257,17 @@ def _prompts(value: Any) -> list[Prompt]:
     else:
         raise bad_request("'prompt' must be a non-empty string, list of strings, list of token "
                           f"ids or list of lists of token ids, got {c.short(value)}", "prompt")
+    if max_prompts is not None and len(prompts) > max_prompts:
+        raise bad_request(f"'prompt' may hold at most {max_prompts} prompts "
+                          f"(--max-prompts-per-request), got {len(prompts)}", "prompt")
     for prompt in prompts:
         text_ok = isinstance(prompt, str) and prompt
         ids_ok = isinstance(prompt, list) and prompt and all(c.is_int(t) for t in prompt)
         if not (text_ok or ids_ok):
             raise bad_request(f"every prompt must be a non-empty string or a non-empty list of "
                               f"token ids, got {c.short(prompt)}", "prompt")
+    if len({isinstance(p, str) for p in prompts}) > 1:
+        raise bad_request("'prompt' must not mix strings and lists of token ids", "prompt")
     return prompts
 
 

@@ -83,10 +83,10 @@ _MULTIMODAL = "multimodal inputs"
 # Both endpoints, the same meaning and bounds.
 _SHARED = (
     honoured("model", c.string),
-    honoured("n", c.integer(1, 2**31 - 1)),
+    honoured("n", c.count(1)),
     honoured("temperature", c.number),
     honoured("top_p", c.number),
-    honoured("top_k", c.integer(-1, 2**31 - 1)),
+    honoured("top_k", c.count(-1)),
     honoured("min_p", c.number),
     honoured("presence_penalty", c.number),
     honoured("frequency_penalty", c.number),
@@ -95,8 +95,8 @@ _SHARED = (
     honoured("stop", c.stop),
     honoured("stop_token_ids", c.int_list),
     honoured("ignore_eos", c.boolean),
-    honoured("min_tokens", c.integer(0)),
-    honoured("max_tokens", c.integer(0)),
+    honoured("min_tokens", c.count(0)),
+    honoured("max_tokens", c.count(0)),
     honoured("skip_special_tokens", c.boolean),
     honoured("spaces_between_special_tokens", c.boolean),
     honoured("include_stop_str_in_output", c.boolean),
@@ -105,9 +105,9 @@ _SHARED = (
     honoured("logit_bias", c.logit_bias),
     honoured("allowed_token_ids", c.int_list),
     honoured("bad_words", c.string_list),
-    honoured("truncate_prompt_tokens", c.integer(-1)),
+    honoured("truncate_prompt_tokens", c.count(-1)),
     honoured("truncation_side", c.one_of("left", "right")),
-    honoured("prompt_logprobs", c.integer(-1)),
+    honoured("prompt_logprobs", c.count(-1)),
     honoured("add_special_tokens", c.boolean),
     honoured("echo", c.boolean),
     honoured("priority", c.integer()),
@@ -117,7 +117,7 @@ _SHARED = (
     honoured("cache_salt", c.nonempty_string),
     no_op("user", c.string),
     no_op("session_id", c.string),
-    no_op("routed_experts_prompt_start", c.integer(0)),  # no mixture-of-experts models
+    no_op("routed_experts_prompt_start", c.count(0)),  # no mixture-of-experts models
     no_op("return_token_offsets", c.boolean),  # vLLM: render endpoints only
     no_op("return_mm_kwargs", c.boolean),  # vLLM: render endpoints only
     refused("best_of", "use 'n' for several samples", _best_of_is_n),
@@ -145,7 +145,7 @@ _SHARED = (
 
 _COMPLETION_ONLY = (
     honoured("prompt", c.anything),  # its four forms are read by protocol._prompts
-    honoured("logprobs", c.integer(-1)),
+    honoured("logprobs", c.count(-1)),
     refused("suffix", "fill-in-the-middle", _equals("")),
     refused("prompt_embeds", "prompt embeddings"),
 )
@@ -153,8 +153,8 @@ _COMPLETION_ONLY = (
 _CHAT_ONLY = (
     honoured("messages", c.anything),  # read message by message (MESSAGE_FIELDS)
     honoured("logprobs", c.boolean),
-    honoured("top_logprobs", c.integer(-1)),
-    honoured("max_completion_tokens", c.integer(0)),
+    honoured("top_logprobs", c.count(-1)),
+    honoured("max_completion_tokens", c.count(0)),
     honoured("add_generation_prompt", c.boolean),
     honoured("continue_final_message", c.boolean),
     honoured("chat_template", c.string),

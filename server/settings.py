@@ -20,6 +20,14 @@ class ServerSettings:
     """The chat template's text (``--chat-template``); None: the tokenizer's."""
     trust_request_chat_template: bool = False
     """Whether a request may bring its own ``chat_template`` (vLLM's flag; off: 400)."""
+    max_prompts_per_request: int = 1024
+    """Most prompts in one /v1/completions request (400 beyond, before any tokenization)."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host header names accepted (400 otherwise; DNS rebinding); None: any
+    (``--allowed-hosts``; the command line's default is the loopback names on loopback)."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed (403 for a request with another ``Origin``; CORS answers for
+    these); ``"*"``: all. Pages under an allowed host name are always allowed."""
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(
@@ -31,3 +39,6 @@ class ServerSettings:
             raise ValueError("api_keys must be a tuple of non-empty strings (empty for no key)")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be a positive int, got {self.max_body_bytes!r}")
+        if not isinstance(self.max_prompts_per_request, int) or self.max_prompts_per_request < 1:
+            raise ValueError(f"max_prompts_per_request must be a positive int, got "
+                             f"{self.max_prompts_per_request!r}")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import uvicorn
+from starlette.applications import Starlette
 
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.config import EngineConfig
@@ -41,6 +42,7 @@ class RunningServer:
     base_url: str
     engine: LLMEngine
     async_engine: AsyncEngine
+    app: Starlette
     server: uvicorn.Server
     thread: threading.Thread
 
@@ -56,10 +58,10 @@ class RunningServer:
         return block_manager.num_free_blocks == block_manager.num_blocks - 1
 
 
-def start_server(config: EngineConfig, **settings) -> RunningServer:
+def start_server(config: EngineConfig, step_hook=None, **settings) -> RunningServer:
     """Builds the engine and serves it; ``settings``: ServerSettings fields (the served model
-    name defaults to MODEL_NAME)."""
-    engine = LLMEngine(config)
+    name defaults to MODEL_NAME); ``step_hook``: the engine's fault-injection hook."""
+    engine = LLMEngine(config, step_hook=step_hook)
     settings.setdefault("served_model_names", (MODEL_NAME,))
     app = build_app(engine, ServerSettings(**settings))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
@@ -70,8 +72,8 @@ def start_server(config: EngineConfig, **settings) -> RunningServer:
     if not server.started:
         raise RuntimeError("the test server did not start")
     port = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(f"http://127.0.0.1:{port}", engine, app.state.context.engine, server,
-                         thread)
+    return RunningServer(f"http://127.0.0.1:{port}", engine, app.state.context.engine, app,
+                         server, thread)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,

@@ -92,6 +92,40 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tiny_checkpoint):
             process.wait()
 
 
+def test_streams_past_the_graceful_shutdown_time_end_with_an_error_event(tiny_checkpoint):
+    """Issue #22 case 8: a stream still running when --timeout-graceful-shutdown is over is
+    ended by the engine with an error event and [DONE], not cut."""
+    process, url, log = start_serve(tiny_checkpoint(MODEL), [
+        "--model", str(tiny_checkpoint(MODEL)), "--served-model-name", MODEL_NAME,
+        "--timeout-graceful-shutdown", "0.5"])
+    try:
+        started = threading.Barrier(3)
+        results: list[list[str]] = []
+
+        def stream_one():
+            body = {"model": MODEL_NAME, "prompt": [5], "max_tokens": 120, "ignore_eos": True,
+                    "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                started.wait(timeout=60)
+                results.append([first] + [line for line in lines if line.startswith("data: ")])
+
+        clients = [threading.Thread(target=stream_one) for _ in range(2)]
+        for c in clients:
+            c.start()
+        started.wait(timeout=60)
+        process.send_signal(signal.SIGTERM)
+        for c in clients:
+            c.join(timeout=120)
+        assert len(results) == 2 and all(lines[-1] == "data: [DONE]" for lines in results)
+        assert process.wait(timeout=60) == 0, "".join(log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_module_entry_point_takes_the_same_arguments():
     result = subprocess.run([sys.executable, "-m", "jaxpaged.server", "--help"],
                             capture_output=True, text=True, timeout=60)

@@ -11,7 +11,8 @@ and is then forked into ``n`` children (``f"{request_id}-{i}"``, ``parent_id`` s
 generate independently; see ``Scheduler`` for the block-sharing rule.
 
 The waiting queues (``FCFSRequestQueue``, ``PriorityRequestQueue``) live here too: both offer
-``add`` (a new request), ``prepend`` (a preempted one), ``peek``, ``pop`` and ``remove``.
+``add`` (a new request), ``prepend`` (a preempted one), ``peek``, ``pop``, ``remove`` and
+``remove_requests`` (many at once, one pass).
 """
 
 from __future__ import annotations
@@ -215,6 +216,11 @@ class FCFSRequestQueue:
     def remove(self, request: Request) -> None:
         self._queue.remove(request)
 
+    def remove_requests(self, requests: set[Request]) -> None:
+        """Drop every queued request in ``requests``: one pass over the queue."""
+        if requests:
+            self._queue = collections.deque(r for r in self._queue if r not in requests)
+
     def __len__(self) -> int:
         return len(self._queue)
 
@@ -242,8 +248,13 @@ class PriorityRequestQueue:
         return heapq.heappop(self._heap)[-1]
 
     def remove(self, request: Request) -> None:
-        self._heap = [entry for entry in self._heap if entry[-1] is not request]
-        heapq.heapify(self._heap)
+        self.remove_requests({request})
+
+    def remove_requests(self, requests: set[Request]) -> None:
+        """Drop every queued request in ``requests``: one pass and one heapify."""
+        if requests:
+            self._heap = [entry for entry in self._heap if entry[-1] not in requests]
+            heapq.heapify(self._heap)
 
     def __len__(self) -> int:
         return len(self._heap)

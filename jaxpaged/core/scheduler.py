@@ -43,7 +43,7 @@ a request reads the prefix cache only up to the positions it has reported.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from jaxpaged.core.block_manager import BlockManager
 from jaxpaged.core.request import Request, RequestStatus, create_request_queue
@@ -120,6 +120,27 @@ class Scheduler:
         """Abort a request (waiting or running; a parent id aborts all its children)."""
         return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Abort many requests at once (vLLM's ``finish_requests`` of a list): the waiting queue
+        and the running list are each filtered once, so aborting k of w waiting requests costs
+        O(w + k), not O(w * k). Unknown or finished ids are ignored; parent ids abort children."""
+        finished: list[Request] = []
+        for request_id in request_ids:
+            for rid in self._children.get(request_id, [request_id]):
+                request = self.requests.get(rid)
+                if request is not None and not request.is_finished():
+                    request.status = RequestStatus.FINISHED_ABORTED  # marked: dequeued below
+                    finished.append(request)
+        if not finished:
+            return finished
+        gone = set(finished)
+        self.waiting.remove_requests(gone)
+        if any(r in gone for r in self.running):
+            self.running = [r for r in self.running if r not in gone]
+        for request in finished:
+            self._finish(request, RequestStatus.FINISHED_ABORTED, None, dequeued=True)
+        return finished
+
     def finish_request(
         self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
     ) -> list[Request]:
@@ -135,6 +156,19 @@ class Scheduler:
         for request in finished:
             self._finish(request, status, stop_reason)
         return finished
+
+    def preempt_all_running(self) -> None:
+        """Preempt every running request (recompute from its tokens; order kept at the front of
+        the waiting queue): after a failed step, whose K/V writes may be missing."""
+        for request in reversed(self.running):
+            self.block_manager.free(request)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
+            request.num_output_placeholders = 0
+            request.num_preemptions += 1
+            self.num_preemptions += 1
+            self.waiting.prepend(request)
+        self.running = []
 
     # ----- one step -----
 
@@ -408,9 +442,13 @@ class Scheduler:
         return token_ids
 
     def _finish(
-        self, request: Request, status: RequestStatus, stop_reason: int | str | None
+        self, request: Request, status: RequestStatus, stop_reason: int | str | None,
+        dequeued: bool = False,
     ) -> None:
-        if request.status == RequestStatus.RUNNING:
+        """``dequeued``: the caller already took the request out of the running list / queue."""
+        if dequeued:
+            pass
+        elif request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         else:
             self.waiting.remove(request)

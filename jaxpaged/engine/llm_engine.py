@@ -28,6 +28,7 @@ from jaxpaged.converters.kv_scales import KVScales
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
 from jaxpaged.engine import setup
+from jaxpaged.engine.faults import RequestFault, StepHook
 from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_config_dir
 from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
@@ -42,8 +43,12 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, step_hook: StepHook | None = None):
+        """``step_hook``: called with every step's ``SchedulerOutput`` before the model step
+        (``faults.py``: the documented fault-injection point of tests)."""
         self.config = config
+        self._step_hook = step_hook
+        self._failed_step: SchedulerOutput | None = None  # the step being run, until it ends
         start = time.perf_counter()
         setup.enable_compilation_cache(config.compilation_cache_dir)
         model_dir = resolve_model_path(config.model)  # a .gguf file: its side files
@@ -166,9 +171,11 @@ class LLMEngine:
         self.output_processor.add(state)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
-        """Safe while a step is in flight: its results for aborted requests are dropped."""
-        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
-            self.scheduler.abort_request(request_id)
+        """Safe while a step is in flight: its results for aborted requests are dropped. Many
+        ids are aborted in one batch (one pass over the waiting queue)."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.scheduler.abort_requests(ids)
+        for request_id in ids:
             self.output_processor.requests.pop(request_id, None)
         self._drop_idle_in_flight()
 
@@ -204,9 +211,16 @@ class LLMEngine:
         if scheduler_output.is_empty:
             return []
         self.output_processor.mark_scheduled(scheduler_output)
+        self._failed_step = scheduler_output
+        self._run_hook(scheduler_output)
         outputs = self._apply(scheduler_output, self.runner.execute(scheduler_output))
+        self._failed_step = None
         self._count_step(start)
         return outputs
+
+    def _run_hook(self, scheduler_output: SchedulerOutput) -> None:
+        if self._step_hook is not None:
+            self._step_hook(scheduler_output)
 
     def _step_async(self) -> list[RequestOutput]:
         """Schedule and dispatch step k, then apply step k - 1 while k runs on the device.
@@ -218,8 +232,10 @@ class LLMEngine:
         try:
             scheduler_output = self.scheduler.schedule()
             outputs: list[RequestOutput] = []
+            self._failed_step = scheduler_output
             if not scheduler_output.is_empty:
                 self.output_processor.mark_scheduled(scheduler_output)
+                self._run_hook(scheduler_output)
                 if previous is not None and _uses_penalties(scheduler_output):
                     outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
                     previous = None
@@ -231,6 +247,7 @@ class LLMEngine:
         except Exception:
             self._forget_placeholders()
             raise
+        self._failed_step = None
         self._drop_idle_in_flight()
         self._count_step(start)
         return outputs
@@ -257,17 +274,19 @@ class LLMEngine:
         for request in self.scheduler.waiting:
             request.num_output_placeholders = 0
 
-    def recover(self, live_request_ids: set[str]) -> set[str]:
-        """Puts the engine back in working order after ``step()`` raised; returns the (parent)
-        ids of the requests it aborted. ``live_request_ids``: those the caller still serves.
-
-        What a failed step may have left behind:
+    def recover(self, live_request_ids: set[str],
+                error: BaseException | None = None) -> set[str]:
+        """Puts the engine back in working order after ``step()`` raised ``error``; returns the
+        (parent) ids of the requests it aborted. ``live_request_ids``: those the caller still
+        serves. Only requests the failure could have affected are aborted; every other running
+        request is recomputed from its tokens (preempted), so it loses nothing.
 
         - ``schedule()`` already ran: the step's requests hold newly allocated blocks and their
-          ``num_computed_tokens`` counts tokens whose K/V were never written. Running them again
-          would attend to garbage, so every *running* request is aborted (they include
-          everything the step scheduled; preempted ones were reset to recompute from scratch
-          and are safe to keep).
+          ``num_computed_tokens`` counts tokens whose K/V may never have been written, so no
+          running request may simply go on. Requests the failure belongs to are aborted: those a
+          ``RequestFault`` names, else (a failure that names nobody) those the step scheduled.
+          Running requests owed prompt logprobs are aborted too (a recomputation would skip the
+          positions the failed step took). The rest are preempted: they recompute from scratch.
         - ``update_from_output()`` may have finished some requests in the scheduler before the
           engine's own bookkeeping raised: nothing will ever finish them for the caller, so
           every live request the scheduler no longer knows is aborted too.
@@ -277,19 +296,40 @@ class LLMEngine:
 
         Waiting requests hold no blocks and survive (unless the pool was lost)."""
         scheduler = self.scheduler
-        known = {r.parent_id or r.request_id for r in scheduler.requests.values()}
-        victims = {r.parent_id or r.request_id for r in scheduler.running}
+        failed_step, self._failed_step = self._failed_step, None
+        self._forget_placeholders()
+        known = {_parent(r) for r in scheduler.requests.values()}
+        victims = self._culprits(error, failed_step)
+        victims |= {_parent(r) for r in scheduler.running
+                    if r.sampling_params.prompt_logprobs is not None}
         victims |= live_request_ids - known
         pool_lost = not self.runner.kv_cache_is_usable()
         if pool_lost:
             victims |= known | live_request_ids
         self.abort_request(sorted(victims))
+        scheduler.preempt_all_running()
         if pool_lost:
             logger.warning("the KV pool was lost in the failed step; starting from an empty pool")
             self.runner.reset_kv_cache()
             if not scheduler.block_manager.reset_prefix_cache():
                 raise RuntimeError("KV blocks are still held after aborting every request")
         return victims
+
+    def _culprits(self, error: BaseException | None,
+                  failed_step: SchedulerOutput | None) -> set[str]:
+        """Parent ids of the requests a failure belongs to: those a ``RequestFault`` names, else
+        those the failed step scheduled (every running one when the step is unknown)."""
+        requests = self.scheduler.requests
+        if isinstance(error, RequestFault):
+            ids = error.request_ids
+        elif failed_step is not None:
+            ids = {s.req_id for s in failed_step.scheduled}
+        else:
+            return {_parent(r) for r in self.scheduler.running}
+        return {_parent(requests[i]) if i in requests else i for i in ids}
+
+def _parent(request) -> str:
+    return request.parent_id or request.request_id
 
 
 def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:
