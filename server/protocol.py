@@ -20,6 +20,7 @@ from jaxpaged.server.errors import bad_request
 from jaxpaged.server.generation_defaults import SAMPLING_KEYS, GenerationDefaults
 from jaxpaged.server.messages import parse_messages
 from jaxpaged.server.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, read_fields
+from jaxpaged.server.structured_fields import structured_outputs
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 
@@ -159,6 +160,7 @@ def _sampling_params(values: dict[str, Any], defaults: GenerationDefaults, *,
                      max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
                      prompt_logprobs: int | None) -> SamplingParams:
     kwargs = {name: values[name] for name in _PASSED_THROUGH if name in values}
+    kwargs["structured_outputs"] = structured_outputs(values)
     for name in SAMPLING_KEYS:  # the request's value, else the model's default
         value = values.get(name, defaults.sampling.get(name))
         if value is not None:

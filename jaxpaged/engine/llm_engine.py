@@ -252,7 +252,9 @@ class LLMEngine:
         self.output_processor.mark_scheduled(scheduler_output)
         bitmask = (self.structured.bitmask
                    if self.structured is not None and _has_grammar(scheduler_output) else None)
-        outputs = self._apply(scheduler_output, self.runner.execute(scheduler_output, bitmask))
+        outputs = self._apply(scheduler_output,
+                              self.runner.execute(scheduler_output, bitmask) if bitmask
+                              else self.runner.execute(scheduler_output))
         self._count_step(start)
         return outputs
 
@@ -283,7 +285,8 @@ class LLMEngine:
                             previous = None
                         return self.structured.bitmask(requests, pad_to)
                 self._in_flight = (scheduler_output,
-                                   self.runner.dispatch(scheduler_output, bitmask))
+                                   self.runner.dispatch(scheduler_output, bitmask) if bitmask
+                                   else self.runner.dispatch(scheduler_output))
             if previous is not None:
                 outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
             elif scheduler_output.is_empty:
