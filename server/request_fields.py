@@ -159,14 +159,14 @@ _CHAT_ONLY = (
     honoured("continue_final_message", c.boolean),
     honoured("chat_template", c.string),
     honoured("chat_template_kwargs", c.json_object),
-    honoured("tools", c.object_list),  # shown to the chat template, with tool_choice "none"
+    honoured("tools", c.object_list),  # shown to the chat template; tool_calls.py
+    honoured("tool_choice", c.anything),  # "none" / "auto" / "required" / a named function
+    honoured("parallel_tool_calls", c.boolean),
     honoured("return_prompt_text", c.boolean),
     no_op("include_reasoning", c.boolean),  # no reasoning parser: the content is the whole text
-    no_op("parallel_tool_calls", c.boolean),  # no tool calls are ever parsed
     no_op("metadata", c.json_object),
     no_op("prompt_cache_key", c.string),  # the prefix cache needs no key
     no_op("safety_identifier", c.string),
-    refused("tool_choice", "tool calling", _equals("none")),
     refused("functions", "function calling"),
     refused("function_call", "function calling", _equals("none")),
     refused("documents", "documents for the chat template"),

@@ -20,6 +20,9 @@ class ServerSettings:
     """The chat template's text (``--chat-template``); None: the tokenizer's."""
     trust_request_chat_template: bool = False
     """Whether a request may bring its own ``chat_template`` (vLLM's flag; off: 400)."""
+    tool_call_parser: str | None = None
+    """The parser of ``tool_choice: "auto"`` (``--enable-auto-tool-choice --tool-call-parser``);
+    None: auto tool choice is off (400)."""
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(
