@@ -147,3 +147,32 @@ def test_no_compilation_after_warmup_with_grammars(llm):
         llm.generate(["Hello", "A", "The", "B", "C", "D"], params, use_tqdm=False)
     run()  # grammars compile (llguidance, not XLA) the first time
     assert compilations_during(run) == []
+
+
+@pytest.mark.slow
+def test_synchronous_engine_gives_the_same_outputs(tiny_checkpoint, llm):
+    """Without async scheduling the masks come from the same grammar states: equal outputs."""
+    sync = make_llm(tiny_checkpoint, max_model_len=256, max_num_seqs=32,
+                    max_num_batched_tokens=64, async_scheduling=False)
+    params = ([constrained(s, regex=REGEX) for s in range(3)]
+              + [constrained(s, disable_any_whitespace=True, json=SCHEMA) for s in range(3)])
+    texts = [[o.outputs[0].text for o in engine.generate(["Go"] * 6, params, use_tqdm=False)]
+             for engine in (llm, sync)]
+    assert texts[0] == texts[1]
+    assert all(re.fullmatch(REGEX, t) for t in texts[1][:3])
+
+
+def test_padded_vocabulary_ids_are_never_allowed(llm):
+    """The model's vocab_size pads the tokenizer's: ids past the tokenizer are masked out."""
+    from jaxpaged.core.scheduler_output import ScheduledRequest
+
+    engine = llm.llm_engine
+    llm.generate(["A"], constrained(0, max_tokens=2, json_object=True), use_tqdm=False)
+    row = ScheduledRequest._make([None] * len(ScheduledRequest._fields))._replace(
+        req_id="probe", sampling_params=constrained(0, json_object=True), num_output_tokens=0)
+    mask = engine.structured.bitmask([row], 2)
+    bits = np.unpackbits(mask.view(np.uint8), bitorder="little").reshape(2, -1)
+    vocab, tokenizer_size = engine.model_config.vocab_size, len(engine.tokenizer)
+    assert tokenizer_size < vocab and bits[0, :vocab].any()
+    assert not bits[0, tokenizer_size:].any() and bits[1].all()  # row 1: no grammar
+    engine.structured.free("probe")
