@@ -53,6 +53,7 @@ def _validate(calls):
         assert call["id"].startswith("chatcmpl-tool-")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_required_tool_choice_gives_valid_calls(client, seed):
     args = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="required",
@@ -71,6 +72,7 @@ def test_required_tool_choice_gives_valid_calls(client, seed):
             == [(c["name"], c["arguments"]) for c in calls])
 
 
+@pytest.mark.slow
 def test_one_call_without_parallel_tool_calls(client):
     for seed in range(3):
         whole = client.chat.completions.create(

@@ -100,6 +100,7 @@ def test_json_schema_samples_validate(llm):
                                                                 for o in alone]
 
 
+@pytest.mark.slow
 def test_regex_choice_grammar_and_json_object(llm):
     params = ([constrained(s, regex=REGEX) for s in range(8)]
               + [constrained(s, choice=CHOICES) for s in range(8)]
