@@ -14,4 +14,8 @@ git archive "$rev" | tar -x -C "$src"
 rm -f "$dest"/jaxpaged-*.whl
 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "$src"
 [ -n "$(ls .whl/starlette-* 2>/dev/null)" ] || bash ../shared/tools/gpu-wheels.sh >/dev/null
+# structured outputs: llguidance (an abi3 wheel, no dependencies; manylinux_2_31)
+[ -n "$(ls .whl/llguidance-* 2>/dev/null)" ] || python3 -m pip download -q --no-deps \
+  --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64 \
+  --platform manylinux_2_28_x86_64 -d .whl "llguidance>=1.9.1,<2" 2>&1 | grep -v "WARNING: Location" || true
 ls "$dest"

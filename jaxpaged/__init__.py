@@ -30,7 +30,8 @@ _configure_logging()
 # The public names load on first use, so that the host-side packages (``jaxpaged.core``) import
 # without jax.
 _PUBLIC = {"LLM": "jaxpaged.llm", "SamplingParams": "jaxpaged.sampling_params",
-           "RequestOutput": "jaxpaged.outputs", "CompletionOutput": "jaxpaged.outputs"}
+           "RequestOutput": "jaxpaged.outputs", "CompletionOutput": "jaxpaged.outputs",
+           "StructuredOutputsParams": "jaxpaged.sampling_params"}
 __all__ = list(_PUBLIC)
 
 

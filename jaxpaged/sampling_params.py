@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
+from jaxpaged.structured.params import StructuredOutputsParams
+
 # Temperatures below this are treated as greedy (argmax) sampling, as in vLLM.
 SAMPLING_EPS = 1e-5
 # vLLM clamps every logit_bias value into [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT].
@@ -108,6 +110,9 @@ class SamplingParams:
     """Words that must not be generated. Each is tokenized without and with a leading space; a
     one-token word is never sampled, a longer one bans its last token whenever the tokens
     generated just before match the rest of it (vLLM's rule). Normalised to a list."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """The output must match this JSON schema / regex / choice / grammar (enforced on the
+    device by a token bitmask); a grammar that completes ends the request with "stop"."""
     truncate_prompt_tokens: int | None = None
     """Keep only the last k prompt tokens (k >= 1, at most max_model_len); -1 keeps as many as
     the engine accepts (max_model_len - 1: one position is left for the output)."""
@@ -183,6 +188,10 @@ class SamplingParams:
                            hint="non-negative or -1 (the whole vocabulary)")
         self._verify_stop()
         self._verify_token_constraints()
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got "
+                             f"{self.structured_outputs!r}")
 
     def _verify_stop(self) -> None:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):

@@ -20,6 +20,8 @@ from jaxpaged.config import _NO_OP_VLLM_ARGS, EngineConfig
 
 from jaxpaged.server.chat_template import load_chat_template
 from jaxpaged.server.origins import LOOPBACK_NAMES, is_loopback
+from jaxpaged.server.tool_calls import check_parser
+from jaxpaged.server.tool_parsers import TOOL_PARSERS
 from jaxpaged.server.settings import ServerSettings
 
 API_KEY_ENV = "JAXPAGED_API_KEY"
@@ -48,6 +50,11 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat template: a file, or the template itself (default: the tokenizer's)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests bring their own chat_template (vLLM's flag)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="tool_choice 'auto': parse tool calls from the model's output (vLLM's "
+                        "flag; needs --tool-call-parser)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="the model's tool-call format (vLLM's parser names)")
     p.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
     p.add_argument("--uvicorn-log-level", default=None, choices=[*_LOG_LEVELS, "trace"],
                    help="uvicorn's own log level (default: --log-level)")
@@ -214,7 +221,9 @@ def server_settings_from_args(args: argparse.Namespace, model_dir: str) -> Serve
                           trust_request_chat_template=args.trust_request_chat_template,
                           max_prompts_per_request=args.max_prompts_per_request,
                           allowed_hosts=_allowed_hosts(args),
-                          allowed_origins=_name_list(args.allowed_origins))
+                          allowed_origins=_name_list(args.allowed_origins),
+                          tool_call_parser=check_parser(args.enable_auto_tool_choice,
+                                                        args.tool_call_parser))
 
 
 def _name_list(values: list[str] | None) -> tuple[str, ...]:

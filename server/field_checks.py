@@ -80,6 +80,13 @@ string_list = _list_of(lambda v: isinstance(v, str), "strings")
 object_list = _list_of(lambda v: isinstance(v, dict), "objects")
 
 
+def json_object_or_string(name: str, value: Any) -> dict | str:
+    """An object, or its JSON text (vLLM's ``guided_json``)."""
+    if not isinstance(value, (dict, str)):
+        raise bad_request(f"'{name}' must be an object or a JSON string, got {short(value)}", name)
+    return value
+
+
 def nonempty_string(name: str, value: Any) -> str:
     if not string(name, value):
         raise bad_request(f"'{name}' must not be empty", name)

@@ -33,8 +33,10 @@ from jaxpaged.server.errors import APIError, bad_request
 from jaxpaged.server.json_body import read_json_object
 from jaxpaged.server.prompts import chat_token_ids, render_chat, tokenize_prompt, truncate
 from jaxpaged.server.protocol import GenerationRequest, parse_chat_request, parse_completion_request
+from jaxpaged.server.tool_calls import ToolCalling
 from jaxpaged.server.responses import (Choice, Kind, PromptPart, ResponseMeta, chunk, full_response,
-                                       role_chunk, sse, token_id_text, usage, usage_chunk)
+                                       role_chunk, sse, token_id_text, tool_calls_chunk, usage,
+                                       usage_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,7 @@ class _Job:
     inputs: list[EngineInput]
     prompts: list[PromptPart]  # one per input
     prompt_text: str | None = None  # chat: the rendered template
+    tools: ToolCalling | None = None  # chat with tools
 
     @property
     def n(self) -> int:
@@ -64,7 +67,8 @@ class _Job:
         # without a tokenizer a token's text is vLLM's "token_id:N" spelling
         texts = (token_id_text if options.return_tokens_as_token_ids or ctx.tokenizer is None
                  else ctx.token_texts)
-        return {k * self.n + i: Choice(k * self.n + i, self.kind, options, texts, prompt)
+        return {k * self.n + i: Choice(k * self.n + i, self.kind, options, texts, prompt,
+                                       tools=self.tools)
                 for k, prompt in enumerate(self.prompts) for i in range(self.n)}
 
     def take(self, choices: dict[int, Choice], output: RequestOutput, index_of: dict[str, int]):
@@ -112,13 +116,15 @@ def _completion_echo(ctx: ServerContext, text: str | None, token_ids: list[int])
 async def create_chat_completion(request: Request) -> Response:
     ctx = context_of(request)
     parsed = parse_chat_request(
-        await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults)
+        await read_json_object(request, ctx.settings.max_body_bytes), ctx.generation_defaults,
+        auto_tool_parser=ctx.settings.tool_call_parser)
     common = parsed.common
     ctx.check_model(common.model)
     text, ids = await ctx.host_work.run(_prepare_chat, ctx, parsed)
     echo = _chat_echo(parsed.messages, parsed.template.add_generation_prompt)
     part = PromptPart(ids, echo if common.response.echo else "")
-    job = _make_job(ctx, request, "chat", [(text, ids)], [part], common, prompt_text=text)
+    job = _make_job(ctx, request, "chat", [(text, ids)], [part], common, prompt_text=text,
+                    tools=parsed.tools)
     return await _run(request, ctx, job)
 
 
@@ -141,7 +147,8 @@ def _chat_echo(messages: list[dict[str, Any]], add_generation_prompt: bool) -> s
 
 def _make_job(ctx: ServerContext, request: Request, kind: Kind,
               prompts: list[tuple[str | None, list[int]]], parts: list[PromptPart],
-              common: GenerationRequest, prompt_text: str | None = None) -> _Job:
+              common: GenerationRequest, prompt_text: str | None = None,
+              tools: ToolCalling | None = None) -> _Job:
     _check_limits(ctx, common)
     for _, token_ids in prompts:
         _check_length(ctx, len(token_ids), common.params.max_tokens, kind,
@@ -155,7 +162,7 @@ def _make_job(ctx: ServerContext, request: Request, kind: Kind,
                           priority=submission.priority, cache_salt=submission.cache_salt)
               for k, (text, token_ids) in enumerate(prompts)]
     meta = ResponseMeta(response_id, int(now), ctx.model_name)
-    return _Job(kind, meta, common, inputs, parts, prompt_text)
+    return _Job(kind, meta, common, inputs, parts, prompt_text, tools)
 
 
 def _check_limits(ctx: ServerContext, common: GenerationRequest) -> None:
@@ -292,7 +299,11 @@ async def _events(ctx: ServerContext, job: _Job, stream: OutputStream) -> AsyncI
             for choice, delta in job.take(choices, output, index_of):
                 # new token ids alone make a chunk (vLLM's rule): without a tokenizer, or
                 # while a multi-byte character is incomplete, the text delta is empty
-                if delta.text or delta.finish_reason or delta.logprobs or delta.token_ids:
+                if choice.tools is not None and choice.tools.parses:
+                    # tool calls are known once the choice finishes: sent as one delta then
+                    if delta.finish_reason:
+                        yield sse(tool_calls_chunk(job.meta, choice, **extra()))
+                elif delta.text or delta.finish_reason or delta.logprobs or delta.token_ids:
                     yield sse(chunk(job.meta, choice, delta, **extra()))
         if options.include_usage:
             yield sse(usage_chunk(job.meta, job.kind, usage_so_far()))

@@ -20,6 +20,8 @@ from jaxpaged.server.errors import bad_request
 from jaxpaged.server.generation_defaults import SAMPLING_KEYS, GenerationDefaults
 from jaxpaged.server.messages import parse_messages
 from jaxpaged.server.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, read_fields
+from jaxpaged.server.structured_fields import structured_outputs
+from jaxpaged.server.tool_calls import ToolCalling, tool_calling
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 
@@ -116,6 +118,7 @@ class ChatCompletionRequest:
     common: GenerationRequest
     messages: list[dict[str, Any]]  # template-ready (messages.py)
     template: ChatTemplateOptions
+    tools: ToolCalling | None = None  # None: no tools
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +162,7 @@ def _sampling_params(values: dict[str, Any], defaults: GenerationDefaults, *,
                      max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
                      prompt_logprobs: int | None) -> SamplingParams:
     kwargs = {name: values[name] for name in _PASSED_THROUGH if name in values}
+    kwargs["structured_outputs"] = structured_outputs(values)
     for name in SAMPLING_KEYS:  # the request's value, else the model's default
         value = values.get(name, defaults.sampling.get(name))
         if value is not None:
@@ -274,9 +278,11 @@ def _prompts(value: Any, max_prompts: int | None = None) -> list[Prompt]:
 # ----- /v1/chat/completions -----
 
 def parse_chat_request(body: dict[str, Any],
-                       defaults: GenerationDefaults = GenerationDefaults()
-                       ) -> ChatCompletionRequest:
+                       defaults: GenerationDefaults = GenerationDefaults(), *,
+                       auto_tool_parser: str | None = None) -> ChatCompletionRequest:
+    """``auto_tool_parser``: the server's parser of tool_choice "auto" (None: refused)."""
     values = read_fields(body, CHAT_FIELDS, where="/v1/chat/completions")
+    tools = tool_calling(values, auto_parser=auto_tool_parser)
     logprobs = values.get("logprobs", False)
     top_logprobs = values.get("top_logprobs")
     if top_logprobs not in (None, 0) and not logprobs:
@@ -289,20 +295,18 @@ def parse_chat_request(body: dict[str, Any],
     common = _common(values, defaults, requested_max=requested, max_tokens_field=field,
                      top_logprobs=(top_logprobs or 0) if logprobs else None,
                      logprobs_field="top_logprobs", add_special_tokens=False)
+    constraint = tools.constraint() if tools is not None else None
+    if constraint is not None:  # required / named tool choice: enforced by a grammar
+        if common.params.structured_outputs is not None:
+            raise bad_request("'tool_choice' 'required' or a named function cannot be combined "
+                              "with structured outputs", "tool_choice")
+        common.params.structured_outputs = constraint
     return ChatCompletionRequest(common=common, messages=parse_messages(body.get("messages")),
-                                 template=_template_options(values))
+                                 template=_template_options(values), tools=tools)
 
 
 def _template_options(values: dict[str, Any]) -> ChatTemplateOptions:
     tools = values.get("tools")
-    if tools is not None:
-        if not tools:
-            raise bad_request("'tools' must not be empty (leave it out for no tools)", "tools")
-        if "tool_choice" not in values:  # OpenAI's default with tools is "auto"
-            raise bad_request("tool calling is not supported by jaxpaged: 'tools' with "
-                              "tool_choice 'auto' (the default with tools); send tool_choice "
-                              "'none' to only show the tools to the chat template", "tools",
-                              "unsupported_field")
     kwargs = values.get("chat_template_kwargs", {})
     for key in kwargs:
         if key in _TEMPLATE_RESERVED:

@@ -76,7 +76,6 @@ def refused(name: str, why: str, harmless: Harmless = _never) -> FieldSpec:
     return FieldSpec(name, Treatment.REFUSED, harmless=harmless, why=why)
 
 
-_STRUCTURED = "structured outputs"
 _BEAM = "beam search"
 _MULTIMODAL = "multimodal inputs"
 
@@ -124,14 +123,15 @@ _SHARED = (
     refused("use_beam_search", _BEAM, _equals(False)),
     refused("length_penalty", _BEAM, _equals(1.0)),
     refused("early_stopping", _BEAM, _equals(False)),
-    refused("response_format", _STRUCTURED, _equals({"type": "text"})),
-    refused("structured_outputs", _STRUCTURED),
-    refused("guided_json", _STRUCTURED),
-    refused("guided_regex", _STRUCTURED),
-    refused("guided_choice", _STRUCTURED),
-    refused("guided_grammar", _STRUCTURED),
-    refused("guided_decoding_backend", _STRUCTURED),
-    refused("guided_whitespace_pattern", _STRUCTURED),
+    # structured outputs (read together by structured_fields.py, which checks their content)
+    honoured("response_format", c.json_object),
+    honoured("structured_outputs", c.json_object),
+    honoured("guided_json", c.json_object_or_string),
+    honoured("guided_regex", c.string),
+    honoured("guided_choice", c.string_list),
+    honoured("guided_grammar", c.string),
+    honoured("guided_decoding_backend", c.string),
+    honoured("guided_whitespace_pattern", c.string),
     refused("watermarking", "watermarking", _equals(False)),
     refused("logprob_token_ids", "logprobs of chosen token ids"),
     refused("logits_processors", "custom logits processors"),
@@ -159,14 +159,14 @@ _CHAT_ONLY = (
     honoured("continue_final_message", c.boolean),
     honoured("chat_template", c.string),
     honoured("chat_template_kwargs", c.json_object),
-    honoured("tools", c.object_list),  # shown to the chat template, with tool_choice "none"
+    honoured("tools", c.object_list),  # shown to the chat template; tool_calls.py
+    honoured("tool_choice", c.anything),  # "none" / "auto" / "required" / a named function
+    honoured("parallel_tool_calls", c.boolean),
     honoured("return_prompt_text", c.boolean),
     no_op("include_reasoning", c.boolean),  # no reasoning parser: the content is the whole text
-    no_op("parallel_tool_calls", c.boolean),  # no tool calls are ever parsed
     no_op("metadata", c.json_object),
     no_op("prompt_cache_key", c.string),  # the prefix cache needs no key
     no_op("safety_identifier", c.string),
-    refused("tool_choice", "tool calling", _equals("none")),
     refused("functions", "function calling"),
     refused("function_call", "function calling", _equals("none")),
     refused("documents", "documents for the chat template"),

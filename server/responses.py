@@ -17,6 +17,7 @@ from typing import Any, Literal
 from jaxpaged.outputs import CompletionOutput, Logprob, PromptLogprobs
 
 from jaxpaged.server.protocol import ResponseOptions
+from jaxpaged.server.tool_calls import ToolCalling
 
 Kind = Literal["completion", "chat"]
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
@@ -84,6 +85,18 @@ class Choice:
     stop_reason: int | str | None = None
     text_offset: int = 0  # completions' logprobs.text_offset of the next token
     logprobs_parts: list[Any] = dataclasses.field(default_factory=list)
+    tools: ToolCalling | None = None  # chat with tools: the answer may be tool calls
+
+    def message(self) -> tuple[dict[str, Any], str | None]:
+        """(chat message, finish reason): tool calls, when the tools ask for them and the model
+        made some, with finish reason "tool_calls"."""
+        if self.tools is None or not self.tools.parses:
+            return {"role": "assistant", "content": self.text}, self.finish_reason
+        content, calls = self.tools.extract(self.text)
+        if not calls:
+            return {"role": "assistant", "content": self.text}, self.finish_reason
+        finish = "tool_calls" if self.finish_reason == "stop" else self.finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": calls}, finish
 
     @property
     def num_tokens(self) -> int:
@@ -189,9 +202,9 @@ def _completion_choice(c: Choice) -> dict[str, Any]:
 
 
 def _chat_choice(c: Choice) -> dict[str, Any]:
-    body = {"index": c.index, "message": {"role": "assistant", "content": c.text},
-            "logprobs": c.logprobs(), "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason}
+    message, finish_reason = c.message()
+    body = {"index": c.index, "message": message, "logprobs": c.logprobs(),
+            "finish_reason": finish_reason, "stop_reason": c.stop_reason}
     if c.options.return_token_ids:
         body["token_ids"] = c.token_ids
     return body
@@ -241,6 +254,25 @@ def chunk(meta: ResponseMeta, choice: Choice, delta: Delta, *,
                                          if delta.logprobs is not None else None),
                             "finish_reason": delta.finish_reason,
                             "stop_reason": delta.stop_reason, **extras}]
+    if usage_value is not _ABSENT:
+        body["usage"] = usage_value
+    return body
+
+
+def tool_calls_chunk(meta: ResponseMeta, choice: Choice, *,
+                     usage_value: Any = _ABSENT) -> dict[str, Any]:
+    """A chat stream's last chunk of a choice with tools: its content and tool calls at once
+    (OpenAI's delta shape, each call with its ``index``)."""
+    message, finish_reason = choice.message()
+    delta: dict[str, Any] = {}
+    if message.get("content"):
+        delta["content"] = message["content"]
+    if "tool_calls" in message:
+        delta["tool_calls"] = [{"index": i, **call}
+                               for i, call in enumerate(message["tool_calls"])]
+    body = _head(meta, "chat.completion.chunk")
+    body["choices"] = [{"index": choice.index, "delta": delta, "logprobs": None,
+                        "finish_reason": finish_reason, "stop_reason": choice.stop_reason}]
     if usage_value is not _ABSENT:
         body["usage"] = usage_value
     return body

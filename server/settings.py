@@ -28,6 +28,9 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed (403 for a request with another ``Origin``; CORS answers for
     these); ``"*"``: all. Pages under an allowed host name are always allowed."""
+    tool_call_parser: str | None = None
+    """The parser of ``tool_choice: "auto"`` (``--enable-auto-tool-choice --tool-call-parser``);
+    None: auto tool choice is off (400)."""
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(

@@ -101,7 +101,17 @@ BAD_REQUESTS = [
     ("chat", chat(logprobs=True, top_logprobs=25), "top_logprobs"),
     ("chat", chat(max_completion_tokens=500), "max_completion_tokens"),
     ("chat", chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    ("chat", chat(response_format={"type": "json_object"}), "response_format"),
+    ("chat", chat(response_format={"type": "xml"}), "response_format.type"),
+    ("chat", chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     "response_format.json_schema"),
+    ("completions", completion(guided_regex="[unclosed"), None),
+    ("completions", completion(guided_regex="a", guided_choice=["a"]), "guided_choice"),
+    ("chat", chat(structured_outputs={"regex": "a", "choice": ["a"]}), "structured_outputs"),
+    ("chat", chat(structured_outputs={"pattern": "a"}), "structured_outputs.pattern"),
+    ("chat", chat(guided_decoding_backend="xgrammar", guided_regex="a"),
+     "guided_decoding_backend"),
+    ("chat", chat(guided_whitespace_pattern=" "), "guided_whitespace_pattern"),
+    ("chat", chat(response_format={"type": "json_object"}, guided_regex="a"), "guided_regex"),
     ("chat", chat(add_generation_prompt=True, continue_final_message=True), "messages"),
 ]
 

@@ -53,6 +53,17 @@ HONOURED = {
     "return_token_ids": {"return_token_ids": True},
     "return_tokens_as_token_ids": {"return_tokens_as_token_ids": True},
     "cache_salt": {"cache_salt": "salty"},
+    "tool_choice": {"tools": [TOOL], "tool_choice": "required"},
+    "parallel_tool_calls": {"tools": [TOOL], "tool_choice": "required",
+                            "parallel_tool_calls": False},
+    "response_format": {"response_format": {"type": "json_object"}},
+    "structured_outputs": {"structured_outputs": {"choice": ["yes", "no"]}},
+    "guided_json": {"guided_json": {"type": "object"}}, "guided_regex": {"guided_regex": "[a-z]+"},
+    "guided_choice": {"guided_choice": ["yes", "no"]},
+    "guided_grammar": {"guided_grammar": 'root ::= "a"'},
+    "guided_decoding_backend": {"guided_decoding_backend": "guidance", "guided_regex": "a+"},
+    "guided_whitespace_pattern": {"guided_json": {"type": "object"},
+                                  "guided_whitespace_pattern": " "},
     "prompt": {"prompt": [5, 6, 7]}, "logprobs": {"logprobs": 2},
     "messages": {"messages": [{"role": "system", "content": "Be brief."},
                               {"role": "user", "content": "Hi"}]},
@@ -69,21 +80,17 @@ CHAT_ONLY_LOGPROBS = {"logprobs": {"logprobs": True}}
 
 NO_OP = {"user": "u-1", "session_id": "s-1", "routed_experts_prompt_start": 0,
          "return_token_offsets": True, "return_mm_kwargs": False, "include_reasoning": False,
-         "parallel_tool_calls": False, "metadata": {"k": "v"}, "prompt_cache_key": "p",
+         "metadata": {"k": "v"}, "prompt_cache_key": "p",
          "safety_identifier": "x"}
 
 # A value asking for something jaxpaged does not do, per refused field.
 ASKING = {
     "best_of": 3, "use_beam_search": True, "length_penalty": 0.5, "early_stopping": True,
-    "response_format": {"type": "json_object"},
-    "structured_outputs": {"choice": ["yes", "no"]}, "guided_json": {"type": "object"},
-    "guided_regex": "[a-z]+", "guided_choice": ["yes", "no"], "guided_grammar": "root ::= 'a'",
-    "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ",
     "watermarking": True, "logprob_token_ids": [5], "logits_processors": ["my.Processor"],
     "repetition_detection": {"max_pattern_size": 4}, "thinking_token_budget": 10,
     "stream_interval": 4, "kv_transfer_params": {"do_remote_decode": True},
     "ec_transfer_params": {"x": 1}, "vllm_xargs": {"x": 1}, "suffix": "!",
-    "prompt_embeds": "AAAA", "tool_choice": "auto", "functions": [TOOL["function"]],
+    "prompt_embeds": "AAAA", "functions": [TOOL["function"]],
     "function_call": "auto", "documents": [{"title": "t", "text": "x"}],
     "reasoning_effort": "low", "verbosity": "high", "audio": {"voice": "alloy"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
@@ -92,9 +99,9 @@ ASKING = {
 }
 # Values of refused fields that ask for nothing: accepted.
 HARMLESS = {"best_of": 1, "use_beam_search": False, "length_penalty": 1.0,
-            "early_stopping": False, "response_format": {"type": "text"}, "watermarking": False,
+            "early_stopping": False, "watermarking": False,
             "thinking_token_budget": -1, "stream_interval": 1, "suffix": "",
-            "tool_choice": "none", "function_call": "none", "verbosity": "medium",
+            "function_call": "none", "verbosity": "medium",
             "modalities": ["text"], "store": False, "service_tier": "auto",
             "media_io_kwargs": {}, "mm_processor_kwargs": {}}
 
@@ -148,8 +155,6 @@ def test_no_op_fields_are_accepted(http, endpoint, name):
 @pytest.mark.parametrize("endpoint,name", _cases(Treatment.REFUSED))
 def test_refused_fields_get_400_naming_the_field(http, endpoint, name):
     fields = {name: ASKING[name]}
-    if name == "tool_choice":
-        fields["tools"] = [TOOL]
     response = _post(http, endpoint, fields)
     assert response.status_code == 400, response.text
     error = response.json()["error"]

@@ -14,6 +14,7 @@ engine back in working order after ``step()`` raised.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import pathlib
 import time
@@ -25,8 +26,9 @@ from flax import nnx
 from jaxpaged.config import EngineConfig
 from jaxpaged.converters.gguf_model import resolve_model_path
 from jaxpaged.converters.kv_scales import KVScales
+from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
-from jaxpaged.core.scheduler_output import SchedulerOutput
+from jaxpaged.core.scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput
 from jaxpaged.engine import setup
 from jaxpaged.engine.faults import RequestFault, StepHook
 from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_config_dir
@@ -38,6 +40,7 @@ from jaxpaged.outputs import RequestOutput
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.structured.manager import GrammarState, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,12 @@ class LLMEngine:
         self.limits = setup.fit_limits_to_pool(config, self.limits, self.kv_plan)
         self.eos_token_id, all_eos_ids = setup.eos_token_ids(
             self.model_config, self.generation_config, self.tokenizer)
+        self._all_eos_ids = all_eos_ids
+        # structured outputs: made with the first request that has a constraint
+        self.structured: StructuredOutputManager | None = None
+        # requests whose grammar compiles (off the step loop), by id: they enter the scheduler
+        # once it is ready (``_admit_compiled``)
+        self._awaiting_grammar: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         self.scheduler = Scheduler(setup.scheduler_config(config, self.limits),
                                    self.kv_plan.num_blocks)
         self.input_processor = InputProcessor(self.tokenizer, InputLimits(
@@ -167,15 +176,58 @@ class LLMEngine:
         request, state = self.input_processor.process(
             request_id, prompt, params, prompt_token_ids=prompt_token_ids,
             arrival_time=arrival_time, priority=priority, cache_salt=cache_salt)
+        constraint = request.sampling_params.structured_outputs
+        if constraint is not None:
+            future = self._structured_outputs().submit(constraint)  # ValueError: invalid
+            if not future.done():  # compiles in the grammar threads; the request waits here
+                self._awaiting_grammar[request_id] = (request, future)
+                self.output_processor.add(state)
+                return
+            future.result()  # a cached grammar that failed to compile raises now
         self.scheduler.add_request(request)
         self.output_processor.add(state)
+
+    def _structured_outputs(self) -> StructuredOutputManager:
+        if self.structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs a tokenizer (the engine runs without "
+                                 "one)")
+            self.structured = StructuredOutputManager(
+                self.tokenizer, self.model_config.vocab_size, self._all_eos_ids)
+        return self.structured
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar is compiled enter the scheduler; with nothing else to run,
+        waits for the first grammar. A grammar that failed to compile (it was validated when the
+        request was added, so only resource limits) aborts its request."""
+        if not self._awaiting_grammar:
+            return
+        if not self.scheduler.requests and self._in_flight is None:
+            concurrent.futures.wait([f for _, f in self._awaiting_grammar.values()],
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        for request_id, (request, future) in list(self._awaiting_grammar.items()):
+            if not future.done():
+                continue
+            del self._awaiting_grammar[request_id]
+            error = future.exception()
+            if error is None:
+                try:
+                    self.scheduler.add_request(request)
+                    continue
+                except ValueError as e:
+                    error = e
+            logger.error("request %r aborted: %s", request_id, error)
+            self.output_processor.requests.pop(request_id, None)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Safe while a step is in flight: its results for aborted requests are dropped. Many
         ids are aborted in one batch (one pass over the waiting queue)."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        self.scheduler.abort_requests(ids)
+        for request in self.scheduler.abort_requests(ids):
+            if self.structured is not None:
+                self.structured.free(request.request_id)
         for request_id in ids:
+            self._awaiting_grammar.pop(request_id, None)
             self.output_processor.requests.pop(request_id, None)
         self._drop_idle_in_flight()
 
@@ -204,6 +256,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the outputs of the requests that progressed in it (with async
         scheduling: of the previous step, whose results arrive one step late)."""
+        self._admit_compiled()
         if self.config.async_scheduling:
             return self._step_async()
         start = time.perf_counter()
@@ -213,7 +266,11 @@ class LLMEngine:
         self.output_processor.mark_scheduled(scheduler_output)
         self._failed_step = scheduler_output
         self._run_hook(scheduler_output)
-        outputs = self._apply(scheduler_output, self.runner.execute(scheduler_output))
+        bitmask = (self.structured.bitmask
+                   if self.structured is not None and _has_grammar(scheduler_output) else None)
+        outputs = self._apply(scheduler_output,
+                              self.runner.execute(scheduler_output, bitmask) if bitmask
+                              else self.runner.execute(scheduler_output))
         self._failed_step = None
         self._count_step(start)
         return outputs
@@ -226,7 +283,9 @@ class LLMEngine:
         """Schedule and dispatch step k, then apply step k - 1 while k runs on the device.
 
         A step whose rows use penalties needs the real output ids on the host, so the step in
-        flight is applied first (a synchronous step)."""
+        flight is applied first (a synchronous step). A step with structured-outputs rows needs
+        them for its grammar bitmask: the step in flight is applied after this step's model is
+        queued, before its sampler (the host works while the device runs the model)."""
         start = time.perf_counter()
         previous, self._in_flight = self._in_flight, None
         try:
@@ -239,7 +298,18 @@ class LLMEngine:
                 if previous is not None and _uses_penalties(scheduler_output):
                     outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
                     previous = None
-                self._in_flight = (scheduler_output, self.runner.dispatch(scheduler_output))
+                bitmask = None
+                if self.structured is not None and _has_grammar(scheduler_output):
+                    def bitmask(requests: list[ScheduledRequest], pad_to: int):
+                        nonlocal previous
+                        if previous is not None:  # the grammars must see its tokens first
+                            outputs.extend(self._apply(previous[0],
+                                                       self.runner.fetch(previous[1])))
+                            previous = None
+                        return self.structured.bitmask(requests, pad_to)
+                self._in_flight = (scheduler_output,
+                                   self.runner.dispatch(scheduler_output, bitmask) if bitmask
+                                   else self.runner.dispatch(scheduler_output))
             if previous is not None:
                 outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
             elif scheduler_output.is_empty:
@@ -262,7 +332,30 @@ class LLMEngine:
         self.output_processor.collect_prompt_logprobs(runner_output.prompt_logprobs)
         updates = self.scheduler.update_from_output(scheduler_output,
                                                     runner_output.sampled_token_ids)
-        return self.output_processor.process(updates, runner_output.logprobs)
+        if self.structured is None:
+            return self.output_processor.process(updates, runner_output.logprobs)
+        updates = self._advance_grammars(updates)
+        outputs = self.output_processor.process(updates, runner_output.logprobs)
+        for update in updates:
+            if update.request.is_finished():
+                self.structured.free(update.request.request_id)
+        return outputs
+
+    def _advance_grammars(self, updates: list[RequestUpdate]) -> list[RequestUpdate]:
+        """Feed the new tokens to the requests' grammars; a grammar that completes ends its
+        request ("stop"), one that rejects a token (never under the mask) aborts it."""
+        for i, update in enumerate(updates):
+            request = update.request
+            constraint = request.sampling_params.structured_outputs
+            if constraint is None or not update.new_token_ids:
+                continue
+            state = self.structured.accept(request.request_id, constraint, update.new_token_ids)
+            if state is not GrammarState.RUNNING and not request.is_finished():
+                status = (RequestStatus.FINISHED_STOPPED if state is GrammarState.STOPPED
+                          else RequestStatus.FINISHED_ABORTED)
+                self.scheduler.finish_request(request.request_id, status)
+                updates[i] = update._replace(finished=True)
+        return updates
 
     # ----- failure -----
 
@@ -328,8 +421,15 @@ class LLMEngine:
             return {_parent(r) for r in self.scheduler.running}
         return {_parent(requests[i]) if i in requests else i for i in ids}
 
+
 def _parent(request) -> str:
     return request.parent_id or request.request_id
+
+
+def _has_grammar(scheduler_output: SchedulerOutput) -> bool:
+    """Whether a sampled row has structured outputs (its sampler needs a bitmask)."""
+    return any(s.do_sample and s.sampling_params.structured_outputs is not None
+               for s in scheduler_output.scheduled)
 
 
 def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,10 @@ from jaxpaged.sample.sampler import SampleLogprobs, sample
 from jaxpaged.sample.tensor_builder import SamplingTensorBuilder, build_sampling_tensors
 from jaxpaged.sample.tensors import SamplingTensors, StepKeys
 from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.structured.bitmask import bitmask_width
+
+# (sampled requests in sampler row order, pad_to) -> i32[pad_to, W] grammar bitmask, or None
+GrammarBitmaskFn = Callable[[list[ScheduledRequest], int], np.ndarray | None]
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +191,20 @@ class ModelRunner:
             cache = cache.with_scales(self._kv_scales.k, self._kv_scales.v)
         return cache
 
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+    def execute(self, scheduler_output: SchedulerOutput,
+                grammar_bitmask: GrammarBitmaskFn | None = None) -> RunnerOutput:
         """Runs one step and waits for its sampled ids (``dispatch`` then ``fetch``)."""
-        return self.fetch(self.dispatch(scheduler_output))
+        return self.fetch(self.dispatch(scheduler_output, grammar_bitmask))
 
-    def dispatch(self, scheduler_output: SchedulerOutput) -> StepHandle:
+    def dispatch(self, scheduler_output: SchedulerOutput,
+                 grammar_bitmask: GrammarBitmaskFn | None = None) -> StepHandle:
         """Queues the model step and the sampler on the device; does not wait for them. Tokens
-        of id -1 are read on the device from the previous dispatched step's samples."""
+        of id -1 are read on the device from the previous dispatched step's samples.
+
+        ``grammar_bitmask(sampled requests, pad_to)``: structured outputs' i32[pad_to, W] mask
+        (None: no row has a grammar), called after the model step is queued, before the sampling
+        tensors are built: the host fills it (and may apply the previous step's tokens first)
+        while the device runs the model."""
         scheduled = scheduler_output.scheduled
         shape = self.ladder.shape_for(scheduler_output.total_num_scheduled_tokens, len(scheduled),
                                       decode_only=scheduler_output.max_query_len == 1)
@@ -201,7 +213,7 @@ class ModelRunner:
         logits, hidden = self._run_model(
             inputs, self._prev_sampled_ids if needs_prev else self._no_prev_ids)
         pending = self._dispatch_prompt_logprobs(scheduled, hidden)  # None in nearly every step
-        return self._dispatch_sample(scheduled, logits, shape.num_seqs, pending)
+        return self._dispatch_sample(scheduled, logits, shape.num_seqs, pending, grammar_bitmask)
 
     def fetch(self, handle: StepHandle) -> RunnerOutput:
         """Waits for a dispatched step and copies its results to the host."""
@@ -218,14 +230,18 @@ class ModelRunner:
                             prompt_logprobs)
 
     def _dispatch_sample(self, scheduled: list[ScheduledRequest], logits: jax.Array,
-                         num_seqs: int, pending) -> StepHandle:
+                         num_seqs: int, pending,
+                         grammar_bitmask: GrammarBitmaskFn | None = None) -> StepHandle:
         """Queues sampling of the requests that need a token; remembers where their ids are for
         the next step."""
         sampled_rows = [i for i, r in enumerate(scheduled) if r.do_sample]
         if not sampled_rows:
             return StepHandle([], None, None, pending)
         requests = [scheduled[i] for i in sampled_rows]
+        mask = grammar_bitmask(requests, num_seqs) if grammar_bitmask is not None else None
         tensors = self._sampling_tensors(requests, num_seqs)
+        if mask is not None:
+            tensors = dataclasses.replace(tensors, grammar_bitmask=mask)
         rows = np.zeros(num_seqs, np.int32)
         rows[:len(sampled_rows)] = sampled_rows
         out, padded_ids = self._run_sampler(logits, rows, tensors)
@@ -324,8 +340,8 @@ class ModelRunner:
         release the GIL); returns the seconds taken."""
         start = time.perf_counter()
         shapes = self.ladder.all_shapes()
-        samplers = [(batch, params) for batch in self.ladder.sampler_batch_sizes
-                    for params in _WARMUP_SAMPLING]
+        samplers = [(batch, params, grammar) for batch in self.ladder.sampler_batch_sizes
+                    for params, grammar in _WARMUP_SAMPLING]
         workers = max_parallel_compiles or min(len(shapes) + len(samplers), os.cpu_count() or 1)
 
         def compile_shape(shape: StepShape) -> None:
@@ -334,13 +350,16 @@ class ModelRunner:
             packed, layout = bundle(inputs)
             self._executable(layout, packed)
 
-        def compile_sampler(batch: int, params: SamplingParams) -> None:
+        def compile_sampler(batch: int, params: SamplingParams, grammar: bool) -> None:
             # committed to the device like the model step's logits, so the same program is cached
             logits = jax.device_put(np.zeros((batch, self.config.vocab_size), np.float32),
                                     jax.devices()[0])
             tensors = build_sampling_tensors(
                 [params] * batch, [[0]] * batch, [[]] * batch, self.eos_token_ids, batch,
                 self.config.vocab_size, self._base_key, penalty_width=self.penalty_width)
+            if grammar:  # structured outputs: the sampler variant with a bitmask input
+                mask = np.full((batch, bitmask_width(self.config.vocab_size)), -1, np.int32)
+                tensors = dataclasses.replace(tensors, grammar_bitmask=mask)
             out, _ = self._run_sampler(logits, np.arange(batch, dtype=np.int32), tensors)
             out.token_ids.block_until_ready()
 
@@ -354,10 +373,14 @@ class ModelRunner:
 
 # The two sampling modes nearly every workload uses, without and with token constraints
 # (logit_bias / allowed_token_ids / bad words within the smallest constraint width: the bias below
-# stands for any of them); other switches compile on first use.
-_WARMUP_SAMPLING = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
-                    SamplingParams(temperature=0.0, logit_bias={0: 0.0}),
-                    SamplingParams(temperature=1.0, logit_bias={0: 0.0}))
+# stands for any of them), and with a structured-outputs bitmask; other switches compile on first
+# use. (params, with a grammar bitmask)
+_WARMUP_SAMPLING = ((SamplingParams(temperature=0.0), False),
+                    (SamplingParams(temperature=1.0), False),
+                    (SamplingParams(temperature=0.0, logit_bias={0: 0.0}), False),
+                    (SamplingParams(temperature=1.0, logit_bias={0: 0.0}), False),
+                    (SamplingParams(temperature=0.0), True),
+                    (SamplingParams(temperature=1.0), True))
 
 
 def _logprobs_by_request(requests: list[ScheduledRequest],

@@ -3,6 +3,9 @@
 Pipeline per row (all rows at once, f32 math; the static switches of ``SamplingTensors`` drop the
 stages no row needs):
 
+0. structured outputs: tokens the row's grammar bitmask disallows -> -inf (only batches with a
+   grammar row run this stage; vLLM applies its bitmask before the sampler, raw logprobs
+   included).
 1. raw logprobs: ``log_softmax`` of the logits as given (vLLM's default ``raw_logprobs`` mode).
 2. token constraints (vLLM order): ``allowed_token_ids`` (every other token -> -inf), bad-word
    bans (-> -inf), ``logit_bias`` (added). Only batches with such a row run this stage.
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 from jaxpaged.sample.tensors import SamplingTensors
 from jaxpaged.sample.token_constraints import TokenConstraints
 from jaxpaged.sampling_params import SAMPLING_EPS
+from jaxpaged.structured.bitmask import apply_grammar_bitmask
 
 
 @jax.tree_util.register_dataclass
@@ -162,6 +166,11 @@ def _check_shapes(logits: jax.Array, tensors: SamplingTensors) -> None:
         raise ValueError(
             f"tensors.num_logprobs must be in [0, V={logits.shape[1]}], got {tensors.num_logprobs}"
         )
+    mask = tensors.grammar_bitmask
+    if mask is not None and (mask.shape[0] != logits.shape[0]
+                             or mask.shape[1] * 32 < logits.shape[1]):
+        raise ValueError(f"tensors.grammar_bitmask must be [B={logits.shape[0]}, >= "
+                         f"{-(-logits.shape[1] // 32)}], got shape {mask.shape}")
 
 
 def sample(logits: jax.Array, tensors: SamplingTensors,
@@ -175,6 +184,8 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
     """
     _check_shapes(logits, tensors)
     logits = logits.astype(jnp.float32)
+    if tensors.grammar_bitmask is not None:  # vLLM masks the logits before its sampler
+        logits = apply_grammar_bitmask(logits, tensors.grammar_bitmask)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if tensors.num_logprobs is not None else None
     if tensors.constraints is not None:
         logits = apply_token_constraints(logits, tensors.constraints,

@@ -65,6 +65,9 @@ class SamplingTensors:
     use_top_k_top_p_min_p: bool = _static()
     # Top-N raw logprobs to return (N >= the batch's largest request); None = no logprobs at all.
     num_logprobs: int | None = _static()
+    # Structured outputs: i32[B, ceil(V / 32)] allowed-token bits per row (all ones for rows
+    # without a grammar); None when no row has one (the sampler then has no mask stage).
+    grammar_bitmask: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,87 @@
+"""The grammar backend: llguidance. The model's tokenizer is handed to it once per engine
+(``GuidanceBackend``); each ``StructuredOutputsParams`` becomes an llguidance grammar, compiled into
+a matcher template that every request of that grammar copies (``LLMatcher.deep_copy``)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import llguidance
+import llguidance.hf
+
+from jaxpaged.structured.params import StructuredOutputsParams
+
+
+class GuidanceBackend:
+    """llguidance over one tokenizer, with the model's vocabulary size (its padded ids beyond
+    the tokenizer's are never allowed) and its EOS ids (allowed once a grammar accepts)."""
+
+    def __init__(self, hf_tokenizer, vocab_size: int, eos_token_ids: Sequence[int]):
+        eos = [int(t) for t in eos_token_ids] or None
+        if len(hf_tokenizer) > vocab_size:
+            raise ValueError(f"the tokenizer has {len(hf_tokenizer)} tokens, more than the "
+                             f"model's vocab_size={vocab_size}")
+        self.vocab_size = vocab_size
+        self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size,
+                                                      eos_token=eos)
+
+    def grammar(self, params: StructuredOutputsParams) -> str:
+        """The llguidance grammar of ``params``; ValueError naming the field when it is invalid
+        (checked here, so that a bad request fails when it is added)."""
+        kind = params.kind
+        try:
+            if kind in ("json", "json_object"):
+                schema = {"type": "object"} if kind == "json_object" else params.json
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    _schema(schema, params), overrides=_json_options(params))
+            elif kind == "regex":
+                grammar = llguidance.LLMatcher.grammar_from_regex(params.regex)
+            elif kind == "choice":
+                grammar = llguidance.grammar_from("choice", params.choice)
+            else:
+                grammar = llguidance.grammar_from("grammar", params.grammar)
+        except ValueError as e:
+            raise ValueError(f"structured_outputs.{kind} is invalid: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error and not error.startswith("WARNING"):
+            raise ValueError(f"structured_outputs.{kind} is invalid: {error.strip()}")
+        return grammar
+
+    def compile(self, grammar: str) -> llguidance.LLMatcher:
+        """A matcher template of ``grammar`` (its lexer built); requests copy it."""
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"the grammar does not compile: {matcher.get_error()}")
+        return matcher
+
+
+def _schema(schema: Any, params: StructuredOutputsParams) -> Any:
+    if not params.disable_additional_properties or not isinstance(schema, dict):
+        return schema
+    schema = copy.deepcopy(schema)
+    _close_objects(schema)
+    return schema
+
+
+def _close_objects(node: Any) -> None:
+    """``additionalProperties: false`` on every object schema that does not set it (vLLM's
+    ``disable_additional_properties``)."""
+    if isinstance(node, dict):
+        if node.get("type") == "object" or "properties" in node:
+            node.setdefault("additionalProperties", False)
+        for value in node.values():
+            _close_objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            _close_objects(value)
+
+
+def _json_options(params: StructuredOutputsParams) -> dict[str, Any] | None:
+    if params.whitespace_pattern is not None:
+        return {"whitespace_pattern": params.whitespace_pattern}
+    if params.disable_any_whitespace:
+        return {"whitespace_flexible": False}
+    return None
+
