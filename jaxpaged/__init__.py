@@ -30,7 +30,10 @@ _configure_logging()
 # The public names load on first use, so that the host-side packages (``jaxpaged.core``) import
 # without jax.
 _PUBLIC = {"LLM": "jaxpaged.llm", "SamplingParams": "jaxpaged.sampling_params",
-           "RequestOutput": "jaxpaged.outputs", "CompletionOutput": "jaxpaged.outputs"}
+           "RequestOutput": "jaxpaged.outputs", "CompletionOutput": "jaxpaged.outputs",
+           "BeamSearchParams": "jaxpaged.beam_search_params",
+           "BeamSearchOutput": "jaxpaged.beam_search",
+           "BeamSearchSequence": "jaxpaged.beam_search"}
 __all__ = list(_PUBLIC)
 
 

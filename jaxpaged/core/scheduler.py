@@ -324,10 +324,10 @@ class Scheduler:
     def _schedule_waiting(self, plan: StepPlan) -> None:
         if len(self.running) >= self.config.max_num_seqs:
             return  # every running request holds at least one seat: the batch is full
-        seats_used = sum(r.sampling_params.n for r in self.running)
+        seats_used = sum(r.num_seats for r in self.running)
         while len(self.waiting) and plan.token_budget > 0:
             request = self.waiting.peek()
-            if seats_used + request.sampling_params.n > self.config.max_num_seqs:
+            if seats_used + request.num_seats > self.config.max_num_seqs:
                 break
             hit = self.block_manager.get_computed_blocks(request)
             num_new_tokens = self._num_tokens_to_compute(request) - hit.num_computed_tokens
@@ -349,7 +349,7 @@ class Scheduler:
             self._prefix_cache_queries += request.num_tokens
             self._prefix_cache_hits += hit.num_computed_tokens
             self.running.append(request)
-            seats_used += request.sampling_params.n
+            seats_used += request.num_seats
             plan.add(request, num_new_tokens)
 
     def _num_tokens_to_compute(self, request: Request) -> int:

@@ -22,18 +22,22 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jaxpaged.beam_search import BeamSearchOutput
+from jaxpaged.beam_search_params import BeamSearchParams
 from jaxpaged.config import EngineConfig
 from jaxpaged.converters.gguf_model import resolve_model_path
 from jaxpaged.converters.kv_scales import KVScales
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
 from jaxpaged.engine import setup
+from jaxpaged.engine.beam_search import BeamSearchRunner, beam_step_params
 from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_config_dir
 from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loader import load_model
 from jaxpaged.outputs import RequestOutput
+from jaxpaged.runner.block_copy import BlockCopier
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from jaxpaged.sampling_params import SamplingParams
@@ -83,8 +87,13 @@ class LLMEngine:
             executable_cache=setup.open_executable_cache())
         jax.block_until_ready(self.runner.kv_cache.k)
         kv_alloc_s = time.perf_counter() - start
+        compile_s = self.runner.warmup()
+        start = time.perf_counter()
+        self._block_copier = BlockCopier(max_pairs=self.max_num_seqs)
+        self._block_copier.warmup(self.runner.kv_cache)
         self.startup = setup.StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
-                                            compile_s=self.runner.warmup())
+                                            compile_s=compile_s + time.perf_counter() - start)
+        self.beam_search = BeamSearchRunner(self.scheduler, self._copy_blocks, self.tokenizer)
         # async scheduling: the dispatched step whose results are not applied yet
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._log_ready()
@@ -158,9 +167,33 @@ class LLMEngine:
         self.scheduler.add_request(request)
         self.output_processor.add(state)
 
+    def add_beam_search(self, request_id: str, prompt: str | list[int] | None,
+                        params: BeamSearchParams, *, prompt_token_ids: list[int] | None = None,
+                        priority: int = 0, cache_salt: str | None = None) -> None:
+        """Queues a beam search (``jaxpaged.engine.beam_search``); its result comes from
+        ``take_beam_search_outputs`` once the group ends."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params)!r}")
+        if request_id in self.output_processor.requests or request_id in self.beam_search.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request, _ = self.input_processor.process(
+            request_id, prompt, beam_step_params(params), prompt_token_ids=prompt_token_ids,
+            priority=priority, cache_salt=cache_salt)
+        self.beam_search.add(request, params)
+
+    def take_beam_search_outputs(self) -> dict[str, BeamSearchOutput]:
+        """Results of the beam searches finished since the last call, by request id."""
+        finished, self.beam_search.finished = self.beam_search.finished, {}
+        return finished
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        self.runner.kv_cache = self._block_copier(self.runner.kv_cache, copies)
+
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Safe while a step is in flight: its results for aborted requests are dropped."""
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            if self.beam_search.abort(request_id):
+                continue
             self.scheduler.abort_request(request_id)
             self.output_processor.requests.pop(request_id, None)
         self._drop_idle_in_flight()
@@ -173,7 +206,8 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Also true while a step is in flight (async scheduling): it must still be applied."""
-        return bool(self.output_processor.requests) or self._in_flight is not None
+        return (bool(self.output_processor.requests) or self._in_flight is not None
+                or bool(self.beam_search.groups))
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.output_processor.requests)
@@ -190,14 +224,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the outputs of the requests that progressed in it (with async
         scheduling: of the previous step, whose results arrive one step late)."""
-        if self.config.async_scheduling:
+        if self.config.async_scheduling and not self.beam_search.groups:
             return self._step_async()
+        # NOTE: beam groups step synchronously: a beam's next token is chosen on the host.
+        outputs = []
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            outputs = self._apply(previous[0], self.runner.fetch(previous[1]))
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
+        self.beam_search.after_schedule(scheduler_output)
         if scheduler_output.is_empty:
-            return []
+            return outputs
         self.output_processor.mark_scheduled(scheduler_output)
-        outputs = self._apply(scheduler_output, self.runner.execute(scheduler_output))
+        outputs += self._apply(scheduler_output, self.runner.execute(scheduler_output))
         self._count_step(start)
         return outputs
 
@@ -236,6 +276,8 @@ class LLMEngine:
                runner_output: RunnerOutput) -> list[RequestOutput]:
         """The step's results into the scheduler (append, stops) and the requests' outputs."""
         self.output_processor.collect_prompt_logprobs(runner_output.prompt_logprobs)
+        scheduler_output = self.beam_search.take_rows(
+            scheduler_output, runner_output.sampled_token_ids, runner_output.logprobs)
         updates = self.scheduler.update_from_output(scheduler_output,
                                                     runner_output.sampled_token_ids)
         return self.output_processor.process(updates, runner_output.logprobs)
@@ -270,6 +312,9 @@ class LLMEngine:
 
         Waiting requests hold no blocks and survive (unless the pool was lost)."""
         scheduler = self.scheduler
+        beam_groups = set(self.beam_search.groups)
+        for group_id in beam_groups:  # their beams may have missed a step
+            self.beam_search.abort(group_id)
         known = {r.parent_id or r.request_id for r in scheduler.requests.values()}
         victims = {r.parent_id or r.request_id for r in scheduler.running}
         victims |= live_request_ids - known
@@ -282,7 +327,7 @@ class LLMEngine:
             self.runner.reset_kv_cache()
             if not scheduler.block_manager.reset_prefix_cache():
                 raise RuntimeError("KV blocks are still held after aborting every request")
-        return victims
+        return victims | beam_groups
 
 
 def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:
