@@ -32,6 +32,11 @@ def beam_step_params(params: BeamSearchParams) -> SamplingParams:
                           max_tokens=params.max_tokens, ignore_eos=True, detokenize=False)
 
 
+# The sampler switch of greedy beam steps (top-N logprobs up to the first logprobs bucket, beam
+# widths up to 10), compiled at warm-up with the others.
+BEAM_WARMUP_SAMPLING = (SamplingParams(temperature=0.0, logprobs=1),)
+
+
 @dataclasses.dataclass(frozen=True)
 class _GroupInfo:
     group: BeamGroup

@@ -30,7 +30,8 @@ from jaxpaged.converters.kv_scales import KVScales
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
 from jaxpaged.engine import setup
-from jaxpaged.engine.beam_search import BeamSearchRunner, beam_step_params
+from jaxpaged.engine.beam_search import (BEAM_WARMUP_SAMPLING, BeamSearchRunner,
+                                         beam_step_params)
 from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_config_dir
 from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
@@ -87,7 +88,7 @@ class LLMEngine:
             executable_cache=setup.open_executable_cache())
         jax.block_until_ready(self.runner.kv_cache.k)
         kv_alloc_s = time.perf_counter() - start
-        compile_s = self.runner.warmup()
+        compile_s = self.runner.warmup(extra_sampling=BEAM_WARMUP_SAMPLING)
         start = time.perf_counter()
         self._block_copier = BlockCopier(max_pairs=self.max_num_seqs)
         self._block_copier.warmup(self.runner.kv_cache)
