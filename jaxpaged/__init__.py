@@ -31,9 +31,9 @@ _configure_logging()
 # without jax.
 _PUBLIC = {"LLM": "jaxpaged.llm", "SamplingParams": "jaxpaged.sampling_params",
            "RequestOutput": "jaxpaged.outputs", "CompletionOutput": "jaxpaged.outputs",
-           "BeamSearchParams": "jaxpaged.beam_search_params",
-           "BeamSearchOutput": "jaxpaged.beam_search",
-           "BeamSearchSequence": "jaxpaged.beam_search"}
+           "BeamSearchParams": "jaxpaged.sampling_params",
+           "BeamSearchOutput": "jaxpaged.outputs",
+           "BeamSearchSequence": "jaxpaged.outputs"}
 __all__ = list(_PUBLIC)
 
 

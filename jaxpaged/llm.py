@@ -8,13 +8,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from jaxpaged.beam_search import BeamSearchOutput
-from jaxpaged.beam_search_params import BeamSearchParams
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.config import EngineConfig
 from jaxpaged.utils.hub import resolve_model
-from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
+from jaxpaged.outputs import BeamSearchOutput, RequestOutput
+from jaxpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 # vLLM's prompt forms: "text", {"prompt": "text"}, {"prompt_token_ids": [...]}.
 PromptType = str | dict[str, Any]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from conftest import GOLDEN_DIR
 from jaxpaged import BeamSearchOutput, BeamSearchParams, LLM, SamplingParams
-from jaxpaged.beam_search import get_beam_search_score
+from jaxpaged.core.beam_group import get_beam_search_score
 from llm_testing import MODEL, compilations_during, golden_prompts, make_llm
 
 GOLDEN = np.load(GOLDEN_DIR / "beam_search.npz")

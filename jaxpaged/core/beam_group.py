@@ -74,9 +74,19 @@ class BeamGroupConfig:
     eos_token_id: int | None
 
 
+def get_beam_search_score(tokens: list[int], cumulative_logprob: float,
+                          eos_token_id: int | None, length_penalty: float = 1.0) -> float:
+    """vLLM's score: ``cum_logprob / len ** length_penalty``, the length counting the prompt and
+    not a final EOS."""
+    seq_len = len(tokens)
+    if eos_token_id is not None and tokens[-1] == eos_token_id:
+        seq_len -= 1
+    return cumulative_logprob / (seq_len ** length_penalty)
+
+
 def beam_score(tokens_len: int, last_token: int, cum_logprob: float,
                config: BeamGroupConfig) -> float:
-    """``jaxpaged.beam_search.get_beam_search_score`` without building the token list."""
+    """``get_beam_search_score`` without building the token list."""
     seq_len = tokens_len - (1 if config.eos_token_id is not None
                             and last_token == config.eos_token_id else 0)
     return cum_logprob / (seq_len ** config.length_penalty)

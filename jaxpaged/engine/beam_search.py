@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from jaxpaged.beam_search import BeamSearchOutput, BeamSearchSequence
-from jaxpaged.beam_search_params import BeamSearchParams
 from jaxpaged.core.beam_fork import BlockCopy, fork_beams
 from jaxpaged.core.beam_group import BeamGroup, BeamGroupConfig, FinishedBeam
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
-from jaxpaged.outputs import Logprob
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
 
 def beam_step_params(params: BeamSearchParams) -> SamplingParams:

@@ -22,8 +22,6 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxpaged.beam_search import BeamSearchOutput
-from jaxpaged.beam_search_params import BeamSearchParams
 from jaxpaged.config import EngineConfig
 from jaxpaged.converters.gguf_model import resolve_model_path
 from jaxpaged.converters.kv_scales import KVScales
@@ -37,11 +35,11 @@ from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loader import load_model
-from jaxpaged.outputs import RequestOutput
+from jaxpaged.outputs import BeamSearchOutput, RequestOutput
 from jaxpaged.runner.block_copy import BlockCopier
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
