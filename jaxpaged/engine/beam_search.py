@@ -30,9 +30,10 @@ def beam_step_params(params: BeamSearchParams) -> SamplingParams:
                           max_tokens=params.max_tokens, ignore_eos=True, detokenize=False)
 
 
-# The sampler switch of greedy beam steps (top-N logprobs up to the first logprobs bucket, beam
-# widths up to 10), compiled at warm-up with the others.
-BEAM_WARMUP_SAMPLING = (SamplingParams(temperature=0.0, logprobs=1),)
+# The sampler switches of beam steps (top-N logprobs up to the first logprobs bucket, beam widths
+# up to 10; greedy, and sampled as the server's default temperature), compiled at warm-up.
+BEAM_WARMUP_SAMPLING = (SamplingParams(temperature=0.0, logprobs=1),
+                        SamplingParams(temperature=1.0, logprobs=1))
 
 
 @dataclasses.dataclass(frozen=True)
