@@ -122,7 +122,7 @@ def test_blocks_are_shared_per_step(llm):
 
 
 @pytest.mark.slow
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_aborts_return_every_block(llm, data):
     """Beam groups of random widths and lengths next to a plain request, some aborted after a
@@ -134,7 +134,7 @@ def test_random_aborts_return_every_block(llm, data):
     for g in range(num_groups):
         length = data.draw(st.integers(1, 40))
         prompt = [5 + (7 * g + 3 * t) % 400 for t in range(length)]
-        params = BeamSearchParams(beam_width=data.draw(st.integers(1, 2)),
+        params = BeamSearchParams(beam_width=data.draw(st.integers(1, 3)),
                                   max_tokens=data.draw(st.integers(1, 8)),
                                   ignore_eos=data.draw(st.booleans()))
         engine.add_beam_search(f"g{g}", None, params, prompt_token_ids=prompt)
