@@ -90,7 +90,7 @@ def _make_room(scheduler, group: BeamGroup, parent: Request) -> set[str]:
     for victim in reversed(list(scheduler.running)):
         if manager.num_free_blocks:
             break
-        if id(victim) not in members:
+        if id(victim) not in members and victim.status == RequestStatus.RUNNING:
             scheduler._preempt(victim, plan)
     if not manager.num_free_blocks:
         raise RuntimeError(f"no free KV block for a beam of {group.group_id!r}")
@@ -107,4 +107,5 @@ def _clone(parent: Request, request_id: str) -> Request:
     child.num_computed_tokens = parent.num_computed_tokens
     child.num_cached_tokens = parent.num_cached_tokens
     child.status = RequestStatus.RUNNING
+    child.beam_group_id = parent.beam_group_id
     return child

@@ -16,9 +16,9 @@ import dataclasses
 
 from jaxpaged.core.request import Request
 
-# (token id, raw logprob) of a beam's candidates, most likely first (the sampled token last if
-# it is not among the top ones)
-Candidates = tuple[tuple[int, float], ...]
+# (token id, raw logprob, rank in the vocabulary) of a beam's candidates, most likely first (the
+# sampled token last if it is not among the top ones)
+Candidates = tuple[tuple[int, float, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ class BeamGroup:
             request = beam.request
             candidates = self._pending[request.request_id]
             new_len = request.num_tokens + 1
-            for token_id, logprob in candidates:
+            for token_id, logprob, _ in candidates:
                 cum = beam.cum_logprob + logprob
                 step = BeamStep(token_id, candidates, beam.last_step)
                 if token_id == config.eos_token_id and not config.ignore_eos:

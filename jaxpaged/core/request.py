@@ -86,6 +86,8 @@ class Request:
     # The first beam of a beam search group holds seats (max_num_seqs) for all of its beams
     # until the group forks (``jaxpaged.core.beam_group``); 0 otherwise.
     beam_seats: int = dataclasses.field(default=0, init=False)
+    # The beam search group a beam belongs to (None for other requests): preempted together.
+    beam_group_id: str | None = dataclasses.field(default=None, init=False)
     # Prompt then output token ids, kept as one list so slicing the next chunk costs no
     # concatenation. Read-only: append through ``append_output_token_ids``. (A plain attribute,
     # not a property: the scheduler reads it for every request every step.)

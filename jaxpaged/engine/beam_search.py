@@ -7,7 +7,8 @@ beam's candidates instead of appending the sampled token, and once every live be
 proposed, runs the group's selection (``BeamGroup.select``), forks the sequences
 (``beam_fork.fork_beams``) and has the partly filled blocks copied on the device. A beam whose
 candidates are pending is not scheduled (it has no token to compute), so the beams of a group
-advance in lockstep even when a preempted beam is recomputed alone.
+advance in lockstep. A preempted beam takes its whole group with it (``Scheduler._preempt``): the
+group is recomputed as a whole, and proposes again.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class BeamSearchRunner:
             params.beam_width, params.max_tokens, params.ignore_eos, params.length_penalty,
             request.eos_token_id), request)
         request.beam_seats = params.beam_width
+        request.beam_group_id = request.request_id
         self.scheduler.add_request(request)
         self.groups[request.request_id] = _GroupInfo(group, params)
         self._group_of[request.request_id] = request.request_id
@@ -118,10 +120,12 @@ class BeamSearchRunner:
             if not scheduled.do_sample:
                 continue
             token_logprobs = logprobs[scheduled.req_id]
-            candidates = list(token_logprobs.top.items())
+            candidates = [(token_id, logprob, rank) for rank, (token_id, logprob)
+                          in enumerate(token_logprobs.top.items(), start=1)]
             sampled = sampled_token_ids[scheduled.req_id]
             if sampled not in token_logprobs.top:
-                candidates.append((sampled, token_logprobs.sampled_logprob))
+                candidates.append((sampled, token_logprobs.sampled_logprob,
+                                   token_logprobs.sampled_rank))
             info = self.groups[group_id]
             info.group.add_candidates(scheduled.req_id, tuple(candidates))
             touched[group_id] = info
@@ -166,7 +170,7 @@ class BeamSearchRunner:
     def _sequence(self, beam: FinishedBeam, prompt_len: int,
                   params: BeamSearchParams) -> BeamSearchSequence:
         logprobs = [{token_id: Logprob(logprob, rank, self._token_text(token_id))
-                     for rank, (token_id, logprob) in enumerate(step.candidates, start=1)}
+                     for token_id, logprob, rank in step.candidates}
                     for step in (beam.last_step.path() if beam.last_step else [])]
         generated = beam.tokens[prompt_len:]
         if beam.finished_by_eos and not params.include_stop_str_in_output:
