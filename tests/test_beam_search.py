@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from conftest import GOLDEN_DIR
 from jaxpaged import BeamSearchOutput, BeamSearchParams, LLM, SamplingParams
 from jaxpaged.core.beam_group import get_beam_search_score
+from jaxpaged.core.request import RequestStatus
 from llm_testing import MODEL, compilations_during, golden_prompts, make_llm
 
 GOLDEN = np.load(GOLDEN_DIR / "beam_search.npz")
@@ -212,3 +213,39 @@ def test_bad_requests_are_refused(llm):
     with pytest.raises(ValueError, match="lora_request"):
         llm.beam_search([PROMPTS[0]], BeamSearchParams(2, 4), lora_request="x")
     assert not engine.has_unfinished_requests()
+
+
+def test_preempting_a_beam_preempts_its_group():
+    """The scheduler alone: beams of one group (``beam_group_id``) are preempted together when
+    a later request needs their blocks, and a waiting first beam holds the group's seats."""
+    from engine_testing import create_requests, create_scheduler
+
+    scheduler = create_scheduler(num_blocks=9, block_size=4, max_num_seqs=4,
+                                 max_num_batched_tokens=64, max_model_len=32)
+    beams = create_requests(3, 6, id_prefix="b")
+    other = create_requests(1, 6, id_prefix="o")[0]
+    for beam in beams:
+        beam.beam_group_id = "g"
+    beams[0].beam_seats = 3
+    scheduler.add_request(beams[0])
+    scheduler.add_request(other)
+    scheduler.add_request(create_requests(1, 6, id_prefix="x")[0])
+    first = scheduler.schedule()
+    # the first beam holds 3 of the 4 seats: only one more request is admitted
+    assert [s.req_id for s in first.scheduled] == ["b0", "o0"]
+    for beam in beams[1:]:  # as a fork would add them: running, with blocks of their own
+        scheduler.add_request(beam)
+        scheduler.waiting.remove(beam)
+        scheduler.block_manager.allocate_slots(beam, 6)
+        beam.status, beam.num_computed_tokens = RequestStatus.RUNNING, 6
+        scheduler.running.insert(0, beam)
+    beams[0].beam_seats = 0
+    # running [b2, b1, b0, o0] hold all 8 blocks; each needs a third one: b2 and b1 get the
+    # blocks of o0 (the fcfs tail), then b0 must preempt itself, and its whole group goes
+    for request in scheduler.running:
+        request.append_output_token_ids([11, 12, 13])
+    out = scheduler.schedule()
+    assert out.preempted_req_ids == {"o0", "b0", "b1", "b2"}
+    assert all(b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+               and not scheduler.block_manager.get_block_ids(b.request_id) for b in beams)
+    assert not {s.req_id for s in out.scheduled} & {"b0", "b1", "b2"}
