@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks and measures, in one call; a short table last.
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
-#   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2)
+#   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2; beam search: beam hf-beam)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
 # A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
 # stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
@@ -135,6 +135,9 @@ for label in $stages; do
     throughput-fp8kv) run throughput-fp8kv 540 python3 bench/throughput.py --workload nano \
              --kv-cache-dtype fp8 --out "$OUT/fp8kv" ;;
     roofline) run roofline 120 python3 bench/roofline.py --out "$OUT" ;;
+    beam) run beam 420 python3 bench/beam_search.py --beam-widths 4 8 --out "$OUT/beam" ;;
+    hf-beam) run hf-beam 540 python3 bench/hf_beam_baseline.py --beam-widths 4 8 \
+             --out "$OUT/beam" ;;
     *) echo "unknown stage $label" >> "$summary" ;;
   esac
 done

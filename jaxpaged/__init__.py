@@ -31,7 +31,10 @@ _configure_logging()
 # without jax.
 _PUBLIC = {"LLM": "jaxpaged.llm", "SamplingParams": "jaxpaged.sampling_params",
            "RequestOutput": "jaxpaged.outputs", "CompletionOutput": "jaxpaged.outputs",
-           "StructuredOutputsParams": "jaxpaged.sampling_params"}
+           "StructuredOutputsParams": "jaxpaged.sampling_params",
+           "BeamSearchParams": "jaxpaged.sampling_params",
+           "BeamSearchOutput": "jaxpaged.outputs",
+           "BeamSearchSequence": "jaxpaged.outputs"}
 __all__ = list(_PUBLIC)
 
 

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.config import EngineConfig
 from jaxpaged.utils.hub import resolve_model
-from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
+from jaxpaged.outputs import BeamSearchOutput, RequestOutput
+from jaxpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 # vLLM's prompt forms: "text", {"prompt": "text"}, {"prompt_token_ids": [...]}.
 PromptType = str | dict[str, Any]
@@ -51,6 +51,50 @@ class LLM:
         if len(priorities) != len(requests):
             raise ValueError(f"priority has {len(priorities)} entries for {len(requests)} prompts")
         return self._run(requests, params, priorities, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    lora_request: None = None, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``, run inside the engine: the beams of a prompt are
+        sequences of one request that share their KV blocks (``jaxpaged.engine.beam_search``).
+        Outputs come back in input order; ``concurrency_limit`` bounds the prompts searched at
+        once."""
+        if lora_request is not None:
+            raise ValueError(f"lora_request is not supported, got {lora_request!r}")
+        if concurrency_limit is not None and (not isinstance(concurrency_limit, int)
+                                              or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be an int >= 1, got {concurrency_limit!r}")
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params)!r}")
+        requests = _normalize_prompts(prompts, None)
+        limit = concurrency_limit or len(requests)
+        outputs: list[BeamSearchOutput] = []
+        with tqdm(total=len(requests), desc="Beam search", disable=not use_tqdm,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, len(requests), limit):
+                outputs += self._run_beam_search(requests[start:start + limit], params, bar)
+        return outputs
+
+    def _run_beam_search(self, requests: list[dict[str, Any]], params: BeamSearchParams,
+                         bar) -> list[BeamSearchOutput]:
+        engine = self.llm_engine
+        ids = [str(next(self._request_counter)) for _ in requests]
+        try:
+            for request_id, request in zip(ids, requests):
+                engine.add_beam_search(request_id, request.get("prompt"), params,
+                                       prompt_token_ids=request.get("prompt_token_ids"))
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        finished: dict[str, BeamSearchOutput] = {}
+        while len(finished) < len(ids):
+            if not engine.has_unfinished_requests():
+                raise RuntimeError("the engine stopped before every beam search finished")
+            engine.step()
+            done = engine.take_beam_search_outputs()
+            finished.update(done)
+            bar.update(len(done))
+        return [finished[i] for i in ids]
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -87,3 +87,22 @@ class RequestOutput:
     """Timing of the request."""
     num_cached_tokens: int | None = None
     """Prompt tokens served from the prefix cache."""
+
+@dataclasses.dataclass
+class BeamSearchSequence:
+    """One beam: its tokens (prompt included), the logprobs of each generated step (the beam's
+    candidates at that step) and its cumulative logprob."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]]
+    cum_logprob: float = 0.0
+    text: str | None = None  # the generated tokens' text (EOS left out unless asked for)
+    finish_reason: FinishReason | None = None  # "stop" (EOS) or "length"
+    stop_reason: int | str | None = None  # the EOS id for "stop"
+
+
+@dataclasses.dataclass
+class BeamSearchOutput:
+    """The best ``beam_width`` sequences of one prompt, best first."""
+
+    sequences: list[BeamSearchSequence]

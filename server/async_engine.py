@@ -32,7 +32,8 @@ from typing import Any
 
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
+from jaxpaged.server.beam_search import beam_search_request_output
 from jaxpaged.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class EngineInput:
     arrival_time: float  # when the HTTP request was accepted (time.time())
     priority: int = 0  # lower first under the "priority" scheduling policy
     cache_salt: str | None = None  # separates the request's prefix-cache entries
+    beam_search: BeamSearchParams | None = None  # use_beam_search: one final output, n beams
 
 
 class OutputStream:
@@ -141,6 +143,8 @@ class AsyncEngine:
         self._closed_error: BaseException | None = None  # set (under _cond) when the thread ends
         self._draining = False
         self._streams: dict[str, OutputStream] = {}  # engine thread only: live request -> stream
+        # engine thread only: live beam search -> its prompt (text, ids), for its final output
+        self._beam_prompts: dict[str, tuple[str | None, list[int]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -250,10 +254,16 @@ class AsyncEngine:
         added: list[str] = []
         try:
             for i in command.inputs:
-                self.engine.add_request(i.request_id, i.prompt, i.params,
-                                        prompt_token_ids=i.prompt_token_ids,
-                                        arrival_time=i.arrival_time, priority=i.priority,
-                                        cache_salt=i.cache_salt)
+                if i.beam_search is not None:
+                    self.engine.add_beam_search(i.request_id, i.prompt, i.beam_search,
+                                                prompt_token_ids=i.prompt_token_ids,
+                                                priority=i.priority, cache_salt=i.cache_salt)
+                    self._beam_prompts[i.request_id] = (i.prompt, i.prompt_token_ids)
+                else:
+                    self.engine.add_request(i.request_id, i.prompt, i.params,
+                                            prompt_token_ids=i.prompt_token_ids,
+                                            arrival_time=i.arrival_time, priority=i.priority,
+                                            cache_salt=i.cache_salt)
                 added.append(i.request_id)
         except Exception as e:  # bad input (ValueError), queue full, or a bug: nothing stays queued
             self.engine.abort_request(added)
@@ -268,17 +278,24 @@ class AsyncEngine:
     def _abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)
         for request_id in request_ids:
+            self._beam_prompts.pop(request_id, None)
+        for request_id in request_ids:
             if self._streams.pop(request_id, None) is not None and self._metrics is not None:
                 self._metrics.observe_abort(request_id)
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+            for request_id, result in self.engine.take_beam_search_outputs().items():
+                prompt, prompt_token_ids = self._beam_prompts.pop(request_id)
+                outputs.append(beam_search_request_output(request_id, prompt, prompt_token_ids,
+                                                          result))
         except Exception as e:
             logger.exception("an engine step failed; failing its requests")
             self._fail(self.engine.recover(set(self._streams), e), e)
             return
-        if not outputs and not self.engine.scheduler.has_unfinished_requests():
+        if (not outputs and not self.engine.scheduler.has_unfinished_requests()
+                and not self.engine.beam_search.groups):
             # NOTE: the engine tracks requests its scheduler lost; nothing would ever finish them
             # and this loop would spin. Never seen; fail them rather than burn a core.
             lost = RuntimeError("the scheduler lost these requests")

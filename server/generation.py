@@ -159,7 +159,8 @@ def _make_job(ctx: ServerContext, request: Request, kind: Kind,
     now = time.time()
     submission = common.submission
     inputs = [EngineInput(f"{response_id}-{k}", text, token_ids, common.params, now,
-                          priority=submission.priority, cache_salt=submission.cache_salt)
+                          priority=submission.priority, cache_salt=submission.cache_salt,
+                          beam_search=common.beam_search)
               for k, (text, token_ids) in enumerate(prompts)]
     meta = ResponseMeta(response_id, int(now), ctx.model_name)
     return _Job(kind, meta, common, inputs, parts, prompt_text, tools)

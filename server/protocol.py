@@ -13,9 +13,10 @@ import dataclasses
 import re
 from typing import Any
 
-from jaxpaged.sampling_params import RequestOutputKind, SamplingParams
+from jaxpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 from jaxpaged.server import field_checks as c
+from jaxpaged.server.beam_search import beam_search_params
 from jaxpaged.server.errors import bad_request
 from jaxpaged.server.generation_defaults import SAMPLING_KEYS, GenerationDefaults
 from jaxpaged.server.messages import parse_messages
@@ -96,6 +97,7 @@ class GenerationRequest:
     logprobs_field: str  # "logprobs" / "top_logprobs", for errors
     max_tokens_field: str  # "max_tokens" / "max_completion_tokens", for errors
     token_id_fields: dict[str, list[int]]  # field -> the token ids it names (vocabulary checks)
+    beam_search: BeamSearchParams | None = None  # use_beam_search (/v1/completions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +245,7 @@ def parse_completion_request(body: dict[str, Any],
     common = _common(values, defaults, requested_max=requested, max_tokens_field="max_tokens",
                      top_logprobs=values.get("logprobs"), logprobs_field="logprobs",
                      add_special_tokens=True)
+    common = dataclasses.replace(common, beam_search=beam_search_params(values, common.params))
     return CompletionRequest(common=common, prompts=_prompts(body.get("prompt"), max_prompts))
 
 

@@ -120,8 +120,6 @@ _SHARED = (
     no_op("return_token_offsets", c.boolean),  # vLLM: render endpoints only
     no_op("return_mm_kwargs", c.boolean),  # vLLM: render endpoints only
     refused("best_of", "use 'n' for several samples", _best_of_is_n),
-    refused("use_beam_search", _BEAM, _equals(False)),
-    refused("length_penalty", _BEAM, _equals(1.0)),
     refused("early_stopping", _BEAM, _equals(False)),
     # structured outputs (read together by structured_fields.py, which checks their content)
     honoured("response_format", c.json_object),
@@ -146,12 +144,16 @@ _SHARED = (
 _COMPLETION_ONLY = (
     honoured("prompt", c.anything),  # its four forms are read by protocol._prompts
     honoured("logprobs", c.count(-1)),
+    honoured("use_beam_search", c.boolean),  # n beams as the choices (server/beam_search.py)
+    honoured("length_penalty", c.number),
     refused("suffix", "fill-in-the-middle", _equals("")),
     refused("prompt_embeds", "prompt embeddings"),
 )
 
 _CHAT_ONLY = (
     honoured("messages", c.anything),  # read message by message (MESSAGE_FIELDS)
+    refused("use_beam_search", "beam search on chat completions", _equals(False)),
+    refused("length_penalty", "beam search on chat completions", _equals(1.0)),
     honoured("logprobs", c.boolean),
     honoured("top_logprobs", c.count(-1)),
     honoured("max_completion_tokens", c.count(0)),

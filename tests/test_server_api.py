@@ -216,3 +216,24 @@ def test_api_key_is_required(server):
     with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+
+
+def test_beam_search_completions_match_hf_beams(client, tokenizer):
+    """use_beam_search with n beams as choices (vLLM's extra parameters): HF's beams, best first
+    (tests/golden/beam_search.npz); a field the search would ignore is a 400 naming it."""
+    beams = np.load(GOLDEN_DIR / "beam_search.npz")
+    prompt = np.load(GOLDEN_DIR / f"{MODEL}.npz")["prompt_ids_1"].tolist()
+    hf = beams["hf_ids_1_4"].tolist()
+    response = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=len(hf[0]), n=4, temperature=0.0,
+        extra_body={"use_beam_search": True, "ignore_eos": True, "length_penalty": 1.0,
+                    "return_token_ids": True})
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert [c.token_ids for c in response.choices] == hf
+    assert [c.text for c in response.choices] == [tokenizer.decode(ids) for ids in hf]
+    assert all(c.finish_reason == "length" for c in response.choices)
+    assert response.usage.completion_tokens == 4 * len(hf[0])
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, n=2,
+                                  top_p=0.5, extra_body={"use_beam_search": True})
+

@@ -84,6 +84,11 @@ class Request:
     # Async scheduling: tokens sampled by a step still in flight, not yet in output_token_ids (the
     # next step already computes them, fed on the device); update_from_output resolves them.
     num_output_placeholders: int = dataclasses.field(default=0, init=False)
+    # The first beam of a beam search group holds seats (max_num_seqs) for all of its beams
+    # until the group forks (``jaxpaged.core.beam_group``); 0 otherwise.
+    beam_seats: int = dataclasses.field(default=0, init=False)
+    # The beam search group a beam belongs to (None for other requests): preempted together.
+    beam_group_id: str | None = dataclasses.field(default=None, init=False)
     # Prompt then output token ids, kept as one list so slicing the next chunk costs no
     # concatenation. Read-only: append through ``append_output_token_ids``. (A plain attribute,
     # not a property: the scheduler reads it for every request every step.)
@@ -109,6 +114,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_seats(self) -> int:
+        """Sequence slots (max_num_seqs) the request holds: n, or a beam group's width."""
+        return max(self.sampling_params.n, self.beam_seats)
 
     @property
     def num_output_tokens(self) -> int:

@@ -10,6 +10,10 @@ When a running request cannot get a block, the scheduler preempts by recompute: 
 lowest-priority) running request loses its blocks, resets ``num_computed_tokens`` to 0 and goes to
 the front of the waiting queue; its output tokens stay and are recomputed as part of its prompt.
 
+Beam search groups (``jaxpaged.core.beam_group``): their beams are running requests with a
+``beam_group_id``; preempting one preempts the whole group (it is recomputed as a whole), and a
+waiting group's first beam holds the seats of all its beams (``Request.num_seats``).
+
 Parallel sampling (``n > 1``) shares the prompt's KV blocks between the ``n`` samples without any
 device-side copy. The parent computes its prompt only up to the last block boundary that leaves at
 least one prompt token uncomputed, ``B = (num_prompt_tokens - 1) // block_size * block_size``; then
@@ -334,8 +338,8 @@ class Scheduler:
         while self.block_manager.allocate_slots(request, num_new_tokens) is None:
             victim = self._pick_victim()
             self._preempt(victim, plan)
-            if victim is request:
-                return False
+            if victim is request or request.status != RequestStatus.RUNNING:
+                return False  # (a beam goes with its group)
         return True
 
     def _pick_victim(self) -> Request:
@@ -345,6 +349,12 @@ class Scheduler:
         return self.running[-1]
 
     def _preempt(self, request: Request, plan: StepPlan) -> None:
+        self._preempt_one(request, plan)
+        if request.beam_group_id is not None:  # a beam group is recomputed as a whole
+            for sibling in [r for r in self.running if r.beam_group_id == request.beam_group_id]:
+                self._preempt_one(sibling, plan)
+
+    def _preempt_one(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)
         self.block_manager.free(request)
         plan.drop(request)
@@ -358,10 +368,10 @@ class Scheduler:
     def _schedule_waiting(self, plan: StepPlan) -> None:
         if len(self.running) >= self.config.max_num_seqs:
             return  # every running request holds at least one seat: the batch is full
-        seats_used = sum(r.sampling_params.n for r in self.running)
+        seats_used = sum(r.num_seats for r in self.running)
         while len(self.waiting) and plan.token_budget > 0:
             request = self.waiting.peek()
-            if seats_used + request.sampling_params.n > self.config.max_num_seqs:
+            if seats_used + request.num_seats > self.config.max_num_seqs:
                 break
             hit = self.block_manager.get_computed_blocks(request)
             num_new_tokens = self._num_tokens_to_compute(request) - hit.num_computed_tokens
@@ -383,7 +393,7 @@ class Scheduler:
             self._prefix_cache_queries += request.num_tokens
             self._prefix_cache_hits += hit.num_computed_tokens
             self.running.append(request)
-            seats_used += request.sampling_params.n
+            seats_used += request.num_seats
             plan.add(request, num_new_tokens)
 
     def _num_tokens_to_compute(self, request: Request) -> int:

@@ -30,16 +30,19 @@ from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput
 from jaxpaged.engine import setup
+from jaxpaged.engine.beam_search import (BEAM_WARMUP_SAMPLING, BeamSearchRunner,
+                                         beam_step_params)
 from jaxpaged.engine.faults import RequestFault, StepHook
 from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_config_dir
 from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loader import load_model
-from jaxpaged.outputs import RequestOutput
+from jaxpaged.outputs import BeamSearchOutput, RequestOutput
+from jaxpaged.runner.block_copy import BlockCopier
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 from jaxpaged.structured.manager import GrammarState, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -98,9 +101,15 @@ class LLMEngine:
         jax.block_until_ready(self.runner.kv_cache.k)
         kv_alloc_s = time.perf_counter() - start
         self.compiles_at_start = setup.compiles_at_start(config)
-        self.startup = setup.StartupTimings(
-            weights_s=weights_s, kv_alloc_s=kv_alloc_s,
-            compile_s=self.runner.warmup() if self.compiles_at_start else 0.0)
+        compile_s = (self.runner.warmup(extra_sampling=BEAM_WARMUP_SAMPLING)
+                     if self.compiles_at_start else 0.0)
+        start = time.perf_counter()
+        self._block_copier = BlockCopier(max_pairs=self.max_num_seqs)
+        if self.compiles_at_start:
+            self._block_copier.warmup(self.runner.kv_cache)
+        self.startup = setup.StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
+                                            compile_s=compile_s + time.perf_counter() - start)
+        self.beam_search = BeamSearchRunner(self.scheduler, self._copy_blocks, self.tokenizer)
         # async scheduling: the dispatched step whose results are not applied yet
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._log_ready()
@@ -219,10 +228,33 @@ class LLMEngine:
             logger.error("request %r aborted: %s", request_id, error)
             self.output_processor.requests.pop(request_id, None)
 
+    def add_beam_search(self, request_id: str, prompt: str | list[int] | None,
+                        params: BeamSearchParams, *, prompt_token_ids: list[int] | None = None,
+                        priority: int = 0, cache_salt: str | None = None) -> None:
+        """Queues a beam search (``jaxpaged.engine.beam_search``); its result comes from
+        ``take_beam_search_outputs`` once the group ends."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params)!r}")
+        if request_id in self.output_processor.requests or request_id in self.beam_search.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request, _ = self.input_processor.process(
+            request_id, prompt, beam_step_params(params), prompt_token_ids=prompt_token_ids,
+            priority=priority, cache_salt=cache_salt)
+        self.beam_search.add(request, params)
+
+    def take_beam_search_outputs(self) -> dict[str, BeamSearchOutput]:
+        """Results of the beam searches finished since the last call, by request id."""
+        finished, self.beam_search.finished = self.beam_search.finished, {}
+        return finished
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        self.runner.kv_cache = self._block_copier(self.runner.kv_cache, copies)
+
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Safe while a step is in flight: its results for aborted requests are dropped. Many
         ids are aborted in one batch (one pass over the waiting queue)."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        ids = [i for i in ids if not self.beam_search.abort(i)]  # beam groups end themselves
         for request in self.scheduler.abort_requests(ids):
             if self.structured is not None:
                 self.structured.free(request.request_id)
@@ -239,7 +271,8 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Also true while a step is in flight (async scheduling): it must still be applied."""
-        return bool(self.output_processor.requests) or self._in_flight is not None
+        return (bool(self.output_processor.requests) or self._in_flight is not None
+                or bool(self.beam_search.groups))
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.output_processor.requests)
@@ -257,20 +290,26 @@ class LLMEngine:
         """Runs one step; returns the outputs of the requests that progressed in it (with async
         scheduling: of the previous step, whose results arrive one step late)."""
         self._admit_compiled()
-        if self.config.async_scheduling:
+        if self.config.async_scheduling and not self.beam_search.groups:
             return self._step_async()
+        # NOTE: beam groups step synchronously: a beam's next token is chosen on the host.
+        outputs = []
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            outputs = self._apply(previous[0], self.runner.fetch(previous[1]))
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
+        self.beam_search.after_schedule(scheduler_output)
         if scheduler_output.is_empty:
-            return []
+            return outputs
         self.output_processor.mark_scheduled(scheduler_output)
         self._failed_step = scheduler_output
         self._run_hook(scheduler_output)
         bitmask = (self.structured.bitmask
                    if self.structured is not None and _has_grammar(scheduler_output) else None)
-        outputs = self._apply(scheduler_output,
-                              self.runner.execute(scheduler_output, bitmask) if bitmask
-                              else self.runner.execute(scheduler_output))
+        outputs += self._apply(scheduler_output,
+                               self.runner.execute(scheduler_output, bitmask) if bitmask
+                               else self.runner.execute(scheduler_output))
         self._failed_step = None
         self._count_step(start)
         return outputs
@@ -330,6 +369,8 @@ class LLMEngine:
                runner_output: RunnerOutput) -> list[RequestOutput]:
         """The step's results into the scheduler (append, stops) and the requests' outputs."""
         self.output_processor.collect_prompt_logprobs(runner_output.prompt_logprobs)
+        scheduler_output = self.beam_search.take_rows(
+            scheduler_output, runner_output.sampled_token_ids, runner_output.logprobs)
         updates = self.scheduler.update_from_output(scheduler_output,
                                                     runner_output.sampled_token_ids)
         if self.structured is None:
@@ -391,6 +432,9 @@ class LLMEngine:
         scheduler = self.scheduler
         failed_step, self._failed_step = self._failed_step, None
         self._forget_placeholders()
+        beam_groups = set(self.beam_search.groups)
+        for group_id in beam_groups:  # their beams may have missed a step
+            self.beam_search.abort(group_id)
         known = {_parent(r) for r in scheduler.requests.values()}
         victims = self._culprits(error, failed_step)
         victims |= {_parent(r) for r in scheduler.running
@@ -406,7 +450,7 @@ class LLMEngine:
             self.runner.reset_kv_cache()
             if not scheduler.block_manager.reset_prefix_cache():
                 raise RuntimeError("KV blocks are still held after aborting every request")
-        return victims
+        return victims | beam_groups
 
     def _culprits(self, error: BaseException | None,
                   failed_step: SchedulerOutput | None) -> set[str]:

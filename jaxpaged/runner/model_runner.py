@@ -334,14 +334,16 @@ class ModelRunner:
         return (f"executable cache: {stats.hits} loaded in {stats.load_s:.1f} s, "
                 f"{stats.misses} compiled in {stats.compile_s:.1f} s")
 
-    def warmup(self, max_parallel_compiles: int | None = None) -> float:
+    def warmup(self, max_parallel_compiles: int | None = None,
+               extra_sampling: tuple[SamplingParams, ...] = ()) -> float:
         """Compiles every step shape ahead of time, and greedy and random sampling (without and
-        with token constraints) for every batch size, several programs at once (XLA compiles
-        release the GIL); returns the seconds taken."""
+        with token constraints, and ``extra_sampling``'s switches) for every batch size, several
+        programs at once (XLA compiles release the GIL); returns the seconds taken."""
         start = time.perf_counter()
         shapes = self.ladder.all_shapes()
         samplers = [(batch, params, grammar) for batch in self.ladder.sampler_batch_sizes
-                    for params, grammar in _WARMUP_SAMPLING]
+                    for params, grammar in _WARMUP_SAMPLING
+                    + tuple((params, False) for params in extra_sampling)]
         workers = max_parallel_compiles or min(len(shapes) + len(samplers), os.cpu_count() or 1)
 
         def compile_shape(shape: StepShape) -> None:

@@ -1,0 +1,184 @@
+"""The engine's side of beam search: groups in, candidates from each step, forks, results out.
+
+A beam search request enters the scheduler as one ordinary request (its first beam) that asks
+for ``2 * beam_width`` logprobs with ``ignore_eos`` (the group, not the scheduler, decides when
+beams end). Its rows never reach ``Scheduler.update_from_output``: ``take_rows`` records each
+beam's candidates instead of appending the sampled token, and once every live beam of a group has
+proposed, runs the group's selection (``BeamGroup.select``), forks the sequences
+(``beam_fork.fork_beams``) and has the partly filled blocks copied on the device. A beam whose
+candidates are pending is not scheduled (it has no token to compute), so the beams of a group
+advance in lockstep. A preempted beam takes its whole group with it (``Scheduler._preempt``): the
+group is recomputed as a whole, and proposes again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from jaxpaged.core.beam_fork import BlockCopy, fork_beams
+from jaxpaged.core.beam_group import BeamGroup, BeamGroupConfig, FinishedBeam
+from jaxpaged.core.request import Request, RequestStatus
+from jaxpaged.core.scheduler import Scheduler
+from jaxpaged.core.scheduler_output import SchedulerOutput
+from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
+
+
+def beam_step_params(params: BeamSearchParams) -> SamplingParams:
+    """What each beam's step samples with: the candidates as logprobs, EOS left to the group."""
+    return SamplingParams(temperature=params.temperature, logprobs=2 * params.beam_width,
+                          max_tokens=params.max_tokens, ignore_eos=True, detokenize=False)
+
+
+# The sampler switches of beam steps (top-N logprobs up to the first logprobs bucket, beam widths
+# up to 10; greedy, and sampled as the server's default temperature), compiled at warm-up.
+BEAM_WARMUP_SAMPLING = (SamplingParams(temperature=0.0, logprobs=1),
+                        SamplingParams(temperature=1.0, logprobs=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupInfo:
+    group: BeamGroup
+    params: BeamSearchParams
+
+
+class BeamSearchRunner:
+    """The live beam groups of an engine. ``copy_blocks`` runs block copies on the device."""
+
+    def __init__(self, scheduler: Scheduler, copy_blocks: Callable[[list[BlockCopy]], None],
+                 tokenizer) -> None:
+        self.scheduler = scheduler
+        self.copy_blocks = copy_blocks
+        self.tokenizer = tokenizer
+        self.groups: dict[str, _GroupInfo] = {}  # group id -> its group
+        self._group_of: dict[str, str] = {}  # live beam request id -> group id
+        self.finished: dict[str, BeamSearchOutput] = {}  # group id -> result, until taken
+
+    def add(self, request: Request, params: BeamSearchParams) -> None:
+        """``request``: the group's first beam, with ``beam_step_params(params)``."""
+        config = self.scheduler.config
+        if params.beam_width > config.max_num_seqs:
+            raise ValueError(f"beam_width={params.beam_width} is larger than max_num_seqs="
+                             f"{config.max_num_seqs}")
+        total = request.num_prompt_tokens + params.max_tokens
+        if total > config.max_model_len:
+            raise ValueError(f"max_tokens={params.max_tokens} with a {request.num_prompt_tokens}"
+                             f"-token prompt exceeds max_model_len={config.max_model_len}")
+        manager = self.scheduler.block_manager
+        need = params.beam_width * manager.num_blocks_for(total)
+        if need > manager.num_blocks - 1:
+            raise ValueError(f"beam_width={params.beam_width} beams of {total} tokens need "
+                             f"{need} KV blocks; the pool has {manager.num_blocks - 1}")
+        group = BeamGroup(request.request_id, BeamGroupConfig(
+            params.beam_width, params.max_tokens, params.ignore_eos, params.length_penalty,
+            request.eos_token_id), request)
+        request.beam_seats = params.beam_width
+        request.beam_group_id = request.request_id
+        self.scheduler.add_request(request)
+        self.groups[request.request_id] = _GroupInfo(group, params)
+        self._group_of[request.request_id] = request.request_id
+
+    def abort(self, group_id: str) -> bool:
+        info = self.groups.pop(group_id, None)
+        if info is None:
+            return False
+        for beam_id in info.group.beam_ids():
+            self._group_of.pop(beam_id, None)
+            self.scheduler.abort_request(beam_id)
+        return True
+
+    def after_schedule(self, scheduler_output: SchedulerOutput) -> None:
+        """Beams take no output placeholder (their next token is chosen on the host), and a
+        preempted beam proposes again once recomputed."""
+        if not self.groups:
+            return
+        group_of, requests = self._group_of, self.scheduler.requests
+        for scheduled in scheduler_output.scheduled:
+            if scheduled.req_id in group_of:
+                requests[scheduled.req_id].num_output_placeholders = 0
+        for req_id in scheduler_output.preempted_req_ids:
+            self._drop_candidates(req_id)
+
+    def take_rows(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int],
+                  logprobs: dict) -> SchedulerOutput:
+        """Handles the step's beam rows; returns the step without them (for the scheduler)."""
+        if not self.groups:
+            return scheduler_output
+        group_of, requests = self._group_of, self.scheduler.requests
+        manager = self.scheduler.block_manager
+        kept, touched = [], {}
+        for scheduled in scheduler_output.scheduled:
+            group_id = group_of.get(scheduled.req_id)
+            if group_id is None:
+                kept.append(scheduled)
+                continue
+            request = requests.get(scheduled.req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            manager.cache_full_blocks(request)
+            if not scheduled.do_sample:
+                continue
+            token_logprobs = logprobs[scheduled.req_id]
+            candidates = [(token_id, logprob, rank) for rank, (token_id, logprob)
+                          in enumerate(token_logprobs.top.items(), start=1)]
+            sampled = sampled_token_ids[scheduled.req_id]
+            if sampled not in token_logprobs.top:
+                candidates.append((sampled, token_logprobs.sampled_logprob,
+                                   token_logprobs.sampled_rank))
+            info = self.groups[group_id]
+            info.group.add_candidates(scheduled.req_id, tuple(candidates))
+            touched[group_id] = info
+        for group_id, info in touched.items():
+            if info.group.ready():
+                self._advance(group_id, info)
+        return dataclasses.replace(scheduler_output, scheduled=kept)
+
+    def _advance(self, group_id: str, info: _GroupInfo) -> None:
+        group = info.group
+        survivors = group.select()
+        if group.done:
+            self._finish(group_id, info, group.finish(survivors))
+            return
+        old_ids = group.beam_ids()
+        copies, preempted = fork_beams(self.scheduler, group, survivors)
+        for req_id in old_ids:
+            self._group_of.pop(req_id, None)
+        for req_id in group.beam_ids():
+            self._group_of[req_id] = group_id
+        for req_id in preempted:
+            self._drop_candidates(req_id)
+        if copies:
+            self.copy_blocks(copies)
+
+    def _drop_candidates(self, req_id: str) -> None:
+        group_id = self._group_of.get(req_id)
+        if group_id is not None:
+            self.groups[group_id].group.drop_candidates(req_id)
+
+    def _finish(self, group_id: str, info: _GroupInfo, best: list[FinishedBeam]) -> None:
+        for beam_id in info.group.beam_ids():
+            self._group_of.pop(beam_id, None)
+            request = self.scheduler.requests.get(beam_id)
+            if request is not None:
+                self.scheduler._finish(request, RequestStatus.FINISHED_STOPPED, None)
+        del self.groups[group_id]
+        prompt_len = info.group.beams[0].request.num_prompt_tokens
+        self.finished[group_id] = BeamSearchOutput(
+            [self._sequence(f, prompt_len, info.params) for f in best])
+
+    def _sequence(self, beam: FinishedBeam, prompt_len: int,
+                  params: BeamSearchParams) -> BeamSearchSequence:
+        logprobs = [{token_id: Logprob(logprob, rank, self._token_text(token_id))
+                     for token_id, logprob, rank in step.candidates}
+                    for step in (beam.last_step.path() if beam.last_step else [])]
+        generated = beam.tokens[prompt_len:]
+        if beam.finished_by_eos and not params.include_stop_str_in_output:
+            generated = generated[:-1]
+        text = self.tokenizer.decode(generated) if self.tokenizer is not None else None
+        eos = beam.tokens[-1] if beam.finished_by_eos else None
+        return BeamSearchSequence(list(beam.tokens), logprobs, beam.cum_logprob, text,
+                                  "stop" if beam.finished_by_eos else "length", eos)
+
+    def _token_text(self, token_id: int) -> str | None:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
