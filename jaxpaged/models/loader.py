@@ -67,13 +67,14 @@ def load_model(model_dir: str | pathlib.Path, *, dtype: str = "bf16", attn_impl:
     elif load_format == "dummy":
         params = dummy_params(target, seed)
     else:
-        params = _read_params(model_dir, cfg, dtype, target, on_device=True)
+        params = _read_params(model_dir, cfg, dtype, target, on_device=True,
+                              quantized=checkpoint_quantized)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
 def _read_params(model_dir: pathlib.Path, cfg: ModelConfig, dtype: str, target: Any, *,
-                 on_device: bool) -> Any:
+                 on_device: bool, quantized: bool = False) -> Any:
     """The checkpoint's parameter tree (model layout): on the device like ``target``, or, where
     the checkpoint is read on the host, as host arrays when ``on_device`` is False."""
     if is_converted(model_dir):
@@ -81,7 +82,7 @@ def _read_params(model_dir: pathlib.Path, cfg: ModelConfig, dtype: str, target: 
     if (gguf := gguf_source(model_dir)) is not None:  # side files of a .gguf (resolve_model_path)
         host = unstack_layers(gguf_params(gguf, dtype))
     else:
-        host = unstack_layers(params_from_hf(model_dir, cfg, dtype))
+        host = unstack_layers(params_from_hf(model_dir, cfg, dtype, quantized=quantized))
     return _to_device(host, target) if on_device else host
 
 
