@@ -131,3 +131,33 @@ def test_codes_of_an_unknown_dtype_are_refused():
     with pytest.raises(ValueError, match="weight codes must be one of"):
         quant_matmul(jnp.ones((1, 16)), jnp.ones((16, 16), jnp.bfloat16), jnp.ones((16,)))
     assert CODE_MAX["int8"] == 127.0
+
+
+# ---------------------------------------------------------------------- on the GPU (-m gpu)
+GPU_SHAPES = [(1, 4096, 6144), (16, 14336, 4096), (300, 4096, 4096), (1024, 4096, 1024)]
+GPU_TUNINGS = [None, MatmulTuning(splits=4), MatmulTuning(block_m=128, block_n=128, block_k=64,
+                                                          num_warps=8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,kernel", [("fp8", "w8a16_pallas"), ("int8", "w8a16_pallas"),
+                                        ("fp8", "w8a8_pallas"), ("fp8", "w8a8_xla")])
+@pytest.mark.parametrize("m,k,n", GPU_SHAPES)
+def test_kernels_on_gpu_match_their_references(fmt, kernel, m, k, n):
+    w = _weights(11, k, n) / np.sqrt(k)
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((m, k)), jnp.bfloat16)
+    codes, scale = quantize_weight(jnp.asarray(w), fmt)
+    reference = w8a8_reference if kernel.startswith("w8a8") else quant_matmul_reference
+    expected = reference(x.astype(jnp.float32), codes, scale)  # f32 on the GPU
+    for tuning in GPU_TUNINGS if kernel.endswith("pallas") else [None]:
+        out = quant_matmul(x, codes, scale, kernel=kernel, tuning=tuning)
+        assert relative_error(out, expected) < 1e-2, tuning
+
+
+@pytest.mark.gpu
+def test_auto_on_gpu_follows_the_table():
+    from jaxpaged.pallas_kernels.quant_matmul import KERNEL_BY_TOKENS
+    for fmt, table in KERNEL_BY_TOKENS.items():
+        for bound, kernel in table:
+            m = bound or 4096
+            assert choose_kernel("auto", fmt, m, 4096, 4096) == kernel
