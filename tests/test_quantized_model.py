@@ -226,3 +226,47 @@ def test_llama3_8b_weights_take_about_half_the_bytes(method):
     saved = proj_bf16 - proj_q
     assert total_q == total_bf16 - saved  # embeddings, norms and lm_head unchanged
     assert total_q / total_bf16 < 0.57
+
+
+# ------------------------------------------------------------- the public API and command lines
+
+def test_quantization_arguments_of_llm_serve_and_convert(fp32_dir, tmp_path, capsys):
+    from jaxpaged.cli import main
+    from jaxpaged.config import QUANT_MATMUL_KERNELS, EngineConfig
+    from jaxpaged.pallas_kernels.quant_matmul import MATMUL_KERNELS
+    from jaxpaged.server.args import add_server_arguments, engine_config_from_args
+
+    assert QUANT_MATMUL_KERNELS == MATMUL_KERNELS
+    assert EngineConfig.from_kwargs("/m", {"quantization": "fp8"}).quantization == "fp8"
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig.from_kwargs("/m", {"quantization": "awq"})
+    with pytest.raises(ValueError, match="quant_matmul_kernel must be one of"):
+        EngineConfig(model="/m", quant_matmul_kernel="cutlass")
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    for flag in ("-q", "--quantization"):
+        config = engine_config_from_args(parser.parse_args([flag, "int8"]), "/m")
+        assert config.quantization == "int8"
+    config = engine_config_from_args(parser.parse_args(["-q", "fp8", "--quant-matmul-kernel",
+                                                        "w8a8_pallas"]), "/m")
+    assert (config.quantization, config.quant_matmul_kernel) == ("fp8", "w8a8_pallas")
+    out = tmp_path / "fp8"
+    assert main(["convert", str(fp32_dir), str(out), "--dtype", "fp32", "-q", "fp8"]) == 0
+    assert "fp8 weights" in capsys.readouterr().out
+    assert checkpoint_quantization(out).method == "fp8"
+
+
+@pytest.mark.slow
+def test_llm_with_int8_runs_the_quantized_model(fp32_dir):
+    """The engine's greedy tokens equal the model-level greedy run of the same int8 model."""
+    from jaxpaged import LLM, SamplingParams
+
+    llm = LLM(str(fp32_dir), dtype="float32", quantization="int8", max_model_len=64,
+              max_num_seqs=2, max_num_batched_tokens=32)
+    assert llm.llm_engine.quant == QuantConfig("int8")
+    out = llm.generate([{"prompt_token_ids": PROMPT}],
+                       SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    model = load_model(fp32_dir, dtype="fp32", quant=QuantConfig("int8"))
+    assert out == generate(model, PROMPT, max_new_tokens=6).token_ids
