@@ -59,12 +59,13 @@ class MatmulTuning:
     """Tiles of the Pallas kernels. ``block_n`` / ``block_k`` shrink to the largest power of 2
     that divides N / K; ``block_m`` to the next power of 2 >= M (at least 16, ``dot``'s minimum).
     ``splits``: K is cut into this many parts, each a program; partial f32 sums are added in
-    XLA (more programs for a decode GEMV whose N alone does not fill the GPU)."""
+    XLA (more programs for a decode GEMV whose N alone does not fill the GPU). None: enough
+    splits (at most ``MAX_AUTO_SPLITS``) for ``TARGET_PROGRAMS`` programs."""
 
     block_m: int = 16
     block_n: int = 64
     block_k: int = 256
-    splits: int = 1
+    splits: int | None = 1
     num_warps: int = 4
     num_stages: int = 3
 
@@ -74,13 +75,17 @@ class MatmulTuning:
             require_power_of_2(f"MatmulTuning.{name}", value)
             if value < MIN_TILE:
                 raise ValueError(f"MatmulTuning.{name} must be >= {MIN_TILE}, got {value}")
-        if self.splits < 1:
+        if self.splits is not None and self.splits < 1:
             raise ValueError(f"MatmulTuning.splits must be >= 1, got {self.splits}")
 
 
+# splits=None: split K until the grid has about two programs per SM of an H100/H200.
+TARGET_PROGRAMS = 264
+MAX_AUTO_SPLITS = 8
+
 # Tunings by token count, the first whose bound is >= M (same rule as KERNEL_BY_TOKENS).
 TUNING_BY_TOKENS: tuple[tuple[int | None, MatmulTuning], ...] = (
-    (16, MatmulTuning(block_m=16, block_n=64, block_k=256, splits=1)),
+    (16, MatmulTuning(block_m=16, block_n=64, block_k=256, splits=None)),
     (64, MatmulTuning(block_m=64, block_n=64, block_k=128)),
     (None, MatmulTuning(block_m=128, block_n=128, block_k=64, num_warps=8)),
 )
@@ -250,7 +255,9 @@ def _pallas_matmul(x, codes, scale, *, tuning: MatmulTuning, activations_fp8: bo
     n = codes.shape[1]
     block_m = max(MIN_TILE, min(tuning.block_m, pl.next_power_of_2(m)))
     block_n = min(tuning.block_n, largest_power_of_2_divisor(n))
-    splits = _splits_that_divide(k, tuning.splits)
+    tiles = pl.cdiv(m, block_m) * (n // block_n)
+    wanted = tuning.splits or min(MAX_AUTO_SPLITS, max(1, pl.cdiv(TARGET_PROGRAMS, tiles)))
+    splits = _splits_that_divide(k, wanted)
     k_part = k // splits
     block_k = min(tuning.block_k, largest_power_of_2_divisor(k_part))
     m_pad = -m % block_m

@@ -78,7 +78,8 @@ def test_reference_is_dequantize_then_matmul():
 
 # (M, K, N): decode (M=1 padded to a 16-row tile), M not a tile multiple, N not a power of 2
 SHAPES = [(1, 256, 128), (20, 512, 96), (64, 192, 64)]
-TUNINGS = [MatmulTuning(), MatmulTuning(block_m=32, block_n=32, block_k=64, splits=2)]
+TUNINGS = [MatmulTuning(), MatmulTuning(block_m=32, block_n=32, block_k=64, splits=2),
+           MatmulTuning(block_k=64, splits=None)]  # automatic split count
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])

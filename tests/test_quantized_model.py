@@ -145,6 +145,10 @@ def test_compressed_tensors_channel_fp8_gives_our_own_fp8_logits(fp32_dir, own_f
     # way than numpy: 1e-3 is two orders below the distance of either from fp32.
     assert _rel(_prompt_logits(out), own_fp8_logits) < SAME_QUANTIZATION_RTOL
     assert _rel(_prompt_logits(out, "compressed-tensors"), own_fp8_logits) < SAME_QUANTIZATION_RTOL
+    converted = tmp_path / "ct-converted"  # the codes are kept, not quantized again
+    convert(out, converted, dtype="fp32")
+    assert checkpoint_quantization(converted).layout == "converted"
+    assert _rel(_prompt_logits(converted), _prompt_logits(out)) < 1e-6
 
 
 def test_hf_fp8_per_tensor_gives_the_logits_of_its_dequantized_weights(fp32_dir, fp32_run,
