@@ -64,6 +64,7 @@ def own_fp8_logits(fp32_dir) -> np.ndarray:
     return generate(model, PROMPT, max_new_tokens=1).prompt_logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["int8", "fp8"])
 def test_quantized_logits_and_greedy_stay_near_fp32(fp32_dir, fp32_run, method):
     model = load_model(fp32_dir, dtype="fp32", quant=QuantConfig(method))
