@@ -144,6 +144,10 @@ def main() -> None:
                              "the decode kernel's KV splits)")
     parser.add_argument("--kv-bytes", type=float, nargs="+", default=[0],
                         help="KV pool sizes in GiB (0 = gpu_memory_utilization 0.9)")
+    parser.add_argument("--quantization", choices=["fp8", "int8"], default=None,
+                        help="quantized projection weights (the floor counts their bytes)")
+    parser.add_argument("--quant-matmul-kernel", default="auto",
+                        help="quantized models: the projections' kernel (auto: by token count)")
     parser.add_argument("--dump-hlo", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="overlap host work with the device (sampled ids applied one step late)")
@@ -163,7 +167,8 @@ def main() -> None:
                   max_model_len=args.max_model_len,
                   max_num_seqs=max(args.batches), max_num_batched_tokens=8192,
                   kv_cache_memory_bytes=int(kv_gib * 2**30) or None,
-                  async_scheduling=args.async_scheduling)
+                  async_scheduling=args.async_scheduling, quantization=args.quantization,
+                  quant_matmul_kernel=args.quant_matmul_kernel)
         startup = time.perf_counter() - start
         cfg = llm.llm_engine.model_config
         recorder = StepRecorder(llm.llm_engine.runner)
@@ -171,7 +176,8 @@ def main() -> None:
             row = time_decode(llm, batch, args.context, args.steps, recorder,
                               args.out if batch in args.profile else None,
                               args.out if batch in args.trace else None)
-            step_bytes = weight_bytes(cfg) + batch * (args.context + 1) * kv_bytes_per_token(cfg)
+            step_bytes = (weight_bytes(cfg, quantization=args.quantization)
+                          + batch * (args.context + 1) * kv_bytes_per_token(cfg))
             floor = max(step_bytes / ceilings.bandwidth,
                         batch * matmul_flops_per_token(cfg) / ceilings.matmul_flops)
             row.update(batch=batch, kv_gib=kv_gib, startup_s=startup, floor_ms=floor * 1e3,
@@ -185,6 +191,7 @@ def main() -> None:
     summary = {"device": jax.devices()[0].device_kind, "async_scheduling": args.async_scheduling,
                "bandwidth_TBps": ceilings.bandwidth / 1e12,
                "matmul_TFLOPps": ceilings.matmul_flops / 1e12, "context": args.context,
+               "quantization": args.quantization, "quant_matmul_kernel": args.quant_matmul_kernel,
                "rows": results}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

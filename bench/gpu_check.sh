@@ -2,6 +2,9 @@
 # Everything the GPU machine checks and measures, in one call; a short table last.
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
 #   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2; beam search: beam hf-beam)
+#   (quantized weights: quant-matmul quant-matmul-prefill kernel-tests-quant decode-fp8w
+#    decode-int8w throughput-fp8w throughput-int8w throughput-fp8w-fp8kv start-70b-fp8;
+#    nano vs bf16 in the same call: `throughput throughput-fp8w`)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
 # A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
 # stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
@@ -138,6 +141,27 @@ for label in $stages; do
     beam) run beam 420 python3 bench/beam_search.py --beam-widths 4 8 --out "$OUT/beam" ;;
     hf-beam) run hf-beam 540 python3 bench/hf_beam_baseline.py --beam-widths 4 8 \
              --out "$OUT/beam" ;;
+    quant-matmul) run quant-matmul 590 python3 bench/quant_matmul.py --m 1 16 64 \
+             --out "$OUT/quant-matmul" ;;
+    quant-matmul-prefill) run quant-matmul-prefill 590 python3 bench/quant_matmul.py \
+             --m 256 1024 2048 --out "$OUT/quant-matmul-prefill" ;;
+    kernel-tests-quant) run kernel-tests-quant 300 python3 -m pytest -m gpu -q \
+             -p no:cacheprovider tests/test_kernel_quant_matmul.py ;;
+    decode-fp8w) run decode-fp8w-bf16 420 python3 bench/decode_steps.py --batches 1 16 64 256 \
+             --steps 10 --kv-bytes 40 --out "$OUT/fp8w-bf16"
+           run decode-fp8w 420 python3 bench/decode_steps.py --batches 1 16 64 256 --steps 10 \
+             --kv-bytes 40 --quantization fp8 --out "$OUT/fp8w" ;;
+    decode-int8w) run decode-int8w 420 python3 bench/decode_steps.py --batches 1 16 64 256 \
+             --steps 10 --kv-bytes 40 --quantization int8 --out "$OUT/int8w" ;;
+    throughput-fp8w) run throughput-fp8w 540 python3 bench/throughput.py --workload nano \
+             --quantization fp8 --out "$OUT/fp8w" ;;
+    throughput-int8w) run throughput-int8w 540 python3 bench/throughput.py --workload nano \
+             --quantization int8 --out "$OUT/int8w" ;;
+    throughput-fp8w-fp8kv) run throughput-fp8w-fp8kv 540 python3 bench/throughput.py \
+             --workload nano --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/fp8w-fp8kv" ;;
+    start-70b-fp8) run start-70b-fp8 590 python3 bench/throughput.py \
+             --model bench/configs/llama3-70b --workload nano --quantization fp8 \
+             --out "$OUT/70b-fp8" ;;
     *) echo "unknown stage $label" >> "$summary" ;;
   esac
 done

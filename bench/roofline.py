@@ -106,13 +106,20 @@ def measure_ceilings(copy_bytes: int = 4 << 30) -> Ceilings:
     return Ceilings(bandwidth=measure_bandwidth(copy_bytes), matmul_flops=measure_matmul_rate())
 
 
-def weight_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
+def weight_bytes(cfg: ModelConfig, itemsize: int = 2, quantization: str | None = None) -> int:
+    """Bytes of the weights one decode step reads. ``quantization`` ("fp8" / "int8"): the
+    projections at one byte per weight plus an f32 scale per output channel; norms and lm_head
+    stay at ``itemsize`` (jaxpaged.models.linear)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    per_layer = (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h
-                 + 3 * h * i + 2 * h)
+    qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+    projections = h * qkv_out + cfg.num_heads * d * h + 3 * h * i  # per layer
     head = 0 if cfg.tie_word_embeddings else h * cfg.vocab_size
     # the embedding table is gathered (a few rows per step), not read whole
-    return itemsize * (cfg.num_layers * per_layer + h + head)
+    rest = itemsize * (cfg.num_layers * 2 * h + h + head)
+    if quantization is None:
+        return itemsize * cfg.num_layers * projections + rest
+    scales = 4 * (qkv_out + h + 2 * i + h)  # f32 per output channel, per layer
+    return cfg.num_layers * (projections + scales) + rest
 
 
 def matmul_flops_per_token(cfg: ModelConfig) -> int:
@@ -129,15 +136,18 @@ def attention_flops(cfg: ModelConfig, context: np.ndarray) -> float:
 
 
 def workload_floor(cfg: ModelConfig, prompt_lens: list[int], output_lens: list[int],
-                   ceilings: Ceilings, kv_itemsize: int = 2) -> dict[str, float]:
+                   ceilings: Ceilings, kv_itemsize: int = 2,
+                   quantization: str | None = None) -> dict[str, float]:
     """Seconds of the ideal schedule: all prompts prefilled, then every request decodes each
     step until its output is done (the first output token comes from the prefill). K/V bytes at
-    ``kv_itemsize`` per value (1 for an fp8 pool; its per-layer scales are negligible)."""
+    ``kv_itemsize`` per value (1 for an fp8 pool; its per-layer scales are negligible); weight
+    bytes at their stored width for ``quantization`` (F stays the bf16 rate: the W8A16 kernels
+    multiply in bf16; a W8A8 run should pass the fp8 rate in ``ceilings``)."""
     prompts, outputs = np.asarray(prompt_lens), np.asarray(output_lens)
     prefill_flops = matmul_flops_per_token(cfg) * prompts.sum() + sum(
         attention_flops(cfg, np.arange(p)) / 2 for p in prompts)
     prefill = prefill_flops / ceilings.matmul_flops
-    weights = weight_bytes(cfg)
+    weights = weight_bytes(cfg, quantization=quantization)
     decode = weight_time = kv_time = 0.0
     for step in range(1, int(outputs.max())):
         active = outputs > step
@@ -154,12 +164,15 @@ def workload_floor(cfg: ModelConfig, prompt_lens: list[int], output_lens: list[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="bench/configs/llama3-8b")
+    parser.add_argument("--quantization", choices=["fp8", "int8"], default=None,
+                        help="weight bytes at the quantized width")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     cfg = ModelConfig.from_dir(args.model)
     ceilings = measure_ceilings()
     prompts, outputs = nano_workload()
-    floor = workload_floor(cfg, [len(p) for p in prompts], outputs, ceilings)
+    floor = workload_floor(cfg, [len(p) for p in prompts], outputs, ceilings,
+                           quantization=args.quantization)
     result = {"device": jax.devices()[0].device_kind, "bandwidth_TBps": ceilings.bandwidth / 1e12,
               "matmul_TFLOPps": ceilings.matmul_flops / 1e12, "nano": floor,
               "nano_floor_output_tok_s": sum(outputs) / floor["floor_s"]}

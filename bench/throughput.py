@@ -70,6 +70,10 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-waste", action="store_true")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8, fp8_e5m2 (vLLM's)")
+    parser.add_argument("--quantization", choices=["fp8", "int8"], default=None,
+                        help="quantized projection weights (vLLM's --quantization)")
+    parser.add_argument("--quant-matmul-kernel", default="auto",
+                        help="quantized models: the projections' kernel (auto: by token count)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="overlap host work with the device (sampled ids applied one step late)")
     parser.add_argument("--trace", action="store_true",
@@ -82,7 +86,8 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization,
-              async_scheduling=args.async_scheduling, kv_cache_dtype=args.kv_cache_dtype)
+              async_scheduling=args.async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
+              quantization=args.quantization, quant_matmul_kernel=args.quant_matmul_kernel)
     startup = time.perf_counter() - start
     prompts, params, outputs = build_requests(args.workload, args.num_requests)
     llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -97,7 +102,8 @@ def main() -> None:
     output_tokens = sum(outputs)
     floor = workload_floor(llm.llm_engine.model_config,
                            [len(p["prompt_token_ids"]) for p in prompts], outputs, ceilings,
-                           kv_itemsize=llm.llm_engine.kv_dtype.itemsize)
+                           kv_itemsize=llm.llm_engine.kv_dtype.itemsize,
+                           quantization=args.quantization)
     result = {
         "device": jax.devices()[0].device_kind, "workload": args.workload,
         "num_requests": len(prompts), "prompt_tokens": prompt_tokens,
@@ -110,6 +116,7 @@ def main() -> None:
         "startup_s": startup, "async_scheduling": args.async_scheduling,
         "kv_capacity_tokens": llm.llm_engine.kv_plan.capacity_tokens,
         "kv_cache_dtype": llm.llm_engine.kv_dtype.name,
+        "quantization": args.quantization, "quant_matmul_kernel": args.quant_matmul_kernel,
         "kv_waste": waste, "steps": steps,
         "preemptions": llm.llm_engine.scheduler.num_preemptions,
     }

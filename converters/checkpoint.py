@@ -4,7 +4,8 @@
 Layout of a converted directory::
 
     OUT_DIR/
-      jaxpaged_checkpoint.json   format marker: {"format": 1, "dtype": "bf16"}
+      jaxpaged_checkpoint.json   format marker: {"format": 1, "dtype": "bf16"} (and
+                                 "quantization": "fp8" | "int8" for quantized projections)
       params/                    orbax StandardCheckpointer tree (see jaxpaged.models.llama)
       kv_scales.json             per-layer fp8 KV-cache scales, when the HF checkpoint has them
       config.json, tokenizer.json, tokenizer_config.json, generation_config.json, ...
@@ -27,6 +28,9 @@ from jaxpaged.converters.gguf_model import gguf_params, is_gguf_file, write_mode
 from jaxpaged.converters.gguf_reader import GGUFFile
 from jaxpaged.converters.hf_to_params import numpy_dtype, params_from_hf
 from jaxpaged.converters.kv_scales import SCALES_FILE, read_kv_scales
+from jaxpaged.converters.quant_config import checkpoint_quantization
+from jaxpaged.converters.quantized_params import quantize_stacked_on_host
+from jaxpaged.pallas_kernels.quant_matmul import validate_format
 
 MARKER = "jaxpaged_checkpoint.json"
 FORMAT_VERSION = 1
@@ -39,24 +43,40 @@ def is_converted(model_dir: str | pathlib.Path) -> bool:
     return (pathlib.Path(model_dir) / MARKER).is_file()
 
 
-def convert(src: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "bf16") -> None:
-    """HF checkpoint directory or GGUF file -> jaxpaged checkpoint directory."""
+def convert(src: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "bf16",
+            quantization: str | None = None) -> None:
+    """HF checkpoint directory or GGUF file -> jaxpaged checkpoint directory; ``quantization``
+    ("fp8" / "int8") stores the projections' codes and per-output-channel scales, so loading
+    needs no quantization pass. A pre-quantized HF checkpoint keeps its codes."""
     src, out_dir = pathlib.Path(src), pathlib.Path(out_dir)
     numpy_dtype(dtype)  # validate before doing any work
+    if quantization is not None:
+        validate_format(quantization)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"output directory {out_dir} exists and is not empty")
+    stored = None  # the checkpoint's own quantization (HF only)
     if is_gguf_file(src):
         gguf = GGUFFile(src)
         params, write_side_files = gguf_params(gguf, dtype), partial(write_model_files, gguf)
     else:
         cfg = ModelConfig.from_dir(src)
-        params = params_from_hf(src, cfg, dtype)
+        stored = checkpoint_quantization(src)
+        if stored is not None and quantization not in (None, stored.method):
+            raise ValueError(f"quantization={quantization!r} does not match the checkpoint's "
+                             f"{stored.method!r} weights in {src}")
+        params = params_from_hf(src, cfg, dtype, quantized=stored is not None)
+        quantization = stored.method if stored is not None else quantization
         write_side_files = partial(_copy_side_files, src, cfg.num_layers)
+    if quantization is not None and stored is None:
+        params = quantize_stacked_on_host(params, quantization)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save((out_dir / "params").absolute(), params)
     write_side_files(out_dir)
-    (out_dir / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "dtype": dtype}))
+    marker = {"format": FORMAT_VERSION, "dtype": dtype}
+    if quantization is not None:
+        marker["quantization"] = quantization
+    (out_dir / MARKER).write_text(json.dumps(marker))
 
 
 def _copy_side_files(hf_dir: pathlib.Path, num_layers: int, out_dir: pathlib.Path) -> None:

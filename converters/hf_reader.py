@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import pathlib
+import struct
 from collections.abc import Callable, Iterator
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -51,17 +53,42 @@ def iter_tensors(model_dir: pathlib.Path, select: Callable[[str], bool] | None =
             yield name, array
 
 
+# safetensors' numpy reader has no fp8 dtypes: these are read from the file's bytes.
+_RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
 def _read_file(path: pathlib.Path, select: Callable[[str], bool] | None
                ) -> Iterator[tuple[str, np.ndarray]]:
     if path.suffix == ".safetensors":
+        header, data_start = _safetensors_header(path)
         with safe_open(str(path), framework="numpy") as f:
             for name in f.keys():
-                if select is None or select(name):
+                if select is not None and not select(name):
+                    continue
+                entry = header[name]
+                if entry["dtype"] in _RAW_DTYPES:
+                    yield name, _read_raw(path, data_start, entry)
+                else:
                     yield name, f.get_tensor(name)
     else:
         for name, array in _read_torch_bin(path):
             if select is None or select(name):
                 yield name, array
+
+
+def _safetensors_header(path: pathlib.Path) -> tuple[dict, int]:
+    """The file's JSON header (name -> dtype, shape, data_offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(size)), 8 + size
+
+
+def _read_raw(path: pathlib.Path, data_start: int, entry: dict) -> np.ndarray:
+    begin, end = entry["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        raw = f.read(end - begin)
+    return np.frombuffer(raw, np.uint8).view(_RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _read_torch_bin(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:

@@ -41,6 +41,8 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="Hugging Face checkpoint directory or .gguf file")
     p.add_argument("out_dir", help="output directory (must be new or empty)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("-q", "--quantization", default=None, choices=["fp8", "int8"],
+                   help="store the projections quantized (per-output-channel scales)")
     p.set_defaults(run=_convert)
 
 
@@ -68,8 +70,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from jaxpaged.converters.checkpoint import convert
 
-    convert(args.src, args.out_dir, dtype=args.dtype)
-    print(f"converted {args.src} -> {args.out_dir} ({args.dtype})")
+    convert(args.src, args.out_dir, dtype=args.dtype, quantization=args.quantization)
+    quant = f", {args.quantization} weights" if args.quantization else ""
+    print(f"converted {args.src} -> {args.out_dir} ({args.dtype}{quant})")
     return 0
 
 

@@ -20,7 +20,6 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
     "disable_log_stats": (False, True),
     "disable_custom_all_reduce": (False, True),
     "max_seq_len_to_capture": (None, 8192),
-    "quantization": (None,),
     "pipeline_parallel_size": (1,),  # one device for now (tensor_parallel_size says the same)
     "data_parallel_size": (1,),
     "hf_token": (None,),
@@ -32,6 +31,11 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
 KV_CACHE_DTYPES: dict[str, str | None] = {
     "auto": None, "bfloat16": "bfloat16", "float32": "float32",
     "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
+# quantization -> (vLLM's names; "int8" is jaxpaged's weight-only int8). None: the checkpoint's.
+QUANTIZATION_METHODS = (None, "fp8", "int8", "compressed-tensors")
+QUANT_MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas", "w8a8_xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,17 @@ class EngineConfig:
     """KV cache dtype (vLLM's names); "auto" = the model dtype. "fp8" (= "fp8_e4m3") and
     "fp8_e5m2" store K and V in one byte each with a per-layer scale (twice the tokens in the
     pool, half the bytes read by attention)."""
+    quantization: Literal[None, "fp8", "int8", "compressed-tensors"] = None
+    """Weight quantization of the projections (vLLM's name). None: the checkpoint's (a
+    pre-quantized HF "fp8" or compressed-tensors FP8 checkpoint, or one made by ``jaxpaged
+    convert --quantization``), else unquantized. "fp8": E4M3 weights with per-output-channel
+    scales; "int8": int8 weights with per-output-channel scales, bf16 activations (W8A16).
+    Embeddings, norms and lm_head stay in the model dtype; weights take about half the bytes, and
+    the KV pool gets what they save."""
+    quant_matmul_kernel: Literal["auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas",
+                                 "w8a8_xla"] = "auto"
+    """Quantized models: the matmul kernel of every projection ("auto": by the step's token
+    count, ``pallas_kernels.quant_matmul.KERNEL_BY_TOKENS``). For benchmarks."""
     calculate_kv_scales: bool = False
     """fp8 KV cache: estimate each layer's K and V scales at start-up from a calibration forward
     pass (vLLM's flag and rule: amax / 200 for K, amax / 100 for V). Otherwise the
@@ -159,6 +174,12 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, "
+                             f"got {self.quantization!r}")
+        if self.quant_matmul_kernel not in QUANT_MATMUL_KERNELS:
+            raise ValueError(f"quant_matmul_kernel must be one of {QUANT_MATMUL_KERNELS}, "
+                             f"got {self.quant_matmul_kernel!r}")
         if self.calculate_kv_scales and not self.kv_cache_dtype.startswith("fp8"):
             raise ValueError("calculate_kv_scales=True needs an fp8 kv_cache_dtype, got "
                              f"{self.kv_cache_dtype!r}")

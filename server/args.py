@@ -139,6 +139,9 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
                         "each on first use ('first_use', the CPU default)")
     g.add_argument("--attention-impl", default="auto",
                    choices=["auto", "pallas", "xla", "reference"])
+    g.add_argument("--quant-matmul-kernel", default="auto",
+                   choices=["auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas", "w8a8_xla"],
+                   help="quantized models: the projections' matmul kernel (benchmarks)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="overlap scheduling and detokenizing with the device step (default on)")
     g.add_argument("--generation-config", default="auto",
@@ -161,7 +164,8 @@ def _add_vllm_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="only 1")
     g.add_argument("-dp", "--data-parallel-size", type=int, default=1, help="only 1")
     g.add_argument("-q", "--quantization", type=_none_or_str, default=None,
-                   help="only none for now")
+                   help="fp8, int8 (weight-only) or compressed-tensors; default: the "
+                        "checkpoint's")
     g.add_argument("--tokenizer-mode", default="auto", help="only auto")
     g.add_argument("--revision", default=None, help="only the default (main)")
     g.add_argument("--tokenizer-revision", default=None, help="only the default (main)")

@@ -19,6 +19,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from jaxpaged.pallas_kernels.kv_write import write_kv
 from jaxpaged.pallas_kernels.paged_decode_attention import DecodeTuning, paged_decode_attention
+from jaxpaged.pallas_kernels.quant_matmul import MatmulTuning, quant_matmul
 from jaxpaged.pallas_kernels.ragged_paged_attention import RaggedTuning, ragged_paged_attention
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -270,3 +271,26 @@ def test_rope_and_write_kv_lowers_as_one_kernel(tokens, kv_heads, group, head_di
                            pool, _sds((tokens,), I32), 4096, **_scales(kv_dtype), impl="pallas")
     assert text.count(TRITON_CALL) == 1
     assert text.count("tf.aliasing_output") == 2
+
+
+# ------------------------------------------------------------ quantized-weight matmuls (issue 14)
+QUANT_MATMUL_LOWERINGS = [  # (M, K, N, kernel, weight dtype, tuning)
+    (1, 4096, 6144, "w8a16_pallas", E4M3, None),  # Llama-3-8B qkv, decode
+    (1, 14336, 4096, "w8a16_pallas", jnp.int8, MatmulTuning(splits=4)),  # down, split-K
+    (256, 4096, 28672, "w8a16_pallas", E4M3, None),  # gate_up
+    (2048, 4096, 4096, "w8a16_pallas", jnp.int8, None),  # o, prefill tiles
+    (16, 4096, 4096, "w8a8_pallas", E4M3, None),
+    (1024, 4096, 6144, "w8a8_pallas", E4M3, MatmulTuning(block_m=64, block_n=128, block_k=128)),
+    (7, 576, 960, "w8a16_pallas", E4M3, None),  # SmolLM2 qkv: N = 64 * 15
+]
+
+
+@pytest.mark.parametrize("m,k,n,kernel,dtype,tuning", QUANT_MATMUL_LOWERINGS)
+def test_quant_matmul_lowers(m, k, n, kernel, dtype, tuning):
+    fn = jax.jit(quant_matmul, static_argnames=("kernel", "tuning", "interpret"))
+    text = _lower_for_h100(fn, _sds((m, k), BF16), _sds((k, n), dtype), _sds((n,), F32),
+                           kernel=kernel, tuning=tuning)
+    assert text.count(TRITON_CALL) == 1
+    codes = f"tensor<{k}x{n}x{'f8E4M3FN' if dtype == E4M3 else 'i8'}>"
+    assert codes in text  # the kernel reads the codes: no XLA convert of the weights to bf16
+    assert f"tensor<{k}x{n}xbf16>" not in text

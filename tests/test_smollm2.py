@@ -113,3 +113,32 @@ def test_converted_checkpoint_equals_loading_the_gguf_directly(smollm2_dir, smol
     assert len(converted) == len(direct)
     for a, b in zip(converted, direct):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# Quantized weights (bf16 activations) against bf16: bound on the relative perplexity increase.
+QUANTIZED_PERPLEXITY_RISE = {"fp8": 0.02, "int8": 0.01}
+
+
+def _paragraph_perplexity(model_dir, ids: list[int], quant) -> float:
+    model = load_model(model_dir, dtype="bf16", attn_impl="reference", quant=quant)
+    logits = generate(model, ids, max_new_tokens=1).prompt_logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return perplexity(logprobs[np.arange(len(ids) - 1), ids[1:]])
+
+
+@pytest.fixture(scope="module")
+def bf16_perplexity(smollm2_dir, golden) -> float:
+    return _paragraph_perplexity(smollm2_dir, golden["paragraph_ids"].tolist(), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_quantized_perplexity_stays_within_its_bound_of_bf16(smollm2_dir, golden,
+                                                             bf16_perplexity, method):
+    from jaxpaged.models.linear import QuantConfig
+
+    quantized = _paragraph_perplexity(smollm2_dir, golden["paragraph_ids"].tolist(),
+                                      QuantConfig(method))
+    assert quantized != bf16_perplexity  # the weights did change
+    assert quantized <= bf16_perplexity * (1 + QUANTIZED_PERPLEXITY_RISE[method])

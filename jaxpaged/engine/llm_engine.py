@@ -26,6 +26,7 @@ from flax import nnx
 from jaxpaged.config import EngineConfig
 from jaxpaged.converters.gguf_model import resolve_model_path
 from jaxpaged.converters.kv_scales import KVScales
+from jaxpaged.converters.quant_config import resolve_quantization
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import RequestUpdate, ScheduledRequest, SchedulerOutput
@@ -69,8 +70,12 @@ class LLMEngine:
                                            on_cpu=jax.default_backend() == "cpu")
         dtype = setup.resolve_dtype(config.dtype, model_dir)
         self.kv_dtype = setup.kv_pool_dtype(config, dtype)  # refused before the weights load
+        self.quant, checkpoint_quantized = resolve_quantization(
+            config.quantization, model_dir, kernel=config.quant_matmul_kernel,
+            dummy=config.load_format == "dummy")
         model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl,
-                           load_format=config.load_format, seed=config.seed)
+                           load_format=config.load_format, seed=config.seed, quant=self.quant,
+                           checkpoint_quantized=checkpoint_quantized)
         jax.block_until_ready(nnx.state(model))
         weights_s = time.perf_counter() - start
         self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, self.kv_dtype)

@@ -13,6 +13,8 @@ Per-layer weight layout (x @ W, inputs first), chosen so tensor parallelism can 
   attn.wo    [Hq * D, hidden]          query heads in HF order (h = kv_head * G + g)
   mlp.w_gate_up [hidden, 2, I]         gate then up
   mlp.w_down [I, hidden]
+Quantized models (``quant``) hold codes of the same shapes in these four, and one f32 scale per
+output channel beside each (``wqkv_scale [Hkv, G + 2, D]``, ...; see ``jaxpaged.models.linear``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jaxpaged.models.attention import paged_attention
 from jaxpaged.models.attention_metadata import AttentionMetadata
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
+from jaxpaged.models.linear import Linear, QuantConfig
 from jaxpaged.models.rope import RotaryEmbedding
 
 
@@ -46,52 +49,58 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, *, rngs: nnx.Rngs,
+                 quant: QuantConfig | None = None):
         h, hkv, g, d = cfg.hidden_size, cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim
-        self.wqkv = _normal(rngs, (h, hkv, g + 2, d), h, dtype)
+        self.linear = Linear(quant)
+        self.wqkv, self.wqkv_scale = self.linear.init(rngs, (h, hkv, g + 2, d), dtype)
         self.bqkv = nnx.Param(jnp.zeros((hkv, g + 2, d), dtype)) if cfg.attention_bias else None
-        self.wo = _normal(rngs, (cfg.num_heads * d, h), cfg.num_heads * d, dtype)
+        self.wo, self.wo_scale = self.linear.init(rngs, (cfg.num_heads * d, h), dtype)
         self.bo = nnx.Param(jnp.zeros((h,), dtype)) if cfg.attention_bias else None
         self.sm_scale = 1.0 / math.sqrt(d)
 
     def __call__(self, x, cos, sin, kv_cache: KVCache, layer, md: AttentionMetadata, attn_impl: str):
         t = x.shape[0]
-        qkv = jnp.einsum("th,hkgd->tkgd", x, self.wqkv[...])  # [T, Hkv, G + 2, D]
+        qkv = self.linear(x, self.wqkv, self.wqkv_scale)  # [T, Hkv, G + 2, D]
         if self.bqkv is not None:
             qkv = qkv + self.bqkv[...]
         # RoPE of q and k, the K/V write and attention: one entry point (two kernels on the GPU).
         out, kv_cache = paged_attention(qkv, cos, sin, kv_cache, layer, md,
                                         sm_scale=self.sm_scale, impl=attn_impl)  # [T, Hq, D]
-        out = out.reshape(t, -1) @ self.wo[...]  # [T, hidden]
+        out = self.linear(out.reshape(t, -1), self.wo, self.wo_scale)  # [T, hidden]
         if self.bo is not None:
             out = out + self.bo[...]
         return out, kv_cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, *, rngs: nnx.Rngs,
+                 quant: QuantConfig | None = None):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.w_gate_up = _normal(rngs, (h, 2, i), h, dtype)
+        self.linear = Linear(quant)
+        self.w_gate_up, self.w_gate_up_scale = self.linear.init(rngs, (h, 2, i), dtype)
         self.b_gate_up = nnx.Param(jnp.zeros((2, i), dtype)) if cfg.mlp_bias else None
-        self.w_down = _normal(rngs, (i, h), i, dtype)
+        self.w_down, self.w_down_scale = self.linear.init(rngs, (i, h), dtype)
         self.b_down = nnx.Param(jnp.zeros((h,), dtype)) if cfg.mlp_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, hidden]
-        gate_up = jnp.einsum("th,hci->tci", x, self.w_gate_up[...])  # [T, 2, I]
+        gate_up = self.linear(x, self.w_gate_up, self.w_gate_up_scale)  # [T, 2, I]
         if self.b_gate_up is not None:
             gate_up = gate_up + self.b_gate_up[...]
-        out = (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ self.w_down[...]
+        hidden = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]  # [T, I]
+        out = self.linear(hidden, self.w_down, self.w_down_scale)
         if self.b_down is not None:
             out = out + self.b_down[...]
         return out
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, *, rngs: nnx.Rngs,
+                 quant: QuantConfig | None = None):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype, rngs=rngs, quant=quant)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype, rngs=rngs, quant=quant)
 
     def __call__(self, x, cos, sin, kv_cache, layer, md, attn_impl):
         attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, kv_cache, layer, md, attn_impl)
@@ -104,13 +113,13 @@ class LlamaForCausalLM(nnx.Module):
     """``model(token_ids, positions, kv_cache, md) -> (hidden, kv_cache)``; ``compute_logits``."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, attn_impl: str = "auto",
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, quant: QuantConfig | None = None):
         self.config = cfg
         self.attn_impl = attn_impl
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
                                .astype(dtype))
 
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs=rngs, quant=quant)
                                 for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (None if cfg.tie_word_embeddings

@@ -13,7 +13,9 @@ from jaxpaged.models.config import ModelConfig
 from jaxpaged.converters.checkpoint import is_converted, restore_params
 from jaxpaged.converters.gguf_model import gguf_params, gguf_source
 from jaxpaged.converters.hf_to_params import params_from_hf
+from jaxpaged.converters.quantized_params import quantize_on_device
 from jaxpaged.models.dummy_weights import dummy_params
+from jaxpaged.models.linear import QuantConfig
 from jaxpaged.models.llama import LlamaForCausalLM
 
 JAX_DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
@@ -26,37 +28,62 @@ def jax_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(JAX_DTYPES[name])
 
 
-def abstract_model(cfg: ModelConfig, dtype: str, attn_impl: str) -> LlamaForCausalLM:
+def abstract_model(cfg: ModelConfig, dtype: str, attn_impl: str,
+                   quant: QuantConfig | None = None) -> LlamaForCausalLM:
     """The model's structure with shapes and dtypes only (no memory)."""
     return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=jax_dtype(dtype), attn_impl=attn_impl,
-                                                   rngs=nnx.Rngs(0)))
+                                                   rngs=nnx.Rngs(0), quant=quant))
+
+
+def _target(cfg: ModelConfig, dtype: str, attn_impl: str, quant: QuantConfig | None):
+    graphdef, state = nnx.split(abstract_model(cfg, dtype, attn_impl, quant))
+    return graphdef, state, jax.tree.map(_device_struct, nnx.to_pure_dict(state))
 
 
 LOAD_FORMATS = ("auto", "dummy")
 
 
 def load_model(model_dir: str | pathlib.Path, *, dtype: str = "bf16", attn_impl: str = "auto",
-               load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+               load_format: str = "auto", seed: int = 0, quant: QuantConfig | None = None,
+               checkpoint_quantized: bool = False) -> LlamaForCausalLM:
     """Loads weights from ``model_dir`` (converted or HF layout) into a ``LlamaForCausalLM``;
-    ``load_format="dummy"`` needs only its config.json and makes random weights on the device."""
+    ``load_format="dummy"`` needs only its config.json and makes random weights on the device.
+
+    ``quant``: the projections run quantized; ``checkpoint_quantized``: the checkpoint already
+    holds their codes and scales (else they are quantized here, on the device, one tensor at a
+    time)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model directory {str(model_dir)!r} does not exist")
     cfg = ModelConfig.from_dir(model_dir)
-    graphdef, state = nnx.split(abstract_model(cfg, dtype, attn_impl))
-    target = jax.tree.map(_device_struct, nnx.to_pure_dict(state))
-    if load_format == "dummy":
+    graphdef, state, target = _target(cfg, dtype, attn_impl, quant)
+    if quant is not None and not checkpoint_quantized and load_format != "dummy":
+        # read unquantized, quantize each projection once it is on the device
+        _, _, plain = _target(cfg, dtype, attn_impl, None)
+        params = _read_params(model_dir, cfg, dtype, plain, on_device=False)
+        params = quantize_on_device(params, quant.method, _put, target)
+    elif load_format == "dummy":
         params = dummy_params(target, seed)
-    elif is_converted(model_dir):
-        params = unstack_layers(restore_params(model_dir, stack_layers(target)))
-    elif (gguf := gguf_source(model_dir)) is not None:  # side files of a .gguf (resolve_model_path)
-        params = _to_device(unstack_layers(gguf_params(gguf, dtype)), target)
     else:
-        params = _to_device(unstack_layers(params_from_hf(model_dir, cfg, dtype)), target)
+        params = _read_params(model_dir, cfg, dtype, target, on_device=True,
+                              quantized=checkpoint_quantized)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def _read_params(model_dir: pathlib.Path, cfg: ModelConfig, dtype: str, target: Any, *,
+                 on_device: bool, quantized: bool = False) -> Any:
+    """The checkpoint's parameter tree (model layout): on the device like ``target``, or, where
+    the checkpoint is read on the host, as host arrays when ``on_device`` is False."""
+    if is_converted(model_dir):
+        return unstack_layers(restore_params(model_dir, stack_layers(target)))
+    if (gguf := gguf_source(model_dir)) is not None:  # side files of a .gguf (resolve_model_path)
+        host = unstack_layers(gguf_params(gguf, dtype))
+    else:
+        host = unstack_layers(params_from_hf(model_dir, cfg, dtype, quantized=quantized))
+    return _to_device(host, target) if on_device else host
 
 
 def stack_layers(tree: dict[str, Any]) -> dict[str, Any]:
@@ -87,9 +114,11 @@ def _device_struct(leaf: Any) -> jax.ShapeDtypeStruct:
                                 sharding=jax.sharding.SingleDeviceSharding(device))
 
 
+def _put(array: Any, t: jax.ShapeDtypeStruct) -> jax.Array:
+    if tuple(array.shape) != tuple(t.shape):  # converter and model disagree: a bug, not input
+        raise ValueError(f"parameter shape {array.shape} does not match the model's {t.shape}")
+    return jax.device_put(array, t.sharding).astype(t.dtype)
+
+
 def _to_device(params: Any, target: Any) -> Any:
-    def put(array, t):
-        if tuple(array.shape) != tuple(t.shape):  # converter and model disagree: a bug, not input
-            raise ValueError(f"parameter shape {array.shape} does not match the model's {t.shape}")
-        return jax.device_put(array, t.sharding).astype(t.dtype)
-    return jax.tree.map(put, params, target)
+    return jax.tree.map(_put, params, target)

@@ -1,0 +1,212 @@
+"""Quantized-weight matmul candidates at decode and prefill token counts (issue 14).
+
+    python bench/quant_matmul.py --out OUT                  # every candidate, every shape
+    python bench/quant_matmul.py --m 1 16 --shapes qkv down  # a subset
+
+For each M (tokens) and Llama-3-8B projection shape K x N, times every candidate kernel and
+checks it against its jnp reference (dequantize, then matmul in f32):
+- ``bf16_xla``: ``x @ w`` with bf16 weights (the baseline);
+- ``dequant_xla`` (fp8, int8): ``(x @ codes.astype(bf16)) * scale`` in XLA;
+- ``w8a16_pallas`` (fp8, int8) with each ``--tiles`` config: pallas_kernels/quant_matmul.py;
+- ``w8a8_pallas`` (fp8) with each tile config: per-token fp8 activations, fp8 x fp8 tile dots;
+- ``w8a8_xla`` (fp8): the same activations, XLA's fp8 ``dot_general`` and an XLA epilogue;
+- ``fp8_pertensor_xla``: the pattern XLA's GemmRewriter turns into an fp8 cuBLASLt GEMM
+  (convert -> multiply by a *scalar* scale -> dot, weights stored [N, K]); per-tensor scales
+  only, so it is a yardstick of what cuBLASLt fp8 gives, not a kernel the model can use with
+  per-channel scales as is. ``cublas_f8`` in its row says whether the rewrite happened.
+Writes ``quant_matmul.json`` and a Markdown table (``quant_matmul.md``) with, per M and shape,
+the time, weight-read TB/s, speed-up over bf16 and the error; ``best`` rows give what
+``KERNEL_BY_TOKENS`` / ``TUNING_BY_TOKENS`` in pallas_kernels/quant_matmul.py should say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from report import emit  # noqa: E402
+
+from jaxpaged.pallas_kernels.quant_matmul import (MatmulTuning, quant_matmul,  # noqa: E402
+                                                  quant_matmul_reference, quantize_weight,
+                                                  w8a8_reference)
+
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+TOKENS = (1, 16, 64, 256, 1024, 2048)
+# block_m x block_n x block_k / splits / warps / stages
+# Tile configs tried at M <= 16 (decode GEMV: 16-row tiles, split-K) and above (prefill).
+SMALL_M_TILES = ("16x64x256/1/4/3", "16x32x512/1/4/3", "16x64x256/4/4/3", "16x128x128/2/4/4")
+LARGE_M_TILES = ("64x64x128/1/4/3", "128x128x64/1/8/3", "128x64x64/1/4/4", "64x128x128/1/8/3")
+MAX_REL_ERROR = 2e-2  # bf16 output rounding; a wrong kernel is off by far more
+
+
+def parse_tile(text: str) -> MatmulTuning:
+    dims, splits, warps, stages = text.split("/")
+    bm, bn, bk = (int(v) for v in dims.split("x"))
+    return MatmulTuning(block_m=bm, block_n=bn, block_k=bk, splits=int(splits),
+                        num_warps=int(warps), num_stages=int(stages))
+
+
+def best_time(fn: Callable, *args, repeats: int = 5, calls: int = 20) -> float:
+    """Best mean seconds per call over ``repeats`` runs of ``calls`` back-to-back calls."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def rel_error(out: jax.Array, ref: jax.Array) -> float:
+    a, b = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def fp8_pertensor_pattern(x, w_nk, sx, sw):
+    """x [M, K] e4m3, w_nk [N, K] e4m3, f32 scalar scales -> bf16 [M, N] (GemmRewriter's form)."""
+    a = x.astype(jnp.bfloat16) * sx.astype(jnp.bfloat16)
+    b = w_nk.astype(jnp.bfloat16) * sw.astype(jnp.bfloat16)
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.bfloat16)
+
+
+def custom_calls(fn: Callable, *args) -> list[str]:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return sorted({line.split('custom_call_target="')[1].split('"')[0]
+                   for line in text.splitlines() if 'custom_call_target="' in line})
+
+
+def candidates(tiles: list[str]) -> list[tuple[str, str, str | None]]:
+    """(name, weight format, tile) of every candidate."""
+    rows = [("dequant_xla", fmt, None) for fmt in ("fp8", "int8")]
+    rows += [("w8a16_pallas", fmt, t) for fmt in ("fp8", "int8") for t in tiles]
+    rows += [("w8a8_pallas", "fp8", t) for t in tiles]
+    rows.append(("w8a8_xla", "fp8", None))
+    return rows
+
+
+def bench_shape(m: int, k: int, n: int, tiles: list[str], *, interpret: bool = False
+                ) -> list[dict]:
+    key_x, key_w = jax.random.split(jax.random.key(m * 7 + n))
+    x = jax.random.normal(key_x, (m, k), jnp.bfloat16)
+    w = (jax.random.normal(key_w, (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+    rows = []
+    t_bf16 = best_time(jax.jit(lambda a, b: a @ b), x, w)
+    rows.append(dict(kernel="bf16_xla", format="bf16", tile=None, us=t_bf16 * 1e6, rel_error=0.0,
+                     weight_bytes=2 * k * n))
+    quantized = {fmt: quantize_weight(w, fmt) for fmt in ("fp8", "int8")}
+    refs = {fmt: quant_matmul_reference(x, *quantized[fmt]) for fmt in ("fp8", "int8")}
+    ref_w8a8 = w8a8_reference(x, *quantized["fp8"])
+    for name, fmt, tile in candidates(tiles):
+        tuning = None if tile is None else parse_tile(tile)
+        codes, scale = quantized[fmt]
+        fn = jax.jit(lambda a, c, s, name=name, tuning=tuning: quant_matmul(
+            a, c, s, kernel=name, tuning=tuning, interpret=interpret))
+        row = dict(kernel=name, format=fmt, tile=tile,
+                   weight_bytes=k * n + 4 * n)
+        try:
+            out = fn(x, codes, scale)
+            row["rel_error"] = rel_error(out, ref_w8a8 if name.startswith("w8a8") else refs[fmt])
+            row["us"] = best_time(fn, x, codes, scale) * 1e6
+        except Exception as e:  # a tile that does not compile (SMEM, ...) is a result too
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+    # cuBLASLt fp8 yardstick: per-tensor scales, weights [N, K]
+    x8 = x.astype(jnp.float8_e4m3fn)
+    sw = jnp.max(jnp.abs(w.astype(jnp.float32))) / 448.0
+    w_nk = (w.astype(jnp.float32).T / sw).astype(jnp.float8_e4m3fn)
+    sx = jnp.float32(1.0)
+    pattern = jax.jit(fp8_pertensor_pattern)
+    out = pattern(x8, w_nk, sx, sw)
+    ref = (x8.astype(jnp.float32) @ (w_nk.astype(jnp.float32).T * sw)).astype(jnp.bfloat16)
+    rows.append(dict(kernel="fp8_pertensor_xla", format="fp8/tensor", tile=None,
+                     weight_bytes=k * n, rel_error=rel_error(out, ref),
+                     us=best_time(pattern, x8, w_nk, sx, sw) * 1e6,
+                     cublas_f8=any("f8" in c for c in custom_calls(fp8_pertensor_pattern, x8,
+                                                                     w_nk, sx, sw))))
+    for row in rows:
+        row.update(m=m, k=k, n=n)
+        if "us" in row:
+            row["TBps"] = row["weight_bytes"] / (row["us"] * 1e-6) / 1e12
+            row["speedup_vs_bf16"] = t_bf16 * 1e6 / row["us"]
+            row["ok"] = row["rel_error"] <= MAX_REL_ERROR
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| M | shape | kernel | format | tile | us | TB/s | x bf16 | rel err | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "us" not in r:
+            lines.append(f"| {r['m']} | {r['k']}x{r['n']} | {r['kernel']} | {r['format']} | "
+                         f"{r['tile']} | - | - | - | {r.get('error', '')[:60]} | no |")
+            continue
+        lines.append(f"| {r['m']} | {r['k']}x{r['n']} | {r['kernel']} | {r['format']} | "
+                     f"{r['tile'] or ''} | {r['us']:.1f} | {r['TBps']:.2f} | "
+                     f"{r['speedup_vs_bf16']:.2f} | {r['rel_error']:.1e} | "
+                     f"{'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def best_per_m(rows: list[dict]) -> dict:
+    """Per M and format: the fastest correct kernel+tile summed over the four shapes."""
+    totals: dict = {}
+    for r in rows:
+        if r.get("ok") and r["kernel"] not in ("bf16_xla", "fp8_pertensor_xla"):
+            key = (r["m"], r["format"], r["kernel"], r["tile"])
+            totals.setdefault(key, []).append(r["us"])
+    shapes = len({(r["k"], r["n"]) for r in rows})
+    best: dict = {}
+    for (m, fmt, kernel, tile), times in totals.items():
+        if len(times) != shapes:
+            continue
+        entry = best.setdefault(f"{fmt} M={m}", {"us": float("inf")})
+        if sum(times) < entry["us"]:
+            best[f"{fmt} M={m}"] = {"kernel": kernel, "tile": tile, "us": sum(times)}
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--m", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES),
+                        help=f"names ({', '.join(SHAPES)}) or KxN")
+    parser.add_argument("--interpret", action="store_true",
+                        help="Pallas kernels in interpret mode (a CPU smoke run; times mean nothing)")
+    parser.add_argument("--tiles", nargs="+", default=None,
+                        help="block_m x block_n x block_k / splits / warps / stages (default: "
+                             "SMALL_M_TILES for M <= 16, LARGE_M_TILES above)")
+    parser.add_argument("--out", type=pathlib.Path)
+    args = parser.parse_args()
+    rows = []
+    for m in args.m:
+        for shape in args.shapes:
+            k, n = SHAPES[shape] if shape in SHAPES else (int(v) for v in shape.split("x"))
+            tiles = args.tiles or list(SMALL_M_TILES if m <= 16 else LARGE_M_TILES)
+            shape_rows = bench_shape(m, k, n, tiles, interpret=args.interpret)
+            for row in shape_rows:
+                row["shape"] = shape
+                print(json.dumps(row), flush=True)
+            rows += shape_rows
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "best": best_per_m(rows), "rows": rows}
+    emit({k: v for k, v in result.items() if k != "rows"}, args.out, "quant_matmul.json")
+    if args.out:
+        (args.out / "quant_matmul.json").write_text(json.dumps(result, indent=2))
+        (args.out / "quant_matmul.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Quantized-weight matmuls: ``x @ dequantize(w_codes, w_scale)`` without a bf16 copy of ``w``.
+
+Formats (``QUANT_FORMATS``): "fp8" stores each weight as an E4M3 code, "int8" as a signed byte;
+both with one f32 scale per output channel (column of ``w``), so that
+
+    w[k, n] ~= code[k, n] * scale[n]        scale[n] = amax_k |w[k, n]| / code_max
+
+and ``x @ w = (x @ code) * scale`` exactly: the scale rides on the output columns, one multiply
+per output element, never per loaded weight.
+
+Kernels (``MATMUL_KERNELS``); each computes the same product, they differ in where it runs:
+- "dequant_xla": ``(x @ code.astype(x.dtype)) * scale`` in XLA; also the jnp reference.
+- "w8a16_pallas": Pallas (Triton-style) tiles; each program loads [block_k, block_n] byte codes,
+  converts them in registers and accumulates in f32 (bandwidth-bound decode: half the bytes of
+  bf16). Optional split-K over ``splits`` programs per output tile for small M.
+- "w8a8_pallas" (fp8 only): the activations quantized per token to E4M3 (``quantize_rows``), an
+  fp8 x fp8 tile dot with f32 accumulation and a per-token x per-channel scale epilogue.
+- "w8a8_xla" (fp8 only): the same activation quantization, then XLA's fp8 ``dot_general``
+  (f32 output) and the epilogue in XLA.
+
+Which kernel runs at which token count is ``KERNEL_BY_TOKENS`` (chosen by GPU measurement with
+bench/quant_matmul.py; see bench/RESULTS.md). Off the GPU "auto" is the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxpaged.pallas_kernels.backend import (dot_precision, largest_power_of_2_divisor, on_gpu,
+                                             require_power_of_2, triton_call)
+
+QUANT_FORMATS = ("fp8", "int8")
+WEIGHT_DTYPES = {"fp8": jnp.dtype(jnp.float8_e4m3fn), "int8": jnp.dtype(jnp.int8)}
+# Largest code magnitude: e4m3's finite max, and 127 for int8 (symmetric: -128 is never used).
+CODE_MAX = {"fp8": 448.0, "int8": 127.0}
+
+MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas", "w8a8_xla")
+
+# Token count M -> kernel, per format: the first row whose bound is >= M wins (None: any M).
+# The defaults until the GPU measurement (bench/quant_matmul.py) decides: the W8A16 Pallas
+# kernel where the step reads weights (decode), XLA's dequantize + dot where it computes (prefill).
+KERNEL_BY_TOKENS: dict[str, tuple[tuple[int | None, str], ...]] = {
+    "fp8": ((256, "w8a16_pallas"), (None, "dequant_xla")),
+    "int8": ((256, "w8a16_pallas"), (None, "dequant_xla")),
+}
+# Pallas tiles need power-of-2 sizes that divide the matrix (0.11.2 does not mask partial
+# blocks): a K or N whose largest power-of-2 divisor is below this takes "dequant_xla".
+MIN_TILE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulTuning:
+    """Tiles of the Pallas kernels. ``block_n`` / ``block_k`` shrink to the largest power of 2
+    that divides N / K; ``block_m`` to the next power of 2 >= M (at least 16, ``dot``'s minimum).
+    ``splits``: K is cut into this many parts, each a program; partial f32 sums are added in
+    XLA (more programs for a decode GEMV whose N alone does not fill the GPU). None: enough
+    splits (at most ``MAX_AUTO_SPLITS``) for ``TARGET_PROGRAMS`` programs."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 256
+    splits: int | None = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            require_power_of_2(f"MatmulTuning.{name}", value)
+            if value < MIN_TILE:
+                raise ValueError(f"MatmulTuning.{name} must be >= {MIN_TILE}, got {value}")
+        if self.splits is not None and self.splits < 1:
+            raise ValueError(f"MatmulTuning.splits must be >= 1, got {self.splits}")
+
+
+# splits=None: split K until the grid has about two programs per SM of an H100/H200.
+TARGET_PROGRAMS = 264
+MAX_AUTO_SPLITS = 8
+
+# Tunings by token count, the first whose bound is >= M (same rule as KERNEL_BY_TOKENS).
+TUNING_BY_TOKENS: tuple[tuple[int | None, MatmulTuning], ...] = (
+    (16, MatmulTuning(block_m=16, block_n=64, block_k=256, splits=None)),
+    (64, MatmulTuning(block_m=64, block_n=64, block_k=128)),
+    (None, MatmulTuning(block_m=128, block_n=128, block_k=64, num_warps=8)),
+)
+
+
+def _first_by_tokens(table, m: int):
+    for bound, value in table:
+        if bound is None or m <= bound:
+            return value
+    raise ValueError(f"no entry for {m} tokens in {table}")
+
+
+def validate_format(quantization: str) -> None:
+    if quantization not in QUANT_FORMATS:
+        raise ValueError(f"quantization must be one of {QUANT_FORMATS}, got {quantization!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantize / dequantize (weights per output channel, activations per token).
+# --------------------------------------------------------------------------------------------------
+
+def quantize_weight(w: jax.Array, quantization: str, *, in_axes: int = 1
+                    ) -> tuple[jax.Array, jax.Array]:
+    """w: [*in, *out] (``in_axes`` leading input axes) -> (codes of w's shape, f32 scale[*out]).
+
+    One scale per output channel: amax over the input axes / the format's largest code (an
+    all-zero channel gets scale 1). int8 codes round to nearest; fp8 codes round to nearest even
+    (the cast)."""
+    validate_format(quantization)
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=tuple(range(in_axes)))  # [*out]
+    scale = jnp.where(amax > 0, amax / CODE_MAX[quantization], 1.0).astype(jnp.float32)
+    return encode(w32 / scale, quantization), scale
+
+
+def encode(quotient: jax.Array, quantization: str) -> jax.Array:
+    """Values already divided by their scale -> codes (clipped to the format's range)."""
+    limit = CODE_MAX[quantization]
+    clipped = jnp.clip(quotient, -limit, limit)
+    if quantization == "int8":
+        return jnp.round(clipped).astype(jnp.int8)
+    return clipped.astype(WEIGHT_DTYPES["fp8"])
+
+
+def dequantize_weight(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """codes [*in, *out], scale [*out] -> values [*in, *out] in ``dtype``."""
+    return (codes.astype(jnp.float32) * scale).astype(dtype)
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-token fp8 activations: x [M, K] -> (E4M3 codes [M, K], f32 scale [M])."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1)  # [M]
+    scale = jnp.where(amax > 0, amax / CODE_MAX["fp8"], 1.0)
+    return encode(x32 / scale[:, None], "fp8"), scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point.
+# --------------------------------------------------------------------------------------------------
+
+def choose_kernel(kernel: str, quantization: str, m: int, k: int, n: int) -> str:
+    """The kernel that runs for ``kernel`` ("auto": ``KERNEL_BY_TOKENS`` on a CUDA GPU, else the
+    reference) at this shape; Pallas kernels fall back to "dequant_xla" when K or N has no
+    power-of-2 tile of at least 16."""
+    if kernel not in MATMUL_KERNELS:
+        raise ValueError(f"quant matmul kernel must be one of {MATMUL_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        kernel = _first_by_tokens(KERNEL_BY_TOKENS[quantization], m) if on_gpu() else "dequant_xla"
+    if kernel.startswith("w8a8") and quantization != "fp8":
+        raise ValueError(f"kernel {kernel!r} needs fp8 weights, got {quantization!r}")
+    if kernel.endswith("_pallas") and min(largest_power_of_2_divisor(k),
+                                          largest_power_of_2_divisor(n)) < MIN_TILE:
+        return "dequant_xla"
+    return kernel
+
+
+def quant_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, kernel: str = "auto",
+                 tuning: MatmulTuning | None = None, interpret: bool = False) -> jax.Array:
+    """x [M, K] (bf16/f32) @ dequantize(codes [K, N], scale f32[N]) -> [M, N] in x's dtype."""
+    m, k = x.shape
+    if codes.ndim != 2 or codes.shape[0] != k or scale.shape != codes.shape[1:]:
+        raise ValueError(f"codes must be [K={k}, N] with scale [N], got {codes.shape} and "
+                         f"{scale.shape}")
+    quantization = _format_of(codes.dtype)
+    n = codes.shape[1]
+    name = choose_kernel(kernel, quantization, m, k, n)
+    if name == "dequant_xla":
+        return quant_matmul_reference(x, codes, scale)
+    if name == "w8a8_xla":
+        return _w8a8_xla(x, codes, scale)
+    tuning = tuning or _first_by_tokens(TUNING_BY_TOKENS, m)
+    return _pallas_matmul(x, codes, scale, tuning=tuning, activations_fp8=name == "w8a8_pallas",
+                          interpret=interpret)
+
+
+def quant_matmul_reference(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """Dequantize then matmul, in XLA: ``(x @ codes.astype(x.dtype)) * scale`` with f32 sums."""
+    acc = lax.dot_general(x, codes.astype(x.dtype), (((1,), (0,)), ((), ())),
+                          precision=dot_precision(x.dtype), preferred_element_type=jnp.float32)
+    return (acc * scale).astype(x.dtype)
+
+
+def w8a8_reference(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """What the W8A8 kernels compute: x quantized per token (``quantize_rows``), dequantized,
+    times the dequantized weights, in f32."""
+    x_codes, x_scale = quantize_rows(x)
+    x_values = x_codes.astype(jnp.float32) * x_scale[:, None]
+    w_values = dequantize_weight(codes, scale)
+    return jnp.dot(x_values, w_values, precision=lax.Precision.HIGHEST).astype(x.dtype)
+
+
+def _format_of(dtype) -> str:
+    for name, code_dtype in WEIGHT_DTYPES.items():
+        if jnp.dtype(dtype) == code_dtype:
+            return name
+    raise ValueError(f"weight codes must be one of {[d.name for d in WEIGHT_DTYPES.values()]}, "
+                     f"got {jnp.dtype(dtype).name}")
+
+
+def _w8a8_xla(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    x_codes, x_scale = quantize_rows(x)  # [M, K] e4m3, f32[M]
+    acc = lax.dot_general(x_codes, codes, (((1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+    return (acc * x_scale[:, None] * scale[None, :]).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Pallas kernel (both W8A16 and W8A8).
+# --------------------------------------------------------------------------------------------------
+
+def _matmul_kernel(*refs, block_k: int, k_steps: int, activations_fp8: bool, epilogue: bool):
+    """One [block_m, block_n] output tile over this program's K range.
+
+    refs: x [bm, Ks] (bf16/f32, or e4m3 codes), [x_scale f32[bm] if activations_fp8],
+    codes [Ks, bn], scale f32[bn], out [bm, bn] (``epilogue``: scaled, x's dtype; else raw f32
+    partial sums of one split)."""
+    if activations_fp8:
+        x_ref, xs_ref, w_ref, s_ref, o_ref = refs
+    else:
+        (x_ref, w_ref, s_ref, o_ref), xs_ref = refs, None
+    block_m, block_n = o_ref.shape
+
+    def body(step, acc):
+        start = pl.multiple_of(step * block_k, block_k)
+        x = x_ref[:, pl.ds(start, block_k)]  # [bm, bk]
+        w = w_ref[pl.ds(start, block_k), :]  # [bk, bn] codes
+        if not activations_fp8:
+            w = w.astype(x.dtype)  # exact: every int8 / e4m3 code is a bf16 value
+        return acc + lax.dot_general(x, w, (((1,), (0,)), ((), ())),
+                                     precision=dot_precision(x.dtype),
+                                     preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, k_steps, body, jnp.zeros((block_m, block_n), jnp.float32))
+    if xs_ref is not None:
+        acc = acc * xs_ref[...][:, None]
+    if epilogue:
+        o_ref[...] = (acc * s_ref[...][None, :]).astype(o_ref.dtype)
+    else:
+        o_ref[...] = acc
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "activations_fp8", "interpret"))
+def _pallas_matmul(x, codes, scale, *, tuning: MatmulTuning, activations_fp8: bool,
+                   interpret: bool):
+    m, k = x.shape
+    n = codes.shape[1]
+    block_m = max(MIN_TILE, min(tuning.block_m, pl.next_power_of_2(m)))
+    block_n = min(tuning.block_n, largest_power_of_2_divisor(n))
+    tiles = pl.cdiv(m, block_m) * (n // block_n)
+    wanted = tuning.splits or min(MAX_AUTO_SPLITS, max(1, pl.cdiv(TARGET_PROGRAMS, tiles)))
+    splits = _splits_that_divide(k, wanted)
+    k_part = k // splits
+    block_k = min(tuning.block_k, largest_power_of_2_divisor(k_part))
+    m_pad = -m % block_m
+    out_dtype = x.dtype
+    operands = []
+    if activations_fp8:
+        x_codes, x_scale = quantize_rows(x)
+        x = jnp.pad(x_codes, ((0, m_pad), (0, 0)))
+        operands = [x, jnp.pad(x_scale, (0, m_pad), constant_values=1.0)]
+    else:
+        x = jnp.pad(x, ((0, m_pad), (0, 0)))
+        operands = [x]
+    grid = ((m + m_pad) // block_m, n // block_n, splits)
+    in_specs = [pl.BlockSpec((block_m, k_part), lambda i, j, s: (i, s))]
+    if activations_fp8:
+        in_specs.append(pl.BlockSpec((block_m,), lambda i, j, s: (i,)))
+    in_specs += [pl.BlockSpec((k_part, block_n), lambda i, j, s: (s, j)),
+                 pl.BlockSpec((block_n,), lambda i, j, s: (j,))]
+    epilogue = splits == 1
+    if epilogue:
+        out_specs = pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j))
+        out_shape = jax.ShapeDtypeStruct((m + m_pad, n), out_dtype)
+    else:
+        out_specs = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
+        out_shape = jax.ShapeDtypeStruct((splits, m + m_pad, n), jnp.float32)
+    kernel = functools.partial(_matmul_kernel, block_k=block_k, k_steps=k_part // block_k,
+                               activations_fp8=activations_fp8, epilogue=epilogue)
+    out = triton_call(kernel, name="w8a8_matmul" if activations_fp8 else "w8a16_matmul",
+                      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                      num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+                      interpret=interpret)(*operands, codes, scale)
+    if not epilogue:
+        out = (out.sum(axis=0) * scale[None, :]).astype(out_dtype)
+    return out[:m] if m_pad else out
+
+
+def _splits_that_divide(k: int, splits: int) -> int:
+    """The largest split count <= ``splits`` whose parts are whole multiples of ``MIN_TILE``."""
+    for s in range(min(splits, k // MIN_TILE), 0, -1):
+        if k % s == 0 and (k // s) % MIN_TILE == 0:
+            return s
+    return 1

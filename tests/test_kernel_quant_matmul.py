@@ -1,0 +1,164 @@
+"""Quantized-weight matmuls (pallas_kernels/quant_matmul.py): quantize -> dequantize round trips
+within the format's error, and every kernel (Pallas in interpret mode, the XLA candidates) against
+its jnp reference. The CUDA lowering of the Pallas kernels is in tests/test_kernel_lowering.py."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxpaged.pallas_kernels.quant_matmul import (CODE_MAX, MatmulTuning, choose_kernel,
+                                                   dequantize_weight, quant_matmul,
+                                                   quant_matmul_reference, quantize_rows,
+                                                   quantize_weight, w8a8_reference)
+from tests.kernel_testing import relative_error
+
+# Half a step of the format, relative: e4m3 has 3 mantissa bits (2^-4); int8 codes of a
+# channel's amax / 127 step are within 0.5 / 127 of amax (an absolute bound per channel).
+FP8_HALF_STEP = 2.0 ** -4
+
+
+def _weights(seed: int, k: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    return w * rng.uniform(0.01, 3.0, size=(1, n)).astype(np.float32)  # channels of mixed ranges
+
+
+def test_fp8_round_trip_is_within_half_a_step_and_codes_are_numpys():
+    w = _weights(0, 256, 48)
+    codes, scale = quantize_weight(jnp.asarray(w), "fp8")
+    assert codes.dtype == jnp.float8_e4m3fn and scale.shape == (48,) and scale.dtype == jnp.float32
+    expected_scale = np.abs(w).max(axis=0) / 448.0
+    np.testing.assert_allclose(np.asarray(scale), expected_scale, rtol=1e-6)
+    expected_codes = (w / expected_scale).astype(ml_dtypes.float8_e4m3fn)  # independent: numpy
+    assert (np.asarray(codes).astype(np.float32) == expected_codes.astype(np.float32)).mean() > 0.999
+    back = np.asarray(dequantize_weight(codes, scale))
+    normal = np.abs(w / expected_scale) >= 2.0 ** -6  # e4m3's normal range
+    rel = np.abs(back - w)[normal] / np.abs(w)[normal]
+    assert rel.max() <= FP8_HALF_STEP * (1 + 1e-6)
+
+
+def test_int8_round_trip_is_within_half_a_code_per_channel():
+    w = _weights(1, 128, 40)
+    codes, scale = quantize_weight(jnp.asarray(w), "int8")
+    assert codes.dtype == jnp.int8
+    step = np.abs(w).max(axis=0) / 127.0  # [N]
+    back = np.asarray(dequantize_weight(codes, scale))
+    assert (np.abs(back - w) <= 0.5 * step[None, :] * (1 + 1e-5)).all()
+    assert np.asarray(codes).min() >= -127 and np.abs(np.asarray(codes)).max() == 127
+
+
+def test_multi_axis_weights_have_one_scale_per_output_channel():
+    w = _weights(2, 64, 3 * 4 * 8).reshape(64, 3, 4, 8)  # like wqkv [hidden, Hkv, G + 2, D]
+    codes, scale = quantize_weight(jnp.asarray(w), "int8")
+    assert codes.shape == w.shape and scale.shape == (3, 4, 8)
+    flat_codes, flat_scale = quantize_weight(jnp.asarray(w.reshape(64, -1)), "int8")
+    np.testing.assert_array_equal(np.asarray(codes).reshape(64, -1), np.asarray(flat_codes))
+    np.testing.assert_array_equal(np.asarray(scale).reshape(-1), np.asarray(flat_scale))
+
+
+def test_zero_channels_and_rows_get_scale_one():
+    w = np.zeros((32, 16), np.float32)
+    _, scale = quantize_weight(jnp.asarray(w), "fp8")
+    assert (np.asarray(scale) == 1.0).all()
+    _, row_scale = quantize_rows(jnp.zeros((3, 32), jnp.bfloat16))
+    assert (np.asarray(row_scale) == 1.0).all()
+
+
+def test_reference_is_dequantize_then_matmul():
+    w = _weights(3, 96, 32)
+    x = np.random.default_rng(4).standard_normal((5, 96)).astype(np.float32)
+    codes, scale = quantize_weight(jnp.asarray(w), "fp8")
+    expected = x.astype(np.float64) @ np.asarray(dequantize_weight(codes, scale), np.float64)
+    out = quant_matmul_reference(jnp.asarray(x), codes, scale)
+    assert relative_error(out, expected) < 1e-6
+
+
+# (M, K, N): decode (M=1 padded to a 16-row tile), M not a tile multiple, N not a power of 2
+SHAPES = [(1, 256, 128), (20, 512, 96), (64, 192, 64)]
+TUNINGS = [MatmulTuning(), MatmulTuning(block_m=32, block_n=32, block_k=64, splits=2),
+           MatmulTuning(block_k=64, splits=None)]  # automatic split count
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_w8a16_pallas_kernel_matches_the_reference(fmt, m, k, n):
+    w = _weights(5, k, n)
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((m, k)), jnp.bfloat16)
+    codes, scale = quantize_weight(jnp.asarray(w), fmt)
+    expected = quant_matmul_reference(x, codes, scale)
+    for tuning in TUNINGS:
+        out = quant_matmul(x, codes, scale, kernel="w8a16_pallas", tuning=tuning, interpret=True)
+        assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+        assert relative_error(out, expected) < 1e-2, tuning  # bf16 output rounding
+
+
+def test_w8a16_pallas_kernel_in_f32_is_exact_to_f32_rounding():
+    w = _weights(7, 128, 64)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((3, 128)), jnp.float32)
+    codes, scale = quantize_weight(jnp.asarray(w), "int8")
+    out = quant_matmul(x, codes, scale, kernel="w8a16_pallas", interpret=True)
+    expected = np.asarray(x, np.float64) @ np.asarray(dequantize_weight(codes, scale), np.float64)
+    assert relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["w8a8_pallas", "w8a8_xla"])
+@pytest.mark.parametrize("m,k,n", SHAPES[:2])
+def test_w8a8_kernels_match_their_reference_and_stay_near_w8a16(kernel, m, k, n):
+    w = _weights(9, k, n)
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((m, k)), jnp.bfloat16)
+    codes, scale = quantize_weight(jnp.asarray(w), "fp8")
+    out = quant_matmul(x, codes, scale, kernel=kernel, interpret=True)
+    assert relative_error(out, w8a8_reference(x, codes, scale)) < 1e-2
+    # activations in fp8 cost about half a step more than the weights alone
+    assert relative_error(out, quant_matmul_reference(x, codes, scale)) < FP8_HALF_STEP
+
+
+def test_kernel_choice():
+    assert choose_kernel("auto", "fp8", 1, 4096, 4096) == "dequant_xla"  # CPU: the reference
+    assert choose_kernel("w8a16_pallas", "int8", 1, 576, 960) == "w8a16_pallas"  # 960 = 64 * 15
+    assert choose_kernel("w8a16_pallas", "int8", 1, 576, 24) == "dequant_xla"  # no 16-wide tile
+    with pytest.raises(ValueError, match="needs fp8 weights"):
+        choose_kernel("w8a8_pallas", "int8", 1, 64, 64)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        choose_kernel("cutlass", "fp8", 1, 64, 64)
+    with pytest.raises(ValueError, match="block_n must be a power of 2"):
+        MatmulTuning(block_n=48)
+
+
+def test_codes_of_an_unknown_dtype_are_refused():
+    with pytest.raises(ValueError, match="weight codes must be one of"):
+        quant_matmul(jnp.ones((1, 16)), jnp.ones((16, 16), jnp.bfloat16), jnp.ones((16,)))
+    assert CODE_MAX["int8"] == 127.0
+
+
+# ---------------------------------------------------------------------- on the GPU (-m gpu)
+GPU_SHAPES = [(1, 4096, 6144), (16, 14336, 4096), (300, 4096, 4096), (1024, 4096, 1024)]
+GPU_TUNINGS = [None, MatmulTuning(splits=4), MatmulTuning(block_m=128, block_n=128, block_k=64,
+                                                          num_warps=8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,kernel", [("fp8", "w8a16_pallas"), ("int8", "w8a16_pallas"),
+                                        ("fp8", "w8a8_pallas"), ("fp8", "w8a8_xla")])
+@pytest.mark.parametrize("m,k,n", GPU_SHAPES)
+def test_kernels_on_gpu_match_their_references(fmt, kernel, m, k, n):
+    w = _weights(11, k, n) / np.sqrt(k)
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((m, k)), jnp.bfloat16)
+    codes, scale = quantize_weight(jnp.asarray(w), fmt)
+    reference = w8a8_reference if kernel.startswith("w8a8") else quant_matmul_reference
+    expected = reference(x.astype(jnp.float32), codes, scale)  # f32 on the GPU
+    for tuning in GPU_TUNINGS if kernel.endswith("pallas") else [None]:
+        out = quant_matmul(x, codes, scale, kernel=kernel, tuning=tuning)
+        assert relative_error(out, expected) < 1e-2, tuning
+
+
+@pytest.mark.gpu
+def test_auto_on_gpu_follows_the_table():
+    from jaxpaged.pallas_kernels.quant_matmul import KERNEL_BY_TOKENS
+    for fmt, table in KERNEL_BY_TOKENS.items():
+        for bound, kernel in table:
+            m = bound or 4096
+            assert choose_kernel("auto", fmt, m, 4096, 4096) == kernel
