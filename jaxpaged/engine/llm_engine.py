@@ -33,6 +33,7 @@ from jaxpaged.engine.input_processor import InputLimits, InputProcessor
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loader import load_model
+from jaxpaged.models.tensor_parallel import TensorParallel
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
@@ -58,11 +59,17 @@ class LLMEngine:
                                            on_cpu=jax.default_backend() == "cpu")
         dtype = setup.resolve_dtype(config.dtype, model_dir)
         self.kv_dtype = setup.kv_pool_dtype(config, dtype)  # refused before the weights load
+        # None on one device; an impossible split is refused before the weights load
+        self.tensor_parallel = TensorParallel.create(config.tensor_parallel_size)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.check(self.model_config)
         model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl,
-                           load_format=config.load_format, seed=config.seed)
+                           load_format=config.load_format, seed=config.seed,
+                           tensor_parallel=self.tensor_parallel)
         jax.block_until_ready(nnx.state(model))
         weights_s = time.perf_counter() - start
-        self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, self.kv_dtype)
+        self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, self.kv_dtype,
+                                     self.tensor_parallel)
         self.limits = setup.fit_limits_to_pool(config, self.limits, self.kv_plan)
         self.eos_token_id, all_eos_ids = setup.eos_token_ids(
             self.model_config, self.generation_config, self.tokenizer)
@@ -105,10 +112,11 @@ class LLMEngine:
                         "without SamplingParams use them; generation_config='vllm' turns them "
                         "off)", self._default_sampling_values)
         logger.info("KV cache: %d tokens (%d blocks of %d), maximum concurrency %.2fx at "
-                    "max_model_len=%d; %s pool%s", plan.capacity_tokens, plan.num_blocks - 1,
+                    "max_model_len=%d; %s pool%s, %s", plan.capacity_tokens, plan.num_blocks - 1,
                     self.config.block_size, plan.max_concurrency(self.max_model_len),
                     self.max_model_len, self.kv_dtype.name,
-                    " with calibrated scales" if self.config.calculate_kv_scales else "")
+                    " with calibrated scales" if self.config.calculate_kv_scales else "",
+                    _pool_size_text(plan))
         logger.info("engine ready: weights %.1f s, KV allocation %.1f s, compilation %.1f s "
                     "(%d step shapes; %s)", self.startup.weights_s, self.startup.kv_alloc_s,
                     self.startup.compile_s, len(self.runner.ladder.all_shapes()),
@@ -283,6 +291,15 @@ class LLMEngine:
             if not scheduler.block_manager.reset_prefix_cache():
                 raise RuntimeError("KV blocks are still held after aborting every request")
         return victims
+
+
+def _pool_size_text(plan) -> str:
+    """The pool's bytes; under tensor parallelism per device and summed over them."""
+    gib = plan.num_blocks * plan.bytes_per_block / 2**30
+    if plan.num_devices == 1:
+        return f"{gib:.2f} GiB"
+    return (f"{gib * plan.num_devices:.2f} GiB over {plan.num_devices} devices "
+            f"({gib:.2f} GiB each, split by KV heads)")
 
 
 def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:

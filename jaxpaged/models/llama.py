@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpaged.models.attention import paged_attention
+from jaxpaged.models.attention import PagedAttention
 from jaxpaged.models.attention_metadata import AttentionMetadata
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
@@ -54,14 +54,15 @@ class Attention(nnx.Module):
         self.bo = nnx.Param(jnp.zeros((h,), dtype)) if cfg.attention_bias else None
         self.sm_scale = 1.0 / math.sqrt(d)
 
-    def __call__(self, x, cos, sin, kv_cache: KVCache, layer, md: AttentionMetadata, attn_impl: str):
+    def __call__(self, x, cos, sin, kv_cache: KVCache, layer, md: AttentionMetadata,
+                 attention: PagedAttention):
         t = x.shape[0]
         qkv = jnp.einsum("th,hkgd->tkgd", x, self.wqkv[...])  # [T, Hkv, G + 2, D]
         if self.bqkv is not None:
             qkv = qkv + self.bqkv[...]
         # RoPE of q and k, the K/V write and attention: one entry point (two kernels on the GPU).
-        out, kv_cache = paged_attention(qkv, cos, sin, kv_cache, layer, md,
-                                        sm_scale=self.sm_scale, impl=attn_impl)  # [T, Hq, D]
+        out, kv_cache = attention(qkv, cos, sin, kv_cache, layer, md,
+                                  sm_scale=self.sm_scale)  # [T, Hq, D]
         out = out.reshape(t, -1) @ self.wo[...]  # [T, hidden]
         if self.bo is not None:
             out = out + self.bo[...]
@@ -93,8 +94,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, kv_cache, layer, md, attn_impl):
-        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, kv_cache, layer, md, attn_impl)
+    def __call__(self, x, cos, sin, kv_cache, layer, md, attention):
+        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, kv_cache, layer, md, attention)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return x, kv_cache
@@ -104,9 +105,11 @@ class LlamaForCausalLM(nnx.Module):
     """``model(token_ids, positions, kv_cache, md) -> (hidden, kv_cache)``; ``compute_logits``."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, attn_impl: str = "auto",
-                 rngs: nnx.Rngs):
+                 mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs):
         self.config = cfg
         self.attn_impl = attn_impl
+        # per shard under tensor parallelism (mesh set; models.tensor_parallel)
+        self.attention = PagedAttention(attn_impl, mesh)
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
                                .astype(dtype))
 
@@ -123,7 +126,7 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = RotaryEmbedding(self.config).cos_sin(positions)  # f32[T, D]
         for index, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{index}"):
-                x, kv_cache = layer(x, cos, sin, kv_cache, index, md, self.attn_impl)
+                x, kv_cache = layer(x, cos, sin, kv_cache, index, md, self.attention)
         return self.final_norm(x), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
