@@ -2,6 +2,8 @@
 # Everything the GPU machine checks and measures, in one call; a short table last.
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
 #   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2)
+#   (tensor parallel, on a multi-GPU kind: tp-tests tp-allreduce tp-decode tp-nano; tp-tests
+#    needs 8 GPUs for its TP=8 cases; TP_SIZES="2 4" narrows tp-decode and tp-nano)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
 # A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
 # stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
@@ -133,6 +135,17 @@ for label in $stages; do
     throughput-fp8kv) run throughput-fp8kv 540 python3 bench/throughput.py --workload nano \
              --kv-cache-dtype fp8 --out "$OUT/fp8kv" ;;
     roofline) run roofline 120 python3 bench/roofline.py --out "$OUT" ;;
+    # Tensor parallel (multi-GPU kinds): each TP degree up to the GPUs present, one after another.
+    tp-tests) run tp-tests 500 python3 -m pytest -q -x -p no:cacheprovider \
+             tests/test_tensor_parallel.py tests/test_tensor_parallel_engine.py ;;
+    tp-allreduce) run tp-allreduce 300 python3 bench/all_reduce.py --sizes 2 4 8 --out "$OUT/tp" ;;
+    tp-decode) run tp-decode 590 bash -c 'n=$(nvidia-smi -L | wc -l); for tp in ${TP_SIZES:-1 2 4 8}; do
+             [ "$tp" -le "$n" ] || continue; python3 bench/decode_steps.py --batches 1 64 256 \
+             --steps 10 --kv-bytes 8 --tensor-parallel-size "$tp" --out "$0/tp" || exit 1; done' \
+             "$OUT" ;;
+    tp-nano) run tp-nano 590 bash -c 'n=$(nvidia-smi -L | wc -l); for tp in ${TP_SIZES:-1 2 4 8}; do
+             [ "$tp" -le "$n" ] || continue; python3 bench/throughput.py --workload nano \
+             --tensor-parallel-size "$tp" --out "$0/tp$tp" || exit 1; done' "$OUT" ;;
     *) echo "unknown stage $label" >> "$summary" ;;
   esac
 done

@@ -90,6 +90,17 @@ def test_each_weight_lives_in_its_shards(tiny_checkpoint):
         np.testing.assert_array_equal(local[3], v[j // 2])
 
 
+@pytest.mark.slow
+def test_dummy_weights_are_drawn_into_their_shards(tiny_checkpoint):
+    model = load_model(tiny_checkpoint("llama-gqa"), dtype="fp32", load_format="dummy",
+                       tensor_parallel=TensorParallel.create(2))
+    params = params_of(model)
+    wqkv = params["['layers'][0]['attn']['wqkv']"]
+    assert tuple(wqkv.sharding.spec) == (None, "tp", None, None)
+    assert {s.data.shape[1] for s in wqkv.addressable_shards} == {1}
+    assert all(len(a.sharding.device_set) == 2 for a in params.values())
+
+
 def test_replicating_kv_heads_keeps_query_order():
     rng = np.random.default_rng(0)
     qkv = rng.normal(size=(3, 2, 4 + 2, 5)).astype(np.float32)  # [hidden, Hkv=2, G=4 + 2, D]
@@ -167,3 +178,38 @@ def test_more_devices_than_the_host_has_is_refused():
     with pytest.raises(ValueError, match=f"tensor_parallel_size=64 needs 64 devices, this host "
                                          f"has {jax.local_device_count()}"):
         TensorParallel.create(64)
+
+
+@pytest.mark.slow
+def test_pallas_kernels_lower_per_shard_for_cuda():
+    """On two abstract H100s the Pallas kernels (RoPE + K/V write, ragged attention) lower
+    inside the shard_map's manual computation on each device's half of the heads."""
+    from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec, use_abstract_mesh
+
+    from jaxpaged.models.attention import PagedAttention
+    from jaxpaged.models.attention_metadata import AttentionMetadata
+    from test_kernel_lowering import H100, TRITON_CALL
+
+    mesh = AbstractMesh((2,), ("tp",), abstract_device=H100)
+    t, hkv, g, d, pages, page = 64, 8, 4, 128, 100, 16
+
+    def step(qkv, cos, sin, k, v, slots, tables, lens, starts):
+        pool = KVCache(k=k, v=v, num_layers=1, num_blocks=pages)
+        md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=lens,
+                               query_start_loc=starts, max_query_len=t)
+        out, pool = PagedAttention("pallas", mesh)(qkv, cos, sin, pool, 0, md, sm_scale=0.1)
+        return out, pool.k, pool.v
+
+    def sds(shape, dtype, spec=()):
+        return jax.ShapeDtypeStruct(shape, dtype,
+                                    sharding=NamedSharding(mesh, PartitionSpec(*spec)))
+    pool = sds((pages, page, hkv, d), jnp.bfloat16, (None, None, "tp"))
+    args = (sds((t, hkv, g + 2, d), jnp.bfloat16, (None, "tp")), sds((t, d), jnp.float32),
+            sds((t, d), jnp.float32), pool, pool, sds((t,), jnp.int32), sds((4, 8), jnp.int32),
+            sds((4,), jnp.int32), sds((5,), jnp.int32))
+    with use_abstract_mesh(mesh):
+        text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "sdy.manual_computation" in text
+    assert text.count(TRITON_CALL) == 2
+    assert f"tensor<{pages}x{page}x{hkv // 2}x{d}xbf16>" in text  # one device's pool
+    assert f"tensor<{t}x{hkv // 2}x{g + 2}x{d}xbf16>" in text  # one device's QKV

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from jaxpaged import SamplingParams
+from jaxpaged.engine.llm_engine import _pool_size_text
 from jaxpaged.server.args import engine_config_from_args
 from llm_testing import (GREEDY, MODEL, compilations_during, golden_prompts, make_llm,
                          random_prompts, run_varied_workload, token_ids)
@@ -64,10 +65,26 @@ def test_the_pool_is_split_over_kv_heads(tp4):
     plan = engine.kv_plan
     assert plan.num_devices == 4 and plan.total_bytes == 4 * plan.num_blocks * plan.bytes_per_block
     assert plan.bytes_per_block == 2 * engine.model_config.num_layers * 16 * 1 * 32 * 4
+    assert _pool_size_text(plan).endswith("over 4 devices (0.00 GiB each, split by KV heads)")
 
 
 def test_no_compilation_after_warmup(tp4):
     assert compilations_during(lambda: run_varied_workload(tp4)) == []
+
+
+def test_logprobs_and_prompt_logprobs_equal_tp1(tp4, tp1):
+    prompt = random_prompts(1, seed=5, low=20, high=20)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, prompt_logprobs=2)
+    outs = [llm.generate(prompt, params, use_tqdm=False)[0] for llm in (tp4, tp1)]
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    for sharded, single in zip(outs[0].outputs[0].logprobs, outs[1].outputs[0].logprobs):
+        assert sharded.keys() == single.keys()
+        for token in single:
+            assert sharded[token].logprob == pytest.approx(single[token].logprob, abs=1e-4)
+    for sharded, single in zip(outs[0].prompt_logprobs[1:], outs[1].prompt_logprobs[1:]):
+        assert sharded.keys() == single.keys()
+        for token in single:
+            assert sharded[token].logprob == pytest.approx(single[token].logprob, abs=1e-4)
 
 
 def test_serve_with_tp_2_answers_completions_and_chat(tiny_checkpoint, tp1):

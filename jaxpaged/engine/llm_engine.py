@@ -36,6 +36,7 @@ from jaxpaged.models.loader import load_model
 from jaxpaged.models.tensor_parallel import TensorParallel
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
+from jaxpaged.runner.kv_sizing import KVPlan
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from jaxpaged.sampling_params import SamplingParams
 
@@ -293,7 +294,7 @@ class LLMEngine:
         return victims
 
 
-def _pool_size_text(plan) -> str:
+def _pool_size_text(plan: KVPlan) -> str:
     """The pool's bytes; under tensor parallelism per device and summed over them."""
     gib = plan.num_blocks * plan.bytes_per_block / 2**30
     if plan.num_devices == 1:

@@ -83,7 +83,9 @@ class PagedAttention:
         return per_shard(qkv, cos, sin, kv_cache, md)
 
     def __repr__(self) -> str:  # stable across processes: it keys compiled programs
-        devices = None if self.mesh is None else self.mesh.device_ids.tolist()
+        ids = getattr(self.mesh, "device_ids", None)  # an AbstractMesh (lowering) has none
+        devices = None if self.mesh is None else (self.mesh.shape_tuple if ids is None
+                                                  else ids.tolist())
         return f"PagedAttention(impl={self.impl!r}, devices={devices})"
 
 

@@ -8,7 +8,8 @@ parallel warm-up compilation pay for the unrolled program instead.) The KV pool 
 functionally through the layers; attention goes through the single paged entry point in
 ``jaxpaged.models.attention``.
 
-Per-layer weight layout (x @ W, inputs first), chosen so tensor parallelism can later shard heads:
+Per-layer weight layout (x @ W, inputs first), chosen so tensor parallelism shards heads
+(``models.sharding``):
   attn.wqkv  [hidden, Hkv, G + 2, D]  per KV head: its G query heads, then K, then V
   attn.wo    [Hq * D, hidden]          query heads in HF order (h = kv_head * G + g)
   mlp.w_gate_up [hidden, 2, I]         gate then up

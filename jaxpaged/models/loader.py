@@ -18,7 +18,7 @@ from jaxpaged.converters.hf_to_params import params_from_hf
 from jaxpaged.models.dummy_weights import dummy_params
 from jaxpaged.models.llama import LlamaForCausalLM
 from jaxpaged.models.sharding import param_shardings
-from jaxpaged.models.tensor_parallel import TensorParallel, replicate_kv_heads
+from jaxpaged.models.tensor_parallel import TP_AXIS, TensorParallel, replicate_kv_heads
 
 JAX_DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
               "fp32": jnp.float32, "float32": jnp.float32}
@@ -173,13 +173,14 @@ def _restore_sharded(model_dir: pathlib.Path, target: dict[str, Any], replicas: 
 
 def _stored_qkv(t: jax.ShapeDtypeStruct, replicas: int,
                 tp: TensorParallel) -> jax.ShapeDtypeStruct:
-    """The checkpoint's shape of a replicated QKV tensor, split over hidden (wqkv) or
-    replicated (bqkv, or a hidden size that does not divide)."""
+    """The checkpoint's shape of one layer's replicated QKV tensor, split over hidden (wqkv
+    [hidden, Hkv, G + 2, D]) or replicated (bqkv [Hkv, G + 2, D], or a hidden size that does
+    not divide)."""
     *lead, heads, g2, d = t.shape
     shape = (*lead, heads // replicas, (g2 - 2) * replicas + 2, d)
     split = len(shape) == 4 and shape[0] % tp.size == 0
     return jax.ShapeDtypeStruct(shape, t.dtype,
-                                sharding=tp.sharding("tp") if split else tp.replicated)
+                                sharding=tp.sharding(TP_AXIS) if split else tp.replicated)
 
 
 def _reshard(array: jax.Array, target: jax.ShapeDtypeStruct, replicas: int) -> jax.Array:
