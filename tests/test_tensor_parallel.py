@@ -213,3 +213,35 @@ def test_pallas_kernels_lower_per_shard_for_cuda():
     assert text.count(TRITON_CALL) == 2
     assert f"tensor<{pages}x{page}x{hkv // 2}x{d}xbf16>" in text  # one device's pool
     assert f"tensor<{t}x{hkv // 2}x{g + 2}x{d}xbf16>" in text  # one device's QKV
+
+
+def test_llm_refuses_impossible_splits_and_replicas_before_loading(tiny_checkpoint):
+    from jaxpaged import LLM
+
+    model = str(tiny_checkpoint("llama-mha"))  # 4 heads
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by "
+                                         "tensor_parallel_size=8"):
+        LLM(model, tensor_parallel_size=8)
+    with pytest.raises(ValueError, match="tensor_parallel_size=16 needs 16 devices"):
+        LLM(model, tensor_parallel_size=16)
+    for name in ("pipeline_parallel_size", "data_parallel_size"):
+        with pytest.raises(ValueError, match=f"{name}=2 is not supported by jaxpaged "
+                                             r"\(pipeline and data parallel replicas"):
+            LLM(model, **{name: 2})
+
+
+def test_pool_is_sized_per_device_from_its_kv_heads():
+    """8 KV heads over 4 devices: a block costs a quarter per device, so a per-device budget
+    (vLLM's kv_cache_memory_bytes) holds four times the blocks, and the total sums the devices."""
+    from jaxpaged.runner.kv_sizing import plan_kv_cache
+
+    cfg = _config(num_heads=8, num_kv_heads=8)
+    tp = TensorParallel.create(4)
+    sizes = dict(dtype=jnp.float32, block_size=16, max_model_len=64, max_num_seqs=4,
+                 gpu_memory_utilization=0.9, activation_bytes=0, kv_cache_memory_bytes=2**20)
+    whole = plan_kv_cache(cfg, **sizes)
+    split = plan_kv_cache(cfg, **sizes, num_devices=4,
+                          kv_heads_per_device=tp.kv_heads_per_device(cfg))
+    assert split.bytes_per_block * 4 == whole.bytes_per_block
+    assert split.num_blocks == 4 * whole.num_blocks
+    assert split.total_bytes == 4 * split.num_blocks * split.bytes_per_block
