@@ -25,7 +25,8 @@ from model_testing import _forward, generate
 from test_model_vs_hf import LOGITS_RTOL, goldens, relative_error
 
 
-def sharded(name: str, size: int, model_dir) -> object:
+def sharded(model_dir, size: int):
+    """The fp32 model over ``size`` fake devices."""
     return load_model(model_dir, dtype="fp32", attn_impl="reference",
                       tensor_parallel=TensorParallel.create(size))
 
@@ -45,7 +46,7 @@ def test_the_fake_devices_are_there():
 @pytest.mark.parametrize("name, size", [("llama-gqa", 2), ("llama-gqa", 4), ("llama-mha", 4),
                                         ("llama-tied", 8), ("llama-bias", 4)])
 def test_sharded_model_matches_hf_goldens(name, size, tiny_checkpoint):
-    model = sharded(name, size, tiny_checkpoint(name))
+    model = sharded(tiny_checkpoint(name), size)
     for prompt_ids, hf_logits, hf_greedy in goldens(name)[::2]:  # the 7- and 38-token prompts
         result = generate(model, prompt_ids, max_new_tokens=len(hf_greedy))
         assert relative_error(result.prompt_logits, hf_logits) < LOGITS_RTOL
@@ -55,7 +56,7 @@ def test_sharded_model_matches_hf_goldens(name, size, tiny_checkpoint):
 def test_each_weight_lives_in_its_shards(tiny_checkpoint):
     """llama-gqa over 4 devices: 2 KV heads, each copied to 2 devices with 2 of its 4 queries."""
     spec, size = TINY_SPECS["llama-gqa"], 4
-    model = sharded("llama-gqa", size, tiny_checkpoint("llama-gqa"))
+    model = sharded(tiny_checkpoint("llama-gqa"), size)
     params = params_of(model)
     h, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
     vocab = model.config.vocab_size
@@ -115,7 +116,7 @@ def test_replicating_kv_heads_keeps_query_order():
 def test_one_all_reduce_per_row_parallel_projection(tiny_checkpoint):
     """O and down: one all-reduce each per layer, plus the vocab-split embedding lookup; no
     weight is gathered."""
-    model = sharded("llama-gqa", 2, tiny_checkpoint("llama-gqa"))
+    model = sharded(tiny_checkpoint("llama-gqa"), 2)
     cfg = model.config
     kv = KVCache.zeros(num_layers=cfg.num_layers, num_blocks=3, block_size=16,
                        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=jnp.float32)
@@ -134,8 +135,8 @@ def test_converted_checkpoint_restores_sharded(tiny_checkpoint, tmp_path):
     """orbax restores into the shards; replicated KV heads are rewritten on the devices."""
     convert(tiny_checkpoint("llama-gqa"), tmp_path / "converted", dtype="fp32")
     for size in (2, 4):
-        direct = params_of(sharded("llama-gqa", size, tiny_checkpoint("llama-gqa")))
-        restored = params_of(sharded("llama-gqa", size, tmp_path / "converted"))
+        direct = params_of(sharded(tiny_checkpoint("llama-gqa"), size))
+        restored = params_of(sharded(tmp_path / "converted", size))
         assert direct.keys() == restored.keys()
         for name, array in restored.items():
             assert array.sharding == direct[name].sharding, name
@@ -245,3 +246,16 @@ def test_pool_is_sized_per_device_from_its_kv_heads():
     assert split.bytes_per_block * 4 == whole.bytes_per_block
     assert split.num_blocks == 4 * whole.num_blocks
     assert split.total_bytes == 4 * split.num_blocks * split.bytes_per_block
+
+
+@pytest.mark.slow
+def test_kv_scale_calibration_runs_sharded_and_agrees(tiny_checkpoint):
+    from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
+
+    path = tiny_checkpoint("llama-gqa")
+    single = load_model(path, dtype="fp32", attn_impl="reference")
+    token_ids = calibration_token_ids(None, single.config.vocab_size, 64)
+    expected = calibrate_kv_scales(single, token_ids, block_size=16)
+    scales = calibrate_kv_scales(sharded(path, 4), token_ids, block_size=16)
+    np.testing.assert_allclose(scales.k, expected.k, rtol=1e-5)
+    np.testing.assert_allclose(scales.v, expected.v, rtol=1e-5)
