@@ -6,7 +6,8 @@ For each batch size B: B requests with ``context``-token prompts are prefilled, 
 decode steps are timed through the engine. Reported per step: wall time, the time the host spent
 outside waiting for the device (scheduling, input packing, sampling set-up, detokenizing), and the
 floor max(bytes / BW, FLOPs / F) with bytes = weights + the K/V of every context read.
-``--kv-bytes`` sizes the pool (several values show whether step time depends on pool size, which it
+``--tensor-parallel-size N`` shards the model over N GPUs (``-tp``). ``--kv-bytes`` sizes the pool
+(per GPU) (several values show whether step time depends on pool size, which it
 must not). ``--dump-hlo`` writes the optimized HLO of the decode step of the largest batch.
 
 ``device_ms`` replays the last timed step's compiled model step and sampler back to back with no
@@ -155,6 +156,9 @@ def main() -> None:
                         help="batch sizes whose timed steps are cProfiled")
     parser.add_argument("--trace", type=int, nargs="*", default=[],
                         help="batch sizes whose replayed steps are traced kernel by kernel")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="GPUs of this host to shard the model over (the floor stays the "
+                             "one-GPU floor: step_over_floor then shows the speed-up)")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     if args.context + MAX_NEW_TOKENS > args.max_model_len:
@@ -168,7 +172,8 @@ def main() -> None:
                   max_num_seqs=max(args.batches), max_num_batched_tokens=8192,
                   kv_cache_memory_bytes=int(kv_gib * 2**30) or None,
                   async_scheduling=args.async_scheduling, quantization=args.quantization,
-                  quant_matmul_kernel=args.quant_matmul_kernel)
+                  quant_matmul_kernel=args.quant_matmul_kernel,
+                  tensor_parallel_size=args.tensor_parallel_size)
         startup = time.perf_counter() - start
         cfg = llm.llm_engine.model_config
         recorder = StepRecorder(llm.llm_engine.runner)
@@ -180,7 +185,8 @@ def main() -> None:
                           + batch * (args.context + 1) * kv_bytes_per_token(cfg))
             floor = max(step_bytes / ceilings.bandwidth,
                         batch * matmul_flops_per_token(cfg) / ceilings.matmul_flops)
-            row.update(batch=batch, kv_gib=kv_gib, startup_s=startup, floor_ms=floor * 1e3,
+            row.update(batch=batch, kv_gib=kv_gib, tensor_parallel_size=args.tensor_parallel_size,
+                       startup_s=startup, floor_ms=floor * 1e3,
                        step_over_floor=row["step_ms"] / (floor * 1e3))
             results.append(row)
             print(json.dumps(row), flush=True)
@@ -189,13 +195,18 @@ def main() -> None:
         del llm
         gc.collect()  # free the pool before the next size is planned
     summary = {"device": jax.devices()[0].device_kind, "async_scheduling": args.async_scheduling,
+               "tensor_parallel_size": args.tensor_parallel_size,
                "bandwidth_TBps": ceilings.bandwidth / 1e12,
                "matmul_TFLOPps": ceilings.matmul_flops / 1e12, "context": args.context,
                "quantization": args.quantization, "quant_matmul_kernel": args.quant_matmul_kernel,
                "rows": results}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decode_steps.json").write_text(json.dumps(summary, indent=2))
+        (args.out / f"decode_steps{_tp_suffix(args.tensor_parallel_size)}.json").write_text(json.dumps(summary, indent=2))
+
+
+def _tp_suffix(size: int) -> str:
+    return "" if size == 1 else f"-tp{size}"
 
 
 def dump_hlo(llm: LLM, batch: int, out: pathlib.Path) -> None:

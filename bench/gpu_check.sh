@@ -5,6 +5,8 @@
 #   (quantized weights: quant-matmul quant-matmul-prefill kernel-tests-quant decode-fp8w
 #    decode-int8w throughput-fp8w throughput-int8w throughput-fp8w-fp8kv start-70b-fp8;
 #    nano vs bf16 in the same call: `throughput throughput-fp8w`)
+#   (tensor parallel, on a multi-GPU kind: tp-tests tp-allreduce tp-decode tp-nano; tp-tests
+#    needs 8 GPUs for its TP=8 cases; TP_SIZES="2 4" narrows tp-decode and tp-nano)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
 # A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
 # stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
@@ -162,6 +164,17 @@ for label in $stages; do
     start-70b-fp8) run start-70b-fp8 590 python3 bench/throughput.py \
              --model bench/configs/llama3-70b --workload nano --quantization fp8 \
              --out "$OUT/70b-fp8" ;;
+    # Tensor parallel (multi-GPU kinds): each TP degree up to the GPUs present, one after another.
+    tp-tests) run tp-tests 500 python3 -m pytest -q -x -p no:cacheprovider \
+             tests/test_tensor_parallel.py tests/test_tensor_parallel_engine.py ;;
+    tp-allreduce) run tp-allreduce 300 python3 bench/all_reduce.py --sizes 2 4 8 --out "$OUT/tp" ;;
+    tp-decode) run tp-decode 590 bash -c 'n=$(nvidia-smi -L | wc -l); for tp in ${TP_SIZES:-1 2 4 8}; do
+             [ "$tp" -le "$n" ] || continue; python3 bench/decode_steps.py --batches 1 64 256 \
+             --steps 10 --kv-bytes 8 --tensor-parallel-size "$tp" --out "$0/tp" || exit 1; done' \
+             "$OUT" ;;
+    tp-nano) run tp-nano 590 bash -c 'n=$(nvidia-smi -L | wc -l); for tp in ${TP_SIZES:-1 2 4 8}; do
+             [ "$tp" -le "$n" ] || continue; python3 bench/throughput.py --workload nano \
+             --tensor-parallel-size "$tp" --out "$0/tp$tp" || exit 1; done' "$OUT" ;;
     *) echo "unknown stage $label" >> "$summary" ;;
   esac
 done

@@ -78,6 +78,8 @@ def main() -> None:
                         help="overlap host work with the device (sampled ids applied one step late)")
     parser.add_argument("--trace", action="store_true",
                         help="run the workload again under the profiler; write its kernel table")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="GPUs of this host to shard the model over")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
 
@@ -87,7 +89,8 @@ def main() -> None:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization,
               async_scheduling=args.async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
-              quantization=args.quantization, quant_matmul_kernel=args.quant_matmul_kernel)
+              quantization=args.quantization, quant_matmul_kernel=args.quant_matmul_kernel,
+              tensor_parallel_size=args.tensor_parallel_size)
     startup = time.perf_counter() - start
     prompts, params, outputs = build_requests(args.workload, args.num_requests)
     llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -114,6 +117,7 @@ def main() -> None:
         "matmul_TFLOPps": ceilings.matmul_flops / 1e12,
         "floor": floor, "efficiency": floor["floor_s"] / elapsed,
         "startup_s": startup, "async_scheduling": args.async_scheduling,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "kv_capacity_tokens": llm.llm_engine.kv_plan.capacity_tokens,
         "kv_cache_dtype": llm.llm_engine.kv_dtype.name,
         "quantization": args.quantization, "quant_matmul_kernel": args.quant_matmul_kernel,

@@ -20,10 +20,18 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
     "disable_log_stats": (False, True),
     "disable_custom_all_reduce": (False, True),
     "max_seq_len_to_capture": (None, 8192),
-    "pipeline_parallel_size": (1,),  # one device for now (tensor_parallel_size says the same)
+    "pipeline_parallel_size": (1,),  # one model per host (_REFUSAL_REASONS)
     "data_parallel_size": (1,),
     "hf_token": (None,),
     "task": ("auto", "generate"),
+}
+
+# Why a vLLM argument is refused at any other value, where the bare refusal would not say.
+_REFUSAL_REASONS: dict[str, str] = {
+    "pipeline_parallel_size": "pipeline and data parallel replicas are not built yet; "
+                              "tensor_parallel_size shards one model over this host's devices",
+    "data_parallel_size": "pipeline and data parallel replicas are not built yet; "
+                          "tensor_parallel_size shards one model over this host's devices",
 }
 
 
@@ -79,7 +87,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     """Fraction of the accelerator memory jaxpaged may use; the KV pool gets what is left."""
     kv_cache_memory_bytes: int | None = None
-    """Exact KV pool size in bytes (overrides gpu_memory_utilization). The default on the CPU:
+    """Exact KV pool size in bytes, per device (overrides gpu_memory_utilization). The default
+    on the CPU (per device):
     what max_num_seqs sequences of max_model_len need, between 256 MiB and 1 GiB."""
     num_gpu_blocks_override: int | None = None
     """Exact number of KV blocks (testing and benchmarks)."""
@@ -105,7 +114,9 @@ class EngineConfig:
     """Largest ``logprobs`` / ``prompt_logprobs`` a request may ask for; -1: no cap (a request
     may then ask for the whole vocabulary with -1, as in vLLM)."""
     tensor_parallel_size: int = 1
-    """Devices to shard the model over (only 1 for now)."""
+    """Devices of this host to shard the model over (the first N local devices: those
+    CUDA_VISIBLE_DEVICES shows). Heads and MLP columns are split (``models.tensor_parallel``);
+    num_attention_heads must divide by it, and num_key_value_heads divide it or by it."""
     attention_impl: Literal["auto", "pallas", "xla", "reference"] = "auto"
     """Attention: "auto" runs the Pallas kernels on a CUDA GPU and the XLA path ("xla": loops
     over the pages a step uses) elsewhere; "reference" is the dense jnp reference (tests)."""
@@ -149,9 +160,9 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported "
-                             "yet (only 1)")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
         self._verify_dtypes()
         if self.compile_step_shapes not in ("auto", "start", "first_use"):
             raise ValueError(f"compile_step_shapes must be 'auto', 'start' or 'first_use', "
@@ -195,7 +206,8 @@ class EngineConfig:
             elif name in _NO_OP_VLLM_ARGS:
                 if value not in _NO_OP_VLLM_ARGS[name]:
                     shown = "<redacted>" if name == "hf_token" else repr(value)  # a secret
-                    raise ValueError(f"{name}={shown} is not supported by jaxpaged")
+                    reason = f" ({_REFUSAL_REASONS[name]})" if name in _REFUSAL_REASONS else ""
+                    raise ValueError(f"{name}={shown} is not supported by jaxpaged{reason}")
             else:
                 raise TypeError(f"unexpected keyword argument {name!r}")
         return cls(model=model, **chosen)

@@ -2,7 +2,7 @@
 spells them: the model as a positional argument (``jaxpaged serve MODEL``) or ``--model``, the
 server's own flags (``--host``, ``--api-key`` ...), every argument ``LLM()`` / ``EngineConfig``
 takes (``--max-model-len`` ...), and vLLM's usual launch flags. A vLLM flag that changes nothing
-here parses as a no-op; one asking for what jaxpaged lacks (``-tp 2``, ``--kv-cache-dtype fp8_inc``,
+here parses as a no-op; one asking for what jaxpaged lacks (``-pp 2``, ``--kv-cache-dtype fp8_inc``,
 ``-q awq``) is refused by ``EngineConfig`` with a message naming the value. ``--config FILE.yaml``
 (``config_file.py``) supplies defaults that the command line overrides.
 """
@@ -133,7 +133,7 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
-                   help="only 1 for now")
+                   help="shard the model over this many of the host's devices")
     g.add_argument("--compile-step-shapes", default="auto", choices=["auto", "start", "first_use"],
                    help="compile every step shape at start-up ('start', the GPU default) or "
                         "each on first use ('first_use', the CPU default)")
@@ -161,8 +161,10 @@ def _add_vllm_arguments(g: argparse._ArgumentGroup) -> None:
                    help="a no-op: XLA programs are always compiled ahead of serving")
     g.add_argument("--disable-log-stats", action="store_true", help="a no-op")
     g.add_argument("--disable-custom-all-reduce", action="store_true", help="a no-op")
-    g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="only 1")
-    g.add_argument("-dp", "--data-parallel-size", type=int, default=1, help="only 1")
+    g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
+                   help="only 1 (replicas are not built yet)")
+    g.add_argument("-dp", "--data-parallel-size", type=int, default=1,
+                   help="only 1 (replicas are not built yet)")
     g.add_argument("-q", "--quantization", type=_none_or_str, default=None,
                    help="fp8, int8 (weight-only) or compressed-tensors; default: the "
                         "checkpoint's")

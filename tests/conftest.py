@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Callable
 
-import jax
-import pytest
+# Tensor-parallel tests shard the tiny models over fake CPU devices; XLA reads the flag when jax
+# starts, so it is set here, before anything imports jax. Every other test runs on device 0 as
+# before (nothing is placed on the others unless a mesh asks for them).
+FAKE_CPU_DEVICES = 8
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={FAKE_CPU_DEVICES}").strip()
 
-from jaxpaged.converters.tiny import TINY_SPECS, build_tiny_checkpoint
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxpaged.converters.tiny import TINY_SPECS, build_tiny_checkpoint  # noqa: E402
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 

@@ -100,6 +100,25 @@ def test_second_cache_loads_without_lowering_and_matches(tmp_path):
     np.testing.assert_array_equal(expected, np.asarray(_affine(*lower.args)))
 
 
+def test_loaded_executable_runs_on_the_devices_it_was_compiled_for(tmp_path):
+    """On a host of several devices (conftest's fake CPU devices) an entry compiled for one
+    device, or for a mesh of two, loads onto those devices, not onto all of them."""
+    devices = jax.devices()
+    assert len(devices) >= 4
+    mesh = jax.sharding.Mesh(np.array(devices[2:4]), ("tp",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tp"))
+    for name, placement in (("one", devices[1]), ("mesh", split)):
+        x = jax.device_put(np.arange(8, dtype=np.float32), placement)
+        lower = lambda: _affine.lower(x, x)  # noqa: E731
+        ExecutableCache(tmp_path, FINGERPRINT).get_or_compile(name, name, lower)
+        cache = ExecutableCache(tmp_path, FINGERPRINT)
+        loaded = cache.get_or_compile(name, name, lower)
+        assert cache.stats.hits == 1
+        out = loaded(x, x)
+        assert out.sharding.device_set == x.sharding.device_set
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(_affine(x, x)))
+
+
 def test_loaded_executable_keeps_dataclass_trees_nnx_state_and_donation(tmp_path):
     graphdef, state, pool, x = _model_args()
     lower = CountingLower(_model_like, graphdef, state, pool, x, offset=3)

@@ -55,14 +55,20 @@ def test_every_llm_argument_has_a_flag():
 
 
 @pytest.mark.parametrize("argv,value", [
-    (["-tp", "2"], "tensor_parallel_size=2"), (["-pp", "2"], "pipeline_parallel_size=2"),
-    (["--data-parallel-size", "4"], "data_parallel_size=4"), (["--kv-cache-dtype", "fp8_inc"], "fp8_inc"),
+    (["-tp", "0"], "tensor_parallel_size must be a positive integer, got 0"),
+    (["-pp", "2"], "pipeline_parallel_size=2 .*not built yet"),
+    (["--data-parallel-size", "4"], "data_parallel_size=4 .*not built yet"), (["--kv-cache-dtype", "fp8_inc"], "fp8_inc"),
     (["-q", "awq"], "awq"), (["--revision", "v2"], "v2"), (["--task", "embed"], "embed"),
     (["--hf-token", "hf_x"], "hf_token=<redacted>"),
 ])
 def test_vllm_flags_asking_for_what_jaxpaged_lacks_are_refused_naming_the_value(argv, value):
     with pytest.raises(ValueError, match=value):
         engine(argv)
+
+
+def test_tensor_parallel_size_flags():
+    assert engine(["-tp", "2"]).tensor_parallel_size == 2
+    assert engine(["--tensor-parallel-size", "4"]).tensor_parallel_size == 4
 
 
 def test_quantization_none_and_no_op_flags_are_accepted():

@@ -41,7 +41,9 @@ from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loader import load_model
 from jaxpaged.outputs import BeamSearchOutput, RequestOutput
 from jaxpaged.runner.block_copy import BlockCopier
+from jaxpaged.models.tensor_parallel import TensorParallel
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
+from jaxpaged.runner.kv_sizing import KVPlan
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 from jaxpaged.structured.manager import GrammarState, StructuredOutputManager
@@ -70,15 +72,21 @@ class LLMEngine:
                                            on_cpu=jax.default_backend() == "cpu")
         dtype = setup.resolve_dtype(config.dtype, model_dir)
         self.kv_dtype = setup.kv_pool_dtype(config, dtype)  # refused before the weights load
+        # None on one device; an impossible split is refused before the weights load
+        self.tensor_parallel = TensorParallel.create(config.tensor_parallel_size)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.check(self.model_config)
         self.quant, checkpoint_quantized = resolve_quantization(
             config.quantization, model_dir, kernel=config.quant_matmul_kernel,
             dummy=config.load_format == "dummy")
         model = load_model(model_dir, dtype=dtype, attn_impl=config.attention_impl,
                            load_format=config.load_format, seed=config.seed, quant=self.quant,
-                           checkpoint_quantized=checkpoint_quantized)
+                           checkpoint_quantized=checkpoint_quantized,
+                           tensor_parallel=self.tensor_parallel)
         jax.block_until_ready(nnx.state(model))
         weights_s = time.perf_counter() - start
-        self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, self.kv_dtype)
+        self.kv_plan = setup.plan_kv(config, self.model_config, self.limits, self.kv_dtype,
+                                     self.tensor_parallel)
         self.limits = setup.fit_limits_to_pool(config, self.limits, self.kv_plan)
         self.eos_token_id, all_eos_ids = setup.eos_token_ids(
             self.model_config, self.generation_config, self.tokenizer)
@@ -135,10 +143,11 @@ class LLMEngine:
                         "without SamplingParams use them; generation_config='vllm' turns them "
                         "off)", self._default_sampling_values)
         logger.info("KV cache: %d tokens (%d blocks of %d), maximum concurrency %.2fx at "
-                    "max_model_len=%d; %s pool%s", plan.capacity_tokens, plan.num_blocks - 1,
+                    "max_model_len=%d; %s pool%s, %s", plan.capacity_tokens, plan.num_blocks - 1,
                     self.config.block_size, plan.max_concurrency(self.max_model_len),
                     self.max_model_len, self.kv_dtype.name,
-                    " with calibrated scales" if self.config.calculate_kv_scales else "")
+                    " with calibrated scales" if self.config.calculate_kv_scales else "",
+                    _pool_size_text(plan))
         shapes = len(self.runner.ladder.all_shapes())
         if not self.compiles_at_start:
             logger.info("engine ready: weights %.1f s, KV allocation %.1f s; %d step shapes "
@@ -479,6 +488,15 @@ def _has_grammar(scheduler_output: SchedulerOutput) -> bool:
     """Whether a sampled row has structured outputs (its sampler needs a bitmask)."""
     return any(s.do_sample and s.sampling_params.structured_outputs is not None
                for s in scheduler_output.scheduled)
+
+
+def _pool_size_text(plan: KVPlan) -> str:
+    """The pool's bytes; under tensor parallelism per device and summed over them."""
+    gib = plan.num_blocks * plan.bytes_per_block / 2**30
+    if plan.num_devices == 1:
+        return f"{gib:.2f} GiB"
+    return (f"{gib * plan.num_devices:.2f} GiB over {plan.num_devices} devices "
+            f"({gib:.2f} GiB each, split by KV heads)")
 
 
 def _uses_penalties(scheduler_output: SchedulerOutput) -> bool:

@@ -20,6 +20,7 @@ from jaxpaged.core.scheduler_config import SchedulerConfig
 from jaxpaged.engine.tokenizer import load_tokenizer
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.loader import jax_dtype
+from jaxpaged.models.tensor_parallel import TensorParallel
 from jaxpaged.pallas_kernels.kv_quant import is_fp8
 from jaxpaged.runner.buckets import BucketLadder
 from jaxpaged.runner.executable_cache import ExecutableCache, environment_fingerprint
@@ -153,9 +154,14 @@ def bucket_ladder(config: EngineConfig, limits: EngineLimits) -> BucketLadder:
 
 
 def plan_kv(config: EngineConfig, model_config: ModelConfig, limits: EngineLimits,
-            pool_dtype: jnp.dtype) -> KVPlan:
+            pool_dtype: jnp.dtype, tensor_parallel: TensorParallel | None = None) -> KVPlan:
+    """The pool's size; under tensor parallelism from one device's memory and its KV heads."""
+    per_device = {}
+    if tensor_parallel is not None:
+        per_device = dict(num_devices=tensor_parallel.size,
+                          kv_heads_per_device=tensor_parallel.kv_heads_per_device(model_config))
     return plan_kv_cache(
-        model_config, dtype=pool_dtype, block_size=config.block_size,
+        model_config, dtype=pool_dtype, block_size=config.block_size, **per_device,
         max_model_len=limits.max_model_len, max_num_seqs=limits.max_num_seqs,
         gpu_memory_utilization=config.gpu_memory_utilization,
         activation_bytes=activation_reserve_bytes(model_config, limits.max_num_batched_tokens,

@@ -41,8 +41,9 @@ class KVCache:
         """The same pool with per-layer scales (``[num_layers]`` each; fp8 pools only)."""
         if self.k_scale is None:
             raise ValueError(f"K/V scales need an fp8 pool, this one is {self.k.dtype}")
-        k_scale = jnp.asarray(k_scale, jnp.float32)  # [num_layers]
-        v_scale = jnp.asarray(v_scale, jnp.float32)  # [num_layers]
+        # [num_layers] each, placed where the pool's scales are
+        k_scale = jax.device_put(jnp.asarray(k_scale, jnp.float32), self.k_scale.sharding)
+        v_scale = jax.device_put(jnp.asarray(v_scale, jnp.float32), self.v_scale.sharding)
         if k_scale.shape != (self.num_layers,) or v_scale.shape != (self.num_layers,):
             raise ValueError(f"K/V scales must have shape ({self.num_layers},), got "
                              f"{k_scale.shape} and {v_scale.shape}")
@@ -54,13 +55,18 @@ class KVCache:
 
     @classmethod
     def zeros(cls, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-              head_dim: int, dtype: jnp.dtype) -> "KVCache":
+              head_dim: int, dtype: jnp.dtype, pool_sharding: jax.sharding.Sharding | None = None,
+              scale_sharding: jax.sharding.Sharding | None = None) -> "KVCache":
+        """A zeroed pool, made in place on its devices when shardings are given (tensor
+        parallelism: ``models.sharding.kv_cache_shardings``), else on the default device."""
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is the null block), got {num_blocks}")
         shape = (num_layers * num_blocks, block_size, num_kv_heads, head_dim)
-        scales = [jnp.ones((num_layers,), jnp.float32) if is_fp8(dtype) else None
+        scales = [jnp.ones((num_layers,), jnp.float32, device=scale_sharding)
+                  if is_fp8(dtype) else None
                   for _ in range(2)]  # two buffers: the step donates each once
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        return cls(k=jnp.zeros(shape, dtype, device=pool_sharding),
+                   v=jnp.zeros(shape, dtype, device=pool_sharding),
                    num_layers=num_layers, num_blocks=num_blocks, k_scale=scales[0],
                    v_scale=scales[1])
 

@@ -8,7 +8,8 @@ parallel warm-up compilation pay for the unrolled program instead.) The KV pool 
 functionally through the layers; attention goes through the single paged entry point in
 ``jaxpaged.models.attention``.
 
-Per-layer weight layout (x @ W, inputs first), chosen so tensor parallelism can later shard heads:
+Per-layer weight layout (x @ W, inputs first), chosen so tensor parallelism shards heads
+(``models.sharding``):
   attn.wqkv  [hidden, Hkv, G + 2, D]  per KV head: its G query heads, then K, then V
   attn.wo    [Hq * D, hidden]          query heads in HF order (h = kv_head * G + g)
   mlp.w_gate_up [hidden, 2, I]         gate then up
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpaged.models.attention import paged_attention
+from jaxpaged.models.attention import PagedAttention
 from jaxpaged.models.attention_metadata import AttentionMetadata
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
@@ -59,14 +60,15 @@ class Attention(nnx.Module):
         self.bo = nnx.Param(jnp.zeros((h,), dtype)) if cfg.attention_bias else None
         self.sm_scale = 1.0 / math.sqrt(d)
 
-    def __call__(self, x, cos, sin, kv_cache: KVCache, layer, md: AttentionMetadata, attn_impl: str):
+    def __call__(self, x, cos, sin, kv_cache: KVCache, layer, md: AttentionMetadata,
+                 attention: PagedAttention):
         t = x.shape[0]
         qkv = self.linear(x, self.wqkv, self.wqkv_scale)  # [T, Hkv, G + 2, D]
         if self.bqkv is not None:
             qkv = qkv + self.bqkv[...]
         # RoPE of q and k, the K/V write and attention: one entry point (two kernels on the GPU).
-        out, kv_cache = paged_attention(qkv, cos, sin, kv_cache, layer, md,
-                                        sm_scale=self.sm_scale, impl=attn_impl)  # [T, Hq, D]
+        out, kv_cache = attention(qkv, cos, sin, kv_cache, layer, md,
+                                  sm_scale=self.sm_scale)  # [T, Hq, D]
         out = self.linear(out.reshape(t, -1), self.wo, self.wo_scale)  # [T, hidden]
         if self.bo is not None:
             out = out + self.bo[...]
@@ -102,8 +104,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs=rngs, quant=quant)
 
-    def __call__(self, x, cos, sin, kv_cache, layer, md, attn_impl):
-        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, kv_cache, layer, md, attn_impl)
+    def __call__(self, x, cos, sin, kv_cache, layer, md, attention):
+        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, kv_cache, layer, md, attention)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return x, kv_cache
@@ -113,9 +115,12 @@ class LlamaForCausalLM(nnx.Module):
     """``model(token_ids, positions, kv_cache, md) -> (hidden, kv_cache)``; ``compute_logits``."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, attn_impl: str = "auto",
-                 rngs: nnx.Rngs, quant: QuantConfig | None = None):
+                 mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs,
+                 quant: QuantConfig | None = None):
         self.config = cfg
         self.attn_impl = attn_impl
+        # per shard under tensor parallelism (mesh set; models.tensor_parallel)
+        self.attention = PagedAttention(attn_impl, mesh)
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
                                .astype(dtype))
 
@@ -132,7 +137,7 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = RotaryEmbedding(self.config).cos_sin(positions)  # f32[T, D]
         for index, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{index}"):
-                x, kv_cache = layer(x, cos, sin, kv_cache, index, md, self.attn_impl)
+                x, kv_cache = layer(x, cos, sin, kv_cache, index, md, self.attention)
         return self.final_norm(x), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

@@ -15,7 +15,9 @@ Layout: ``directory/<fingerprint[:16]>/<name>-<key>.jaxexec``. Any change of fin
 edit, another jax, other flags) starts a new sub-directory, so stale ones can be deleted whole.
 
 Entry file: a magic tag, the sha256 of the body, the entry's key, then the body: a pickle of
-(serialized executable, input PyTreeDef, output PyTreeDef). The checksum and key are checked
+(serialized executable, input PyTreeDef, output PyTreeDef, ids of the devices it runs on, in
+its device assignment's order: without them XLA would load it onto every device of the host,
+which breaks single-device programs on a multi-device host). The checksum and key are checked
 before anything is unpickled or handed to XLA, so a torn or corrupted file is recompiled and
 replaced rather than loaded. Writers write a temporary file in the same directory and rename it
 over the entry (atomic on POSIX), so the warm-up's parallel compile threads and several engines
@@ -56,7 +58,7 @@ from jax.experimental import serialize_executable
 
 logger = logging.getLogger(__name__)
 
-_MAGIC = b"JAXPAGED-XEXEC-1\n"  # file format tag; bump the digit when the layout changes
+_MAGIC = b"JAXPAGED-XEXEC-2\n"  # file format tag; bump the digit when the layout changes
 _DIGEST_BYTES = 32  # sha256
 _SUFFIX = ".jaxexec"
 
@@ -196,8 +198,10 @@ class ExecutableCache:
         except OSError as e:
             return self._load_failed(path, f"unreadable: {e}")
         try:
-            payload, in_tree, out_tree = pickle.loads(_unwrap(data, key))
-            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            payload, in_tree, out_tree, device_ids = pickle.loads(_unwrap(data, key))
+            by_id = {d.id: d for d in jax.devices()}
+            compiled = serialize_executable.deserialize_and_load(
+                payload, in_tree, out_tree, execution_devices=[by_id[i] for i in device_ids])
         except Exception as e:  # corrupt, truncated, or written by an incompatible jax: recompile
             return self._load_failed(path, f"{type(e).__name__}: {e}")
         with self._lock:
@@ -220,7 +224,9 @@ class ExecutableCache:
     def _store(self, path: pathlib.Path, key: str, compiled: jax.stages.Compiled) -> None:
         try:
             payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-            body = pickle.dumps((payload, in_tree, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
+            device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+            body = pickle.dumps((payload, in_tree, out_tree, device_ids),
+                                protocol=pickle.HIGHEST_PROTOCOL)
             _write_atomically(path, _wrap(body, key))
         except Exception as e:  # e.g. programs with closed-over constants do not serialize
             logger.warning("executable cache: cannot store %s (%s: %s); it will be compiled "

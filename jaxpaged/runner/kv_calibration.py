@@ -21,6 +21,7 @@ from jaxpaged.converters.kv_scales import KVScales
 from jaxpaged.models.attention_metadata import AttentionMetadata
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
+from jaxpaged.models.sharding import kv_cache_shardings
 
 K_SCALE_RANGE = 200.0  # vLLM's K_SCALE_CONSTANT
 V_SCALE_RANGE = 100.0  # vLLM's V_SCALE_CONSTANT
@@ -54,7 +55,8 @@ def calibrate_kv_scales(model: LlamaForCausalLM, token_ids: np.ndarray, *,
     num_pages = -(-t // block_size)
     cache = KVCache.zeros(num_layers=cfg.num_layers, num_blocks=num_pages + 1,
                           block_size=block_size, num_kv_heads=cfg.num_kv_heads,
-                          head_dim=cfg.head_dim, dtype=model.embed[...].dtype)
+                          head_dim=cfg.head_dim, dtype=model.embed[...].dtype,
+                          **kv_cache_shardings(model.attention.mesh))
     md = AttentionMetadata(
         slot_mapping=jnp.arange(t, dtype=jnp.int32) + block_size,  # pages 1.. (0 is the null block)
         block_tables=jnp.arange(1, num_pages + 1, dtype=jnp.int32)[None],  # [1, pages]

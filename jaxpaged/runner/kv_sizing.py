@@ -1,4 +1,8 @@
-"""How many KV blocks fit: the pool gets what the weights and the largest step leave over."""
+"""How many KV blocks fit: the pool gets what the weights and the largest step leave over.
+
+Under tensor parallelism every device holds its KV heads' part of every block id, so the budget
+and the bytes of a block are per device (the first device's memory; the weights there are its
+shards) and the pool's capacity in tokens is what one device's part holds."""
 
 from __future__ import annotations
 
@@ -23,11 +27,17 @@ MAX_CPU_KV_CACHE_BYTES = 1024 * 1024 * 1024
 class KVPlan:
     num_blocks: int  # per layer, including null block 0
     block_size: int
-    bytes_per_block: int  # K + V over all layers
+    bytes_per_block: int  # K + V over all layers, on one device
+    num_devices: int = 1  # tensor parallel: devices the pool is split over (by KV heads)
 
     @property
     def capacity_tokens(self) -> int:
         return (self.num_blocks - 1) * self.block_size
+
+    @property
+    def total_bytes(self) -> int:
+        """The whole pool, summed over devices."""
+        return self.num_blocks * self.bytes_per_block * self.num_devices
 
     def max_concurrency(self, max_model_len: int) -> float:
         return self.capacity_tokens / max_model_len
@@ -48,11 +58,15 @@ def activation_reserve_bytes(cfg: ModelConfig, max_num_batched_tokens: int, max_
 def plan_kv_cache(cfg: ModelConfig, *, dtype, block_size: int, max_model_len: int,
                   max_num_seqs: int, gpu_memory_utilization: float, activation_bytes: int,
                   kv_cache_memory_bytes: int | None = None,
-                  num_blocks_override: int | None = None) -> KVPlan:
-    """Sizes the pool (``fit_max_model_len`` then checks that one sequence fits)."""
+                  num_blocks_override: int | None = None, num_devices: int = 1,
+                  kv_heads_per_device: int | None = None) -> KVPlan:
+    """Sizes the pool (``fit_max_model_len`` then checks that one sequence fits). Tensor
+    parallel: ``num_devices`` devices, each holding ``kv_heads_per_device`` heads of every
+    block; ``kv_cache_memory_bytes`` is per device then (vLLM's meaning)."""
+    heads = cfg.num_kv_heads if kv_heads_per_device is None else kv_heads_per_device
     bytes_per_block = KVCache.bytes_per_block(num_layers=cfg.num_layers, block_size=block_size,
-                                              num_kv_heads=cfg.num_kv_heads,
-                                              head_dim=cfg.head_dim, dtype=dtype)
+                                              num_kv_heads=heads, head_dim=cfg.head_dim,
+                                              dtype=dtype)
     if num_blocks_override is not None:
         num_blocks = num_blocks_override
     else:
@@ -60,7 +74,8 @@ def plan_kv_cache(cfg: ModelConfig, *, dtype, block_size: int, max_model_len: in
         budget = kv_cache_memory_bytes or _free_bytes(gpu_memory_utilization, activation_bytes,
                                                       cpu_bytes)
         num_blocks = budget // bytes_per_block
-    return KVPlan(num_blocks=int(num_blocks), block_size=block_size, bytes_per_block=bytes_per_block)
+    return KVPlan(num_blocks=int(num_blocks), block_size=block_size,
+                  bytes_per_block=bytes_per_block, num_devices=num_devices)
 
 
 def fit_max_model_len(plan: KVPlan, max_model_len: int, *, may_lower: bool) -> int:

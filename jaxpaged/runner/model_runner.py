@@ -34,11 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpaged.converters.kv_scales import KVScales
 from jaxpaged.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.llama import LlamaForCausalLM
+from jaxpaged.models.sharding import kv_cache_shardings, replicated
 from jaxpaged.runner.buckets import BucketLadder, StepShape
 from jaxpaged.runner.compiler_options import step_compiler_options
 from jaxpaged.runner.executable_cache import ExecutableCache, abstract_signature
@@ -114,7 +116,10 @@ def _model_step(graphdef, state_treedef, layout: BundleLayout, state_leaves: lis
     token_ids = jnp.where(sources >= 0, prev_sampled_ids[jnp.maximum(sources, 0)],
                           inputs.token_ids)  # [T]
     hidden, kv_cache = model(token_ids, inputs.positions, kv_cache, inputs.md)
-    return model.compute_logits(hidden[inputs.logits_indices]), hidden, kv_cache
+    # tensor parallel: the sampler reads one whole copy of the logits (split by vocab here)
+    logits = replicated(model.compute_logits(hidden[inputs.logits_indices]),
+                        model.attention.mesh)
+    return logits, hidden, kv_cache
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "pad_to"))
@@ -143,9 +148,15 @@ class ModelRunner:
         self.ladder = ladder
         self.eos_token_ids = eos_token_ids
         self.penalty_width = penalty_width
+        # Tensor parallel (the model's mesh): the pool is split over KV heads, and the small
+        # arrays every program shares (logits, sampled ids) live whole on every device.
+        self.mesh = model.attention.mesh
         self._kv_spec = dict(num_layers=cfg.num_layers, num_blocks=num_blocks,
                              block_size=block_size, num_kv_heads=cfg.num_kv_heads,
-                             head_dim=cfg.head_dim, dtype=kv_dtype)
+                             head_dim=cfg.head_dim, dtype=kv_dtype,
+                             **kv_cache_shardings(self.mesh))
+        self._replicated = (None if self.mesh is None
+                            else NamedSharding(self.mesh, PartitionSpec()))
         self._kv_scales = kv_scales
         self.kv_cache = self._new_kv_cache()
         self._base_key = jax.random.key(seed)
@@ -157,7 +168,8 @@ class ModelRunner:
         self._packer = StepPacker(block_size=block_size, table_width=ladder.table_width)
         # The last dispatched sampling step: its padded ids on the device, req_id -> row.
         self._prev_sampled_ids: jax.Array | None = None
-        self._no_prev_ids = jax.device_put(np.zeros(self.prev_width, np.int32))
+        self._no_prev_ids = jax.device_put(np.zeros(self.prev_width, np.int32),
+                                           self._replicated)
         self._prev_rows: dict[str, int] = {}
         self._sampling_builder = SamplingTensorBuilder(cfg.vocab_size, eos_token_ids,
                                                        penalty_width=penalty_width)
@@ -355,7 +367,7 @@ class ModelRunner:
         def compile_sampler(batch: int, params: SamplingParams, grammar: bool) -> None:
             # committed to the device like the model step's logits, so the same program is cached
             logits = jax.device_put(np.zeros((batch, self.config.vocab_size), np.float32),
-                                    jax.devices()[0])
+                                    self._replicated or jax.devices()[0])
             tensors = build_sampling_tensors(
                 [params] * batch, [[0]] * batch, [[]] * batch, self.eos_token_ids, batch,
                 self.config.vocab_size, self._base_key, penalty_width=self.penalty_width)
