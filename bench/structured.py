@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import sys
 import tempfile
@@ -56,6 +57,19 @@ def tiny_tokenizer_dir() -> str:
     from jaxpaged.converters.tiny import build_tiny_checkpoint
 
     return str(build_tiny_checkpoint("llama3-rope", pathlib.Path(tempfile.mkdtemp()) / "tiny"))
+
+
+def with_tokenizer_ids(model_dir: str, tokenizer_dir: str) -> str:
+    """A copy of ``model_dir``'s config.json whose BOS/EOS ids are the tokenizer's (the tiny BPE
+    has a few hundred ids: the model's own EOS would lie outside its vocabulary)."""
+    config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+    ids = json.loads((pathlib.Path(tokenizer_dir) / "config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id"):
+        config[key] = ids[key]
+    out = pathlib.Path(tempfile.mkdtemp()) / "model"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
 
 
 def requests(num_requests: int, fraction: float, vocab_size: int, max_model_len: int,
@@ -127,9 +141,11 @@ def main() -> None:
     args = parser.parse_args()
     if not 0.0 <= args.structured_fraction <= 1.0:
         raise SystemExit(f"--structured-fraction must be in [0, 1], got {args.structured_fraction}")
-    llm = LLM(args.model, load_format="dummy", dtype=args.dtype, max_model_len=args.max_model_len,
+    tokenizer = args.tokenizer or tiny_tokenizer_dir()
+    model = args.model if args.tokenizer else with_tokenizer_ids(args.model, tokenizer)
+    llm = LLM(model, load_format="dummy", dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              tokenizer=args.tokenizer or tiny_tokenizer_dir())
+              tokenizer=tokenizer)
     prompts, constrained = requests(args.num_requests, args.structured_fraction,
                                     llm.llm_engine.model_config.vocab_size, args.max_model_len,
                                     args.max_output)

@@ -13,7 +13,7 @@ from jaxpaged.pallas_kernels.quant_matmul import (CODE_MAX, MatmulTuning, choose
                                                    dequantize_weight, quant_matmul,
                                                    quant_matmul_reference, quantize_rows,
                                                    quantize_weight, w8a8_reference)
-from tests.kernel_testing import relative_error
+from kernel_testing import relative_error
 
 # Half a step of the format, relative: e4m3 has 3 mantissa bits (2^-4); int8 codes of a
 # channel's amax / 127 step are within 0.5 / 127 of amax (an absolute bound per channel).

@@ -44,8 +44,8 @@ class BlockCopier:
         self._compiled = _copy_blocks.lower(kv_cache, pairs).compile()
 
     def __call__(self, kv_cache: KVCache, copies: list[tuple[int, int]]) -> KVCache:
-        if self._compiled is None:
-            raise RuntimeError("BlockCopier.warmup must run before the first copy")
+        if self._compiled is None:  # warm-up skipped (compile_step_shapes="first_use")
+            self.warmup(kv_cache)
         for start in range(0, len(copies), self.max_pairs):
             chunk = copies[start:start + self.max_pairs]
             pairs = np.zeros((self.max_pairs, 2), np.int32)  # [M, 2]; (0, 0) pads
