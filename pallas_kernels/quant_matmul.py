@@ -45,9 +45,12 @@ MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas", "w8a8_xl
 # Token count M -> kernel, per format: the first row whose bound is >= M wins (None: any M).
 # The defaults until the GPU measurement (bench/quant_matmul.py) decides: the W8A16 Pallas
 # kernel where the step reads weights (decode), XLA's dequantize + dot where it computes (prefill).
+# The first H200 sweep found no Pallas kernel faster than XLA's dequantize-then-dot summed over the
+# Llama-3-8B projections at any M (bench/RESULTS.md, 2026-12-03 second session), and the W8A16
+# Pallas kernel far slower at M = 256: XLA's path everywhere until a kernel beats it.
 KERNEL_BY_TOKENS: dict[str, tuple[tuple[int | None, str], ...]] = {
-    "fp8": ((256, "w8a16_pallas"), (None, "dequant_xla")),
-    "int8": ((256, "w8a16_pallas"), (None, "dequant_xla")),
+    "fp8": ((None, "dequant_xla"),),
+    "int8": ((None, "dequant_xla"),),
 }
 # Pallas tiles need power-of-2 sizes that divide the matrix (0.11.2 does not mask partial
 # blocks): a K or N whose largest power-of-2 divisor is below this takes "dequant_xla".
