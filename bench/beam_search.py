@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import random
 import sys
 import time
 
@@ -21,15 +20,9 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import emit  # noqa: E402
+from workloads import beam_workload  # noqa: E402
 
 from jaxpaged import LLM, BeamSearchParams  # noqa: E402
-
-
-def beam_workload(num_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0):
-    """Random-token prompts (shared with the HF baseline)."""
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab_size - 100) for _ in range(prompt_len)]
-            for _ in range(num_prompts)]
 
 
 def main() -> None:

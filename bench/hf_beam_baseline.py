@@ -22,22 +22,14 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != BENCH_DIR]
 sys.path.insert(0, str(BENCH_DIR))
 from report import emit  # noqa: E402
+from workloads import beam_workload  # noqa: E402
 sys.path.remove(str(BENCH_DIR))
-
-import random  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
 PAD_ID = 0
-
-
-def beam_workload(num_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0):
-    """The prompts of bench/beam_search.py (same generator, same seed)."""
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab_size - 100) for _ in range(prompt_len)]
-            for _ in range(num_prompts)]
 
 
 def main() -> None:

@@ -20,3 +20,10 @@ def fixed_workload(num_requests: int = 128, prompt_len: int = 512,
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(prompt_len)] for _ in range(num_requests)]
     return prompts, [output_len] * num_requests
+
+
+def beam_workload(num_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0):
+    """Random-token prompts of bench/beam_search.py and its HF baseline (same seed, same ids)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab_size - 100) for _ in range(prompt_len)]
+            for _ in range(num_prompts)]
