@@ -168,6 +168,11 @@ async def _window(base_url: str, start: int, count: int, concurrency: int, seed:
         await asyncio.gather(*(run(i, k, r) for i, k, r in jobs))
 
 
+def _open_connections(process: psutil.Process) -> list:
+    """This process's TCP connections that are not listening sockets."""
+    return [c for c in process.net_connections(kind="tcp") if c.status != psutil.CONN_LISTEN]
+
+
 def run_soak(base_url: str, engine, faults, *, requests: int, window: int, concurrency: int,
              seed: int = 0, max_body_bytes: int, rss_bound_mib: float,
              fd_bound: int) -> SoakReport:
@@ -180,6 +185,9 @@ def run_soak(base_url: str, engine, faults, *, requests: int, window: int, concu
         asyncio.run(_window(base_url, start, min(window, requests - start), concurrency, seed,
                             faults, engine.max_model_len, max_body_bytes, outcomes, unexpected))
         _wait(lambda: not engine.has_unfinished_requests(), 60)
+        # the server closes the window's connections as their clients go: sample once it has
+        # (else a sample counts sockets still closing, not leaked descriptors)
+        _wait(lambda: not _open_connections(process), 15)
         rss.append(process.memory_info().rss / 2**20)
         fds.append(process.num_fds())
     block_manager = engine.scheduler.block_manager

@@ -45,4 +45,5 @@ def test_bf16_model_stays_close_to_hf(tiny_checkpoint):
 
 
 def test_goldens_cover_every_tiny_config():
-    assert sorted(p.stem for p in GOLDEN_DIR.glob("*.npz") if p.stem != "smollm2") == TINY_NAMES
+    assert sorted(p.stem for p in GOLDEN_DIR.glob("*.npz")
+                   if p.stem not in ("smollm2", "beam_search")) == TINY_NAMES

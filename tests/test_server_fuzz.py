@@ -115,12 +115,11 @@ def post(c: httpx.Client, path: str, body: dict) -> int:
     streamed = body.get("stream") is True
     if streamed:
         with c.stream("POST", path, content=content, headers=headers) as response:
-            lines = [line for line in response.iter_lines()]
             if response.status_code == 200:
-                data = [line for line in lines if line.startswith("data: ")]
+                data = [line for line in response.iter_lines() if line.startswith("data: ")]
                 assert data[-1] == "data: [DONE]", data[-3:]
             else:
-                response.read()
+                response.read()  # an error answer is one JSON body (check_answer reads it)
     else:
         response = c.post(path, content=content, headers=headers)
     check_answer(response, streamed)
