@@ -20,18 +20,14 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import emit  # noqa: E402
-from workloads import beam_workload  # noqa: E402
+from workloads import add_beam_workload_args, beam_workload  # noqa: E402
 
 from jaxpaged import LLM, BeamSearchParams  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="bench/configs/llama3-8b")
-    parser.add_argument("--beam-widths", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    add_beam_workload_args(parser)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)

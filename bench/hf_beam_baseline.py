@@ -22,7 +22,7 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != BENCH_DIR]
 sys.path.insert(0, str(BENCH_DIR))
 from report import emit  # noqa: E402
-from workloads import beam_workload  # noqa: E402
+from workloads import add_beam_workload_args, beam_workload  # noqa: E402
 sys.path.remove(str(BENCH_DIR))
 
 import torch  # noqa: E402
@@ -34,11 +34,7 @@ PAD_ID = 0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="bench/configs/llama3-8b")
-    parser.add_argument("--beam-widths", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    add_beam_workload_args(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--time-limit", type=float, default=240.0,
                         help="start no batch after this many seconds of a width's run")

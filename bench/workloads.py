@@ -27,3 +27,12 @@ def beam_workload(num_prompts: int, prompt_len: int, vocab_size: int, seed: int 
     rng = random.Random(seed)
     return [[rng.randrange(100, vocab_size - 100) for _ in range(prompt_len)]
             for _ in range(num_prompts)]
+
+
+def add_beam_workload_args(parser) -> None:
+    """The beam-search workload's flags, shared by bench/beam_search.py and its HF baseline."""
+    parser.add_argument("--model", default="bench/configs/llama3-8b")
+    parser.add_argument("--beam-widths", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128)
