@@ -15,7 +15,7 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
     "tokenizer_mode": ("auto",),
     "revision": (None,),
     "tokenizer_revision": (None,),
-    "enforce_eager": (False, True),  # XLA programs are always compiled ahead of serving
+    "enforce_eager": (False, True),  # no eager mode: every step is a compiled XLA program
     "swap_space": (None, 0, 4),
     "disable_log_stats": (False, True),
     "disable_custom_all_reduce": (False, True),

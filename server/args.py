@@ -158,7 +158,7 @@ def _add_vllm_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="a no-op: jaxpaged never runs code from a checkpoint")
     g.add_argument("--enforce-eager", action="store_true",
-                   help="a no-op: XLA programs are always compiled ahead of serving")
+                   help="a no-op: jaxpaged has no eager mode; every step runs a compiled XLA program")
     g.add_argument("--disable-log-stats", action="store_true", help="a no-op")
     g.add_argument("--disable-custom-all-reduce", action="store_true", help="a no-op")
     g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
