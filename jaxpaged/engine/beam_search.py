@@ -21,6 +21,7 @@ from jaxpaged.core.beam_group import BeamGroup, BeamGroupConfig, FinishedBeam
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
+from jaxpaged.engine.tokenizer import TokenTexts
 from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
@@ -44,13 +45,16 @@ class _GroupInfo:
 
 
 class BeamSearchRunner:
-    """The live beam groups of an engine. ``copy_blocks`` runs block copies on the device."""
+    """The live beam groups of an engine. ``copy_blocks`` runs a step's block copies on the
+    device (one batch per step); ``token_texts`` decodes the candidates' texts (shared with the
+    engine's other outputs: each id is decoded once)."""
 
     def __init__(self, scheduler: Scheduler, copy_blocks: Callable[[list[BlockCopy]], None],
-                 tokenizer) -> None:
+                 tokenizer, token_texts: TokenTexts) -> None:
         self.scheduler = scheduler
         self.copy_blocks = copy_blocks
         self.tokenizer = tokenizer
+        self.token_texts = token_texts
         self.groups: dict[str, _GroupInfo] = {}  # group id -> its group
         self._group_of: dict[str, str] = {}  # live beam request id -> group id
         self.finished: dict[str, BeamSearchOutput] = {}  # group id -> result, until taken
@@ -129,17 +133,21 @@ class BeamSearchRunner:
             info = self.groups[group_id]
             info.group.add_candidates(scheduled.req_id, tuple(candidates))
             touched[group_id] = info
+        copies: list[BlockCopy] = []
         for group_id, info in touched.items():
             if info.group.ready():
-                self._advance(group_id, info)
+                copies += self._advance(group_id, info)
+        if copies:  # every group's copies of this step in one device call
+            self.copy_blocks(_last_copy_per_destination(copies))
         return dataclasses.replace(scheduler_output, scheduled=kept)
 
-    def _advance(self, group_id: str, info: _GroupInfo) -> None:
+    def _advance(self, group_id: str, info: _GroupInfo) -> list[BlockCopy]:
+        """The group's selection applied; returns the block copies its forks need."""
         group = info.group
         survivors = group.select()
         if group.done:
             self._finish(group_id, info, group.finish(survivors))
-            return
+            return []
         old_ids = group.beam_ids()
         copies, preempted = fork_beams(self.scheduler, group, survivors)
         for req_id in old_ids:
@@ -148,8 +156,7 @@ class BeamSearchRunner:
             self._group_of[req_id] = group_id
         for req_id in preempted:
             self._drop_candidates(req_id)
-        if copies:
-            self.copy_blocks(copies)
+        return copies
 
     def _drop_candidates(self, req_id: str) -> None:
         group_id = self._group_of.get(req_id)
@@ -169,9 +176,11 @@ class BeamSearchRunner:
 
     def _sequence(self, beam: FinishedBeam, prompt_len: int,
                   params: BeamSearchParams) -> BeamSearchSequence:
-        logprobs = [{token_id: Logprob(logprob, rank, self._token_text(token_id))
-                     for token_id, logprob, rank in step.candidates}
-                    for step in (beam.last_step.path() if beam.last_step else [])]
+        path = beam.last_step.path() if beam.last_step else []
+        texts = self.token_texts.texts(
+            token_id for step in path for token_id, _, _ in step.candidates)
+        logprobs = [{token_id: Logprob(logprob, rank, texts[token_id])
+                     for token_id, logprob, rank in step.candidates} for step in path]
         generated = beam.tokens[prompt_len:]
         if beam.finished_by_eos and not params.include_stop_str_in_output:
             generated = generated[:-1]
@@ -180,5 +189,10 @@ class BeamSearchRunner:
         return BeamSearchSequence(list(beam.tokens), logprobs, beam.cum_logprob, text,
                                   "stop" if beam.finished_by_eos else "length", eos)
 
-    def _token_text(self, token_id: int) -> str | None:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+
+def _last_copy_per_destination(copies: list[BlockCopy]) -> list[BlockCopy]:
+    """One copy per destination block, the last one listed: a group's fork may preempt an
+    earlier group of the step, whose copy destination is then freed and handed out again; run one
+    by one, the later copy would overwrite it (a batched copy's order among equal destinations is
+    undefined)."""
+    return [(src, dst) for dst, src in {dst: src for src, dst in copies}.items()]

@@ -122,7 +122,8 @@ class LLMEngine:
             self._block_copier.warmup(self.runner.kv_cache)
         self.startup = setup.StartupTimings(weights_s=weights_s, kv_alloc_s=kv_alloc_s,
                                             compile_s=compile_s + time.perf_counter() - start)
-        self.beam_search = BeamSearchRunner(self.scheduler, self._copy_blocks, self.tokenizer)
+        self.beam_search = BeamSearchRunner(self.scheduler, self._copy_blocks, self.tokenizer,
+                                            self.output_processor.token_texts)
         # async scheduling: the dispatched step whose results are not applied yet
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._log_ready()
