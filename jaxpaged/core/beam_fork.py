@@ -16,6 +16,7 @@ A beam whose last block is full shares all of it; its new token starts a block o
 
 from __future__ import annotations
 
+import copy
 
 from jaxpaged.core.beam_group import Beam, BeamGroup, Survivor
 from jaxpaged.core.block_manager import BlockManager, BlockTable
@@ -98,14 +99,16 @@ def _make_room(scheduler, group: BeamGroup, parent: Request) -> set[str]:
 
 
 def _clone(parent: Request, request_id: str) -> Request:
-    child = Request(request_id=request_id, prompt_token_ids=parent.prompt_token_ids,
-                    sampling_params=parent.sampling_params, arrival_time=parent.arrival_time,
-                    priority=parent.priority, eos_token_id=parent.eos_token_id,
-                    parent_id=parent.parent_id, cache_salt=parent.cache_salt)
+    """A running copy of ``parent`` under a new id (its token lists copied, nothing else
+    shared that changes). The parent was validated when it was made: the copy is not again (it
+    costs as much as the fork itself)."""
+    child = copy.copy(parent)
+    child.request_id = request_id
     child.output_token_ids = list(parent.output_token_ids)
     child.all_token_ids = list(parent.all_token_ids)
-    child.num_computed_tokens = parent.num_computed_tokens
-    child.num_cached_tokens = parent.num_cached_tokens
     child.status = RequestStatus.RUNNING
-    child.beam_group_id = parent.beam_group_id
+    child.num_preemptions = 0
+    child.num_output_placeholders = 0
+    child.beam_seats = 0
+    child.stop_reason = None
     return child

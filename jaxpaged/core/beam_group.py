@@ -128,25 +128,36 @@ class BeamGroup:
 
     def select(self) -> list[Survivor]:
         """One step of vLLM's beam search: every live beam's candidates in beam order, EOS ones
-        to ``completed``, the ``beam_width`` best others (stable order on ties) survive."""
-        config, survivors = self.config, []
-        for beam in self.beams:
+        to ``completed``, the ``beam_width`` best others (stable order on ties) survive.
+
+        Scores are (score, beam index, candidate index) tuples until the cut: a ``BeamStep`` is
+        made only for the kept candidates (a step has beam_width x 2 beam_width of them)."""
+        config, scored = self.config, []
+        eos = None if config.ignore_eos else config.eos_token_id
+        for b, beam in enumerate(self.beams):
             request = beam.request
             candidates = self._pending[request.request_id]
             new_len = request.num_tokens + 1
-            for token_id, logprob, _ in candidates:
+            for c, (token_id, logprob, _) in enumerate(candidates):
                 cum = beam.cum_logprob + logprob
-                step = BeamStep(token_id, candidates, beam.last_step)
-                if token_id == config.eos_token_id and not config.ignore_eos:
+                if token_id == eos:
                     self.completed.append(FinishedBeam(
-                        request.all_token_ids + [token_id], cum, step, True))
+                        request.all_token_ids + [token_id], cum,
+                        BeamStep(token_id, candidates, beam.last_step), True))
                 else:
-                    survivors.append((beam_score(new_len, token_id, cum, config),
-                                      Survivor(beam, token_id, cum, step)))
-        survivors.sort(key=lambda scored: scored[0], reverse=True)
+                    scored.append((beam_score(new_len, token_id, cum, config), b, c, cum))
+        # sorted() is stable: equal scores keep beam and candidate order
+        best = sorted(scored, key=lambda entry: entry[0], reverse=True)[:config.beam_width]
+        survivors = []
+        for _, b, c, cum in best:
+            beam = self.beams[b]
+            candidates = self._pending[beam.request.request_id]
+            token_id = candidates[c][0]
+            survivors.append(Survivor(beam, token_id, cum,
+                                      BeamStep(token_id, candidates, beam.last_step)))
         self._pending.clear()
         self.num_steps += 1
-        return [s for _, s in survivors[:config.beam_width]]
+        return survivors
 
     def finish(self, survivors: list[Survivor]) -> list[FinishedBeam]:
         """After the last step: the best ``beam_width`` of the finished and surviving beams."""
