@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--compile-step-shapes", default="auto")
     parser.add_argument("--profile", type=pathlib.Path, help="write a cProfile of the timed run")
     parser.add_argument("--out", type=pathlib.Path)
@@ -54,7 +55,7 @@ def main() -> None:
     model = args.model or str(tiny_model_dir())
     llm = LLM(model, load_format=args.load_format, dtype=args.dtype,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=max(2048, args.max_num_seqs), seed=0,
+              max_num_batched_tokens=args.max_num_batched_tokens, seed=0,
               compile_step_shapes=args.compile_step_shapes)
     engine = llm.llm_engine
     width = args.beam_width

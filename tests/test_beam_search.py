@@ -203,6 +203,30 @@ def test_eos_preemption_and_no_prefix_caching(tiny_checkpoint, tmp_path):
     assert manager.num_free_blocks == manager.num_blocks - 1
 
 
+@pytest.mark.slow
+def test_one_block_copy_call_per_step(llm):
+    """Concurrent groups fork in the same step: their copy-on-write copies go to the device in
+    one batched call per step, and the results equal a run of each prompt alone."""
+    engine = llm.llm_engine
+    copier, calls = engine._block_copier, []
+
+    def counting(kv_cache, copies):
+        calls.append((engine.runner.timings.steps, len(copies)))
+        return copier(kv_cache, copies)
+    engine._block_copier = counting
+    params = BeamSearchParams(beam_width=2, max_tokens=6, ignore_eos=True)
+    try:
+        together = llm.beam_search(PROMPTS[:2], params)
+    finally:
+        engine._block_copier = copier
+    steps = [step for step, _ in calls]
+    assert calls and len(steps) == len(set(steps))
+    assert max(n for _, n in calls) > 1  # the two groups' copies of a step, batched
+    alone = [llm.beam_search([prompt], params)[0] for prompt in PROMPTS[:2]]
+    assert [[s.tokens for s in o.sequences] for o in together] == [
+        [s.tokens for s in o.sequences] for o in alone]
+
+
 def test_bad_requests_are_refused(llm):
     engine = llm.llm_engine
     prompt = PROMPTS[0]["prompt_token_ids"]
