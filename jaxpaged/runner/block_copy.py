@@ -2,9 +2,9 @@
 
 One jitted program copies a batch of blocks of every layer, K and V, with the pool donated
 (updated in place). A step's pairs go in one call, padded with (0, 0) (the null block onto
-itself, a no-op) to the smallest of a few batch sizes (powers of two up to ``max_pairs``): a step
-that copies a handful of blocks does not pay for ``max_pairs`` of them. Every size is compiled at
-warm-up, never again.
+itself, a no-op) to the smallest of a few batch sizes (8, 32, 128, ... up to ``max_pairs``): a
+step that copies a handful of blocks does not pay for ``max_pairs`` of them, and start-up compiles
+only a few small programs. Every size is compiled at warm-up, never again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from jaxpaged.models.kv_cache import KVCache
 
 _MIN_PAIRS = 8  # the smallest batch of pairs
+_GROWTH = 4  # each batch size is this many times the previous one
 
 
 @functools.partial(jax.jit, donate_argnames=("kv_cache",))
@@ -34,11 +35,12 @@ def _copy_blocks(kv_cache: KVCache, pairs: jax.Array) -> KVCache:
 
 
 def pair_batch_sizes(max_pairs: int) -> tuple[int, ...]:
-    """The padded batch sizes: powers of two from ``_MIN_PAIRS``, then ``max_pairs`` itself."""
+    """The padded batch sizes: ``_MIN_PAIRS`` times powers of ``_GROWTH`` below ``max_pairs``,
+    then ``max_pairs`` itself."""
     sizes, size = [], _MIN_PAIRS
     while size < max_pairs:
         sizes.append(size)
-        size *= 2
+        size *= _GROWTH
     return (*sizes, max_pairs)
 
 
