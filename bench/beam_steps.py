@@ -84,6 +84,7 @@ def main() -> None:
     n = timings.steps - steps
     step_s, wait_s = (timings.total_s - total) / n, (timings.device_wait_s - wait) / n
     if profiler:
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
         with args.profile.open("w") as f:
             pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
     tokens = sum(len(s.tokens) - args.prompt_len for o in outputs for s in o.sequences)

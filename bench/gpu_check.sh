@@ -2,7 +2,8 @@
 # Everything the GPU machine checks and measures, in one call; a short table last.
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
 #   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2; beam search: beam hf-beam
-#    beam-steps (host ms per beam step; fails if the timed search compiles anything))
+#    beam-steps (host ms per beam step; fails if the timed search compiles anything),
+#    beam-steps-profile (the same with a cProfile of the timed search: beam-steps-profile.txt))
 #   (quantized weights: quant-matmul quant-matmul-prefill kernel-tests-quant decode-fp8w
 #    decode-int8w throughput-fp8w throughput-int8w throughput-fp8w-fp8kv start-70b-fp8;
 #    nano vs bf16 in the same call: `throughput throughput-fp8w`)
@@ -146,6 +147,10 @@ for label in $stages; do
              --load-format dummy --dtype bfloat16 --prompt-len 128 --max-tokens 128 \
              --max-model-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
              --out "$OUT/beam" ;;
+    beam-steps-profile) run beam-steps-profile 420 python3 bench/beam_steps.py \
+             --model bench/configs/llama3-8b --load-format dummy --dtype bfloat16 \
+             --prompt-len 128 --max-tokens 128 --max-model-len 1024 --max-num-seqs 256 \
+             --max-num-batched-tokens 8192 --profile "$OUT/beam/beam-steps-profile.txt" ;;
     hf-beam) run hf-beam 540 python3 bench/hf_beam_baseline.py --beam-widths 4 8 \
              --out "$OUT/beam" ;;
     quant-matmul) run quant-matmul 590 python3 bench/quant_matmul.py --m 1 16 64 \
