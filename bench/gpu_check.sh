@@ -2,7 +2,7 @@
 # Everything the GPU machine checks and measures, in one call; a short table last.
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
 #   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2; beam search: beam hf-beam)
-#   (quantized weights: quant-matmul quant-matmul-prefill kernel-tests-quant decode-fp8w
+#   (quantized weights: quant-matmul quant-gemv decode-gemv quant-matmul-prefill kernel-tests-quant decode-fp8w
 #    decode-int8w throughput-fp8w throughput-int8w throughput-fp8w-fp8kv start-70b-fp8;
 #    nano vs bf16 in the same call: `throughput throughput-fp8w`)
 #   (tensor parallel, on a multi-GPU kind: tp-tests tp-allreduce tp-decode tp-nano; tp-tests
@@ -128,6 +128,10 @@ for label in $stages; do
     kernels-fp8-variants) run kernels-fp8-variants 420 python3 bench/kernels.py --no-sweep \
              --kv-dtype fp8 --fp8-decode-variants fp8_compute=query,pages_per_step=8 \
              --out "$OUT/fp8v" ;;
+    kernels-fp8-sweep) run kernels-fp8-sweep 540 python3 bench/kernels.py --no-sweep \
+             --kv-dtype fp8 --fp8-decode-variants \
+             num_stages=3,num_stages=4,num_warps=8,pages_per_step=16,pages_per_step=16+num_warps=8,pages_per_step=16+num_stages=3 \
+             --out "$OUT/fp8s" ;;
     kernels-fp8-e5m2) run kernels-fp8-e5m2 420 python3 bench/kernels.py --check --no-sweep \
              --kv-dtype fp8_e5m2 --out "$OUT/fp8-e5m2" ;;
     kernel-tests-fp8) run kernel-tests-fp8 200 python3 -m pytest -m gpu -q -p no:cacheprovider \
@@ -145,6 +149,14 @@ for label in $stages; do
              --out "$OUT/beam" ;;
     quant-matmul) run quant-matmul 590 python3 bench/quant_matmul.py --m 1 16 64 \
              --out "$OUT/quant-matmul" ;;
+    quant-gemv) run quant-gemv 590 bash -c "python3 bench/quant_matmul.py --m 1 \
+             --tiles 16x128x128/2/4/4 16x64x256/4/4/3 --out $OUT/gemv-m1 &&
+           python3 bench/quant_matmul.py --m 4 8 --tiles 16x128x128/2/4/4 \
+             --gemv-tiles 32x256/0/4/2 16x256/0/4/2 32x128/0/4/2 --out $OUT/gemv-m48" ;;
+    decode-gemv) run decode-gemv-bf16 420 python3 bench/decode_steps.py --batches 1 4 8 --steps 10 \
+             --kv-bytes 40 --out "$OUT/gemv-bf16"
+           run decode-gemv 420 python3 bench/decode_steps.py --batches 1 4 8 --steps 10 \
+             --kv-bytes 40 --quantization fp8 --quant-matmul-kernel w8a16_gemv --out "$OUT/gemv-fp8w" ;;
     quant-matmul-prefill) run quant-matmul-prefill 590 python3 bench/quant_matmul.py \
              --m 256 1024 2048 --out "$OUT/quant-matmul-prefill" ;;
     kernel-tests-quant) run kernel-tests-quant 300 python3 -m pytest -m gpu -q \
