@@ -52,7 +52,8 @@ TOKENS = (1, 16, 64, 256, 1024, 2048)
 # Tile configs tried at M <= 16 (decode GEMV: 16-row tiles, split-K) and above (prefill).
 SMALL_M_TILES = ("16x64x256/1/4/3", "16x32x512/1/4/3", "16x64x256/4/4/3", "16x128x128/2/4/4")
 LARGE_M_TILES = ("64x64x128/1/4/3", "128x128x64/1/8/3", "128x64x64/1/4/4", "64x128x128/1/8/3")
-# block_k x block_n / splits (0: automatic) / warps / stages of the GEMV (M <= GEMV_MAX_ROWS).
+# block_k x block_n / splits (0: automatic) / warps / stages [/ target programs] of the GEMV
+# (M <= GEMV_MAX_ROWS).
 GEMV_TILES = ("32x256/0/4/2", "16x256/0/4/2", "32x128/0/4/2", "64x128/0/4/2", "32x256/0/8/2",
               "16x512/0/8/2", "32x256/0/4/3", "32x256/4/4/2")
 ROTATION_BYTES = 512 * 2**20  # > 4x an H100/H200's L2
@@ -68,10 +69,14 @@ def parse_tile(text: str) -> MatmulTuning:
 
 
 def parse_gemv_tile(text: str) -> GemvTuning:
-    dims, splits, warps, stages = text.split("/")
+    """``bk x bn / splits / warps / stages [/ target programs]``."""
+    dims, splits, warps, stages, *target = text.split("/")
     bk, bn = (int(v) for v in dims.split("x"))
+    extra = {}
+    if target:  # more programs: allow the splits to reach them
+        extra = dict(target_programs=int(target[0]), max_splits=64)
     return GemvTuning(block_k=bk, block_n=bn, splits=int(splits) or None, num_warps=int(warps),
-                      num_stages=int(stages))
+                      num_stages=int(stages), **extra)
 
 
 def weight_copies(weights: tuple[jax.Array, ...]) -> list[tuple[jax.Array, ...]]:

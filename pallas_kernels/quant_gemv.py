@@ -39,7 +39,7 @@ class GemvTuning:
     block_k: int = 32
     block_n: int = 256
     splits: int | None = None
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
     target_programs: int = 528
     max_splits: int = 16
