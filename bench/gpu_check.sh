@@ -153,12 +153,14 @@ for label in $stages; do
              --tiles 16x128x128/2/4/4 16x64x256/4/4/3 --out $OUT/gemv-m1 &&
            python3 bench/quant_matmul.py --m 4 8 --tiles 16x128x128/2/4/4 \
              --gemv-tiles 32x256/0/4/2 16x256/0/4/2 32x128/0/4/2 --out $OUT/gemv-m48" ;;
-    quant-gemv-tiles) run quant-gemv-tiles 590 python3 bench/quant_matmul.py --m 1 --tiles 16x128x128/2/4/4 \
+    quant-gemv-tiles) run quant-gemv-tiles 590 python3 bench/quant_matmul.py --m 1 2 --tiles 16x128x128/2/4/4 \
              --gemv-tiles 32x256/0/8/2 32x256/0/8/2/1056 32x256/0/8/3/1056 16x512/0/8/2/1056 \
              64x256/0/8/2 64x256/0/8/2/1056 32x512/0/8/2 32x256/0/8/1/1056 64x512/0/16/2 \
              32x256/0/4/2/1056 --out "$OUT/gemv-tiles" ;;
     decode-gemv) run decode-gemv-bf16 420 python3 bench/decode_steps.py --batches 1 4 --steps 10 \
              --kv-bytes 40 --out "$OUT/gemv-bf16"
+           run decode-fp8w-auto 420 python3 bench/decode_steps.py --batches 1 4 --steps 10 \
+             --kv-bytes 40 --quantization fp8 --out "$OUT/auto-fp8w"
            run decode-gemv 420 python3 bench/decode_steps.py --batches 1 4 --steps 10 \
              --kv-bytes 40 --quantization fp8 --quant-matmul-kernel w8a16_gemv --out "$OUT/gemv-fp8w" ;;
     quant-matmul-prefill) run quant-matmul-prefill 590 python3 bench/quant_matmul.py \

@@ -56,6 +56,7 @@ LARGE_M_TILES = ("64x64x128/1/4/3", "128x128x64/1/8/3", "128x64x64/1/4/4", "64x1
 # (M <= GEMV_MAX_ROWS).
 GEMV_TILES = ("32x256/0/4/2", "16x256/0/4/2", "32x128/0/4/2", "64x128/0/4/2", "32x256/0/8/2",
               "16x512/0/8/2", "32x256/0/4/3", "32x256/4/4/2")
+PAD_ROWS = (2, 4, 8, 16)
 ROTATION_BYTES = 512 * 2**20  # > 4x an H100/H200's L2
 MAX_COPIES = 48
 MAX_REL_ERROR = 2e-2  # bf16 output rounding; a wrong kernel is off by far more
@@ -127,6 +128,8 @@ def candidates(m: int, tiles: list[str], gemv_tiles: list[str]
                ) -> list[tuple[str, str, str | None]]:
     """(name, weight format, tile) of every candidate at M tokens."""
     rows = [("dequant_xla", fmt, None) for fmt in ("fp8", "int8")]
+    # XLA's dequantize + dot with x padded to more rows ("padR"): XLA picks its GEMM by M
+    rows += [("dequant_xla", fmt, f"pad{r}") for fmt in ("fp8", "int8") for r in PAD_ROWS if r > m]
     if m <= GEMV_MAX_ROWS:
         rows += [("w8a16_gemv", fmt, t) for fmt in ("fp8", "int8") for t in gemv_tiles]
     rows += [("w8a16_pallas", fmt, t) for fmt in ("fp8", "int8") for t in tiles]
@@ -148,10 +151,15 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
     refs = {fmt: quant_matmul_reference(x, *quantized[fmt]) for fmt in ("fp8", "int8")}
     ref_w8a8 = w8a8_reference(x, *quantized["fp8"])
     for name, fmt, tile in candidates(m, tiles, gemv_tiles):
-        tuning = (None if tile is None else parse_gemv_tile(tile) if name == "w8a16_gemv"
-                  else parse_tile(tile))
+        pad_to = int(tile[3:]) if tile and tile.startswith("pad") else None
+        tuning = (None if tile is None or pad_to else parse_gemv_tile(tile)
+                  if name == "w8a16_gemv" else parse_tile(tile))
         codes, scale = quantized[fmt]
-        def fn(a, c, s, name=name, tuning=tuning):
+
+        def fn(a, c, s, name=name, tuning=tuning, pad_to=pad_to):
+            if pad_to:
+                padded = jnp.pad(a, ((0, pad_to - a.shape[0]), (0, 0)))
+                return quant_matmul(padded, c, s, kernel=name)[:a.shape[0]]
             return quant_matmul(a, c, s, kernel=name, tuning=tuning, interpret=interpret)
         row = dict(kernel=name, format=fmt, tile=tile,
                    weight_bytes=k * n + 4 * n)
