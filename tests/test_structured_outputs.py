@@ -15,6 +15,7 @@ import pytest
 
 from llm_testing import compilations_during, make_llm
 from jaxpaged import SamplingParams, StructuredOutputsParams
+from jaxpaged.structured.backend import GuidanceBackend, json_whitespace
 from jaxpaged.structured.bitmask import apply_grammar_bitmask, bitmask_width
 
 SCHEMA = {
@@ -124,6 +125,60 @@ def test_regex_choice_grammar_and_json_object(llm):
         else:  # max_tokens still applies: a prefix of an object
             assert completion.finish_reason == "length" and completion.text.startswith("{")
     assert all(o.outputs[0].finish_reason == "stop" for o in outputs[:16])
+
+
+def _outside_strings(text: str) -> str:
+    """``text`` without its JSON string literals (a trailing unclosed one too)."""
+    return re.sub(r'"(?:[^"\\]|\\.)*("|$)', "", text)
+
+
+def test_json_whitespace_default_is_vllms(llm):
+    """vLLM's guidance backend lets any JSON whitespace come between tokens unless
+    disable_any_whitespace (llguidance ``whitespace_flexible``): the random model, which likes
+    spaces and carriage returns, fills its objects with them by default and writes compact JSON
+    when told."""
+    assert json_whitespace(StructuredOutputsParams(json_object=True), {}) == {
+        "whitespace_flexible": True}
+
+    def texts(**options):
+        params = [constrained(s, json_object=True, max_tokens=100, **options) for s in range(8)]
+        return [o.outputs[0] for o in llm.generate(["Write:"] * 8, params, use_tqdm=False)]
+    loose = texts()
+    assert all(isinstance(json.loads(c.text), dict) for c in loose if c.finish_reason == "stop")
+    assert sum(bool(re.search(r"\s", _outside_strings(c.text))) for c in loose) >= 4, loose
+    compact = texts(disable_any_whitespace=True)
+    assert not any(re.search(r"\s", _outside_strings(c.text)) for c in compact), compact
+
+
+def test_json_whitespace_runs_are_unbounded_by_default(llm):
+    engine = llm.llm_engine
+    backend = GuidanceBackend(engine.tokenizer, engine.model_config.vocab_size, [])
+
+    def accepts(text: str, **options) -> bool:
+        params = StructuredOutputsParams(json={"type": "object"}, **options)
+        matcher = backend.compile(backend.grammar(params))
+        tokens = engine.tokenizer.encode(text, add_special_tokens=False)
+        return matcher.consume_tokens(tokens) and matcher.is_accepting()
+    spaced = "{" + "\n" * 300 + '"a"' + " " * 300 + ": 1}"
+    assert accepts(spaced) and accepts('{"a":1}')
+    assert not accepts(spaced, disable_any_whitespace=True)
+    assert accepts('{"a":1}', disable_any_whitespace=True)
+    assert accepts('{"a": 1}', whitespace_pattern="[ ]?")
+    assert not accepts('{"a":  1}', whitespace_pattern="[ ]?")
+
+
+def test_json_options_are_refused_where_they_do_nothing(llm):
+    with pytest.raises(ValueError, match="disable_any_whitespace applies to json"):
+        StructuredOutputsParams(regex="a+", disable_any_whitespace=True)
+    with pytest.raises(ValueError, match="set one"):
+        StructuredOutputsParams(json_object=True, disable_any_whitespace=True,
+                                whitespace_pattern=" ?")
+    schema = {"type": "object", "x-guidance": {"whitespace_flexible": True}}
+    with pytest.raises(ValueError, match="x-guidance"):
+        llm.generate(["A"], constrained(0, json=schema, disable_any_whitespace=True),
+                     use_tqdm=False)
+    [output] = llm.generate(["A"], constrained(0, json=schema, max_tokens=4), use_tqdm=False)
+    assert output.outputs[0].text.startswith("{")
 
 
 def test_max_tokens_still_applies(llm):
