@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jax.numpy as jnp
 import jsonschema
@@ -179,6 +180,37 @@ def test_json_options_are_refused_where_they_do_nothing(llm):
                      use_tqdm=False)
     [output] = llm.generate(["A"], constrained(0, json=schema, max_tokens=4), use_tqdm=False)
     assert output.outputs[0].text.startswith("{")
+
+
+@pytest.mark.slow
+def test_grammars_compile_off_the_step_loop_and_are_cached(llm, monkeypatch):
+    """A request waits outside the scheduler while its grammar compiles in the grammar threads;
+    the other requests keep stepping; a constraint seen before is not compiled again."""
+    engine = llm.llm_engine
+    llm.generate(["A"], constrained(0, max_tokens=1, regex="z+"), use_tqdm=False)
+    cache, release, threads = engine.structured.cache, threading.Event(), []
+    compile_grammar = cache.backend.compile
+
+    def slow_compile(grammar):
+        threads.append(threading.current_thread().name)
+        release.wait(60)
+        return compile_grammar(grammar)
+    monkeypatch.setattr(cache.backend, "compile", slow_compile)
+    params = constrained(0, regex="q[a-c]{3}x", max_tokens=10)
+    engine.add_request("slow", None, params, prompt_token_ids=[5, 6, 7])
+    engine.add_request("plain", None, NO_GRAMMAR, prompt_token_ids=[5, 6, 7])
+    finished = {}
+    while "plain" not in finished:
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+        assert "slow" not in engine.scheduler.requests
+    release.set()
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert re.fullmatch("q[a-c]{3}x", finished["slow"].outputs[0].text)
+    assert threads and all(name.startswith("jaxpaged-grammar") for name in threads)
+    again = StructuredOutputsParams(regex="q[a-c]{3}x")
+    assert cache.submit(again) is cache.submit(params.structured_outputs)
+    assert len(threads) == 1
 
 
 def test_max_tokens_still_applies(llm):
