@@ -60,8 +60,8 @@ class ToolCalling:
                                   "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
         if not self.parallel:
             schema["maxItems"] = 1
-        # compact JSON: the arguments are re-serialized anyway, and whitespace the grammar
-        # allowed between tokens could fill the output budget
+        # compact JSON: the arguments are the model's text as it wrote them, and whitespace the
+        # grammar allowed between tokens could fill the output budget (tests show it does)
         return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
     def scan(self, text: str, final: bool) -> ToolScan:
