@@ -99,7 +99,7 @@ for label in $stages; do
     serve) run serve 580 env OUT="$OUT" bash bench/serve_bench.sh 16 inf ;;
     serve-2048) run serve-2048 300 env OUT="$OUT/s2048" SERVE_SERVER_ARGS="--max-num-batched-tokens 2048" \
              bash bench/serve_bench.sh 16 ;;
-    structured) run structured 540 python3 bench/structured.py --structured-fraction 0.5 \
+    structured) run structured 600 python3 bench/structured.py --structured-fraction 0.5 \
              --num-requests 64 --max-num-seqs 64 --out "$OUT/structured" ;;
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 \
              --out "$OUT/nano64" ;;
