@@ -21,6 +21,8 @@ from array import array
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+import numpy as np
+
 from jaxpaged.core.request import Request
 
 BlockHash = bytes  # sha256 digest of (parent block hash, token ids of the block)
@@ -40,6 +42,14 @@ def salt_hash(cache_salt: str | None) -> BlockHash | None:
     if cache_salt is None:
         return None
     return hashlib.sha256(b"jaxpaged-cache-salt\0" + cache_salt.encode()).digest()
+
+
+# Block states of ``BlockPool.block_states`` (the live view's colours), in increasing "busyness".
+BLOCK_FREE = 0  # allocatable, holds nothing reusable
+BLOCK_CACHED = 1  # allocatable, but its K/V are in the prefix cache until evicted
+BLOCK_IN_USE = 2  # in one sequence's block table
+BLOCK_SHARED = 3  # in several block tables (prefix-cache hits, n > 1, beams)
+BLOCK_STATE_NAMES = ("free", "cached", "in_use", "shared")
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,6 +74,27 @@ class BlockPool:
             (b.block_id, b) for b in self.blocks[1:]
         )
         self._cached: dict[BlockHash, KVCacheBlock] = {}
+        # NOTE: numpy mirrors of every block's ref_cnt and "has a hash", kept in step with the
+        # blocks by every method that changes them, so that ``block_states`` is O(num_blocks) in
+        # numpy with no Python loop over the blocks (the live view reads it while serving).
+        self._ref_cnts = np.zeros(num_blocks, np.int32)  # [num_blocks]
+        self._hashed = np.zeros(num_blocks, np.bool_)  # [num_blocks]
+
+    def block_states(self) -> np.ndarray:
+        """Every block's state (``BLOCK_FREE`` .. ``BLOCK_SHARED``), uint8 [num_blocks]; block 0
+        (the null block) reads as free."""
+        refs = self._ref_cnts
+        return np.where(refs > 1, BLOCK_SHARED, np.where(
+            refs == 1, BLOCK_IN_USE, np.where(self._hashed, BLOCK_CACHED, BLOCK_FREE))
+        ).astype(np.uint8)
+
+    def add_refs(self, blocks: Iterable[KVCacheBlock], count: int) -> None:
+        """``count`` more references on blocks already in use (forks share a parent's blocks)."""
+        for block in blocks:
+            if block.ref_cnt <= 0:
+                raise ValueError(f"block {block.block_id} is free; it cannot be shared")
+            block.ref_cnt += count
+            self._ref_cnts[block.block_id] = block.ref_cnt
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,6 +113,7 @@ class BlockPool:
             _, block = self._free.popitem(last=False)
             self._evict(block)
             block.ref_cnt = 1
+            self._ref_cnts[block.block_id] = 1
             new_blocks.append(block)
         return new_blocks
 
@@ -91,6 +123,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 del self._free[block.block_id]
             block.ref_cnt += 1
+            self._ref_cnts[block.block_id] = block.ref_cnt
 
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference each; blocks reaching 0 join the free queue's tail in this order."""
@@ -98,6 +131,7 @@ class BlockPool:
             if block.ref_cnt <= 0:
                 raise ValueError(f"block {block.block_id} freed more often than allocated")
             block.ref_cnt -= 1
+            self._ref_cnts[block.block_id] = block.ref_cnt
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
@@ -109,6 +143,7 @@ class BlockPool:
         if block.block_hash is None and block_hash not in self._cached:
             block.block_hash = block_hash
             self._cached[block_hash] = block
+            self._hashed[block.block_id] = True
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only allowed while no block is in use (returns success)."""
@@ -122,6 +157,7 @@ class BlockPool:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
             block.block_hash = None
+            self._hashed[block.block_id] = False
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -311,8 +347,7 @@ class BlockManager:
         self._req_hashes.pop(parent_id, None)
         for child_id in child_ids:  # block_ids is shared: it is never mutated
             self.tables[child_id] = dataclasses.replace(parent, blocks=list(parent.blocks))
-        for block in parent.blocks:
-            block.ref_cnt += len(child_ids) - 1
+        self.pool.add_refs(parent.blocks, len(child_ids) - 1)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks and forget its hashes (a no-op if it holds none)."""
