@@ -83,10 +83,9 @@ class BlockPool:
     def block_states(self) -> np.ndarray:
         """Every block's state (``BLOCK_FREE`` .. ``BLOCK_SHARED``), uint8 [num_blocks]; block 0
         (the null block) reads as free."""
-        refs = self._ref_cnts
-        return np.where(refs > 1, BLOCK_SHARED, np.where(
-            refs == 1, BLOCK_IN_USE, np.where(self._hashed, BLOCK_CACHED, BLOCK_FREE))
-        ).astype(np.uint8)
+        held = np.minimum(self._ref_cnts, 2).astype(np.uint8)  # [num_blocks] 0, 1 or 2+
+        # NOTE: relies on the codes' order: in use = 1 + 1, shared = 2 + 1, else free/cached 0/1
+        return np.where(held > 0, held + 1, self._hashed.view(np.uint8))
 
     def add_refs(self, blocks: Iterable[KVCacheBlock], count: int) -> None:
         """``count`` more references on blocks already in use (forks share a parent's blocks)."""
