@@ -7,7 +7,7 @@ B requests of ``context`` prompt tokens are scheduled through the real scheduler
 allocated, half of them sharing a prefix-cache hit), then timed:
 
   record_step   LiveView.record_step, paid by every engine step
-  block_states  BlockPool.block_states (numpy over the pool's ref-count mirrors)
+  block_states  live_view.block_states (numpy over the pool's ref-count mirrors)
   snapshot      LiveView.snapshot: block_states + the cells + counts + the running requests
   per step      what a step pays on average: record_step + snapshot * step_s / interval_s (a
                 snapshot is built at most once per interval_s; --step-ms gives step_s)
@@ -26,7 +26,7 @@ import time
 from jaxpaged.core.request import Request
 from jaxpaged.core.scheduler import Scheduler, SchedulerConfig
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.server.live_view import LiveView
+from jaxpaged.server.live_view import LiveView, block_states
 
 BLOCK_SIZE = 16
 
@@ -68,7 +68,8 @@ def measure(num_blocks: int, batch: int, context: int, step_ms: float, repeats: 
            "blocks_in_use": num_blocks - 1 - scheduler.block_manager.num_free_blocks,
            "record_step": _median_us(lambda: view.record_step(now, step_ms / 1e3, batch),
                                      repeats),
-           "block_states": _median_us(scheduler.block_manager.pool.block_states, repeats),
+           "block_states": _median_us(lambda: block_states(scheduler.block_manager.pool),
+                                     repeats),
            "snapshot": _median_us(lambda: view.snapshot(scheduler, now), repeats)}
     row["snapshot_json_bytes"] = len(json.dumps(view.snapshot(scheduler, now)))
     row["per_step"] = row["record_step"] + row["snapshot"] * min(

@@ -1,13 +1,13 @@
-"""The live view's data: the pool's block states (numpy mirrors of the blocks' ref counts and
-hashes), the cells the page draws, and the step history of the last minute."""
+"""The live view's data: the pool's block states (numpy views of the pool's mirrors of the blocks'
+ref counts and hashes), the cells the page draws, and the step history of the last minute."""
 
 import numpy as np
 import pytest
 
-from jaxpaged.core.block_manager import (BLOCK_CACHED, BLOCK_FREE, BLOCK_IN_USE, BLOCK_SHARED,
-                                         BlockManager)
+from jaxpaged.core.block_manager import BlockManager
 from jaxpaged.core.scheduler import Scheduler, SchedulerConfig
-from jaxpaged.server.live_view import LiveView, pool_cells
+from jaxpaged.server.live_view import (BLOCK_CACHED, BLOCK_FREE, BLOCK_IN_USE, BLOCK_SHARED,
+                                       LiveView, block_states, pool_cells)
 
 from test_block_manager import BS, compute, make_request
 
@@ -23,29 +23,29 @@ def test_block_states_follow_allocation_sharing_forks_frees_and_evictions():
     bm = BlockManager(num_blocks=12, block_size=BS)
     a = make_request("a", list(range(10)))  # 2 full blocks + 2 tokens
     compute(bm, a, 10)
-    assert list(bm.pool.block_states()) == reference_states(bm)
-    assert list(bm.pool.block_states()[1:4]) == [BLOCK_IN_USE] * 3
+    assert list(block_states(bm.pool)) == reference_states(bm)
+    assert list(block_states(bm.pool)[1:4]) == [BLOCK_IN_USE] * 3
     b = make_request("b", list(range(10)))  # same prompt: shares a's 2 full blocks
     hit = bm.get_computed_blocks(b)
     compute(bm, b, 2, hit.block_ids)
-    states = bm.pool.block_states()
+    states = block_states(bm.pool)
     assert list(states) == reference_states(bm)
     assert list(states[hit.block_ids]) == [BLOCK_SHARED] * 2
     bm.fork("b", ["b0", "b1", "b2"])
-    assert list(bm.pool.block_states()) == reference_states(bm)
+    assert list(block_states(bm.pool)) == reference_states(bm)
     bm.free(a)
     for child in ("b0", "b1", "b2"):
         bm.free(make_request(child, [1]))
-    states = bm.pool.block_states()
+    states = block_states(bm.pool)
     assert list(states) == reference_states(bm)
     assert set(states[hit.block_ids]) == {BLOCK_CACHED}  # freed, still reusable
     assert not np.isin(states, [BLOCK_IN_USE, BLOCK_SHARED]).any()
     c = make_request("c", list(range(100, 144)))  # 11 blocks: evicts every cached one
     compute(bm, c, 44)
-    assert list(bm.pool.block_states()) == reference_states(bm)
+    assert list(block_states(bm.pool)) == reference_states(bm)
     bm.free(c)
     assert bm.reset_prefix_cache()
-    assert set(bm.pool.block_states()) == {BLOCK_FREE}
+    assert set(block_states(bm.pool)) == {BLOCK_FREE}
 
 
 def test_pool_cells_one_digit_per_block_or_the_busiest_of_a_group():

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pathlib
 import re
-import shutil
 import time
 
 import httpx
 import pytest
 
+from browser_testing import headless_chromium, missing_browser
 from server_testing import API_KEY, MODEL, engine_config, start_server, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -59,27 +59,12 @@ def test_engine_state_needs_the_key_and_describes_the_pool(server):
     assert state["num_running"] == 0 and state["num_waiting"] == 0
 
 
-def _chromium():
-    """A headless Chromium from Debian's packages, or a skip that says what is missing."""
-    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: scripts/system_packages.sh installs "
-                    "Debian's chromium and chromium-driver (it needs apt and root)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,860", "--disable-extensions"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-
-
 @pytest.fixture(scope="module")
 def browser():
-    driver = _chromium()
+    reason = missing_browser()
+    if reason is not None:
+        pytest.skip(reason)
+    driver = headless_chromium()
     yield driver
     driver.quit()
 

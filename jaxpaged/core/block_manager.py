@@ -21,8 +21,6 @@ from array import array
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-import numpy as np
-
 from jaxpaged.core.request import Request
 
 BlockHash = bytes  # sha256 digest of (parent block hash, token ids of the block)
@@ -42,14 +40,6 @@ def salt_hash(cache_salt: str | None) -> BlockHash | None:
     if cache_salt is None:
         return None
     return hashlib.sha256(b"jaxpaged-cache-salt\0" + cache_salt.encode()).digest()
-
-
-# Block states of ``BlockPool.block_states`` (the live view's colours), in increasing "busyness".
-BLOCK_FREE = 0  # allocatable, holds nothing reusable
-BLOCK_CACHED = 1  # allocatable, but its K/V are in the prefix cache until evicted
-BLOCK_IN_USE = 2  # in one sequence's block table
-BLOCK_SHARED = 3  # in several block tables (prefix-cache hits, n > 1, beams)
-BLOCK_STATE_NAMES = ("free", "cached", "in_use", "shared")
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,18 +64,12 @@ class BlockPool:
             (b.block_id, b) for b in self.blocks[1:]
         )
         self._cached: dict[BlockHash, KVCacheBlock] = {}
-        # NOTE: numpy mirrors of every block's ref_cnt and "has a hash", kept in step with the
-        # blocks by every method that changes them, so that ``block_states`` is O(num_blocks) in
-        # numpy with no Python loop over the blocks (the live view reads it while serving).
-        self._ref_cnts = np.zeros(num_blocks, np.int32)  # [num_blocks]
-        self._hashed = np.zeros(num_blocks, np.bool_)  # [num_blocks]
-
-    def block_states(self) -> np.ndarray:
-        """Every block's state (``BLOCK_FREE`` .. ``BLOCK_SHARED``), uint8 [num_blocks]; block 0
-        (the null block) reads as free."""
-        held = np.minimum(self._ref_cnts, 2).astype(np.uint8)  # [num_blocks] 0, 1 or 2+
-        # NOTE: relies on the codes' order: in use = 1 + 1, shared = 2 + 1, else free/cached 0/1
-        return np.where(held > 0, held + 1, self._hashed.view(np.uint8))
+        # NOTE: flat mirrors of every block's ref_cnt and "has a hash" (contiguous C arrays that
+        # numpy can view without a copy), kept in step with the blocks by every method that
+        # changes them, so that a reader (the server's live view) sees the whole pool with no
+        # Python loop over the blocks. Read-only outside this class.
+        self.ref_cnts = array("i", [0]) * num_blocks  # [num_blocks]
+        self.hashed = array("B", [0]) * num_blocks  # [num_blocks] 1 while in the prefix cache
 
     def add_refs(self, blocks: Iterable[KVCacheBlock], count: int) -> None:
         """``count`` more references on blocks already in use (forks share a parent's blocks)."""
@@ -93,7 +77,7 @@ class BlockPool:
             if block.ref_cnt <= 0:
                 raise ValueError(f"block {block.block_id} is free; it cannot be shared")
             block.ref_cnt += count
-            self._ref_cnts[block.block_id] = block.ref_cnt
+            self.ref_cnts[block.block_id] = block.ref_cnt
 
     @property
     def num_free_blocks(self) -> int:
@@ -112,7 +96,7 @@ class BlockPool:
             _, block = self._free.popitem(last=False)
             self._evict(block)
             block.ref_cnt = 1
-            self._ref_cnts[block.block_id] = 1
+            self.ref_cnts[block.block_id] = 1
             new_blocks.append(block)
         return new_blocks
 
@@ -122,7 +106,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 del self._free[block.block_id]
             block.ref_cnt += 1
-            self._ref_cnts[block.block_id] = block.ref_cnt
+            self.ref_cnts[block.block_id] = block.ref_cnt
 
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference each; blocks reaching 0 join the free queue's tail in this order."""
@@ -130,7 +114,7 @@ class BlockPool:
             if block.ref_cnt <= 0:
                 raise ValueError(f"block {block.block_id} freed more often than allocated")
             block.ref_cnt -= 1
-            self._ref_cnts[block.block_id] = block.ref_cnt
+            self.ref_cnts[block.block_id] = block.ref_cnt
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
@@ -142,7 +126,7 @@ class BlockPool:
         if block.block_hash is None and block_hash not in self._cached:
             block.block_hash = block_hash
             self._cached[block_hash] = block
-            self._hashed[block.block_id] = True
+            self.hashed[block.block_id] = 1
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only allowed while no block is in use (returns success)."""
@@ -156,7 +140,7 @@ class BlockPool:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
             block.block_hash = None
-            self._hashed[block.block_id] = False
+            self.hashed[block.block_id] = 0
 
 
 @dataclasses.dataclass(slots=True, eq=False)

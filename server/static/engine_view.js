@@ -102,5 +102,5 @@ function drawChart(canvas, points, field, since, color) {
   ctx.stroke();
   ctx.fillStyle = "#6b7480";
   ctx.font = "11px system-ui, sans-serif";
-  ctx.fillText(`max ${top.toFixed(field === "batch" ? 1 : 2)}`, 4, 11);
+  ctx.fillText(`max ${top.toFixed(1)}`, 4, 11);
 }
