@@ -14,7 +14,9 @@ talk to it without polling.
 The thread sleeps on a ``threading.Condition`` while there are no commands and no unfinished
 requests, and loops ``engine.step()`` otherwise; commands are applied only between steps, so the
 engine is never touched by two threads. Outputs of one step go to the event loop in one
-``call_soon_threadsafe`` callback, which feeds each request's ``asyncio.Queue``.
+``call_soon_threadsafe`` callback, which feeds each request's ``asyncio.Queue``. Between steps
+the thread also feeds the page's live view (``live_view.py``): each step's time and batch, and at
+most every ``LiveView.interval_s`` a snapshot of the pool that ``GET /engine/state`` serves.
 
 A step that raises does not kill the thread: ``LLMEngine.recover`` aborts the requests the
 failed step may have left half-updated, their streams get ``RequestFailedError`` (HTTP 500), and

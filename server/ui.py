@@ -15,6 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from jaxpaged.server.context import context_of
+from jaxpaged.server.errors import APIError
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
 # The page loads nothing from elsewhere, and nothing else may frame it.
@@ -35,9 +36,7 @@ async def engine_state(request: Request) -> Response:
     view = context_of(request).engine.live_view
     snapshot = view.latest if view is not None else None
     if snapshot is None:
-        return JSONResponse({"error": {"message": "the engine has not started yet",
-                                       "type": "ServiceUnavailable", "code": 503}},
-                            status_code=503)
+        raise APIError(503, "the engine thread has not described itself yet", code="not_ready")
     return JSONResponse(snapshot, headers={"cache-control": "no-store"})
 
 

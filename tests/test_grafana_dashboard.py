@@ -113,6 +113,8 @@ def test_dashboard_is_grafana_json_over_served_metrics(server):
 
 @pytest.mark.slow
 def test_every_panel_query_returns_data_from_a_real_prometheus(server, prometheus):
+    # A scrape before the traffic, so that the counters' increase falls inside the window.
+    assert wait_until(lambda: _query(prometheus, "vllm:prompt_tokens_total"), timeout=30)
     _traffic(server)
     tokens = server.app.state.context.metrics.generation_tokens._value.get()
     # Wait for a scrape that saw all the traffic, then one more (rate needs two samples).

@@ -10,6 +10,7 @@ screenshot and the page's console log under ``test-artifacts/`` at the repositor
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import re
 import time
@@ -67,6 +68,29 @@ def browser():
     driver = headless_chromium()
     yield driver
     driver.quit()
+
+
+@pytest.mark.parametrize("host,origin,status", [
+    ("box.example:8000", "http://box.example:8000", 200),  # the page's own calls
+    ("box.example:8000", "http://box.example:9000", 403),
+    ("box.example:8000", "http://other.example:8000", 403),
+])
+def test_any_host_server_takes_same_origin_calls_only(server, host, origin, status):
+    """With every host allowed (no --allowed-hosts) the page's calls carry an Origin equal to the
+    Host, and pass; other origins are still refused."""
+    from jaxpaged.server.app import build_app
+    from jaxpaged.server.settings import ServerSettings
+
+    app = build_app(server.engine, ServerSettings(served_model_names=("tiny",),
+                                                  api_keys=(API_KEY,)))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as c:
+            return await c.get("/v1/models", headers={
+                "origin": origin, "authorization": f"Bearer {API_KEY}"})
+
+    assert asyncio.run(scenario()).status_code == status
 
 
 def _save_artifacts(browser, name: str) -> None:
@@ -150,3 +174,14 @@ def _chat_in_the_browser(server, browser) -> None:
     poll(pool_is_free)
     assert server.pool_is_full()
     assert int(element("count-free").text) + int(element("count-cached").text) == num_blocks
+
+    # A value the server refuses: the answer shows the server's message naming the field.
+    element("n").clear()
+    element("n").send_keys("0")
+    element("prompt").send_keys("again")
+    element("send").click()
+    poll(lambda: browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+         .get_attribute("data-state") == "error")
+    assert "'n' must be in [1, " in browser.find_elements(
+        By.CSS_SELECTOR, ".message.assistant")[-1].text
+    assert element("send").is_enabled()
