@@ -71,8 +71,8 @@ def shoot(server, browser, out: pathlib.Path) -> None:
     # A first exchange, so that the screenshot shows a finished answer with its timings.
     element("prompt").send_keys("What is the capital of France?")
     element("send").click()
-    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, ".message.assistant[data-state=done]"),
-               timeout=300)
+    wait_until(lambda: browser.find_elements(
+        By.CSS_SELECTOR, ".message.assistant[data-state=done]"), timeout=300)
     element("prompt").send_keys(QUESTION)
     element("send").click()
 

@@ -1,7 +1,8 @@
 """``Authorization: Bearer <key>`` on every route but the open ones (a pure ASGI middleware, so
 streamed responses pass through untouched). The open ones: health, metrics, and the browser page
-with its static files (the page asks for the key and sends it with each API call). Several keys may be valid (vLLM's ``--api-key A B``);
-the header is compared with every one of them in constant time."""
+with its static files (the page asks for the key and sends it with each API call). Several keys
+may be valid (vLLM's ``--api-key A B``); the header is compared with every one of them in
+constant time."""
 
 from __future__ import annotations
 

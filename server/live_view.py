@@ -5,9 +5,9 @@ The engine thread owns a ``LiveView``: after each step it calls ``record_step`` 
 per-second bin updated) and ``maybe_publish``, which builds a new snapshot at most every
 ``interval_s`` seconds (and whenever the engine goes idle, so that the view ends on the freed
 pool). Building one is O(num_blocks) in numpy (``block_states``, over the pool's flat mirrors of
-its ref counts) plus O(running requests) in Python; ``bench/live_view.py`` measures it. The snapshot is a plain dict, replaced
-(never mutated) by the engine thread, so ``GET /engine/state`` reads the latest one from the event
-loop with no lock.
+its ref counts) plus O(running requests) in Python; ``bench/live_view.py`` measures it. The
+snapshot is a plain dict, replaced (never mutated) by the engine thread, so ``GET /engine/state``
+reads the latest one from the event loop with no lock.
 """
 
 from __future__ import annotations

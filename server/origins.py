@@ -11,9 +11,10 @@ So:
   loopback names when the server binds a loopback address (``--allowed-hosts``).
 - ``allowed_origins``: a request carrying an ``Origin`` header (browsers add it to cross-site
   requests) must come from one of them, or from a page served under an allowed host name (403
-  otherwise); ``"*"`` allows every origin. A same-origin request (the Origin's host:port is the
-  Host header, as from the page at ``GET /``) is always allowed: the Host check covers it. The allowed origins also get CORS answers
+  otherwise); ``"*"`` allows every origin. The allowed origins also get CORS answers
   (``--allowed-origins``, vLLM's flag; vLLM's default allows every origin, jaxpaged's none).
+  A same-origin request (the Origin's host:port is the Host header, as the calls of the page at
+  ``GET /`` are) is always allowed: the Host check covers it.
 """
 
 from __future__ import annotations
