@@ -139,7 +139,7 @@ def _chat_in_the_browser(server, browser) -> None:
     element("prompt").send_keys("please tell me a long story about paged attention " * 3)
     element("send").click()
 
-    seen = {"streamed": "", "busy": 0, "shared": 0}
+    seen = {"streamed": [], "busy": 0, "shared": 0}
 
     def answer_done():
         """the answer finished while the test watched its text and the pool"""
@@ -147,8 +147,9 @@ def _chat_in_the_browser(server, browser) -> None:
         if not answers:
             return False
         state = answers[-1].get_attribute("data-state")
-        if state == "streaming" and answers[-1].text:
-            seen["streamed"] = answers[-1].text
+        if state == "streaming" and answers[-1].text and not seen["streamed"]:
+            seen["streamed"] = [c.text for c in
+                                answers[-1].find_elements(By.CSS_SELECTOR, ".choice")]
         cells = element("pool").get_attribute("data-cells")
         seen["busy"] = max(seen["busy"], _busy_blocks(cells))
         seen["shared"] = max(seen["shared"], (cells or "").count("3"))
@@ -158,9 +159,11 @@ def _chat_in_the_browser(server, browser) -> None:
     answer = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
     assert answer.get_attribute("data-state") == "done", answer.text
     assert seen["streamed"], "no text appeared before the answer finished"
-    choices = answer.find_elements(By.CSS_SELECTOR, ".choice")
-    assert len(choices) == 2 and all(c.text for c in choices)
-    assert choices[0].text.startswith(seen["streamed"].split("\n")[0][:8])
+    choices = [c.text for c in answer.find_elements(By.CSS_SELECTOR, ".choice")]
+    assert len(choices) == 2 and all(choices)
+    # the first text seen while streaming is where each final answer starts
+    assert all(final.startswith(part) for final, part in zip(choices, seen["streamed"]))
+    assert choices != seen["streamed"], "the answers did not grow after the text appeared"
     stats = answer.find_element(By.CSS_SELECTOR, ".stats").text
     assert re.search(r"TTFT \d+ ms · [\d.]+ tok/s · 48 tokens", stats), stats
     assert seen["busy"] > 0, "the block view never showed a block in use"
