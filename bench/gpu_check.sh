@@ -5,6 +5,7 @@
 #   (quantized weights: quant-matmul quant-gemv decode-gemv quant-matmul-prefill kernel-tests-quant decode-fp8w
 #    decode-int8w throughput-fp8w throughput-int8w throughput-fp8w-fp8kv start-70b-fp8;
 #    nano vs bf16 in the same call: `throughput throughput-fp8w`)
+#   (the page's live view, host only: live-view)
 #   (tensor parallel, on a multi-GPU kind: tp-tests tp-allreduce tp-decode tp-nano; tp-tests
 #    needs 8 GPUs for its TP=8 cases; TP_SIZES="2 4" narrows tp-decode and tp-nano)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
@@ -104,6 +105,8 @@ for label in $stages; do
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 \
              --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;
+    live-view) run live-view 120 python3 bench/live_view.py --blocks 16384 65536 262144 \
+             --batch 256 --context 1024 --step-ms 10 --out "$OUT" ;;
     kernel-variants) run kernel-variants 330 python3 bench/kernels.py --variants-only \
              --decode-variants legacy,example_like,every,last,last_head_inner,hpp2_pps2 \
              --out "$OUT/var" ;;
