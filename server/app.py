@@ -32,10 +32,12 @@ from jaxpaged.server.errors import APIError
 from jaxpaged.server.generation import create_chat_completion, create_completion
 from jaxpaged.server.generation_defaults import generation_defaults
 from jaxpaged.server.host_work import HostWorkPool
+from jaxpaged.server.live_view import LiveView
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.origins import OriginGuardMiddleware
 from jaxpaged.server.request_id import RequestIdMiddleware
 from jaxpaged.server.settings import ServerSettings
+from jaxpaged.server.ui import ui_routes
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does
     from transformers import PreTrainedTokenizerBase
@@ -57,7 +59,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
     context = ServerContext(
         host_work=HostWorkPool(lambda: _own_tokenizer(engine)),
         max_prompt_chars=max_prompt_chars(tokenizer, engine.max_model_len),
-        settings=settings, engine=AsyncEngine(engine, metrics), tokenizer=tokenizer,
+        settings=settings, engine=AsyncEngine(engine, metrics, LiveView()), tokenizer=tokenizer,
         token_texts=TokenTexts(tokenizer), metrics=metrics, max_model_len=engine.max_model_len,
         vocab_size=engine.model_config.vocab_size, max_num_seqs=engine.max_num_seqs,
         max_logprobs=engine.config.max_logprobs, scheduling_policy=engine.config.scheduling_policy,
@@ -73,6 +75,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        *ui_routes(),
     ]
     app = Starlette(
         routes=routes, lifespan=_lifespan,
