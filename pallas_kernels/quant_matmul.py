@@ -9,7 +9,9 @@ and ``x @ w = (x @ code) * scale`` exactly: the scale rides on the output column
 per output element, never per loaded weight.
 
 Kernels (``MATMUL_KERNELS``); each computes the same product, they differ in where it runs:
-- "dequant_xla": ``(x @ code.astype(x.dtype)) * scale`` in XLA; also the jnp reference.
+- "dequant_xla": ``(x @ code.astype(x.dtype)) * scale`` in XLA (the jnp reference), with x padded
+  to at least ``DEQUANT_MIN_ROWS`` rows: XLA's GEMM for one or two rows does not fuse the
+  conversion of the codes, its GEMM for four does (bench/RESULTS.md, 2026-12-07).
 - "w8a16_pallas": Pallas (Triton-style) tiles; each program loads [block_k, block_n] byte codes,
   converts them in registers and accumulates in f32 (bandwidth-bound decode: half the bytes of
   bf16). Optional split-K over ``splits`` programs per output tile for small M.
@@ -55,6 +57,8 @@ KERNEL_BY_TOKENS: dict[str, tuple[tuple[int | None, str], ...]] = {
     "fp8": ((None, "dequant_xla"),),
     "int8": ((None, "dequant_xla"),),
 }
+# "dequant_xla" pads x to this many rows (see the module docstring).
+DEQUANT_MIN_ROWS = 4
 # Pallas tiles need power-of-2 sizes that divide the matrix (0.11.2 does not mask partial
 # blocks): a K or N whose largest power-of-2 divisor is below this takes "dequant_xla".
 MIN_TILE = 16
@@ -184,7 +188,7 @@ def quant_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, kernel: st
     n = codes.shape[1]
     name = choose_kernel(kernel, quantization, m, k, n)
     if name == "dequant_xla":
-        return quant_matmul_reference(x, codes, scale)
+        return _dequant_xla(x, codes, scale)
     if name == "w8a8_xla":
         return _w8a8_xla(x, codes, scale)
     if name == "w8a16_gemv":
@@ -203,6 +207,14 @@ def quant_matmul_reference(x: jax.Array, codes: jax.Array, scale: jax.Array) -> 
     acc = lax.dot_general(x, codes.astype(x.dtype), (((1,), (0,)), ((), ())),
                           precision=dot_precision(x.dtype), preferred_element_type=jnp.float32)
     return (acc * scale).astype(x.dtype)
+
+
+def _dequant_xla(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    m = x.shape[0]
+    if m >= DEQUANT_MIN_ROWS:
+        return quant_matmul_reference(x, codes, scale)
+    padded = jnp.pad(x, ((0, DEQUANT_MIN_ROWS - m), (0, 0)))  # [4, K]
+    return quant_matmul_reference(padded, codes, scale)[:m]
 
 
 def w8a8_reference(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:

@@ -9,10 +9,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxpaged.pallas_kernels.quant_matmul import (CODE_MAX, MatmulTuning, choose_kernel,
-                                                   dequantize_weight, quant_matmul,
-                                                   quant_matmul_reference, quantize_rows,
-                                                   quantize_weight, w8a8_reference)
+from jaxpaged.pallas_kernels.quant_matmul import (CODE_MAX, DEQUANT_MIN_ROWS, MatmulTuning,
+                                                   choose_kernel, dequantize_weight,
+                                                   quant_matmul, quant_matmul_reference,
+                                                   quantize_rows, quantize_weight,
+                                                   w8a8_reference)
 from jaxpaged.pallas_kernels.quant_gemv import GEMV_MAX_ROWS, GemvTuning, quant_gemv
 from kernel_testing import relative_error
 
@@ -197,3 +198,14 @@ def test_gemv_takes_only_what_it_can_and_its_own_tuning():
         quant_matmul(x, codes, scale, kernel="w8a16_pallas", tuning=GemvTuning(), interpret=True)
     with pytest.raises(ValueError, match="quant_gemv takes 1.."):
         quant_gemv(jnp.ones((GEMV_MAX_ROWS + 1, 64)), codes, scale)
+
+
+@pytest.mark.parametrize("m", [1, 2, DEQUANT_MIN_ROWS, 5])
+def test_dequant_xla_pads_few_rows_and_gives_the_same_rows(m):
+    w = _weights(31, 64, 48)
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, 64)), jnp.float32)
+    codes, scale = quantize_weight(jnp.asarray(w), "int8")
+    out = quant_matmul(x, codes, scale, kernel="dequant_xla")
+    assert out.shape == (m, 48)
+    np.testing.assert_array_equal(np.asarray(out),
+                                  np.asarray(quant_matmul_reference(x, codes, scale)))
