@@ -97,6 +97,20 @@ def require_power_of_2(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a power of 2 for the Pallas kernel, got {value}")
 
 
+def validate_tiles(owner: object, names: tuple[str, ...], minimum: int) -> None:
+    """A tuning dataclass's tile sizes: powers of 2 of at least ``minimum``, and its ``splits``
+    (None: automatic) at least 1."""
+    kind = type(owner).__name__
+    for name in names:
+        value = getattr(owner, name)
+        require_power_of_2(f"{kind}.{name}", value)
+        if value < minimum:
+            raise ValueError(f"{kind}.{name} must be >= {minimum}, got {value}")
+    splits = getattr(owner, "splits")
+    if splits is not None and splits < 1:
+        raise ValueError(f"{kind}.splits must be >= 1, got {splits}")
+
+
 def triton_call(kernel: Callable[..., None], *, name: str, grid: tuple[int, ...],
                 in_specs: Sequence[pl.BlockSpec], out_specs: Any, out_shape: Any,
                 num_warps: int, num_stages: int, interpret: bool,

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxpaged.pallas_kernels.backend import (largest_power_of_2_divisor, require_power_of_2,
-                                             splits_that_divide, triton_call)
+from jaxpaged.pallas_kernels.backend import (largest_power_of_2_divisor, splits_that_divide,
+                                             triton_call, validate_tiles)
 
 # Token rows one program handles (each row keeps its own accumulator in registers).
 GEMV_MAX_ROWS = 8
@@ -45,13 +45,7 @@ class GemvTuning:
     max_splits: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("block_k", "block_n"):
-            value = getattr(self, name)
-            require_power_of_2(f"GemvTuning.{name}", value)
-            if value < MIN_BLOCK:
-                raise ValueError(f"GemvTuning.{name} must be >= {MIN_BLOCK}, got {value}")
-        if self.splits is not None and self.splits < 1:
-            raise ValueError(f"GemvTuning.splits must be >= 1, got {self.splits}")
+        validate_tiles(self, ("block_k", "block_n"), MIN_BLOCK)
 
 
 def gemv_fits(m: int, k: int, n: int) -> bool:

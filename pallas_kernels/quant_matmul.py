@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxpaged.pallas_kernels.backend import (dot_precision, largest_power_of_2_divisor, on_gpu,
-                                             require_power_of_2, splits_that_divide, triton_call)
+                                             splits_that_divide, triton_call, validate_tiles)
 from jaxpaged.pallas_kernels.quant_gemv import GemvTuning, gemv_fits, quant_gemv
 
 QUANT_FORMATS = ("fp8", "int8")
@@ -80,13 +80,7 @@ class MatmulTuning:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            require_power_of_2(f"MatmulTuning.{name}", value)
-            if value < MIN_TILE:
-                raise ValueError(f"MatmulTuning.{name} must be >= {MIN_TILE}, got {value}")
-        if self.splits is not None and self.splits < 1:
-            raise ValueError(f"MatmulTuning.splits must be >= 1, got {self.splits}")
+        validate_tiles(self, ("block_m", "block_n", "block_k"), MIN_TILE)
 
 
 # splits=None: split K until the grid has about two programs per SM of an H100/H200.
