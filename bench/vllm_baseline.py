@@ -107,7 +107,8 @@ def run(args: argparse.Namespace, requests: BenchRequests, model_dir: pathlib.Pa
         "output_tok_s": output_tokens / elapsed,
         "total_tok_s": (prompt_tokens + output_tokens) / elapsed,
         "startup_s": startup, "startup_from_process_s": startup_from_process,
-        "kv_capacity_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
+        "kv_capacity_tokens": (cache.num_gpu_blocks * cache.block_size
+                               if cache.num_gpu_blocks else None),
         "enforce_eager": args.enforce_eager, "attention": "FLASH_ATTN v3",
     }
 
