@@ -6,7 +6,8 @@
 # GPU image's) and the Python packages its offline path imports that the GPU image lacks; install
 # them into one folder; strip what a dense Llama on Hopper never loads (bench/vllm_kit_strip.py);
 # check what is left (bench/vllm_kit_check.py: every .py compiles, every load-time import on
-# vllm.LLM's path resolves); pack it as one tar.xz cut into parts of <= 50 MB.
+# vllm.LLM's path resolves; every dependency imports with this Python 3.12); pack it as one tar.xz
+# cut into parts of <= 50 MB.
 # Then carry one part per GPU call, to the same warm machine (it stays warm 30 s after a call):
 #   call k:    carry [".vllm-kit/vllm-kit.tar.xz.k-of-M", ".vllm-kit/SHA256SUMS"]
 #              command: bash bench/gpu_check.sh vllm-unpack
@@ -55,6 +56,13 @@ du -sh "$work/site"
 
 echo "== check"
 "$python" bench/vllm_kit_check.py "$work/site" | grep -v "missing if taken"
+
+echo "== import the dependencies here (vllm itself needs torch and a GPU)"
+deps=$(cd "$work/site" && ls -d */ *.py 2>/dev/null | sed 's|/$||; s|\.py$||' \
+  | grep -vE '\.(dist-info|libs)$|^(vllm|bin|__pycache__)$' | sort -u)
+PYTHONPATH="$work/site" "$python" -c 'import importlib, sys
+for name in sys.argv[1:]: importlib.import_module(name)
+print(len(sys.argv) - 1, "packages import")' $deps
 
 echo "== pack"
 rm -rf "$out" && mkdir -p "$out"
