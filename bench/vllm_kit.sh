@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Here, on the CPU machine: build the vLLM 0.24.0 kit that `bench/gpu_check.sh vllm-unpack` and
 # `vllm-nano` use on the GPU machine (it cannot reach PyPI, and a call carries <= 64 MiB).
-#   bash bench/vllm_kit.sh        # -> .vllm-kit/vllm-kit.tar.xz.NN-of-MM (git-ignored), SHA256SUMS
+#   bash bench/vllm_kit.sh        # -> .vllm-kit/vllm-kit.tar.xz.K-of-M (git-ignored), SHA256SUMS
+#   VLLM_KIT_KEEP_FATBINS=1 bash bench/vllm_kit.sh   # CUDA code of all GPUs (more parts)
 # Steps: download vllm 0.24.0 (CPython 3.12, manylinux x86_64, CUDA 13; it pins torch 2.11.0, the
 # GPU image's) and the Python packages its offline path imports that the GPU image lacks; install
 # them into one folder; strip what a dense Llama on Hopper never loads (bench/vllm_kit_strip.py);
 # check what is left (bench/vllm_kit_check.py: every .py compiles, every load-time import on
 # vllm.LLM's path resolves; every dependency imports with this Python 3.12); pack it as one tar.xz
 # cut into parts of <= 50 MB.
-# Then carry one part per GPU call, to the same warm machine (it stays warm 30 s after a call):
-#   call k:    carry [".vllm-kit/vllm-kit.tar.xz.k-of-M", ".vllm-kit/SHA256SUMS"]
-#              command: bash bench/gpu_check.sh vllm-unpack
-#   last call: the last part, and `bash bench/gpu_check.sh vllm-unpack vllm-nano throughput`
+# A one-part kit goes in one GPU call: carry [".whl", ".vllm-kit"], run
+#   bash bench/gpu_check.sh vllm-nano throughput        (vLLM on nano, then jaxpaged on nano)
+# A kit of M parts: one part per call, to the same warm machine (it stays warm 30 s after a call):
+#   call k < M: carry [".whl", ".vllm-kit/vllm-kit.tar.xz.k-of-M", ".vllm-kit/SHA256SUMS"],
+#               run bash bench/gpu_check.sh vllm-unpack
+#   call M:     the same with the last part, run bash bench/gpu_check.sh vllm-nano throughput
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VLLM_VERSION=0.24.0
@@ -51,7 +54,8 @@ rm -rf "$work/site"
 du -sh "$work/site"
 
 echo "== strip"
-"$python" bench/vllm_kit_strip.py "$work/site" | grep -v "^dropped" || true
+"$python" bench/vllm_kit_strip.py "$work/site" ${VLLM_KIT_KEEP_FATBINS:+--keep-fatbins} \
+  | grep -v "^dropped" || true
 du -sh "$work/site"
 
 echo "== check"

@@ -1,6 +1,6 @@
 """Strip an installed vLLM 0.24.0 tree down to what an offline dense-Llama run on Hopper loads.
 
-    python bench/vllm_kit_strip.py SITE_DIR
+    python bench/vllm_kit_strip.py SITE_DIR [--keep-fatbins]
 
 Used by bench/vllm_kit.sh. Three steps, each checked against vLLM 0.24.0's source:
 
@@ -153,14 +153,16 @@ def drop_unused(site: pathlib.Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("site", type=pathlib.Path)
+    parser.add_argument("--keep-fatbins", action="store_true",
+                        help="leave the fat binaries whole (every GPU architecture; a larger kit)")
     args = parser.parse_args()
     for name in drop_unused(args.site):
         print(f"dropped {name}")
     for library in sorted(args.site.rglob("*.so")):
-        before, kept = prune_fatbins(library)
-        if before:
+        before, kept = (0, 0) if args.keep_fatbins else prune_fatbins(library)
+        if kept < before:
             print(f"fatbin {library.relative_to(args.site)}: {before / 1e6:.1f} MB -> "
-                  f"{kept / 1e6:.1f} MB (sm_90 images)")
+                  f"{kept / 1e6:.1f} MB (the sm_90 images)")
         subprocess.run(["strip", "--strip-unneeded", str(library)], check=True)
 
 
