@@ -35,6 +35,7 @@ def bench_module(name: str):
 
 # --- what vLLM is given --------------------------------------------------------------------------
 
+@pytest.mark.slow  # imports transformers (about 7 s on its own)
 def test_model_dir_is_our_config_under_transformers_keys(tmp_path):
     from transformers import AutoConfig
 
@@ -57,6 +58,7 @@ def test_model_dir_refuses_a_config_without_architectures(tmp_path):
         baseline.write_model_dir(tmp_path, tmp_path / "model")
 
 
+@pytest.mark.slow  # imports jax and jaxpaged through bench/throughput.py (about 7 s on its own)
 @pytest.mark.parametrize("workload,num_requests", [("nano", None), ("nano", 64), ("fixed", 16)])
 def test_vllm_gets_the_requests_that_throughput_py_runs(workload, num_requests):
     throughput = bench_module("throughput")
