@@ -115,7 +115,8 @@ def run(args: argparse.Namespace, requests: BenchRequests, model_dir: pathlib.Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=pathlib.Path, default=pathlib.Path("bench/configs/llama3-8b"),
+    parser.add_argument("--model", type=pathlib.Path,
+                        default=pathlib.Path("bench/configs/llama3-8b"),
                         help="a folder with our config.json (bench/configs/...)")
     parser.add_argument("--workload", choices=["nano", "fixed"], default="nano")
     parser.add_argument("--num-requests", type=int)

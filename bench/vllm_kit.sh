@@ -36,12 +36,13 @@ python=.venv/bin/python
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_26_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
            --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
-wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}")
+wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+            "${platforms[@]}")
 
 mkdir -p "$work/wheels"
 echo "== download vllm==$VLLM_VERSION and ${#DEPS[@]} dependencies into $work/wheels"
-"$python" -m pip download -q "${wheel_args[@]}" -d "$work/wheels" "vllm==$VLLM_VERSION" "${DEPS[@]}" \
-  2>&1 | grep -v "WARNING: Location" || true
+"$python" -m pip download -q "${wheel_args[@]}" -d "$work/wheels" "vllm==$VLLM_VERSION" \
+  "${DEPS[@]}" 2>&1 | grep -v "WARNING: Location" || true
 wheels=("$work"/wheels/*.whl)
 [ "${#wheels[@]}" -eq $((${#DEPS[@]} + 1)) ] || {
   echo "expected $((${#DEPS[@]} + 1)) wheels in $work/wheels, found ${#wheels[@]}" >&2; exit 1; }

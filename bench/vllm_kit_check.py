@@ -66,7 +66,8 @@ onnxruntime onnxscript cv2 optax opt_einsum opt_einsum_fx optimistix orbax packa
 pathspec patsy peft PIL pip pluggy portalocker prometheus_client propcache google psutil
 pyarrow pybind11 cpuinfo pygments pyparsing pyproject_hooks pyre_extensions pytest _pytest
 pytest_benchmark pytest_cov pytest_mock pytest_timeout xdist dateutil pytorch_lightning yaml
-regex requests rich safetensors sacrebleu sklearn skimage scipy seaborn sentencepiece sentence_transformers
+regex requests rich safetensors sacrebleu sklearn skimage scipy seaborn sentencepiece
+sentence_transformers
 setuptools pkg_resources _distutils_hack shellingham simplejson six sortedcontainers
 statsmodels sympy tabulate tensorboard tensorboard_data_server tensorstore threadpoolctl tifffile
 tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch_geometric torchmetrics

@@ -3,7 +3,7 @@
 # the vLLM kit (bench/vllm_kit.sh) that calls carry in .vllm-kit/ into /tmp/vllm-kit, which lasts
 # while the machine stays warm, and once all are there unpack the kit into /tmp/vllm-site.
 #   bash bench/vllm_kit_install.sh gather    # keep the carried parts; say how many the kit has
-#   bash bench/vllm_kit_install.sh install   # gather, then unpack (once per kit) into /tmp/vllm-site
+#   bash bench/vllm_kit_install.sh install   # gather, then unpack once per kit into /tmp/vllm-site
 # Every part is checked against .vllm-kit/SHA256SUMS (carried with each part); a different
 # SHA256SUMS (a new kit) starts the gathering over. Running either again changes nothing.
 set -euo pipefail
@@ -36,7 +36,8 @@ gather() {
   local total have=0 missing=()
   total=$(wc -l < "$store/SHA256SUMS")
   for k in $(seq 1 "$total"); do
-    if [ -f "$store/vllm-kit.tar.xz.$k-of-$total" ]; then have=$((have + 1)); else missing+=("$k"); fi
+    if [ -f "$store/vllm-kit.tar.xz.$k-of-$total" ]; then have=$((have + 1))
+    else missing+=("$k"); fi
   done
   echo "vllm kit: $have of $total parts in $store${missing:+ (missing: ${missing[*]})}"
   complete=$([ "$have" -eq "$total" ] && echo yes || echo no)
@@ -44,7 +45,9 @@ gather() {
 
 install() {
   gather
-  [ "$complete" = yes ] || { echo "error: the kit is incomplete; carry the missing parts" >&2; return 1; }
+  if [ "$complete" != yes ]; then
+    echo "error: the kit is incomplete; carry the missing parts" >&2; return 1
+  fi
   local stamp total
   stamp=$(sha256sum < "$store/SHA256SUMS" | cut -c1-16)
   if [ "$(cat "$site/.kit-stamp" 2>/dev/null)" = "$stamp" ]; then

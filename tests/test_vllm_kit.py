@@ -122,7 +122,8 @@ def test_prune_keeps_the_hopper_images_of_each_container_in_place():
     for start, original in zip(starts, containers):
         _, payload, entries = strip.container_entries(data, start)
         kept_entries.append([(e.kind, e.arch) for e in entries])
-        assert data[start + 16 + payload:start + len(original)] == bytes(len(original) - 16 - payload)
+        freed = len(original) - 16 - payload
+        assert data[start + 16 + payload:start + len(original)] == bytes(freed)
     assert kept_entries == [[(ELF, 90)], [(PTX, 80)], [(ELF, 100)]]
     _, _, first = strip.container_entries(data, starts[0])
     assert bytes(data[first[0].start:first[0].start + first[0].size]) == sm90
