@@ -10,6 +10,9 @@
 #   (the page's live view, host only: live-view)
 #   (tensor parallel, on a multi-GPU kind: tp-tests tp-allreduce tp-decode tp-nano; tp-tests
 #    needs 8 GPUs for its TP=8 cases; TP_SIZES="2 4" narrows tp-decode and tp-nano)
+#   (vLLM 0.24.0 in the same call, from the kit of `bash bench/vllm_kit.sh`: vllm-unpack keeps the
+#    carried part(s) of .vllm-kit/ in /tmp/vllm-kit, vllm-nano unpacks the whole kit into
+#    /tmp/vllm-site and runs bench/vllm_baseline.py on nano; `vllm-nano throughput`: vLLM, then us)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
 # A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
 # stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
@@ -206,6 +209,15 @@ for label in $stages; do
     tp-nano) run tp-nano 590 bash -c 'n=$(nvidia-smi -L | wc -l); for tp in ${TP_SIZES:-1 2 4 8}; do
              [ "$tp" -le "$n" ] || continue; python3 bench/throughput.py --workload nano \
              --tensor-parallel-size "$tp" --out "$0/tp$tp" || exit 1; done' "$OUT" ;;
+    # vLLM from the kit (its own PYTHONPATH: the kit's pydantic, starlette... not jaxpaged's)
+    vllm-unpack) run vllm-unpack 120 bash bench/vllm_kit_install.sh gather
+           tail -1 "$OUT/vllm-unpack.log" >> "$summary" ;;
+    vllm-nano) run vllm-install 120 bash bench/vllm_kit_install.sh install
+           tail -1 "$OUT/vllm-install.log" >> "$summary"
+           if grep -qE "^vllm kit: (already )?unpacked" "$OUT/vllm-install.log"; then
+             PYTHONPATH=/tmp/vllm-site run vllm-nano 400 python3 bench/vllm_baseline.py \
+               --workload nano --out "$OUT"
+           else echo "vllm-nano: not run (no complete kit)" >> "$summary"; fi ;;
     *) echo "unknown stage $label" >> "$summary" ;;
   esac
 done

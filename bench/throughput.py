@@ -24,7 +24,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from roofline import measure_ceilings, workload_floor  # noqa: E402
-from workloads import fixed_workload, nano_workload  # noqa: E402
+from workloads import throughput_requests  # noqa: E402
 from report import emit  # noqa: E402
 from gpu_trace import with_kernel_table  # noqa: E402
 
@@ -32,16 +32,10 @@ from jaxpaged import LLM, SamplingParams  # noqa: E402
 
 
 def build_requests(workload: str, num_requests: int | None):
-    if workload == "nano":
-        prompts, outputs = nano_workload()  # --num-requests takes the first N (as hf_baseline.py)
-        prompts, outputs = prompts[:num_requests], outputs[:num_requests]
-        temperature = 0.6
-    else:
-        prompts, outputs = fixed_workload(num_requests or 128)
-        temperature = 0.0
-    params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n)
-              for n in outputs]
-    return [{"prompt_token_ids": p} for p in prompts], params, outputs
+    requests = throughput_requests(workload, num_requests)
+    params = [SamplingParams(temperature=requests.temperature, ignore_eos=True, max_tokens=n)
+              for n in requests.output_lens]
+    return [{"prompt_token_ids": p} for p in requests.prompts], params, requests.output_lens
 
 
 def run_with_kv_waste(llm: LLM, prompts, params) -> tuple[float, float, int]:

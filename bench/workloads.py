@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 
 def nano_workload(num_requests: int = 256, max_input_len: int = 1024,
@@ -20,6 +21,28 @@ def fixed_workload(num_requests: int = 128, prompt_len: int = 512,
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(prompt_len)] for _ in range(num_requests)]
     return prompts, [output_len] * num_requests
+
+
+@dataclass(frozen=True)
+class BenchRequests:
+    """A throughput run's requests, for any engine: token-id prompts, each request's output length
+    (EOS ignored) and the one sampling temperature of the workload."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+    temperature: float
+
+
+def throughput_requests(workload: str, num_requests: int | None = None) -> BenchRequests:
+    """bench/throughput.py's requests (and its baselines'): nano (temperature 0.6; --num-requests
+    takes the first N, as hf_baseline.py does) or fixed (greedy; N requests, default 128)."""
+    if workload == "nano":
+        prompts, outputs = nano_workload()
+        return BenchRequests(prompts[:num_requests], outputs[:num_requests], 0.6)
+    if workload == "fixed":
+        prompts, outputs = fixed_workload(num_requests or 128)
+        return BenchRequests(prompts, outputs, 0.0)
+    raise ValueError(f"unknown workload {workload!r} (nano, fixed)")
 
 
 def beam_workload(num_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0):
