@@ -8,6 +8,7 @@ request running beside the hostile one finishes normally.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -335,9 +336,10 @@ def test_5_stop_lists_within_the_limits_work(http):
 
 # ----- 6: connections that never finish a request are closed -----
 
-@pytest.fixture(scope="module")
-def timed_server():
-    """A bare uvicorn server with the serve command's connection guards (short timeouts)."""
+@contextlib.contextmanager
+def guarded_bare_server(*flags: str):
+    """A bare uvicorn server with the serve command's connection guards (``flags``: serve
+    flags); yields its (host, port)."""
     import argparse
     import threading
 
@@ -356,16 +358,33 @@ def timed_server():
 
     parser = argparse.ArgumentParser()
     add_server_arguments(parser)
-    args = parser.parse_args(["m", "--timeout-request-read", "0.3", "--timeout-keep-alive",
-                              "0.3", "--limit-concurrency", "4"])
+    args = parser.parse_args(["m", *flags])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            lifespan="off", **connection_limits(args)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     assert wait_until(lambda: server.started, timeout=30)
-    yield server.servers[0].sockets[0].getsockname()[:2]
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[:2]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def timed_server():
+    """Short read and keep-alive timeouts: connections that idle are closed quickly."""
+    with guarded_bare_server("--timeout-request-read", "0.3", "--timeout-keep-alive", "0.3") as a:
+        yield a
+
+
+@pytest.fixture(scope="module")
+def limited_server():
+    """At most 4 connections, and timeouts long enough that none closes during a test (a
+    timeout closing an idle connection would make room for the one over the limit)."""
+    with guarded_bare_server("--limit-concurrency", "4", "--timeout-request-read", "60",
+                             "--timeout-keep-alive", "60") as address:
+        yield address
 
 
 def _closed_by_server(sock, timeout: float = 20.0) -> bool:
@@ -399,12 +418,12 @@ def test_6_idle_kept_alive_connections_are_closed_and_whole_requests_served(time
         assert _closed_by_server(sock)  # keep-alive timeout
 
 
-def test_6_connections_beyond_the_limit_get_503(timed_server):
+def test_6_connections_beyond_the_limit_get_503(limited_server):
     import socket
 
-    idle = [socket.create_connection(timed_server) for _ in range(4)]
+    idle = [socket.create_connection(limited_server) for _ in range(4)]
     try:
-        with socket.create_connection(timed_server) as sock:
+        with socket.create_connection(limited_server) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             sock.settimeout(20)
             assert sock.recv(4096).startswith(b"HTTP/1.1 503")
