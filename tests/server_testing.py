@@ -28,6 +28,10 @@ from jaxpaged.server.settings import ServerSettings
 MODEL = "llama3-rope"
 MODEL_NAME = "tiny"
 API_KEY = "sk-test-key"
+# The tests' HTTP read timeout: a first request compiles its step shapes (CPU: on first use),
+# seconds alone but minutes on a CI machine busy with a parallel worker. It only bounds how long
+# a hang takes to fail.
+CLIENT_TIMEOUT_S = 300
 
 
 def engine_config(model_dir: pathlib.Path, **overrides) -> EngineConfig:

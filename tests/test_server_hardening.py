@@ -16,10 +16,11 @@ import pytest
 from jaxpaged.core.request import Request
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_config import SchedulerConfig
-from jaxpaged.engine.faults import FaultInjector
+from jaxpaged.engine.faults import FaultInjector, RequestFault
 from jaxpaged.sampling_params import SamplingParams
 
-from server_testing import MODEL, MODEL_NAME, engine_config, poll, start_server, wait_until
+from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, poll, start_server,
+                            wait_until)
 
 MAX_PROMPTS = 64
 
@@ -39,7 +40,7 @@ def server(tiny_checkpoint, faults):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
         yield c
 
 
@@ -66,7 +67,7 @@ def beside_innocent(server, hostile) -> tuple[list[str], object]:
     hostile coroutine's result)."""
 
     async def scenario():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
             innocent = asyncio.create_task(_stream_events(c, INNOCENT))
             result = await hostile(c)
             return await innocent, result
@@ -143,6 +144,61 @@ def test_2_scheduler_aborts_a_long_waiting_queue_in_one_pass():
     assert all(r.is_finished() for r in requests[1:-1])
 
 
+def test_2_the_server_bounds_its_waiting_queue_by_default():
+    import argparse
+
+    from jaxpaged.server.args import (DEFAULT_SERVER_MAX_WAITING, add_server_arguments,
+                                      engine_config_from_args)
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    config = engine_config_from_args(parser.parse_args(["m"]), "m")
+    assert config.max_waiting == DEFAULT_SERVER_MAX_WAITING and 0 < config.max_waiting < 10**6
+
+
+@pytest.mark.slow
+def test_2_stopping_returns_while_a_step_never_ends(tiny_checkpoint):
+    """A step stuck for ever (a hook that blocks) cannot keep shutdown from returning: ``stop``
+    gives up after its timeout and leaves the daemon thread behind. Released, the step fails
+    its request (no model step to compile) and the thread sees the stop."""
+    import threading
+    import time
+
+    from jaxpaged.engine.llm_engine import LLMEngine
+    from jaxpaged.server.async_engine import AsyncEngine, EngineInput
+
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_step(scheduler_output):
+        entered.set()
+        release.wait(120)
+        raise RequestFault(["stuck-0"], "the stuck step was released")
+
+    async_engine = AsyncEngine(LLMEngine(engine_config(tiny_checkpoint(MODEL)),
+                                         step_hook=stuck_step))
+
+    async def scenario() -> tuple[list[bool], bool, bool]:
+        async_engine.start(asyncio.get_running_loop())
+        await async_engine.submit([EngineInput("stuck-0", None, [5, 6, 7],
+                                               SamplingParams(max_tokens=2), time.time())])
+        assert await asyncio.to_thread(entered.wait, 120)  # the engine thread is in the step
+        stopped: list[bool] = []
+        stopper = threading.Thread(target=lambda: stopped.append(async_engine.stop(0.2)))
+        stopper.start()
+        await asyncio.to_thread(stopper.join, 60)
+        left_behind = async_engine._thread.is_alive()
+        release.set()  # the step ends: the thread sees the stop (the loop still takes outputs)
+        await asyncio.to_thread(async_engine._thread.join, 300)
+        return stopped, left_behind, async_engine._thread.is_alive()
+
+    try:
+        stopped, left_behind, alive_at_the_end = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert stopped == [False] and left_behind  # stop returned, saying it left the thread
+    assert not alive_at_the_end
+
+
 # ----- 8 (part): a prompt list is all texts or all token ids -----
 
 def test_8_mixed_prompt_list_is_400(http):
@@ -162,7 +218,7 @@ def test_8_mixed_prompt_list_is_400(http):
     ("/tokenize", '{"prompt": "\\ud83d"}', "prompt"),
 ])
 def test_3_lone_surrogates_are_400_on_a_kept_alive_connection(server, path, body, param):
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:  # one connection
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:  # one connection
         response = c.post(path, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
@@ -175,7 +231,7 @@ def test_3_lone_surrogates_are_400_on_a_kept_alive_connection(server, path, body
                                           "multipart/form-data; boundary=x"])
 def test_7_bodies_not_typed_json_get_415(server, content_type):
     headers = {} if content_type is None else {"content-type": content_type}
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
         response = c.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
                           headers=headers)
     assert response.status_code == 415, response.text
@@ -304,7 +360,7 @@ def test_4_tokenization_runs_on_worker_threads_and_health_answers_meanwhile(serv
     long_text = "word " * (ctx.max_prompt_chars // 5 - 1)  # tokenized, then too many tokens
 
     async def scenario():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
             heavy = [asyncio.create_task(c.post("/tokenize", json={"prompt": long_text}))
                      for _ in range(4)]
             health = await c.get("/health")
@@ -462,7 +518,7 @@ def test_a_fault_in_one_request_spares_the_streams_beside_it(server, http, fault
 
 
 async def _alone(server) -> str:
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
         return _text(await _stream_events(c, {**INNOCENT, "temperature": 0}))
 
 

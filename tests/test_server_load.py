@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from server_testing import (MODEL, MODEL_NAME, engine_config, metric_value, poll, start_server,
-                            wait_until)
+from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, metric_value, poll,
+                            start_server, wait_until)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def assert_engine_is_empty(server):
 
 def test_client_closing_a_stream_aborts_its_request(server):
     aborted = aborted_total(server)
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as client:
         with client.stream("POST", "/v1/completions", json=long_request(stream=True, n=2)) as r:
             lines = r.iter_lines()
             assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data: ")) > 0
@@ -57,7 +57,7 @@ def test_client_leaving_before_a_non_streamed_answer_aborts_its_request(server):
     aborted = aborted_total(server)
 
     async def leave_while_it_runs():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as client:
             request = asyncio.create_task(client.post("/v1/completions", json=long_request(n=4)))
             assert await poll(lambda: server.engine.scheduler.num_running > 0)
             request.cancel()  # closes the connection
@@ -112,7 +112,7 @@ def test_200_concurrent_streams_with_random_cancellations(server):
     async def scenario():
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
         async with httpx.AsyncClient(base_url=server.base_url, limits=limits,
-                                     timeout=120) as client:
+                                     timeout=CLIENT_TIMEOUT_S) as client:
             return await asyncio.gather(*(_one_client(client, i, rng) for i in range(200)))
 
     outcomes = asyncio.run(scenario())
