@@ -19,8 +19,8 @@ from jaxpaged.core.scheduler_config import SchedulerConfig
 from jaxpaged.engine.faults import FaultInjector, RequestFault
 from jaxpaged.sampling_params import SamplingParams
 
-from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, poll, start_server,
-                            wait_until)
+from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, poll, server_logs,
+                            start_server, wait_until)
 
 MAX_PROMPTS = 64
 
@@ -135,7 +135,8 @@ def test_2_cancelling_many_waiting_prompts_leaves_the_engine_responsive(server):
 def test_2_scheduler_aborts_a_long_waiting_queue_in_one_pass():
     """100,000 waiting requests aborted by one call (one deque.remove each would be 5e9 steps)."""
     scheduler = Scheduler(SchedulerConfig(max_model_len=32, block_size=16), num_blocks=8)
-    requests = [Request(f"r{i}", [1, 2], SamplingParams()) for i in range(100_000)]
+    params = SamplingParams()
+    requests = [Request(f"r{i}", [1, 2], params) for i in range(100_000)]
     for request in requests:
         scheduler.add_request(request)
     scheduler.abort_requests([r.request_id for r in requests[1:-1]])
@@ -529,12 +530,12 @@ def test_a_client_leaving_mid_body_is_one_info_line(server, caplog):
     import socket
 
     host, port = server.base_url.removeprefix("http://").split(":")
-    with caplog.at_level(logging.INFO):
+    with server_logs(caplog):
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
-            assert wait_until(lambda: server.server.server_state.tasks, timeout=10)
+            assert wait_until(lambda: server.server.server_state.tasks, timeout=60)
         assert wait_until(lambda: any("client disconnected" in r.getMessage()
-                                      for r in caplog.records), timeout=10)
+                                      for r in caplog.records), timeout=60)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-    assert wait_until(lambda: not server.server.server_state.tasks, timeout=10)
+    assert wait_until(lambda: not server.server.server_state.tasks, timeout=60)
