@@ -3,6 +3,11 @@
 On the first SIGTERM or SIGINT the server drains: new generation requests get 503, uvicorn stops
 accepting connections and waits for the in-flight responses, then the app's lifespan stops the
 engine thread and the process exits with status 0 (a second SIGINT forces the exit).
+
+A request that arrives while draining is never run: it gets 503 when uvicorn still reads it (its
+connection was busy), and otherwise its connection is refused (the listener is closed) or closed
+unanswered (uvicorn closes idle connections, and the kernel resets ones still queued on the
+closed listener). Clients see either as "not served".
 """
 
 from __future__ import annotations

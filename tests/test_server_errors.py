@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from server_testing import (MODEL, MODEL_NAME, engine_config, metric_value, poll, start_server,
-                            wait_until)
+from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, metric_value, poll,
+                            start_server, wait_until)
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -27,7 +27,7 @@ def server(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
         yield c
 
 
@@ -202,7 +202,7 @@ def test_full_waiting_queue_gets_503(server):
     scheduler = server.engine.scheduler
 
     async def scenario():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
             running = []
             for i in range(8):  # max_num_seqs=8: all run (one at a time: max_waiting=1)
                 running.append(asyncio.create_task(c.post("/v1/completions", json=long)))

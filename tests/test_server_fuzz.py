@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from jaxpaged.server.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS
 
-from server_testing import MODEL, MODEL_NAME, engine_config, start_server, wait_until
+from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, start_server,
+                            wait_until)
 
 EXAMPLES = 60
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -88,7 +89,7 @@ class InnocentStreams:
     def _run(self) -> None:
         body = {"model": MODEL_NAME, "prompt": "innocent", "max_tokens": 12, "stream": True,
                 "ignore_eos": True}
-        with httpx.Client(base_url=self._base_url, timeout=120) as c:
+        with httpx.Client(base_url=self._base_url, timeout=CLIENT_TIMEOUT_S) as c:
             while not self._stop.is_set():
                 with c.stream("POST", "/v1/completions", json=body) as response:
                     lines = [line for line in response.iter_lines() if line.startswith("data:")]
@@ -129,7 +130,7 @@ def post(c: httpx.Client, path: str, body: dict) -> int:
 @pytest.mark.slow
 def test_fuzz_both_endpoints_never_500_and_innocent_streams_finish(server):
     statuses: set[int] = set()
-    with httpx.Client(base_url=server.base_url, timeout=60) as c, \
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c, \
             InnocentStreams(server.base_url) as innocent:
 
         @FUZZ

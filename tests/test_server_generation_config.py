@@ -10,7 +10,7 @@ import pytest
 from jaxpaged.engine.generation_defaults import diff_sampling_param, generation_config_dir
 from jaxpaged.server.generation_defaults import GenerationDefaults, generation_defaults
 from jaxpaged.server.protocol import parse_chat_request, parse_completion_request
-from server_testing import MODEL, MODEL_NAME, engine_config, start_server
+from server_testing import CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, start_server
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def http(tiny_checkpoint, tmp_path_factory):
     path.write_text(json.dumps({**json.loads(path.read_text()), "top_k": 1, "temperature": 0.8,
                                 "max_new_tokens": 5}))
     server = start_server(engine_config(model))
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as client:
         yield client
     server.stop()
 

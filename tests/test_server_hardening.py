@@ -8,6 +8,7 @@ request running beside the hostile one finishes normally.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -15,10 +16,11 @@ import pytest
 from jaxpaged.core.request import Request
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_config import SchedulerConfig
-from jaxpaged.engine.faults import FaultInjector
+from jaxpaged.engine.faults import FaultInjector, RequestFault
 from jaxpaged.sampling_params import SamplingParams
 
-from server_testing import MODEL, MODEL_NAME, engine_config, poll, start_server, wait_until
+from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, poll, server_logs,
+                            start_server, wait_until)
 
 MAX_PROMPTS = 64
 
@@ -38,7 +40,7 @@ def server(tiny_checkpoint, faults):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
         yield c
 
 
@@ -65,7 +67,7 @@ def beside_innocent(server, hostile) -> tuple[list[str], object]:
     hostile coroutine's result)."""
 
     async def scenario():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
             innocent = asyncio.create_task(_stream_events(c, INNOCENT))
             result = await hostile(c)
             return await innocent, result
@@ -133,13 +135,69 @@ def test_2_cancelling_many_waiting_prompts_leaves_the_engine_responsive(server):
 def test_2_scheduler_aborts_a_long_waiting_queue_in_one_pass():
     """100,000 waiting requests aborted by one call (one deque.remove each would be 5e9 steps)."""
     scheduler = Scheduler(SchedulerConfig(max_model_len=32, block_size=16), num_blocks=8)
-    requests = [Request(f"r{i}", [1, 2], SamplingParams()) for i in range(100_000)]
+    params = SamplingParams()
+    requests = [Request(f"r{i}", [1, 2], params) for i in range(100_000)]
     for request in requests:
         scheduler.add_request(request)
     scheduler.abort_requests([r.request_id for r in requests[1:-1]])
     assert [r.request_id for r in scheduler.waiting] == ["r0", "r99999"]
     assert set(scheduler.requests) == {"r0", "r99999"}
     assert all(r.is_finished() for r in requests[1:-1])
+
+
+def test_2_the_server_bounds_its_waiting_queue_by_default():
+    import argparse
+
+    from jaxpaged.server.args import (DEFAULT_SERVER_MAX_WAITING, add_server_arguments,
+                                      engine_config_from_args)
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    config = engine_config_from_args(parser.parse_args(["m"]), "m")
+    assert config.max_waiting == DEFAULT_SERVER_MAX_WAITING and 0 < config.max_waiting < 10**6
+
+
+@pytest.mark.slow
+def test_2_stopping_returns_while_a_step_never_ends(tiny_checkpoint):
+    """A step stuck for ever (a hook that blocks) cannot keep shutdown from returning: ``stop``
+    gives up after its timeout and leaves the daemon thread behind. Released, the step fails
+    its request (no model step to compile) and the thread sees the stop."""
+    import threading
+    import time
+
+    from jaxpaged.engine.llm_engine import LLMEngine
+    from jaxpaged.server.async_engine import AsyncEngine, EngineInput
+
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_step(scheduler_output):
+        entered.set()
+        release.wait(120)
+        raise RequestFault(["stuck-0"], "the stuck step was released")
+
+    async_engine = AsyncEngine(LLMEngine(engine_config(tiny_checkpoint(MODEL)),
+                                         step_hook=stuck_step))
+
+    async def scenario() -> tuple[list[bool], bool, bool]:
+        async_engine.start(asyncio.get_running_loop())
+        await async_engine.submit([EngineInput("stuck-0", None, [5, 6, 7],
+                                               SamplingParams(max_tokens=2), time.time())])
+        assert await asyncio.to_thread(entered.wait, 120)  # the engine thread is in the step
+        stopped: list[bool] = []
+        stopper = threading.Thread(target=lambda: stopped.append(async_engine.stop(0.2)))
+        stopper.start()
+        await asyncio.to_thread(stopper.join, 60)
+        left_behind = async_engine._thread.is_alive()
+        release.set()  # the step ends: the thread sees the stop (the loop still takes outputs)
+        await asyncio.to_thread(async_engine._thread.join, 300)
+        return stopped, left_behind, async_engine._thread.is_alive()
+
+    try:
+        stopped, left_behind, alive_at_the_end = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert stopped == [False] and left_behind  # stop returned, saying it left the thread
+    assert not alive_at_the_end
 
 
 # ----- 8 (part): a prompt list is all texts or all token ids -----
@@ -161,7 +219,7 @@ def test_8_mixed_prompt_list_is_400(http):
     ("/tokenize", '{"prompt": "\\ud83d"}', "prompt"),
 ])
 def test_3_lone_surrogates_are_400_on_a_kept_alive_connection(server, path, body, param):
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:  # one connection
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:  # one connection
         response = c.post(path, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
@@ -174,7 +232,7 @@ def test_3_lone_surrogates_are_400_on_a_kept_alive_connection(server, path, body
                                           "multipart/form-data; boundary=x"])
 def test_7_bodies_not_typed_json_get_415(server, content_type):
     headers = {} if content_type is None else {"content-type": content_type}
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
         response = c.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
                           headers=headers)
     assert response.status_code == 415, response.text
@@ -303,7 +361,7 @@ def test_4_tokenization_runs_on_worker_threads_and_health_answers_meanwhile(serv
     long_text = "word " * (ctx.max_prompt_chars // 5 - 1)  # tokenized, then too many tokens
 
     async def scenario():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
             heavy = [asyncio.create_task(c.post("/tokenize", json={"prompt": long_text}))
                      for _ in range(4)]
             health = await c.get("/health")
@@ -335,9 +393,10 @@ def test_5_stop_lists_within_the_limits_work(http):
 
 # ----- 6: connections that never finish a request are closed -----
 
-@pytest.fixture(scope="module")
-def timed_server():
-    """A bare uvicorn server with the serve command's connection guards (short timeouts)."""
+@contextlib.contextmanager
+def guarded_bare_server(*flags: str):
+    """A bare uvicorn server with the serve command's connection guards (``flags``: serve
+    flags); yields its (host, port)."""
     import argparse
     import threading
 
@@ -356,16 +415,33 @@ def timed_server():
 
     parser = argparse.ArgumentParser()
     add_server_arguments(parser)
-    args = parser.parse_args(["m", "--timeout-request-read", "0.3", "--timeout-keep-alive",
-                              "0.3", "--limit-concurrency", "4"])
+    args = parser.parse_args(["m", *flags])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            lifespan="off", **connection_limits(args)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     assert wait_until(lambda: server.started, timeout=30)
-    yield server.servers[0].sockets[0].getsockname()[:2]
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[:2]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def timed_server():
+    """Short read and keep-alive timeouts: connections that idle are closed quickly."""
+    with guarded_bare_server("--timeout-request-read", "0.3", "--timeout-keep-alive", "0.3") as a:
+        yield a
+
+
+@pytest.fixture(scope="module")
+def limited_server():
+    """At most 4 connections, and timeouts long enough that none closes during a test (a
+    timeout closing an idle connection would make room for the one over the limit)."""
+    with guarded_bare_server("--limit-concurrency", "4", "--timeout-request-read", "60",
+                             "--timeout-keep-alive", "60") as address:
+        yield address
 
 
 def _closed_by_server(sock, timeout: float = 20.0) -> bool:
@@ -399,12 +475,12 @@ def test_6_idle_kept_alive_connections_are_closed_and_whole_requests_served(time
         assert _closed_by_server(sock)  # keep-alive timeout
 
 
-def test_6_connections_beyond_the_limit_get_503(timed_server):
+def test_6_connections_beyond_the_limit_get_503(limited_server):
     import socket
 
-    idle = [socket.create_connection(timed_server) for _ in range(4)]
+    idle = [socket.create_connection(limited_server) for _ in range(4)]
     try:
-        with socket.create_connection(timed_server) as sock:
+        with socket.create_connection(limited_server) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             sock.settimeout(20)
             assert sock.recv(4096).startswith(b"HTTP/1.1 503")
@@ -443,7 +519,7 @@ def test_a_fault_in_one_request_spares_the_streams_beside_it(server, http, fault
 
 
 async def _alone(server) -> str:
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as c:
         return _text(await _stream_events(c, {**INNOCENT, "temperature": 0}))
 
 
@@ -454,12 +530,12 @@ def test_a_client_leaving_mid_body_is_one_info_line(server, caplog):
     import socket
 
     host, port = server.base_url.removeprefix("http://").split(":")
-    with caplog.at_level(logging.INFO):
+    with server_logs(caplog):
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
-            assert wait_until(lambda: server.server.server_state.tasks, timeout=10)
+            assert wait_until(lambda: server.server.server_state.tasks, timeout=60)
         assert wait_until(lambda: any("client disconnected" in r.getMessage()
-                                      for r in caplog.records), timeout=10)
+                                      for r in caplog.records), timeout=60)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-    assert wait_until(lambda: not server.server.server_state.tasks, timeout=10)
+    assert wait_until(lambda: not server.server.server_state.tasks, timeout=60)

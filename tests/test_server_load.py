@@ -6,6 +6,7 @@ the pool (block 0 is the null block, so ``num_free_blocks == num_blocks - 1``).
 
 import asyncio
 import json
+import logging
 import pathlib
 import random
 import subprocess
@@ -15,8 +16,8 @@ import time
 import httpx
 import pytest
 
-from server_testing import (MODEL, MODEL_NAME, engine_config, metric_value, poll, start_server,
-                            wait_until)
+from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, metric_value, poll,
+                            server_logs, start_server, wait_until)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,22 +43,25 @@ def assert_engine_is_empty(server):
     assert wait_until(lambda: not server.engine.has_unfinished_requests() and server.pool_is_full())
 
 
-def test_client_closing_a_stream_aborts_its_request(server):
+def test_client_closing_a_stream_aborts_its_request(server, caplog):
     aborted = aborted_total(server)
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json=long_request(stream=True, n=2)) as r:
-            lines = r.iter_lines()
-            assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data: ")) > 0
-            assert not server.pool_is_full()  # the request holds blocks while it streams
-    assert_engine_is_empty(server)  # long before 110 tokens could have been generated
+    with server_logs(caplog):
+        with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as client:
+            with client.stream("POST", "/v1/completions",
+                               json=long_request(stream=True, n=2)) as r:
+                lines = r.iter_lines()
+                assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data: "))
+                assert not server.pool_is_full()  # the request holds blocks while it streams
+        assert_engine_is_empty(server)  # long before 110 tokens could have been generated
     assert aborted_total(server) == aborted + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_client_leaving_before_a_non_streamed_answer_aborts_its_request(server):
     aborted = aborted_total(server)
 
     async def leave_while_it_runs():
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as client:
             request = asyncio.create_task(client.post("/v1/completions", json=long_request(n=4)))
             assert await poll(lambda: server.engine.scheduler.num_running > 0)
             request.cancel()  # closes the connection
@@ -105,17 +109,21 @@ async def _one_client(client: httpx.AsyncClient, index: int, rng: random.Random)
     return outcome
 
 
-def test_200_concurrent_streams_with_random_cancellations(server):
+def test_200_concurrent_streams_with_random_cancellations(server, caplog):
+    """Clients leave at every point (before admission, mid-stream, mid-answer): each aborts its
+    request, and none leaves a warning or a traceback in the log."""
     rng = random.Random(0)
     aborted = aborted_total(server)
 
     async def scenario():
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
         async with httpx.AsyncClient(base_url=server.base_url, limits=limits,
-                                     timeout=120) as client:
+                                     timeout=CLIENT_TIMEOUT_S) as client:
             return await asyncio.gather(*(_one_client(client, i, rng) for i in range(200)))
 
-    outcomes = asyncio.run(scenario())
+    with server_logs(caplog):
+        outcomes = asyncio.run(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     statuses = [o["status"] for o in outcomes if o["status"] is not None]
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
     finished = [o for o in outcomes if o["done"]]

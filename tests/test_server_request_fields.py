@@ -10,8 +10,7 @@ import pytest
 
 from jaxpaged.server.request_fields import (CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS,
                                             Treatment)
-from server_testing import (MODEL, MODEL_NAME, engine_config,
-                            start_server)
+from server_testing import CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, start_server
 
 
 
@@ -19,7 +18,7 @@ from server_testing import (MODEL, MODEL_NAME, engine_config,
 def http(tiny_checkpoint):
     server = start_server(engine_config(tiny_checkpoint(MODEL), scheduling_policy="priority"),
                           trust_request_chat_template=True)
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S) as client:
         yield client
     server.stop()
 

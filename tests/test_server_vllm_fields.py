@@ -14,7 +14,7 @@ import pytest
 
 from conftest import GOLDEN_DIR
 from jaxpaged.engine.tokenizer import load_tokenizer
-from server_testing import (MODEL, MODEL_NAME, engine_config, metric_value,
+from server_testing import (CLIENT_TIMEOUT_S, MODEL, MODEL_NAME, engine_config, metric_value,
                             start_server)
 
 KEYS = ("sk-first", "sk-second")
@@ -38,7 +38,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60,
+    with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT_S,
                       headers={"authorization": f"Bearer {KEYS[1]}"}) as c:
         yield c
 
@@ -358,7 +358,7 @@ def test_logprobs_minus_one_is_the_whole_vocabulary_when_max_logprobs_allows(tin
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
     running = start_server(engine_config(tiny_checkpoint(MODEL), max_logprobs=-1))
     try:
-        with httpx.Client(base_url=running.base_url, timeout=60) as c:
+        with httpx.Client(base_url=running.base_url, timeout=CLIENT_TIMEOUT_S) as c:
             answer = c.post("/v1/completions", json=body).json()
     finally:
         running.stop()
