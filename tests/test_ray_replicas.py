@@ -13,17 +13,13 @@ import asyncio
 import json
 import os
 import pathlib
-import threading
+import signal
 
 import httpx
 import pytest
-import uvicorn
 
-from jaxpaged.distributed.options import ReplicaOptions
-from jaxpaged.distributed.serve import build_replica_engine
-from jaxpaged.server.app import build_app_for
-from jaxpaged.server.settings import ServerSettings
 from server_testing import MODEL, MODEL_NAME, engine_config, metric_value, poll, wait_until
+from test_server_process import start_serve
 
 ray = pytest.importorskip("ray")  # the dev extra installs it; CI has it
 pytestmark = pytest.mark.slow
@@ -86,24 +82,18 @@ def test_the_seed_ray_example_runs_on_two_actors(ray_cluster, tiny_checkpoint, t
 # ----- jaxpaged serve --data-parallel-size 2 -----
 
 class ReplicaServer:
-    """The front end over two replicas, served by uvicorn on a loopback port in a thread."""
+    """`jaxpaged serve --data-parallel-size 2 --ray-address ...` as users run it, joining the
+    module's Ray cluster, on a loopback port."""
 
-    def __init__(self, config):
-        settings = ServerSettings(served_model_names=(MODEL_NAME,))
-        self.engine, facts = build_replica_engine(
-            ray, config, settings, ReplicaOptions(2, ping_interval_s=0.5))
-        app = build_app_for(self.engine, facts, settings)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        assert wait_until(lambda: self.server.started or not self.thread.is_alive(), 120)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
+    def __init__(self, config, address: str):
+        self.process, self.base_url, self.log = start_serve(
+            pathlib.Path(config.model), env={**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]},
+            extra=["--data-parallel-size", "2", "--ray-address", address, "--max-num-seqs", "16",
+                   "--compilation-cache-dir", config.compilation_cache_dir])
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=60) == 0, "".join(self.log)
 
     def metrics(self) -> str:
         return httpx.get(f"{self.base_url}/metrics", timeout=30).text
@@ -114,7 +104,8 @@ class ReplicaServer:
 
 @pytest.fixture(scope="module")
 def replicas(ray_cluster, tiny_checkpoint, tmp_path_factory):
-    server = ReplicaServer(replica_config(tiny_checkpoint, tmp_path_factory))
+    address = ray.get_runtime_context().gcs_address
+    server = ReplicaServer(replica_config(tiny_checkpoint, tmp_path_factory), address)
     yield server
     server.stop()
 
@@ -181,14 +172,14 @@ def test_200_streams_spread_over_both_replicas_with_the_single_engine_outputs(
 
 
 def test_a_killed_replica_hangs_nothing_and_comes_back(replicas):
-    victim = replicas.engine._supervisor.handle(0)
+    victim = replicas.health()["replicas"][0]["pid"]
 
     async def load_then_kill() -> list[dict]:
         texts = [prompt(1000 + i) for i in range(60)]
         task = asyncio.ensure_future(many_streams(replicas.base_url, texts))
         before = successes(replicas.metrics(), 0)
         assert await poll(lambda: False, timeout=0.5) is False  # let the load start
-        ray.kill(victim)  # mid-load: some of its requests have streamed, some have not
+        os.kill(victim, signal.SIGKILL)  # mid-load: some requests streamed, some did not
         return await task, before
 
     results, _ = asyncio.run(load_then_kill())
@@ -199,9 +190,9 @@ def test_a_killed_replica_hangs_nothing_and_comes_back(replicas):
     assert all(r["done"] for r in results)  # every stream ended with [DONE]
     assert all(r["error"]["code"] in ("engine_error", "unavailable") for r in failed)
     assert len(finished) >= 30  # replica 1's and the retried ones
-    assert wait_until(lambda: replicas.health()["replicas"][0] == {
-        "replica": 0, "state": "serving", "restarts": 1,
-        "last_error": replicas.health()["replicas"][0].get("last_error")}, timeout=120)
+    assert wait_until(lambda: replicas.health()["replicas"][0]["restarts"] == 1, timeout=120)
+    back = replicas.health()["replicas"][0]
+    assert back["state"] == "serving" and back["pid"] != victim and back["last_error"]
     # the restarted replica takes traffic again
     again = asyncio.run(many_streams(replicas.base_url, [prompt(2000 + i) for i in range(40)]))
     assert all(r["finish_reason"] in ("length", "stop") and r["error"] is None for r in again)

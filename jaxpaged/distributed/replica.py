@@ -15,6 +15,7 @@ which aborts the requests and frees their blocks.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from jaxpaged.config import EngineConfig
@@ -47,6 +48,10 @@ class EngineReplica:
         """What the front end needs to know (also the readiness probe)."""
         self._start_once()
         return EngineFacts.of(self._engine)
+
+    async def pid(self) -> int:
+        """The actor's process id (reported by /health)."""
+        return os.getpid()
 
     async def ping(self) -> bool:
         """Liveness: the engine thread runs and takes requests."""

@@ -27,11 +27,13 @@ class ReplicaSlot:
     index: int
     handle: Any  # the Ray actor handle
     state: ReplicaState = "serving"
+    pid: int | None = None  # the actor's process id, on its node
     restarts: int = 0
     last_error: str | None = None
 
     def report(self) -> dict[str, Any]:
-        return {"replica": self.index, "state": self.state, "restarts": self.restarts,
+        return {"replica": self.index, "state": self.state, "pid": self.pid,
+                "restarts": self.restarts,
                 **({"last_error": self.last_error} if self.last_error else {})}
 
 
@@ -53,6 +55,9 @@ class ReplicaSupervisor:
         for slot in self.slots:
             slot.handle = self._spawn(slot.index)
         facts = self._ray.get([slot.handle.facts.remote() for slot in self.slots])
+        pids = self._ray.get([slot.handle.pid.remote() for slot in self.slots])
+        for slot, pid in zip(self.slots, pids):
+            slot.pid = pid
         return facts[0]
 
     def serving(self) -> list[int]:
@@ -118,6 +123,7 @@ class ReplicaSupervisor:
             try:
                 handle = self._spawn(slot.index)
                 await handle.facts.remote()
+                pid = await handle.pid.remote()
             except Exception as e:
                 self._kill(handle)
                 slot.last_error = f"restart failed: {type(e).__name__}: {e}".splitlines()[0]
@@ -126,7 +132,8 @@ class ReplicaSupervisor:
                              slot.last_error, pause)
                 await asyncio.sleep(pause)
                 continue
-            slot.handle, slot.state, slot.restarts = handle, "serving", slot.restarts + 1
+            slot.handle, slot.pid, slot.restarts = handle, pid, slot.restarts + 1
+            slot.state = "serving"
             logger.info("replica %d is back (restart %d)", slot.index, slot.restarts)
             self._on_restarted(slot.index)
             return
