@@ -16,9 +16,11 @@ import pathlib
 import signal
 
 import httpx
+import jax
 import pytest
 
-from server_testing import MODEL, MODEL_NAME, engine_config, metric_value, poll, wait_until
+from jaxpaged import SamplingParams
+from server_testing import MODEL, MODEL_NAME, metric_value, wait_until
 from test_server_process import start_serve
 
 ray = pytest.importorskip("ray")  # the dev extra installs it; CI has it
@@ -43,16 +45,24 @@ def ray_cluster(tmp_path_factory):
         os.environ["PYTHONPATH"] = path
 
 
-def replica_config(tiny_checkpoint, tmp_path_factory):
-    """Small limits; the replicas share one compilation cache (a restart loads its programs)."""
-    cache = tmp_path_factory.getbasetemp() / "replica-xla"
-    return engine_config(tiny_checkpoint(MODEL), max_num_seqs=16, compilation_cache_dir=str(cache))
+# The engine limits of every engine here (those of test_server_process.start_serve's command
+# line, with 16 sequences): the same step shapes, compiled once into the session's cache.
+ENGINE_ARGS = dict(dtype="float32", max_model_len=128, max_num_seqs=16,
+                   max_num_batched_tokens=64, num_gpu_blocks_override=64)
+
+
+@pytest.fixture(scope="module")
+def single_engine(tiny_checkpoint):
+    """The single-engine reference: one LLM in this process."""
+    from jaxpaged import LLM
+
+    return LLM(str(tiny_checkpoint(MODEL)), **ENGINE_ARGS)
 
 
 # ----- the seed's Ray example, only the import changed -----
 
-def test_the_seed_ray_example_runs_on_two_actors(ray_cluster, tiny_checkpoint, tmp_path_factory):
-    from jaxpaged import LLM, SamplingParams
+def test_the_seed_ray_example_runs_on_two_actors(ray_cluster, tiny_checkpoint, single_engine):
+    from jaxpaged import LLM
 
     @ray.remote(num_gpus=1)
     class DistributedLLM:
@@ -62,21 +72,19 @@ def test_the_seed_ray_example_runs_on_two_actors(ray_cluster, tiny_checkpoint, t
         def generate(self, prompts, sampling_params):
             return self.llm.generate(prompts, sampling_params)
 
-    config = replica_config(tiny_checkpoint, tmp_path_factory)
-    kwargs = dict(dtype="float32", max_model_len=128, num_gpu_blocks_override=64,
-                  compilation_cache_dir=config.compilation_cache_dir)
-    actors = [DistributedLLM.remote(config.model, **kwargs) for _ in range(2)]
+    kwargs = dict(ENGINE_ARGS, compilation_cache_dir=jax.config.jax_compilation_cache_dir)
+    actors = [DistributedLLM.remote(str(tiny_checkpoint(MODEL)), **kwargs) for _ in range(2)]
     prompts = ["The capital of France is", "Hello, my name is"]
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     results = ray.get([actor.generate.remote(prompts, params) for actor in actors])
     for actor in actors:
         ray.kill(actor)
     assert [[o.prompt for o in outputs] for outputs in results] == [prompts, prompts]
-    expected = LLM(config.model, **kwargs).generate(prompts, params, use_tqdm=False)
+    expected = single_engine.generate(prompts, params, use_tqdm=False)
     for outputs in results:
         assert [o.outputs[0].token_ids for o in outputs] == [
             e.outputs[0].token_ids for e in expected]
-        assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outputs)
+        assert all(o.outputs[0].text and o.finished for o in outputs)
 
 
 # ----- jaxpaged serve --data-parallel-size 2 -----
@@ -85,11 +93,10 @@ class ReplicaServer:
     """`jaxpaged serve --data-parallel-size 2 --ray-address ...` as users run it, joining the
     module's Ray cluster, on a loopback port."""
 
-    def __init__(self, config, address: str):
+    def __init__(self, model_dir: pathlib.Path, address: str):
         self.process, self.base_url, self.log = start_serve(
-            pathlib.Path(config.model), env={**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]},
-            extra=["--data-parallel-size", "2", "--ray-address", address, "--max-num-seqs", "16",
-                   "--compilation-cache-dir", config.compilation_cache_dir])
+            model_dir, extra=["--data-parallel-size", "2", "--ray-address", address,
+                              "--max-num-seqs", str(ENGINE_ARGS["max_num_seqs"])])
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -103,9 +110,8 @@ class ReplicaServer:
 
 
 @pytest.fixture(scope="module")
-def replicas(ray_cluster, tiny_checkpoint, tmp_path_factory):
-    address = ray.get_runtime_context().gcs_address
-    server = ReplicaServer(replica_config(tiny_checkpoint, tmp_path_factory), address)
+def replicas(ray_cluster, tiny_checkpoint):
+    server = ReplicaServer(tiny_checkpoint(MODEL), ray.get_runtime_context().gcs_address)
     yield server
     server.stop()
 
@@ -114,10 +120,12 @@ def prompt(i: int) -> str:
     return f"{i} is a number and the engine"
 
 
-async def stream_completion(client: httpx.AsyncClient, text: str) -> dict:
-    """One streamed completion: its text, finish reason and error event, if any."""
-    body = {"model": MODEL_NAME, "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "stream": True}
+async def stream_completion(client: httpx.AsyncClient, text: str, max_tokens: int = MAX_TOKENS,
+                            streaming: asyncio.Semaphore | None = None) -> dict:
+    """One streamed greedy completion: its text, finish reason and error event, if any;
+    ``streaming`` is released once its first token arrived."""
+    body = {"model": MODEL_NAME, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": max_tokens > MAX_TOKENS}
     result = {"text": "", "finish_reason": None, "error": None, "status": None, "done": False}
     async with client.stream("POST", "/v1/completions", json=body) as response:
         result["status"] = response.status_code
@@ -132,17 +140,21 @@ async def stream_completion(client: httpx.AsyncClient, text: str) -> dict:
             if "error" in event:
                 result["error"] = event["error"]
                 continue
+            if streaming is not None and not result["text"]:
+                streaming.release()
             choice = event["choices"][0]
             result["text"] += choice["text"]
             result["finish_reason"] = choice["finish_reason"] or result["finish_reason"]
     return result
 
 
-async def many_streams(base_url: str, texts: list[str], timeout: float = 120) -> list[dict]:
+async def many_streams(base_url: str, texts: list[str], timeout: float = 120,
+                       **kwargs) -> list[dict]:
+    """Every text as its own concurrent stream; raises TimeoutError if one hangs."""
     limits = httpx.Limits(max_connections=len(texts))
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
         return await asyncio.wait_for(
-            asyncio.gather(*(stream_completion(client, t) for t in texts),
+            asyncio.gather(*(stream_completion(client, t, **kwargs) for t in texts),
                            return_exceptions=True), timeout)
 
 
@@ -153,15 +165,11 @@ def successes(metrics: str, replica: int) -> float:
 
 
 def test_200_streams_spread_over_both_replicas_with_the_single_engine_outputs(
-        replicas, tiny_checkpoint, tmp_path_factory):
-    from jaxpaged import LLM, SamplingParams
-
+        replicas, single_engine):
     texts = [prompt(i) for i in range(200)]
     results = asyncio.run(many_streams(replicas.base_url, texts))
-    config = replica_config(tiny_checkpoint, tmp_path_factory)
-    single = LLM(config.model, dtype="float32", max_model_len=128, num_gpu_blocks_override=64,
-                 max_num_seqs=16).generate(
-        texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    single = single_engine.generate(texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                                    use_tqdm=False)
     assert [r["text"] for r in results] == [o.outputs[0].text for o in single]
     assert all(r["status"] == 200 and r["done"] and r["error"] is None for r in results)
     metrics = replicas.metrics()
@@ -172,24 +180,33 @@ def test_200_streams_spread_over_both_replicas_with_the_single_engine_outputs(
 
 
 def test_a_killed_replica_hangs_nothing_and_comes_back(replicas):
+    """60 long streams; once 10 of them stream, replica 0's process is killed: its running
+    requests (streamed) end with an error event, its waiting ones (nothing streamed) are retried
+    on replica 1, and every stream ends with [DONE]."""
     victim = replicas.health()["replicas"][0]["pid"]
+    retried_before = metric_value(replicas.metrics(), "jaxpaged:replica_requests_retried_total")
 
     async def load_then_kill() -> list[dict]:
-        texts = [prompt(1000 + i) for i in range(60)]
-        task = asyncio.ensure_future(many_streams(replicas.base_url, texts))
-        before = successes(replicas.metrics(), 0)
-        assert await poll(lambda: False, timeout=0.5) is False  # let the load start
-        os.kill(victim, signal.SIGKILL)  # mid-load: some requests streamed, some did not
-        return await task, before
+        streaming = asyncio.Semaphore(0)
+        task = asyncio.ensure_future(many_streams(
+            replicas.base_url, [prompt(1000 + i) for i in range(60)], max_tokens=100,
+            streaming=streaming))
+        for _ in range(10):
+            await asyncio.wait_for(streaming.acquire(), 60)
+        os.kill(victim, signal.SIGKILL)  # mid-load
+        return await task
 
-    results, _ = asyncio.run(load_then_kill())
+    results = asyncio.run(load_then_kill())
     assert not [r for r in results if isinstance(r, BaseException)], results  # none hung
-    finished = [r for r in results if r["finish_reason"] in ("length", "stop")]
+    assert all(r["status"] == 200 and r["done"] for r in results)  # each ended with [DONE]
+    finished = [r for r in results if r["error"] is None]
     failed = [r for r in results if r["error"] is not None]
-    assert len(finished) + len(failed) == len(results)
-    assert all(r["done"] for r in results)  # every stream ended with [DONE]
-    assert all(r["error"]["code"] in ("engine_error", "unavailable") for r in failed)
-    assert len(finished) >= 30  # replica 1's and the retried ones
+    assert all(r["finish_reason"] == "length" for r in finished)
+    assert failed and all(r["error"]["code"] == "engine_error" and "replica 0 died" in
+                          r["error"]["message"] for r in failed)
+    assert len(finished) >= 30  # replica 1's own and the retried ones
+    retried = metric_value(replicas.metrics(), "jaxpaged:replica_requests_retried_total")
+    assert retried > retried_before
     assert wait_until(lambda: replicas.health()["replicas"][0]["restarts"] == 1, timeout=120)
     back = replicas.health()["replicas"][0]
     assert back["state"] == "serving" and back["pid"] != victim and back["last_error"]
