@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from jaxpaged.outputs import RequestOutput
+from jaxpaged.server.async_engine import EngineInput
 
 
 class OutputStreamLike(Protocol):
@@ -38,7 +39,7 @@ class EngineClient(Protocol):
     @property
     def is_accepting(self) -> bool: ...
 
-    async def submit(self, inputs: list[Any]) -> OutputStreamLike: ...
+    async def submit(self, inputs: list[EngineInput]) -> OutputStreamLike: ...
 
     async def health(self) -> tuple[bool, dict[str, Any] | None]:
         """(serving, body): 200 when serving; the body (None: empty) details the replicas."""

@@ -179,6 +179,26 @@ def test_200_streams_spread_over_both_replicas_with_the_single_engine_outputs(
     assert [r["state"] for r in health["replicas"]] == ["serving", "serving"]
 
 
+def aborted(metrics: str) -> float:
+    return sum(metric_value(metrics, "jaxpaged:request_aborted_total", replica=str(r))
+               for r in (0, 1))
+
+
+def test_a_client_leaving_a_stream_aborts_its_request_on_the_replica(replicas):
+    before = aborted(replicas.metrics())
+    body = {"model": MODEL_NAME, "prompt": prompt(3000), "max_tokens": 100, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{replicas.base_url}/v1/completions", json=body,
+                      timeout=60) as response:
+        events = (line for line in response.iter_lines() if line.startswith("data: "))
+        assert len([next(events) for _ in range(3)]) == 3
+    # the replica's engine aborted it (and freed its blocks) long before 100 tokens
+    assert wait_until(lambda: aborted(replicas.metrics()) == before + 1, timeout=30)
+    running = [metric_value(replicas.metrics(), "vllm:num_requests_running", replica=str(r))
+               for r in (0, 1)]
+    assert running == [0, 0]
+
+
 def test_a_killed_replica_hangs_nothing_and_comes_back(replicas):
     """60 long streams; once 10 of them stream, replica 0's process is killed: its running
     requests (streamed) end with an error event, its waiting ones (nothing streamed) are retried

@@ -43,10 +43,10 @@ class _ReplicaGone(Exception):
 class ReplicaEngine:
     def __init__(self, ray, supervisor: ReplicaSupervisor, router: Router,
                  metrics: FrontEndMetrics, max_model_len: int):
-        self._ray = ray
-        self._supervisor = supervisor
-        self._router = router
-        self._metrics = metrics
+        self.ray = ray
+        self.supervisor = supervisor
+        self.router = router
+        self.metrics = metrics
         self._max_model_len = max_model_len
         self._draining = False
         self._running = False
@@ -55,33 +55,33 @@ class ReplicaEngine:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._running = True
-        self._supervisor.watch(loop, on_restarted=self._restarted)
+        self.supervisor.watch(loop, on_restarted=self._restarted)
 
     def stop(self, timeout: float | None = None) -> bool:
         self._running = False
-        self._supervisor.stop()
+        self.supervisor.stop()
         return True
 
     def drain(self) -> None:
         self._draining = True
 
     def end_streams(self, message: str = "the server is shutting down") -> None:
-        for slot in self._supervisor.slots:
+        for slot in self.supervisor.slots:
             if slot.state == "serving":
                 slot.handle.end_streams.remote(message)
 
     @property
     def is_accepting(self) -> bool:
-        return self._running and not self._draining and bool(self._supervisor.serving())
+        return self._running and not self._draining and bool(self.supervisor.serving())
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
-        return self.is_accepting, {"replicas": [s.report() for s in self._supervisor.slots]}
+        return self.is_accepting, {"replicas": [s.report() for s in self.supervisor.slots]}
 
     async def metrics_text(self) -> bytes:
-        slots = [s for s in self._supervisor.slots if s.state == "serving"]
+        slots = [s for s in self.supervisor.slots if s.state == "serving"]
         texts = await asyncio.gather(*(self._scrape(s.handle) for s in slots))
         return merge_replica_metrics(
-            [(s.index, t) for s, t in zip(slots, texts) if t is not None], self._metrics.registry)
+            [(s.index, t) for s, t in zip(slots, texts) if t is not None], self.metrics.registry)
 
     async def _scrape(self, handle) -> bytes | None:
         try:
@@ -91,7 +91,7 @@ class ReplicaEngine:
             return None
 
     def _restarted(self, index: int) -> None:
-        self._metrics.restarts[index].inc()
+        self.metrics.restarts[index].inc()
 
     # ----- requests -----
 
@@ -104,7 +104,7 @@ class ReplicaEngine:
         await stream.dispatch()
         return stream
 
-    def _cost(self, inputs: list[EngineInput]) -> int:
+    def cost(self, inputs: list[EngineInput]) -> int:
         """Tokens a request may still cost: prompts plus the most each sample may generate."""
         total = 0
         for i in inputs:
@@ -137,23 +137,23 @@ class ReplicaStream:
         engine = self._engine
         first = self._inputs[0]
         while True:
-            serving = [r for r in engine._supervisor.serving() if r not in self._tried]
-            placement = engine._router.place(first.prompt_token_ids, engine._cost(self._inputs),
+            serving = [r for r in engine.supervisor.serving() if r not in self._tried]
+            placement = engine.router.place(first.prompt_token_ids, engine.cost(self._inputs),
                                              serving, first.cache_salt)
             if placement is None:
                 raise EngineUnavailableError("no engine replica is serving" + (
                     " (the ones tried died)" if self._tried else ""))
             self._tried.add(placement.replica)
             self._replica, self._charged = placement.replica, placement.tokens
-            self._handle = engine._supervisor.handle(placement.replica)
-            engine._metrics.routed[placement.replica].inc()
+            self._handle = engine.supervisor.handle(placement.replica)
+            engine.metrics.routed[placement.replica].inc()
             self._generator = self._handle.generate.options(
                 num_returns="streaming").remote(self._inputs)
             try:
                 item = await self._next_item()
             except _ReplicaGone:
                 self._release()
-                engine._metrics.retried.inc()
+                engine.metrics.retried.inc()
                 continue
             except BaseException:
                 self.close()
@@ -169,7 +169,7 @@ class ReplicaStream:
     async def _next_item(self) -> Any:
         """The generator's next item; _ReplicaGone when the replica died, StopAsyncIteration
         when the generator ended."""
-        exceptions = self._engine._ray.exceptions
+        exceptions = self._engine.ray.exceptions
         try:
             ref = await self._generator.__anext__()
             return await ref
@@ -179,8 +179,8 @@ class ReplicaStream:
             raise RequestFailedError(sorted(self._unfinished)[0],
                                      f"replica {self._replica} failed: {e}") from None
         except (exceptions.RayError, ConnectionError) as e:  # the actor is dead or unreachable
-            self._engine._supervisor.report_dead(self._replica, self._handle, e)
-            self._engine._router.forget(self._replica)
+            self._engine.supervisor.report_dead(self._replica, self._handle, e)
+            self._engine.router.forget(self._replica)
             raise _ReplicaGone(str(e)) from None
 
     def __aiter__(self) -> ReplicaStream:
@@ -198,7 +198,7 @@ class ReplicaStream:
                         f"engine replica {self._replica} died while running this request"
                     ) from None
                 self._release()
-                self._engine._metrics.retried.inc()
+                self._engine.metrics.retried.inc()
                 await self.dispatch()  # nothing streamed yet: another replica starts over
                 continue
             except StopAsyncIteration:
@@ -206,8 +206,8 @@ class ReplicaStream:
                 raise RequestFailedError(sorted(self._inputs, key=lambda i: i.request_id)[0]
                                          .request_id, f"replica {self._replica} ended the "
                                          "stream before the requests finished") from None
-            except BaseException:
-                self._end()
+            except BaseException:  # cancelled (the client left) or a bug: abort at the replica
+                self.close()
                 raise
             if isinstance(item, ReplicaFailure):
                 self._end()
@@ -221,7 +221,7 @@ class ReplicaStream:
     def _consume(self, output: RequestOutput) -> None:
         generated = sum(len(seq.token_ids) for seq in output.outputs)
         done = min(generated, self._charged)
-        self._engine._router.release(self._replica, done)
+        self._engine.router.release(self._replica, done)
         self._charged -= done
         if output.finished:
             self._unfinished.discard(output.request_id)
@@ -230,7 +230,7 @@ class ReplicaStream:
         """Abort what has not finished: cancelling the generator closes the replica's stream."""
         if self._generator is not None and self._unfinished:
             try:
-                self._engine._ray.cancel(self._generator)
+                self._engine.ray.cancel(self._generator)
             except Exception:  # the replica is gone already
                 pass
         self._end()
@@ -241,5 +241,5 @@ class ReplicaStream:
 
     def _release(self) -> None:
         if self._replica is not None and self._charged:
-            self._engine._router.release(self._replica, self._charged)
+            self._engine.router.release(self._replica, self._charged)
         self._charged = 0
