@@ -7,6 +7,7 @@
 #    nano vs bf16 in the same call: `throughput throughput-fp8w`)
 #   (tensor parallel, on a multi-GPU kind: tp-tests tp-allreduce tp-decode tp-nano; tp-tests
 #    needs 8 GPUs for its TP=8 cases; TP_SIZES="2 4" narrows tp-decode and tp-nano)
+#   (data-parallel replicas on Ray, on a 2-GPU kind with ray installed: dp-serve)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
 # A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
 # stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
@@ -175,6 +176,13 @@ for label in $stages; do
     tp-nano) run tp-nano 590 bash -c 'n=$(nvidia-smi -L | wc -l); for tp in ${TP_SIZES:-1 2 4 8}; do
              [ "$tp" -le "$n" ] || continue; python3 bench/throughput.py --workload nano \
              --tensor-parallel-size "$tp" --out "$0/tp$tp" || exit 1; done' "$OUT" ;;
+    # Data-parallel replicas on Ray (a 2-GPU kind): the serving workload over two replicas of one
+    # GPU each, behind one server; `serve dp-serve` in one call compares it with one engine.
+    dp-serve) if python3 -c "import ray" 2>/dev/null; then
+             run dp-serve 590 env OUT="$OUT/dp" SERVE_SERVER_ARGS="--data-parallel-size 2" \
+               bash bench/serve_bench.sh 16 inf
+           else echo "dp-serve: ray is not installed on this machine (pip install \"jaxpaged[ray]\")" \
+               >> "$summary"; fi ;;
     *) echo "unknown stage $label" >> "$summary" ;;
   esac
 done

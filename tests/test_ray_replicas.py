@@ -18,12 +18,12 @@ import signal
 import httpx
 import jax
 import pytest
+import ray  # the dev extra installs it
 
 from jaxpaged import SamplingParams
 from server_testing import MODEL, MODEL_NAME, metric_value, wait_until
 from test_server_process import start_serve
 
-ray = pytest.importorskip("ray")  # the dev extra installs it; CI has it
 pytestmark = pytest.mark.slow
 
 TESTS = pathlib.Path(__file__).resolve().parent
