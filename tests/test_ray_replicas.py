@@ -4,7 +4,8 @@ Ray starts once for the module (``ray_cluster``), with a few logical GPUs so tha
 ``@ray.remote(num_gpus=1)`` example runs as written (JAX in the actors still runs on the CPU).
 One ``jaxpaged serve --data-parallel-size 2`` front end (``replicas``) serves the module's
 scenarios: 200 concurrent streams spread over both replicas with the single engine's greedy
-outputs, and a replica killed mid-load that leaves no request hanging and comes back.
+outputs, a client leaving its stream (the replica aborts the request), and a replica killed
+mid-load that leaves no request hanging and comes back.
 """
 
 from __future__ import annotations

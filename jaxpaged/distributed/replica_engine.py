@@ -176,7 +176,7 @@ class ReplicaStream:
         except StopAsyncIteration:
             raise
         except exceptions.RayTaskError as e:  # the replica's code raised: this request failed
-            raise RequestFailedError(sorted(self._unfinished)[0],
+            raise RequestFailedError(self._first_id(),
                                      f"replica {self._replica} failed: {e}") from None
         except (exceptions.RayError, ConnectionError) as e:  # the actor is dead or unreachable
             self._engine.supervisor.report_dead(self._replica, self._handle, e)
@@ -191,20 +191,11 @@ class ReplicaStream:
             try:
                 item = await self._next_item()
             except _ReplicaGone:
-                if self._streamed:
-                    self._end()
-                    raise RequestFailedError(
-                        sorted(self._inputs, key=lambda i: i.request_id)[0].request_id,
-                        f"engine replica {self._replica} died while running this request"
-                    ) from None
-                self._release()
-                self._engine.metrics.retried.inc()
-                await self.dispatch()  # nothing streamed yet: another replica starts over
+                await self._retry_or_fail()
                 continue
             except StopAsyncIteration:
                 self._end()
-                raise RequestFailedError(sorted(self._inputs, key=lambda i: i.request_id)[0]
-                                         .request_id, f"replica {self._replica} ended the "
+                raise RequestFailedError(self._first_id(), f"replica {self._replica} ended the "
                                          "stream before the requests finished") from None
             except BaseException:  # cancelled (the client left) or a bug: abort at the replica
                 self.close()
@@ -217,6 +208,29 @@ class ReplicaStream:
             return item
         self._end()
         raise StopAsyncIteration
+
+    async def _retry_or_fail(self) -> None:
+        """The replica died under this request: start over on another one if nothing was
+        streamed yet, else fail (RequestFailedError, or EngineUnavailableError when no other
+        replica serves)."""
+        if self._streamed:
+            self._end()
+            raise RequestFailedError(self._first_id(), f"engine replica {self._replica} died "
+                                     "while running this request")
+        self._release()
+        self._engine.metrics.retried.inc()
+        try:
+            await self.dispatch()
+        except EngineUnavailableError:
+            self._end()
+            raise
+        except Exception as e:  # e.g. the other replica's queue is full
+            self._end()
+            raise RequestFailedError(self._first_id(), f"engine replica {self._replica} died "
+                                     f"and no other replica took the request: {e}") from None
+
+    def _first_id(self) -> str:
+        return min(i.request_id for i in self._inputs)
 
     def _consume(self, output: RequestOutput) -> None:
         generated = sum(len(seq.token_ids) for seq in output.outputs)
