@@ -17,6 +17,7 @@ import uvicorn
 
 from jaxpaged.config import EngineConfig
 from jaxpaged.distributed.options import ReplicaOptions
+from jaxpaged.distributed.ray_import import import_ray
 from jaxpaged.engine.llm_engine import LLMEngine
 
 from jaxpaged.server.app import build_app, build_app_for
@@ -73,9 +74,11 @@ class DrainingServer(uvicorn.Server):
 
 def run_server(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level.upper())
+    replicas = replica_options_from_args(args)
+    if replicas.data_parallel_size > 1:  # before any model is fetched
+        import_ray("--data-parallel-size above 1")
     model_dir = resolve_model_dir(args)
     settings = server_settings_from_args(args, model_dir)
-    replicas = replica_options_from_args(args)
     engine_config = engine_config_from_args(args, model_dir)
     if replicas.data_parallel_size > 1:
         return _run_replicas(args, engine_config, settings, replicas)

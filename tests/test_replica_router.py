@@ -84,3 +84,14 @@ def test_without_ray_the_flag_says_how_to_get_it(monkeypatch):
     with pytest.raises(ImportError, match=r'--data-parallel-size above 1 needs Ray, which is '
                                           r'not installed: pip install "jaxpaged\[ray\]"'):
         init_ray(ReplicaOptions(2))
+
+
+def test_serve_without_ray_says_how_to_get_it_before_loading_anything(monkeypatch, capsys):
+    from jaxpaged.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    status = main(["serve", "/no/such/model", "--data-parallel-size", "2"])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == (
+        'jaxpaged serve: error: --data-parallel-size above 1 needs Ray, which is not '
+        'installed: pip install "jaxpaged[ray]"')

@@ -7,10 +7,15 @@ from types import ModuleType
 INSTALL_HINT = 'pip install "jaxpaged[ray]"'
 
 
+class RayNotInstalledError(ImportError):
+    """Ray is needed and missing (the CLI prints the message, no traceback)."""
+
+
 def import_ray(why: str) -> ModuleType:
-    """``ray``, or an ImportError naming what needed it and the install command."""
+    """``ray``, or RayNotInstalledError naming what needed it and the install command."""
     try:
         import ray
     except ImportError as e:
-        raise ImportError(f"{why} needs Ray, which is not installed: {INSTALL_HINT}") from e
+        raise RayNotInstalledError(f"{why} needs Ray, which is not installed: "
+                                   f"{INSTALL_HINT}") from e
     return ray
