@@ -47,8 +47,8 @@ def ray_cluster(tmp_path_factory):
 
 
 # The engine limits of every engine here (those of test_server_process.start_serve's command
-# line, with 16 sequences): the same step shapes, compiled once into the session's cache.
-ENGINE_ARGS = dict(dtype="float32", max_model_len=128, max_num_seqs=16,
+# line): the same step shapes, compiled once into the session's cache.
+ENGINE_ARGS = dict(dtype="float32", max_model_len=128, max_num_seqs=8,
                    max_num_batched_tokens=64, num_gpu_blocks_override=64)
 
 
@@ -96,8 +96,7 @@ class ReplicaServer:
 
     def __init__(self, model_dir: pathlib.Path, address: str):
         self.process, self.base_url, self.log = start_serve(
-            model_dir, extra=["--data-parallel-size", "2", "--ray-address", address,
-                              "--max-num-seqs", str(ENGINE_ARGS["max_num_seqs"])])
+            model_dir, extra=["--data-parallel-size", "2", "--ray-address", address])
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
