@@ -2,9 +2,10 @@
 # Everything the GPU machine checks and measures, in one call; a short table last.
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
 #   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2; beam search: beam hf-beam)
-#   (quantized weights: quant-matmul quant-matmul-prefill kernel-tests-quant decode-fp8w
+#   (quantized weights: quant-matmul quant-gemv decode-gemv quant-matmul-prefill kernel-tests-quant decode-fp8w
 #    decode-int8w throughput-fp8w throughput-int8w throughput-fp8w-fp8kv start-70b-fp8;
 #    nano vs bf16 in the same call: `throughput throughput-fp8w`)
+#   (the page's live view, host only: live-view)
 #   (tensor parallel, on a multi-GPU kind: tp-tests tp-allreduce tp-decode tp-nano; tp-tests
 #    needs 8 GPUs for its TP=8 cases; TP_SIZES="2 4" narrows tp-decode and tp-nano)
 #   (data-parallel replicas on Ray, on a 2-GPU kind with ray installed: dp-serve)
@@ -100,11 +101,13 @@ for label in $stages; do
     serve) run serve 580 env OUT="$OUT" bash bench/serve_bench.sh 16 inf ;;
     serve-2048) run serve-2048 300 env OUT="$OUT/s2048" SERVE_SERVER_ARGS="--max-num-batched-tokens 2048" \
              bash bench/serve_bench.sh 16 ;;
-    structured) run structured 540 python3 bench/structured.py --structured-fraction 0.5 \
+    structured) run structured 600 python3 bench/structured.py --structured-fraction 0.5 \
              --num-requests 64 --max-num-seqs 64 --out "$OUT/structured" ;;
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 \
              --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;
+    live-view) run live-view 120 python3 bench/live_view.py --blocks 16384 65536 262144 \
+             --batch 256 --context 1024 --step-ms 10 --out "$OUT" ;;
     kernel-variants) run kernel-variants 330 python3 bench/kernels.py --variants-only \
              --decode-variants legacy,example_like,every,last,last_head_inner,hpp2_pps2 \
              --out "$OUT/var" ;;
@@ -129,6 +132,10 @@ for label in $stages; do
     kernels-fp8-variants) run kernels-fp8-variants 420 python3 bench/kernels.py --no-sweep \
              --kv-dtype fp8 --fp8-decode-variants fp8_compute=query,pages_per_step=8 \
              --out "$OUT/fp8v" ;;
+    kernels-fp8-sweep) run kernels-fp8-sweep 540 python3 bench/kernels.py --no-sweep \
+             --kv-dtype fp8 --fp8-decode-variants \
+             num_stages=3,num_stages=4,num_warps=8,pages_per_step=16,pages_per_step=16+num_warps=8,pages_per_step=16+num_stages=3 \
+             --out "$OUT/fp8s" ;;
     kernels-fp8-e5m2) run kernels-fp8-e5m2 420 python3 bench/kernels.py --check --no-sweep \
              --kv-dtype fp8_e5m2 --out "$OUT/fp8-e5m2" ;;
     kernel-tests-fp8) run kernel-tests-fp8 200 python3 -m pytest -m gpu -q -p no:cacheprovider \
@@ -146,6 +153,20 @@ for label in $stages; do
              --out "$OUT/beam" ;;
     quant-matmul) run quant-matmul 590 python3 bench/quant_matmul.py --m 1 16 64 \
              --out "$OUT/quant-matmul" ;;
+    quant-gemv) run quant-gemv 590 bash -c "python3 bench/quant_matmul.py --m 1 \
+             --tiles 16x128x128/2/4/4 16x64x256/4/4/3 --out $OUT/gemv-m1 &&
+           python3 bench/quant_matmul.py --m 4 8 --tiles 16x128x128/2/4/4 \
+             --gemv-tiles 32x256/0/4/2 16x256/0/4/2 32x128/0/4/2 --out $OUT/gemv-m48" ;;
+    quant-gemv-tiles) run quant-gemv-tiles 590 python3 bench/quant_matmul.py --m 1 2 --tiles 16x128x128/2/4/4 \
+             --gemv-tiles 32x256/0/8/2 32x256/0/8/2/1056 32x256/0/8/3/1056 16x512/0/8/2/1056 \
+             64x256/0/8/2 64x256/0/8/2/1056 32x512/0/8/2 32x256/0/8/1/1056 64x512/0/16/2 \
+             32x256/0/4/2/1056 --out "$OUT/gemv-tiles" ;;
+    decode-gemv) run decode-gemv-bf16 420 python3 bench/decode_steps.py --batches 1 4 --steps 10 \
+             --kv-bytes 40 --out "$OUT/gemv-bf16"
+           run decode-fp8w-auto 420 python3 bench/decode_steps.py --batches 1 4 --steps 10 \
+             --kv-bytes 40 --quantization fp8 --out "$OUT/auto-fp8w"
+           run decode-gemv 420 python3 bench/decode_steps.py --batches 1 4 --steps 10 \
+             --kv-bytes 40 --quantization fp8 --quant-matmul-kernel w8a16_gemv --out "$OUT/gemv-fp8w" ;;
     quant-matmul-prefill) run quant-matmul-prefill 590 python3 bench/quant_matmul.py \
              --m 256 1024 2048 --out "$OUT/quant-matmul-prefill" ;;
     kernel-tests-quant) run kernel-tests-quant 300 python3 -m pytest -m gpu -q \

@@ -18,4 +18,7 @@ rm -f "$dest"/jaxpaged-*.whl
 [ -n "$(ls .whl/llguidance-* 2>/dev/null)" ] || python3 -m pip download -q --no-deps \
   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64 \
   --platform manylinux_2_28_x86_64 -d .whl "llguidance>=1.9.1,<2" 2>&1 | grep -v "WARNING: Location" || true
+# GGUF reading (the converters import it; pure Python, needs numpy, pyyaml and tqdm, which are there)
+[ -n "$(ls .whl/gguf-* 2>/dev/null)" ] || python3 -m pip download -q --no-deps \
+  --only-binary=:all: -d .whl "gguf>=0.17,<0.20" 2>&1 | grep -v "WARNING: Location" || true
 ls "$dest"

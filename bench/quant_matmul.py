@@ -7,6 +7,8 @@ For each M (tokens) and Llama-3-8B projection shape K x N, times every candidate
 checks it against its jnp reference (dequantize, then matmul in f32):
 - ``bf16_xla``: ``x @ w`` with bf16 weights (the baseline);
 - ``dequant_xla`` (fp8, int8): ``(x @ codes.astype(bf16)) * scale`` in XLA;
+- ``w8a16_gemv`` (fp8, int8; M <= 8) with each ``--gemv-tiles`` config: the CUDA-core GEMV of
+  pallas_kernels/quant_gemv.py;
 - ``w8a16_pallas`` (fp8, int8) with each ``--tiles`` config: pallas_kernels/quant_matmul.py;
 - ``w8a8_pallas`` (fp8) with each tile config: per-token fp8 activations, fp8 x fp8 tile dots;
 - ``w8a8_xla`` (fp8): the same activations, XLA's fp8 ``dot_general`` and an XLA epilogue;
@@ -14,6 +16,10 @@ checks it against its jnp reference (dequantize, then matmul in f32):
   (convert -> multiply by a *scalar* scale -> dot, weights stored [N, K]); per-tensor scales
   only, so it is a yardstick of what cuBLASLt fp8 gives, not a kernel the model can use with
   per-channel scales as is. ``cublas_f8`` in its row says whether the rewrite happened.
+Timing: one jitted call runs the candidate on enough copies of the weights (distinct buffers,
+together >= ``ROTATION_BYTES``) that no copy is still in L2 when it is read again, and the time
+per matmul is the call's time over the copies; so neither host dispatch (tens of microseconds a
+call, more than a decode GEMV takes) nor the cache is measured.
 Writes ``quant_matmul.json`` and a Markdown table (``quant_matmul.md``) with, per M and shape,
 the time, weight-read TB/s, speed-up over bf16 and the error; ``best`` rows give what
 ``KERNEL_BY_TOKENS`` / ``TUNING_BY_TOKENS`` in pallas_kernels/quant_matmul.py should say.
@@ -35,6 +41,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import emit  # noqa: E402
 
+from jaxpaged.pallas_kernels.quant_gemv import GEMV_MAX_ROWS, GemvTuning  # noqa: E402
 from jaxpaged.pallas_kernels.quant_matmul import (MatmulTuning, quant_matmul,  # noqa: E402
                                                   quant_matmul_reference, quantize_weight,
                                                   w8a8_reference)
@@ -45,6 +52,13 @@ TOKENS = (1, 16, 64, 256, 1024, 2048)
 # Tile configs tried at M <= 16 (decode GEMV: 16-row tiles, split-K) and above (prefill).
 SMALL_M_TILES = ("16x64x256/1/4/3", "16x32x512/1/4/3", "16x64x256/4/4/3", "16x128x128/2/4/4")
 LARGE_M_TILES = ("64x64x128/1/4/3", "128x128x64/1/8/3", "128x64x64/1/4/4", "64x128x128/1/8/3")
+# block_k x block_n / splits (0: automatic) / warps / stages [/ target programs] of the GEMV
+# (M <= GEMV_MAX_ROWS).
+GEMV_TILES = ("32x256/0/4/2", "16x256/0/4/2", "32x128/0/4/2", "64x128/0/4/2", "32x256/0/8/2",
+              "16x512/0/8/2", "32x256/0/4/3", "32x256/4/4/2")
+PAD_ROWS = (2, 4, 8, 16)
+ROTATION_BYTES = 512 * 2**20  # > 4x an H100/H200's L2
+MAX_COPIES = 48
 MAX_REL_ERROR = 2e-2  # bf16 output rounding; a wrong kernel is off by far more
 
 
@@ -55,16 +69,39 @@ def parse_tile(text: str) -> MatmulTuning:
                         num_warps=int(warps), num_stages=int(stages))
 
 
-def best_time(fn: Callable, *args, repeats: int = 5, calls: int = 20) -> float:
-    """Best mean seconds per call over ``repeats`` runs of ``calls`` back-to-back calls."""
-    jax.block_until_ready(fn(*args))
+def parse_gemv_tile(text: str) -> GemvTuning:
+    """``bk x bn / splits / warps / stages [/ target programs]``."""
+    dims, splits, warps, stages, *target = text.split("/")
+    bk, bn = (int(v) for v in dims.split("x"))
+    extra = {}
+    if target:  # more programs: allow the splits to reach them
+        extra = dict(target_programs=int(target[0]), max_splits=64)
+    return GemvTuning(block_k=bk, block_n=bn, splits=int(splits) or None, num_warps=int(warps),
+                      num_stages=int(stages), **extra)
+
+
+def weight_copies(weights: tuple[jax.Array, ...]) -> list[tuple[jax.Array, ...]]:
+    """Distinct device copies of ``weights``, together at least ``ROTATION_BYTES`` (at most
+    ``MAX_COPIES``: small test shapes are not timed for real)."""
+    nbytes = sum(w.nbytes for w in weights)
+    count = min(MAX_COPIES, max(2, -(-ROTATION_BYTES // nbytes)))
+    return [tuple(jnp.array(w, copy=True) for w in weights) for _ in range(count)]
+
+
+def best_time(fn: Callable, x: jax.Array, weights: tuple[jax.Array, ...], repeats: int = 5,
+              calls: int = 3) -> float:
+    """Best seconds per matmul: ``fn(x, *w)`` for every copy of the weights in one jitted call
+    (see the module docstring), ``calls`` such calls back to back, best of ``repeats``."""
+    copies = weight_copies(weights)
+    every_copy = jax.jit(lambda x, copies: [fn(x, *w) for w in copies])
+    jax.block_until_ready(every_copy(x, copies))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
-            out = fn(*args)
+            out = every_copy(x, copies)
         jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - start) / calls)
+        best = min(best, (time.perf_counter() - start) / (calls * len(copies)))
     return best
 
 
@@ -87,38 +124,49 @@ def custom_calls(fn: Callable, *args) -> list[str]:
                    for line in text.splitlines() if 'custom_call_target="' in line})
 
 
-def candidates(tiles: list[str]) -> list[tuple[str, str, str | None]]:
-    """(name, weight format, tile) of every candidate."""
+def candidates(m: int, tiles: list[str], gemv_tiles: list[str]
+               ) -> list[tuple[str, str, str | None]]:
+    """(name, weight format, tile) of every candidate at M tokens."""
     rows = [("dequant_xla", fmt, None) for fmt in ("fp8", "int8")]
+    # XLA's dequantize + dot with x padded to more rows ("padR"): XLA picks its GEMM by M
+    rows += [("dequant_xla", fmt, f"pad{r}") for fmt in ("fp8", "int8") for r in PAD_ROWS if r > m]
+    if m <= GEMV_MAX_ROWS:
+        rows += [("w8a16_gemv", fmt, t) for fmt in ("fp8", "int8") for t in gemv_tiles]
     rows += [("w8a16_pallas", fmt, t) for fmt in ("fp8", "int8") for t in tiles]
     rows += [("w8a8_pallas", "fp8", t) for t in tiles]
     rows.append(("w8a8_xla", "fp8", None))
     return rows
 
 
-def bench_shape(m: int, k: int, n: int, tiles: list[str], *, interpret: bool = False
-                ) -> list[dict]:
+def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str], *,
+                interpret: bool = False) -> list[dict]:
     key_x, key_w = jax.random.split(jax.random.key(m * 7 + n))
     x = jax.random.normal(key_x, (m, k), jnp.bfloat16)
     w = (jax.random.normal(key_w, (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
     rows = []
-    t_bf16 = best_time(jax.jit(lambda a, b: a @ b), x, w)
+    t_bf16 = best_time(lambda a, b: a @ b, x, (w,))
     rows.append(dict(kernel="bf16_xla", format="bf16", tile=None, us=t_bf16 * 1e6, rel_error=0.0,
                      weight_bytes=2 * k * n))
     quantized = {fmt: quantize_weight(w, fmt) for fmt in ("fp8", "int8")}
     refs = {fmt: quant_matmul_reference(x, *quantized[fmt]) for fmt in ("fp8", "int8")}
     ref_w8a8 = w8a8_reference(x, *quantized["fp8"])
-    for name, fmt, tile in candidates(tiles):
-        tuning = None if tile is None else parse_tile(tile)
+    for name, fmt, tile in candidates(m, tiles, gemv_tiles):
+        pad_to = int(tile[3:]) if tile and tile.startswith("pad") else None
+        tuning = (None if tile is None or pad_to else parse_gemv_tile(tile)
+                  if name == "w8a16_gemv" else parse_tile(tile))
         codes, scale = quantized[fmt]
-        fn = jax.jit(lambda a, c, s, name=name, tuning=tuning: quant_matmul(
-            a, c, s, kernel=name, tuning=tuning, interpret=interpret))
+
+        def fn(a, c, s, name=name, tuning=tuning, pad_to=pad_to):
+            if pad_to:
+                padded = jnp.pad(a, ((0, pad_to - a.shape[0]), (0, 0)))
+                return quant_matmul(padded, c, s, kernel=name)[:a.shape[0]]
+            return quant_matmul(a, c, s, kernel=name, tuning=tuning, interpret=interpret)
         row = dict(kernel=name, format=fmt, tile=tile,
                    weight_bytes=k * n + 4 * n)
         try:
-            out = fn(x, codes, scale)
+            out = jax.jit(fn)(x, codes, scale)
             row["rel_error"] = rel_error(out, ref_w8a8 if name.startswith("w8a8") else refs[fmt])
-            row["us"] = best_time(fn, x, codes, scale) * 1e6
+            row["us"] = best_time(fn, x, (codes, scale)) * 1e6
         except Exception as e:  # a tile that does not compile (SMEM, ...) is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
@@ -127,12 +175,12 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], *, interpret: bool = F
     sw = jnp.max(jnp.abs(w.astype(jnp.float32))) / 448.0
     w_nk = (w.astype(jnp.float32).T / sw).astype(jnp.float8_e4m3fn)
     sx = jnp.float32(1.0)
-    pattern = jax.jit(fp8_pertensor_pattern)
-    out = pattern(x8, w_nk, sx, sw)
+    out = jax.jit(fp8_pertensor_pattern)(x8, w_nk, sx, sw)
     ref = (x8.astype(jnp.float32) @ (w_nk.astype(jnp.float32).T * sw)).astype(jnp.bfloat16)
     rows.append(dict(kernel="fp8_pertensor_xla", format="fp8/tensor", tile=None,
                      weight_bytes=k * n, rel_error=rel_error(out, ref),
-                     us=best_time(pattern, x8, w_nk, sx, sw) * 1e6,
+                     us=best_time(lambda a, w8, s: fp8_pertensor_pattern(a, w8, sx, s), x8,
+                                  (w_nk, sw)) * 1e6,
                      cublas_f8=any("f8" in c for c in custom_calls(fp8_pertensor_pattern, x8,
                                                                      w_nk, sx, sw))))
     for row in rows:
@@ -187,6 +235,9 @@ def main() -> None:
     parser.add_argument("--tiles", nargs="+", default=None,
                         help="block_m x block_n x block_k / splits / warps / stages (default: "
                              "SMALL_M_TILES for M <= 16, LARGE_M_TILES above)")
+    parser.add_argument("--gemv-tiles", nargs="+", default=list(GEMV_TILES),
+                        help="w8a16_gemv configs at M <= 8: block_k x block_n / splits (0: auto) "
+                             "/ warps / stages")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     rows = []
@@ -194,7 +245,7 @@ def main() -> None:
         for shape in args.shapes:
             k, n = SHAPES[shape] if shape in SHAPES else (int(v) for v in shape.split("x"))
             tiles = args.tiles or list(SMALL_M_TILES if m <= 16 else LARGE_M_TILES)
-            shape_rows = bench_shape(m, k, n, tiles, interpret=args.interpret)
+            shape_rows = bench_shape(m, k, n, tiles, args.gemv_tiles, interpret=args.interpret)
             for row in shape_rows:
                 row["shape"] = shape
                 print(json.dumps(row), flush=True)

@@ -43,7 +43,8 @@ KV_CACHE_DTYPES: dict[str, str | None] = {
 
 # quantization -> (vLLM's names; "int8" is jaxpaged's weight-only int8). None: the checkpoint's.
 QUANTIZATION_METHODS = (None, "fp8", "int8", "compressed-tensors")
-QUANT_MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas", "w8a8_xla")
+QUANT_MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_gemv", "w8a16_pallas", "w8a8_pallas",
+                        "w8a8_xla")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,6 +82,15 @@ def largest_power_of_2_divisor(n: int) -> int:
     return n & -n
 
 
+def splits_that_divide(k: int, splits: int, min_part: int) -> int:
+    """The largest split count <= ``splits`` that cuts ``k`` into equal parts that are whole
+    multiples of ``min_part`` (1 if none)."""
+    for s in range(min(splits, k // min_part), 0, -1):
+        if k % s == 0 and (k // s) % min_part == 0:
+            return s
+    return 1
+
+
 def require_power_of_2(name: str, value: int) -> None:
     """Triton arrays need power-of-2 sizes: reject other sizes clearly, before lowering does."""
     if not is_power_of_2(value):

@@ -13,6 +13,8 @@ Kernels (``MATMUL_KERNELS``); each computes the same product, they differ in whe
 - "w8a16_pallas": Pallas (Triton-style) tiles; each program loads [block_k, block_n] byte codes,
   converts them in registers and accumulates in f32 (bandwidth-bound decode: half the bytes of
   bf16). Optional split-K over ``splits`` programs per output tile for small M.
+- "w8a16_gemv": pallas_kernels/quant_gemv.py, CUDA-core GEMV for at most ``GEMV_MAX_ROWS``
+  tokens (no tensor-core tile, no transposed 8-bit operand); more tokens take "dequant_xla".
 - "w8a8_pallas" (fp8 only): the activations quantized per token to E4M3 (``quantize_rows``), an
   fp8 x fp8 tile dot with f32 accumulation and a per-token x per-channel scale epilogue.
 - "w8a8_xla" (fp8 only): the same activation quantization, then XLA's fp8 ``dot_general``
@@ -33,14 +35,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxpaged.pallas_kernels.backend import (dot_precision, largest_power_of_2_divisor, on_gpu,
-                                             require_power_of_2, triton_call)
+                                             require_power_of_2, splits_that_divide, triton_call)
+from jaxpaged.pallas_kernels.quant_gemv import GemvTuning, gemv_fits, quant_gemv
 
 QUANT_FORMATS = ("fp8", "int8")
 WEIGHT_DTYPES = {"fp8": jnp.dtype(jnp.float8_e4m3fn), "int8": jnp.dtype(jnp.int8)}
 # Largest code magnitude: e4m3's finite max, and 127 for int8 (symmetric: -128 is never used).
 CODE_MAX = {"fp8": 448.0, "int8": 127.0}
 
-MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas", "w8a8_xla")
+MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_gemv", "w8a16_pallas", "w8a8_pallas", "w8a8_xla")
 
 # Token count M -> kernel, per format: the first row whose bound is >= M wins (None: any M).
 # The defaults until the GPU measurement (bench/quant_matmul.py) decides: the W8A16 Pallas
@@ -160,6 +163,8 @@ def choose_kernel(kernel: str, quantization: str, m: int, k: int, n: int) -> str
         kernel = _first_by_tokens(KERNEL_BY_TOKENS[quantization], m) if on_gpu() else "dequant_xla"
     if kernel.startswith("w8a8") and quantization != "fp8":
         raise ValueError(f"kernel {kernel!r} needs fp8 weights, got {quantization!r}")
+    if kernel == "w8a16_gemv" and not gemv_fits(m, k, n):
+        return "dequant_xla"
     if kernel.endswith("_pallas") and min(largest_power_of_2_divisor(k),
                                           largest_power_of_2_divisor(n)) < MIN_TILE:
         return "dequant_xla"
@@ -167,8 +172,10 @@ def choose_kernel(kernel: str, quantization: str, m: int, k: int, n: int) -> str
 
 
 def quant_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, kernel: str = "auto",
-                 tuning: MatmulTuning | None = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] (bf16/f32) @ dequantize(codes [K, N], scale f32[N]) -> [M, N] in x's dtype."""
+                 tuning: MatmulTuning | GemvTuning | None = None, interpret: bool = False
+                 ) -> jax.Array:
+    """x [M, K] (bf16/f32) @ dequantize(codes [K, N], scale f32[N]) -> [M, N] in x's dtype.
+    ``tuning``: a ``GemvTuning`` for "w8a16_gemv", a ``MatmulTuning`` for the tile kernels."""
     m, k = x.shape
     if codes.ndim != 2 or codes.shape[0] != k or scale.shape != codes.shape[1:]:
         raise ValueError(f"codes must be [K={k}, N] with scale [N], got {codes.shape} and "
@@ -180,6 +187,12 @@ def quant_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, kernel: st
         return quant_matmul_reference(x, codes, scale)
     if name == "w8a8_xla":
         return _w8a8_xla(x, codes, scale)
+    if name == "w8a16_gemv":
+        if tuning is not None and not isinstance(tuning, GemvTuning):
+            raise ValueError(f"w8a16_gemv takes a GemvTuning, got {tuning!r}")
+        return quant_gemv(x, codes, scale, tuning=tuning, interpret=interpret)
+    if tuning is not None and not isinstance(tuning, MatmulTuning):
+        raise ValueError(f"{name} takes a MatmulTuning, got {tuning!r}")
     tuning = tuning or _first_by_tokens(TUNING_BY_TOKENS, m)
     return _pallas_matmul(x, codes, scale, tuning=tuning, activations_fp8=name == "w8a8_pallas",
                           interpret=interpret)
@@ -260,7 +273,7 @@ def _pallas_matmul(x, codes, scale, *, tuning: MatmulTuning, activations_fp8: bo
     block_n = min(tuning.block_n, largest_power_of_2_divisor(n))
     tiles = pl.cdiv(m, block_m) * (n // block_n)
     wanted = tuning.splits or min(MAX_AUTO_SPLITS, max(1, pl.cdiv(TARGET_PROGRAMS, tiles)))
-    splits = _splits_that_divide(k, wanted)
+    splits = splits_that_divide(k, wanted, MIN_TILE)
     k_part = k // splits
     block_k = min(tuning.block_k, largest_power_of_2_divisor(k_part))
     m_pad = -m % block_m
@@ -296,10 +309,3 @@ def _pallas_matmul(x, codes, scale, *, tuning: MatmulTuning, activations_fp8: bo
         out = (out.sum(axis=0) * scale[None, :]).astype(out_dtype)
     return out[:m] if m_pad else out
 
-
-def _splits_that_divide(k: int, splits: int) -> int:
-    """The largest split count <= ``splits`` whose parts are whole multiples of ``MIN_TILE``."""
-    for s in range(min(splits, k // MIN_TILE), 0, -1):
-        if k % s == 0 and (k // s) % MIN_TILE == 0:
-            return s
-    return 1

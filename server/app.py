@@ -35,10 +35,12 @@ from jaxpaged.server.errors import APIError
 from jaxpaged.server.generation import create_chat_completion, create_completion
 from jaxpaged.server.generation_defaults import generation_defaults
 from jaxpaged.server.host_work import HostWorkPool
+from jaxpaged.server.live_view import LiveView
 from jaxpaged.server.metrics import ServerMetrics
 from jaxpaged.server.origins import OriginGuardMiddleware
 from jaxpaged.server.request_id import RequestIdMiddleware
 from jaxpaged.server.settings import ServerSettings
+from jaxpaged.server.ui import ui_routes
 
 if TYPE_CHECKING:  # transformers loads only when a tokenizer does
     from transformers import PreTrainedTokenizerBase
@@ -51,8 +53,8 @@ ENGINE_STOP_TIMEOUT_S = 30.0
 def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
     """The app over one in-process engine (its thread starts with the app)."""
     metrics = ServerMetrics(settings.served_model_names[0])
-    return build_app_for(AsyncEngine(engine, metrics), EngineFacts.of(engine), settings,
-                         metrics=metrics)
+    return build_app_for(AsyncEngine(engine, metrics, LiveView()), EngineFacts.of(engine),
+                         settings, metrics=metrics)
 
 
 def build_app_for(client: EngineClient, facts: EngineFacts, settings: ServerSettings, *,
@@ -79,6 +81,7 @@ def build_app_for(client: EngineClient, facts: EngineFacts, settings: ServerSett
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        *ui_routes(),
     ]
     app = Starlette(
         routes=routes, lifespan=_lifespan,

@@ -14,7 +14,9 @@ talk to it without polling.
 The thread sleeps on a ``threading.Condition`` while there are no commands and no unfinished
 requests, and loops ``engine.step()`` otherwise; commands are applied only between steps, so the
 engine is never touched by two threads. Outputs of one step go to the event loop in one
-``call_soon_threadsafe`` callback, which feeds each request's ``asyncio.Queue``.
+``call_soon_threadsafe`` callback, which feeds each request's ``asyncio.Queue``. Between steps
+the thread also feeds the page's live view (``live_view.py``): each step's time and batch, and at
+most every ``LiveView.interval_s`` a snapshot of the pool that ``GET /engine/state`` serves.
 
 A step that raises does not kill the thread: ``LLMEngine.recover`` aborts the requests the
 failed step may have left half-updated, their streams get ``RequestFailedError`` (HTTP 500), and
@@ -34,6 +36,7 @@ from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 from jaxpaged.server.beam_search import beam_search_request_output
+from jaxpaged.server.live_view import LiveView
 from jaxpaged.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -134,9 +137,11 @@ _Delivery = tuple[OutputStream | asyncio.Future, Any]
 class AsyncEngine:
     """Runs an ``LLMEngine`` on its own thread for asyncio handlers (see the module docstring)."""
 
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None,
+                 live_view: LiveView | None = None):
         self.engine = engine
         self._metrics = metrics
+        self.live_view = live_view  # fed by the engine thread only
         self._cond = threading.Condition()
         self._commands: list[_Add | _Abort] = []  # guarded by _cond
         self._stopping = False  # guarded by _cond
@@ -228,6 +233,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            self._publish_view(force=True)
             while self._run_once():
                 pass
         except BaseException as e:  # a bug outside a step: fail everything, stay answerable
@@ -255,7 +261,13 @@ class AsyncEngine:
             self._step()
         if self._metrics is not None:
             self._metrics.observe_step(self.engine.scheduler.make_stats())
+        # NOTE: forced when idle, so the view's last snapshot shows the pool after the last step
+        self._publish_view(force=not self.engine.has_unfinished_requests())
         return True
+
+    def _publish_view(self, force: bool) -> None:
+        if self.live_view is not None:
+            self.live_view.maybe_publish(self.engine.scheduler, time.time(), force=force)
 
     def _add(self, command: _Add) -> None:
         added: list[str] = []
@@ -292,7 +304,9 @@ class AsyncEngine:
 
     def _step(self) -> None:
         try:
+            start = time.perf_counter()
             outputs = self.engine.step()
+            self._record_step(time.perf_counter() - start, outputs)
             for request_id, result in self.engine.take_beam_search_outputs().items():
                 prompt, prompt_token_ids = self._beam_prompts.pop(request_id)
                 outputs.append(beam_search_request_output(request_id, prompt, prompt_token_ids,
@@ -319,6 +333,13 @@ class AsyncEngine:
             if stream is not None:
                 deliveries.append((stream, output))
         self._deliver(deliveries)
+
+    def _record_step(self, step_s: float, outputs: list[RequestOutput]) -> None:
+        """The step's time and batch (the requests running after it plus those it finished)
+        into the live view's history."""
+        if self.live_view is not None:
+            batch = len(self.engine.scheduler.running) + sum(o.finished for o in outputs)
+            self.live_view.record_step(time.time(), step_s, batch)
 
     def _fail(self, request_ids: set[str], error: Exception) -> None:
         message = f"the engine failed while running this request ({type(error).__name__}: {error})"

@@ -1,6 +1,8 @@
 """``Authorization: Bearer <key>`` on every route but the open ones (a pure ASGI middleware, so
-streamed responses pass through untouched). Several keys may be valid (vLLM's ``--api-key A B``);
-the header is compared with every one of them in constant time."""
+streamed responses pass through untouched). The open ones: health, metrics, and the browser page
+with its static files (the page asks for the key and sends it with each API call). Several keys
+may be valid (vLLM's ``--api-key A B``); the header is compared with every one of them in
+constant time."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxpaged.server.errors import APIError
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/"})
+OPEN_PREFIX = "/static/"
 
 
 class BearerAuthMiddleware:
@@ -20,7 +23,8 @@ class BearerAuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (not self._expected or scope["type"] != "http"
-                or scope["path"] in OPEN_PATHS or self._authorized(scope)):
+                or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIX)
+                or self._authorized(scope)):
             await self.app(scope, receive, send)
             return
         error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",

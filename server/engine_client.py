@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.server.async_engine import EngineInput
+from jaxpaged.server.live_view import LiveView
 
 
 class OutputStreamLike(Protocol):
@@ -28,6 +29,8 @@ class OutputStreamLike(Protocol):
 
 
 class EngineClient(Protocol):
+    live_view: LiveView | None  # the page's view of one engine's pool (None: not available)
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
 
     def stop(self, timeout: float | None = None) -> bool: ...

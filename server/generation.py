@@ -35,7 +35,7 @@ from jaxpaged.server.prompts import chat_token_ids, render_chat, tokenize_prompt
 from jaxpaged.server.protocol import GenerationRequest, parse_chat_request, parse_completion_request
 from jaxpaged.server.tool_calls import ToolCalling
 from jaxpaged.server.responses import (Choice, Kind, PromptPart, ResponseMeta, chunk, full_response,
-                                       role_chunk, sse, token_id_text, tool_calls_chunk, usage,
+                                       role_chunk, sse, token_id_text, usage,
                                        usage_chunk)
 
 
@@ -300,12 +300,12 @@ async def _events(ctx: ServerContext, job: _Job, stream: OutputStream) -> AsyncI
             for choice, delta in job.take(choices, output, index_of):
                 # new token ids alone make a chunk (vLLM's rule): without a tokenizer, or
                 # while a multi-byte character is incomplete, the text delta is empty
-                if choice.tools is not None and choice.tools.parses:
-                    # tool calls are known once the choice finishes: sent as one delta then
-                    if delta.finish_reason:
-                        yield sse(tool_calls_chunk(job.meta, choice, **extra()))
-                elif delta.text or delta.finish_reason or delta.logprobs or delta.token_ids:
-                    yield sse(chunk(job.meta, choice, delta, **extra()))
+                message = None
+                if choice.tool_stream is not None:  # content and tool calls as they come
+                    message = choice.tool_stream.delta(choice.text, bool(delta.finish_reason))
+                if (message or delta.text or delta.finish_reason or delta.logprobs
+                        or delta.token_ids):
+                    yield sse(chunk(job.meta, choice, delta, message=message, **extra()))
         if options.include_usage:
             yield sse(usage_chunk(job.meta, job.kind, usage_so_far()))
     except (RequestFailedError, EngineUnavailableError) as e:

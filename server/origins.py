@@ -13,6 +13,8 @@ So:
   requests) must come from one of them, or from a page served under an allowed host name (403
   otherwise); ``"*"`` allows every origin. The allowed origins also get CORS answers
   (``--allowed-origins``, vLLM's flag; vLLM's default allows every origin, jaxpaged's none).
+  A same-origin request (the Origin's host:port is the Host header, as the calls of the page at
+  ``GET /`` are) is always allowed: the Host check covers it.
 """
 
 from __future__ import annotations
@@ -68,13 +70,15 @@ class OriginGuardMiddleware:
         if self._hosts is not None and host_name(headers.get("host", "")) not in self._hosts:
             return APIError(400, "invalid host header (--allowed-hosts)", code="invalid_host")
         origin = headers.get("origin")
-        if origin is None or self._origin_allowed(origin):
+        if origin is None or self._origin_allowed(origin, headers.get("host", "")):
             return None
         return APIError(403, f"requests from the origin {origin[:100]!r} are not allowed "
                              "(--allowed-origins)", code="origin_not_allowed")
 
-    def _origin_allowed(self, origin: str) -> bool:
+    def _origin_allowed(self, origin: str, host: str) -> bool:
         if self._any_origin or origin.rstrip("/").lower() in self._origins:
             return True
+        if host and urllib.parse.urlsplit(origin.lower()).netloc == host.strip().lower():
+            return True  # same origin
         name = urllib.parse.urlsplit(origin).hostname
         return self._hosts is not None and name is not None and name in self._hosts

@@ -18,6 +18,7 @@ from jaxpaged.outputs import CompletionOutput, Logprob, PromptLogprobs
 
 from jaxpaged.server.protocol import ResponseOptions
 from jaxpaged.server.tool_calls import ToolCalling
+from jaxpaged.server.tool_stream import ToolCallStream
 
 Kind = Literal["completion", "chat"]
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
@@ -86,6 +87,11 @@ class Choice:
     text_offset: int = 0  # completions' logprobs.text_offset of the next token
     logprobs_parts: list[Any] = dataclasses.field(default_factory=list)
     tools: ToolCalling | None = None  # chat with tools: the answer may be tool calls
+    tool_stream: ToolCallStream | None = None  # set when the tools are parsed
+
+    def __post_init__(self) -> None:
+        if self.tools is not None and self.tools.parses:
+            self.tool_stream = ToolCallStream(self.tools)
 
     def message(self) -> tuple[dict[str, Any], str | None]:
         """(chat message, finish reason): tool calls, when the tools ask for them and the model
@@ -233,9 +239,11 @@ def full_response(meta: ResponseMeta, kind: Kind, choices: list[Choice], prompt_
 _ABSENT = object()
 
 
-def chunk(meta: ResponseMeta, choice: Choice, delta: Delta, *,
+def chunk(meta: ResponseMeta, choice: Choice, delta: Delta, *, message: dict | None = None,
           usage_value: Any = _ABSENT) -> dict[str, Any]:
-    """One streamed chunk with one choice's delta. ``usage_value``: leave out, None or a dict."""
+    """One streamed chunk with one choice's delta. ``message``: a chat choice's delta object
+    when it is not the delta's text (tool calls, ``ToolCallStream.delta``); ``usage_value``:
+    leave out, None or a dict."""
     extras: dict[str, Any] = {}
     if choice.options.return_token_ids:
         extras["token_ids"] = delta.token_ids
@@ -248,31 +256,16 @@ def chunk(meta: ResponseMeta, choice: Choice, delta: Delta, *,
                             "stop_reason": delta.stop_reason, **extras}]
     else:
         body = _head(meta, "chat.completion.chunk")
-        body["choices"] = [{"index": choice.index,
-                            "delta": {"content": delta.text} if delta.text else {},
+        finish_reason = delta.finish_reason
+        if message is None:
+            message = {"content": delta.text} if delta.text else {}
+        elif finish_reason is not None and choice.tool_stream is not None:
+            finish_reason = choice.tool_stream.finish_reason(finish_reason)
+        body["choices"] = [{"index": choice.index, "delta": message,
                             "logprobs": ({"content": delta.logprobs}
                                          if delta.logprobs is not None else None),
-                            "finish_reason": delta.finish_reason,
+                            "finish_reason": finish_reason,
                             "stop_reason": delta.stop_reason, **extras}]
-    if usage_value is not _ABSENT:
-        body["usage"] = usage_value
-    return body
-
-
-def tool_calls_chunk(meta: ResponseMeta, choice: Choice, *,
-                     usage_value: Any = _ABSENT) -> dict[str, Any]:
-    """A chat stream's last chunk of a choice with tools: its content and tool calls at once
-    (OpenAI's delta shape, each call with its ``index``)."""
-    message, finish_reason = choice.message()
-    delta: dict[str, Any] = {}
-    if message.get("content"):
-        delta["content"] = message["content"]
-    if "tool_calls" in message:
-        delta["tool_calls"] = [{"index": i, **call}
-                               for i, call in enumerate(message["tool_calls"])]
-    body = _head(meta, "chat.completion.chunk")
-    body["choices"] = [{"index": choice.index, "delta": delta, "logprobs": None,
-                        "finish_reason": finish_reason, "stop_reason": choice.stop_reason}]
     if usage_value is not _ABSENT:
         body["usage"] = usage_value
     return body

@@ -11,13 +11,13 @@
   NAME``; the model's output is parsed after the fact (``tool_parsers``).
 
 The answer then carries OpenAI's ``tool_calls`` (ids ``chatcmpl-tool-<hex>``) and finish reason
-"tool_calls"; a stream sends them as one delta once the choice finishes.
+"tool_calls". A call's ``arguments`` is the text the model wrote for them (compact JSON under the
+grammars), so a stream (``tool_stream``) sends it in pieces as it is generated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import uuid
 from typing import Any, Literal
 
@@ -26,6 +26,8 @@ from jaxpaged.sampling_params import StructuredOutputsParams
 from jaxpaged.server import field_checks as c
 from jaxpaged.server.errors import bad_request
 from jaxpaged.server.tool_parsers import TOOL_PARSERS
+from jaxpaged.server.tool_parsers.json_scan import (WHITESPACE, PartialCall, ToolScan,
+                                                    scan_call_list, valid_calls)
 
 Mode = Literal["none", "auto", "required", "named"]
 
@@ -58,28 +60,25 @@ class ToolCalling:
                                   "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
         if not self.parallel:
             schema["maxItems"] = 1
-        # compact JSON: the arguments are re-serialized anyway, and whitespace the grammar
-        # allowed between tokens could fill the output budget
+        # compact JSON: the arguments are the model's text as it wrote them, and whitespace the
+        # grammar allowed between tokens could fill the output budget (tests show it does)
         return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+
+    def scan(self, text: str, final: bool) -> ToolScan:
+        """The content and calls of an output, whole (``final``: calls only when all of them are
+        well-formed, else the text is content) or as far as it has come."""
+        if self.mode == "auto":
+            return TOOL_PARSERS[self.parser](text, final)
+        if self.mode == "named":
+            return _scan_named(self.name, text, final)
+        if self.mode == "required":
+            return _scan_required(text, final)
+        return ToolScan(text, [])
 
     def extract(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, OpenAI tool_calls) of a finished output; no calls: the text is content."""
-        if self.mode == "named":
-            try:
-                arguments = json.loads(text)
-            except ValueError:
-                return text, []
-            return None, [_call(self.name, arguments)]
-        if self.mode == "required":
-            try:
-                items = json.loads(text)
-            except ValueError:
-                return text, []
-            return None, [_call(i["name"], i["parameters"]) for i in items]
-        if self.mode == "auto":
-            content, found = TOOL_PARSERS[self.parser](text)
-            return content, [_call(name, arguments) for name, arguments in found]
-        return text, []
+        scan = self.scan(text, final=True)
+        return scan.content, [new_call(c.name, c.arguments) for c in scan.calls]
 
     def _function(self, name: str) -> dict[str, Any]:
         return next(t["function"] for t in self.tools if t["function"]["name"] == name)
@@ -89,9 +88,33 @@ def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     return function.get("parameters") or {"type": "object", "properties": {}}
 
 
-def _call(name: str, arguments: Any) -> dict[str, Any]:
+def new_call(name: str, arguments: str) -> dict[str, Any]:
+    """An OpenAI tool call with a fresh id."""
     return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _scan_named(name: str, text: str, final: bool) -> ToolScan:
+    """The named function's arguments: the whole output (one JSON object)."""
+    call = PartialCall(name, text.strip(WHITESPACE), complete=final)
+    if final and not valid_calls([call]):
+        return ToolScan(text, [])
+    return ToolScan(None, [call])
+
+
+def _scan_required(text: str, final: bool) -> ToolScan:
+    """A JSON list of ``{"name", "parameters"}`` objects (the required grammar's output)."""
+    start = len(text) - len(text.lstrip(WHITESPACE))
+    calls, end = [], None
+    if start < len(text):
+        try:
+            calls, end = (scan_call_list(text, start, ("parameters",)) if text[start] == "["
+                          else ([], None))
+        except ValueError:
+            calls = []
+    if final and (end is None or text[end:].strip(WHITESPACE) or not valid_calls(calls)):
+        return ToolScan(text, [])
+    return ToolScan(None, calls)
 
 
 def tool_calling(values: dict[str, Any], *, auto_parser: str | None) -> ToolCalling | None:

@@ -19,6 +19,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from jaxpaged.pallas_kernels.kv_write import write_kv
 from jaxpaged.pallas_kernels.paged_decode_attention import DecodeTuning, paged_decode_attention
+from jaxpaged.pallas_kernels.quant_gemv import GemvTuning
 from jaxpaged.pallas_kernels.quant_matmul import MatmulTuning, quant_matmul
 from jaxpaged.pallas_kernels.ragged_paged_attention import RaggedTuning, ragged_paged_attention
 
@@ -282,6 +283,8 @@ QUANT_MATMUL_LOWERINGS = [  # (M, K, N, kernel, weight dtype, tuning)
     (16, 4096, 4096, "w8a8_pallas", E4M3, None),
     (1024, 4096, 6144, "w8a8_pallas", E4M3, MatmulTuning(block_m=64, block_n=128, block_k=128)),
     (7, 576, 960, "w8a16_pallas", E4M3, None),  # SmolLM2 qkv: N = 64 * 15
+    (1, 4096, 28672, "w8a16_gemv", E4M3, None),  # gate_up, decode GEMV with split-K
+    (8, 14336, 4096, "w8a16_gemv", jnp.int8, GemvTuning(splits=1)),  # down, scaled in-kernel
 ]
 
 

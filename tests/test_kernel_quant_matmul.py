@@ -13,6 +13,7 @@ from jaxpaged.pallas_kernels.quant_matmul import (CODE_MAX, MatmulTuning, choose
                                                    dequantize_weight, quant_matmul,
                                                    quant_matmul_reference, quantize_rows,
                                                    quantize_weight, w8a8_reference)
+from jaxpaged.pallas_kernels.quant_gemv import GEMV_MAX_ROWS, GemvTuning, quant_gemv
 from kernel_testing import relative_error
 
 # Half a step of the format, relative: e4m3 has 3 mantissa bits (2^-4); int8 codes of a
@@ -135,13 +136,16 @@ def test_codes_of_an_unknown_dtype_are_refused():
 
 
 # ---------------------------------------------------------------------- on the GPU (-m gpu)
-GPU_SHAPES = [(1, 4096, 6144), (16, 14336, 4096), (300, 4096, 4096), (1024, 4096, 1024)]
+GPU_SHAPES = [(1, 4096, 6144), (5, 14336, 4096), (16, 14336, 4096), (300, 4096, 4096),
+              (1024, 4096, 1024)]
+GPU_GEMV_TUNINGS = [None, GemvTuning(splits=1), GemvTuning(block_k=64, block_n=128, num_warps=8)]
 GPU_TUNINGS = [None, MatmulTuning(splits=4), MatmulTuning(block_m=128, block_n=128, block_k=64,
                                                           num_warps=8)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,kernel", [("fp8", "w8a16_pallas"), ("int8", "w8a16_pallas"),
+@pytest.mark.parametrize("fmt,kernel", [("fp8", "w8a16_gemv"), ("int8", "w8a16_gemv"),
+                                        ("fp8", "w8a16_pallas"), ("int8", "w8a16_pallas"),
                                         ("fp8", "w8a8_pallas"), ("fp8", "w8a8_xla")])
 @pytest.mark.parametrize("m,k,n", GPU_SHAPES)
 def test_kernels_on_gpu_match_their_references(fmt, kernel, m, k, n):
@@ -150,7 +154,9 @@ def test_kernels_on_gpu_match_their_references(fmt, kernel, m, k, n):
     codes, scale = quantize_weight(jnp.asarray(w), fmt)
     reference = w8a8_reference if kernel.startswith("w8a8") else quant_matmul_reference
     expected = reference(x.astype(jnp.float32), codes, scale)  # f32 on the GPU
-    for tuning in GPU_TUNINGS if kernel.endswith("pallas") else [None]:
+    tunings = (GPU_TUNINGS if kernel.endswith("pallas") else GPU_GEMV_TUNINGS
+               if kernel == "w8a16_gemv" else [None])
+    for tuning in tunings:
         out = quant_matmul(x, codes, scale, kernel=kernel, tuning=tuning)
         assert relative_error(out, expected) < 1e-2, tuning
 
@@ -162,3 +168,32 @@ def test_auto_on_gpu_follows_the_table():
         for bound, kernel in table:
             m = bound or 4096
             assert choose_kernel("auto", fmt, m, 4096, 4096) == kernel
+
+
+# ------------------------------------------------------------- the CUDA-core GEMV (quant_gemv.py)
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("m,k,n,tuning", [
+    (1, 512, 256, GemvTuning(block_k=32, block_n=64, splits=1)),  # one split: scaled in-kernel
+    (3, 768, 128, GemvTuning(block_k=16, block_n=128, splits=4)),  # rows padded to 4, split-K
+    (8, 256, 96, None),  # N = 32 * 3: block_n shrinks to 32; automatic splits
+])
+def test_gemv_matches_the_reference_in_interpret_mode(fmt, m, k, n, tuning):
+    w = _weights(21, k, n) / np.sqrt(k)
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
+    codes, scale = quantize_weight(jnp.asarray(w), fmt)
+    out = quant_matmul(x, codes, scale, kernel="w8a16_gemv", tuning=tuning, interpret=True)
+    assert out.shape == (m, n) and out.dtype == jnp.float32
+    assert relative_error(out, quant_matmul_reference(x, codes, scale)) < 1e-5
+
+
+def test_gemv_takes_only_what_it_can_and_its_own_tuning():
+    assert choose_kernel("w8a16_gemv", "fp8", GEMV_MAX_ROWS, 4096, 4096) == "w8a16_gemv"
+    assert choose_kernel("w8a16_gemv", "fp8", GEMV_MAX_ROWS + 1, 4096, 4096) == "dequant_xla"
+    assert choose_kernel("w8a16_gemv", "int8", 1, 4096, 8 * 15) == "dequant_xla"  # N: no tile
+    x, (codes, scale) = jnp.ones((1, 64)), quantize_weight(jnp.ones((64, 32)), "fp8")
+    with pytest.raises(ValueError, match="w8a16_gemv takes a GemvTuning"):
+        quant_matmul(x, codes, scale, kernel="w8a16_gemv", tuning=MatmulTuning(), interpret=True)
+    with pytest.raises(ValueError, match="w8a16_pallas takes a MatmulTuning"):
+        quant_matmul(x, codes, scale, kernel="w8a16_pallas", tuning=GemvTuning(), interpret=True)
+    with pytest.raises(ValueError, match="quant_gemv takes 1.."):
+        quant_gemv(jnp.ones((GEMV_MAX_ROWS + 1, 64)), codes, scale)

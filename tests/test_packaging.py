@@ -31,6 +31,8 @@ def test_wheel_has_only_the_jaxpaged_package(wheel):
         assert package.replace(".", "/") + "/__init__.py" in names
     assert "jaxpaged/converters/tiny.py" in names
     assert "jaxpaged/pallas_kernels/ragged_paged_attention.py" in names
+    for page_file in ("index.html", "main.js", "api.js", "chat.js", "engine_view.js", "style.css"):
+        assert f"jaxpaged/server/static/{page_file}" in names  # GET / works from the wheel
 
 
 def test_wheel_installs_and_imports_in_a_fresh_venv(wheel, tmp_path):
@@ -49,6 +51,8 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(wheel, tmp_path):
             f"mods = [importlib.import_module(m) for m in {SUBPACKAGES!r}]; "
             "import jaxpaged.cli, jaxpaged.models.loader, jaxpaged.converters.tiny; "
             "import jaxpaged.converters.default_model, jaxpaged.converters.gguf_model; "
+            "import jaxpaged.server.ui as ui; "
+            "assert (ui.STATIC_DIR / 'index.html').is_file(), ui.STATIC_DIR; "
             "print(jaxpaged.__file__); print(*[m.__file__ for m in mods], sep='\\n')")
     out = subprocess.check_output([str(python), "-c", code], cwd=tmp_path, text=True,
                                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jax.numpy as jnp
 import jsonschema
@@ -15,6 +16,7 @@ import pytest
 
 from llm_testing import compilations_during, make_llm
 from jaxpaged import SamplingParams, StructuredOutputsParams
+from jaxpaged.structured.backend import GuidanceBackend, json_whitespace
 from jaxpaged.structured.bitmask import apply_grammar_bitmask, bitmask_width
 
 SCHEMA = {
@@ -124,6 +126,91 @@ def test_regex_choice_grammar_and_json_object(llm):
         else:  # max_tokens still applies: a prefix of an object
             assert completion.finish_reason == "length" and completion.text.startswith("{")
     assert all(o.outputs[0].finish_reason == "stop" for o in outputs[:16])
+
+
+def _outside_strings(text: str) -> str:
+    """``text`` without its JSON string literals (a trailing unclosed one too)."""
+    return re.sub(r'"(?:[^"\\]|\\.)*("|$)', "", text)
+
+
+def test_json_whitespace_default_is_vllms(llm):
+    """vLLM's guidance backend lets any JSON whitespace come between tokens unless
+    disable_any_whitespace (llguidance ``whitespace_flexible``): the random model, which likes
+    spaces and carriage returns, fills its objects with them by default and writes compact JSON
+    when told."""
+    assert json_whitespace(StructuredOutputsParams(json_object=True), {}) == {
+        "whitespace_flexible": True}
+
+    def texts(**options):
+        params = [constrained(s, json_object=True, max_tokens=100, **options) for s in range(8)]
+        return [o.outputs[0] for o in llm.generate(["Write:"] * 8, params, use_tqdm=False)]
+    loose = texts()
+    assert all(isinstance(json.loads(c.text), dict) for c in loose if c.finish_reason == "stop")
+    assert sum(bool(re.search(r"\s", _outside_strings(c.text))) for c in loose) >= 4, loose
+    compact = texts(disable_any_whitespace=True)
+    assert not any(re.search(r"\s", _outside_strings(c.text)) for c in compact), compact
+
+
+def test_json_whitespace_runs_are_unbounded_by_default(llm):
+    engine = llm.llm_engine
+    backend = GuidanceBackend(engine.tokenizer, engine.model_config.vocab_size, [])
+
+    def accepts(text: str, **options) -> bool:
+        params = StructuredOutputsParams(json={"type": "object"}, **options)
+        matcher = backend.compile(backend.grammar(params))
+        tokens = engine.tokenizer.encode(text, add_special_tokens=False)
+        return matcher.consume_tokens(tokens) and matcher.is_accepting()
+    spaced = "{" + "\n" * 300 + '"a"' + " " * 300 + ": 1}"
+    assert accepts(spaced) and accepts('{"a":1}')
+    assert not accepts(spaced, disable_any_whitespace=True)
+    assert accepts('{"a":1}', disable_any_whitespace=True)
+    assert accepts('{"a": 1}', whitespace_pattern="[ ]?")
+    assert not accepts('{"a":  1}', whitespace_pattern="[ ]?")
+
+
+def test_json_options_are_refused_where_they_do_nothing(llm):
+    with pytest.raises(ValueError, match="disable_any_whitespace applies to json"):
+        StructuredOutputsParams(regex="a+", disable_any_whitespace=True)
+    with pytest.raises(ValueError, match="set one"):
+        StructuredOutputsParams(json_object=True, disable_any_whitespace=True,
+                                whitespace_pattern=" ?")
+    schema = {"type": "object", "x-guidance": {"whitespace_flexible": True}}
+    with pytest.raises(ValueError, match="x-guidance"):
+        llm.generate(["A"], constrained(0, json=schema, disable_any_whitespace=True),
+                     use_tqdm=False)
+    [output] = llm.generate(["A"], constrained(0, json=schema, max_tokens=4), use_tqdm=False)
+    assert output.outputs[0].text.startswith("{")
+
+
+@pytest.mark.slow
+def test_grammars_compile_off_the_step_loop_and_are_cached(llm, monkeypatch):
+    """A request waits outside the scheduler while its grammar compiles in the grammar threads;
+    the other requests keep stepping; a constraint seen before is not compiled again."""
+    engine = llm.llm_engine
+    llm.generate(["A"], constrained(0, max_tokens=1, regex="z+"), use_tqdm=False)
+    cache, release, threads = engine.structured.cache, threading.Event(), []
+    compile_grammar = cache.backend.compile
+
+    def slow_compile(grammar):
+        threads.append(threading.current_thread().name)
+        release.wait(60)
+        return compile_grammar(grammar)
+    monkeypatch.setattr(cache.backend, "compile", slow_compile)
+    params = constrained(0, regex="q[a-c]{3}x", max_tokens=10)
+    engine.add_request("slow", None, params, prompt_token_ids=[5, 6, 7])
+    engine.add_request("plain", None, NO_GRAMMAR, prompt_token_ids=[5, 6, 7])
+    finished = {}
+    while "plain" not in finished:
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+        assert "slow" not in engine.scheduler.requests
+    release.set()
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert re.fullmatch("q[a-c]{3}x", finished["slow"].outputs[0].text)
+    assert threads and all(name.startswith("jaxpaged-grammar") for name in threads)
+    again = StructuredOutputsParams(regex="q[a-c]{3}x")
+    assert cache.submit(again) is cache.submit(params.structured_outputs)
+    assert len(threads) == 1
 
 
 def test_max_tokens_still_applies(llm):

@@ -64,6 +64,20 @@ class BlockPool:
             (b.block_id, b) for b in self.blocks[1:]
         )
         self._cached: dict[BlockHash, KVCacheBlock] = {}
+        # NOTE: flat mirrors of every block's ref_cnt and "has a hash" (contiguous C arrays that
+        # numpy can view without a copy), kept in step with the blocks by every method that
+        # changes them, so that a reader (the server's live view) sees the whole pool with no
+        # Python loop over the blocks. Read-only outside this class.
+        self.ref_cnts = array("i", [0]) * num_blocks  # [num_blocks]
+        self.hashed = array("B", [0]) * num_blocks  # [num_blocks] 1 while in the prefix cache
+
+    def add_refs(self, blocks: Iterable[KVCacheBlock], count: int) -> None:
+        """``count`` more references on blocks already in use (forks share a parent's blocks)."""
+        for block in blocks:
+            if block.ref_cnt <= 0:
+                raise ValueError(f"block {block.block_id} is free; it cannot be shared")
+            block.ref_cnt += count
+            self.ref_cnts[block.block_id] = block.ref_cnt
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,6 +96,7 @@ class BlockPool:
             _, block = self._free.popitem(last=False)
             self._evict(block)
             block.ref_cnt = 1
+            self.ref_cnts[block.block_id] = 1
             new_blocks.append(block)
         return new_blocks
 
@@ -91,6 +106,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 del self._free[block.block_id]
             block.ref_cnt += 1
+            self.ref_cnts[block.block_id] = block.ref_cnt
 
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference each; blocks reaching 0 join the free queue's tail in this order."""
@@ -98,6 +114,7 @@ class BlockPool:
             if block.ref_cnt <= 0:
                 raise ValueError(f"block {block.block_id} freed more often than allocated")
             block.ref_cnt -= 1
+            self.ref_cnts[block.block_id] = block.ref_cnt
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
@@ -109,6 +126,7 @@ class BlockPool:
         if block.block_hash is None and block_hash not in self._cached:
             block.block_hash = block_hash
             self._cached[block_hash] = block
+            self.hashed[block.block_id] = 1
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only allowed while no block is in use (returns success)."""
@@ -122,6 +140,7 @@ class BlockPool:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
             block.block_hash = None
+            self.hashed[block.block_id] = 0
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -311,8 +330,7 @@ class BlockManager:
         self._req_hashes.pop(parent_id, None)
         for child_id in child_ids:  # block_ids is shared: it is never mutated
             self.tables[child_id] = dataclasses.replace(parent, blocks=list(parent.blocks))
-        for block in parent.blocks:
-            block.ref_cnt += len(child_ids) - 1
+        self.pool.add_refs(parent.blocks, len(child_ids) - 1)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks and forget its hashes (a no-op if it holds none)."""

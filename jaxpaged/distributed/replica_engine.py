@@ -41,6 +41,10 @@ class _ReplicaGone(Exception):
 
 
 class ReplicaEngine:
+    # The page's live view draws one engine's block pool; behind replicas there are N pools and
+    # GET /engine/state answers 503 (the page shows the chat without the view).
+    live_view = None
+
     def __init__(self, ray, supervisor: ReplicaSupervisor, router: Router,
                  metrics: FrontEndMetrics, max_model_len: int):
         self.ray = ray

@@ -13,6 +13,9 @@ import llguidance.hf
 
 from jaxpaged.structured.params import StructuredOutputsParams
 
+# The keys of llguidance's ``x-guidance`` JSON options that shape whitespace.
+WHITESPACE_OPTIONS = {"whitespace_flexible", "whitespace_pattern"}
+
 
 class GuidanceBackend:
     """llguidance over one tokenizer, with the model's vocabulary size (its padded ids beyond
@@ -35,7 +38,7 @@ class GuidanceBackend:
             if kind in ("json", "json_object"):
                 schema = {"type": "object"} if kind == "json_object" else params.json
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                    _schema(schema, params), overrides=_json_options(params))
+                    _schema(schema, params), defaults=json_whitespace(params, schema))
             elif kind == "regex":
                 grammar = llguidance.LLMatcher.grammar_from_regex(params.regex)
             elif kind == "choice":
@@ -78,10 +81,18 @@ def _close_objects(node: Any) -> None:
             _close_objects(value)
 
 
-def _json_options(params: StructuredOutputsParams) -> dict[str, Any] | None:
+def json_whitespace(params: StructuredOutputsParams, schema: Any) -> dict[str, Any]:
+    """llguidance's JSON whitespace options, as vLLM's guidance backend sets them: by default any
+    JSON whitespace (spaces, tabs, newlines; runs of any length) may come between tokens
+    (``whitespace_flexible``); ``disable_any_whitespace`` makes the JSON compact. They are
+    defaults, so a schema's own ``x-guidance`` options win; a request that sets whitespace
+    options as well as its schema is refused (one of the two would be ignored)."""
+    own = schema.get("x-guidance") if isinstance(schema, dict) else None
+    if isinstance(own, dict) and own.keys() & WHITESPACE_OPTIONS and (
+            params.disable_any_whitespace or params.whitespace_pattern is not None):
+        raise ValueError("structured_outputs.disable_any_whitespace / whitespace_pattern "
+                         "conflict with the schema's own x-guidance whitespace options")
+    options: dict[str, Any] = {"whitespace_flexible": not params.disable_any_whitespace}
     if params.whitespace_pattern is not None:
-        return {"whitespace_pattern": params.whitespace_pattern}
-    if params.disable_any_whitespace:
-        return {"whitespace_flexible": False}
-    return None
-
+        options["whitespace_pattern"] = params.whitespace_pattern
+    return options

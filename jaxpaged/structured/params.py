@@ -25,7 +25,9 @@ class StructuredOutputsParams:
     disable_fallback: bool = False
     """vLLM: do not fall back to another backend; there is one backend, so it changes nothing."""
     disable_any_whitespace: bool = False
-    """JSON: no whitespace between tokens (compact JSON)."""
+    """JSON: no whitespace between tokens (compact JSON). Off by default, as in vLLM: any JSON
+    whitespace may come between tokens, in runs of any length, so a model that likes whitespace
+    can spend its ``max_tokens`` on it."""
     disable_additional_properties: bool = False
     """JSON: objects without ``additionalProperties`` take no keys besides their properties."""
     whitespace_pattern: str | None = None
@@ -67,6 +69,21 @@ class StructuredOutputsParams:
         if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
             raise ValueError(f"structured_outputs.whitespace_pattern must be a str, got "
                              f"{self.whitespace_pattern!r}")
+        self._check_json_options()
+
+    def _check_json_options(self) -> None:
+        """The JSON-only options are refused with other kinds, and whitespace is set one way."""
+        json_options = {"disable_any_whitespace": self.disable_any_whitespace,
+                        "disable_additional_properties": self.disable_additional_properties,
+                        "whitespace_pattern": self.whitespace_pattern is not None}
+        if self.kind not in ("json", "json_object"):
+            for name, given in json_options.items():
+                if given:
+                    raise ValueError(f"structured_outputs.{name} applies to json and "
+                                     f"json_object, not to {self.kind}")
+        if self.disable_any_whitespace and self.whitespace_pattern is not None:
+            raise ValueError("structured_outputs.disable_any_whitespace and whitespace_pattern "
+                             "both set the JSON whitespace: set one")
 
     @property
     def kind(self) -> str:
