@@ -179,6 +179,15 @@ def test_200_streams_spread_over_both_replicas_with_the_single_engine_outputs(
     assert [r["state"] for r in health["replicas"]] == ["serving", "serving"]
 
 
+def test_health_reports_each_replica_and_the_single_pool_view_is_refused(replicas):
+    health = httpx.get(f"{replicas.base_url}/health", timeout=30)
+    assert health.status_code == 200
+    states = health.json()["replicas"]
+    assert [(r["replica"], r["state"]) for r in states] == [(0, "serving"), (1, "serving")]
+    assert len({r["pid"] for r in states}) == 2 and os.getpid() not in {r["pid"] for r in states}
+    assert httpx.get(f"{replicas.base_url}/engine/state", timeout=30).status_code == 503
+
+
 def aborted(metrics: str) -> float:
     return sum(metric_value(metrics, "jaxpaged:request_aborted_total", replica=str(r))
                for r in (0, 1))
