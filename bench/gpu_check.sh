@@ -13,6 +13,7 @@
 #   (vLLM 0.24.0 in the same call, from the kit of `bash bench/vllm_kit.sh`: vllm-unpack keeps the
 #    carried part(s) of .vllm-kit/ in /tmp/vllm-kit, vllm-nano unpacks the whole kit into
 #    /tmp/vllm-site and runs bench/vllm_baseline.py on nano; `vllm-nano throughput`: vLLM, then us)
+#   (data-parallel replicas on Ray, on a 2-GPU kind with ray installed: dp-serve)
 # Needs the jaxpaged wheel in .whl/ (made here by `bash bench/make_wheels.sh`); logs go to $OUT.
 # A stage named twice runs twice (the repeat logs under $OUT/STAGE-2, ...); STAGE-base runs the
 # stage on the base wheel of an A/B (see below; logs under $OUT/STAGE-base).
@@ -218,6 +219,13 @@ for label in $stages; do
              PYTHONPATH=/tmp/vllm-site run vllm-nano 400 python3 bench/vllm_baseline.py \
                --workload nano --out "$OUT"
            else echo "vllm-nano: not run (no complete kit)" >> "$summary"; fi ;;
+    # Data-parallel replicas on Ray (a 2-GPU kind): the serving workload over two replicas of one
+    # GPU each, behind one server; `serve dp-serve` in one call compares it with one engine.
+    dp-serve) if python3 -c "import ray" 2>/dev/null; then
+             run dp-serve 590 env OUT="$OUT/dp" SERVE_SERVER_ARGS="--data-parallel-size 2" \
+               bash bench/serve_bench.sh 16 inf
+           else echo "dp-serve: ray is not installed on this machine (pip install \"jaxpaged[ray]\")" \
+               >> "$summary"; fi ;;
     *) echo "unknown stage $label" >> "$summary" ;;
   esac
 done

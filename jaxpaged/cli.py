@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxpaged.distributed.ray_import import RayNotInstalledError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxpaged", description=__doc__)
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as e:
+    except (ValueError, RayNotInstalledError) as e:
         print(f"jaxpaged {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -21,17 +21,17 @@ _NO_OP_VLLM_ARGS: dict[str, tuple[Any, ...]] = {
     "disable_custom_all_reduce": (False, True),
     "max_seq_len_to_capture": (None, 8192),
     "pipeline_parallel_size": (1,),  # one model per host (_REFUSAL_REASONS)
-    "data_parallel_size": (1,),
+    "data_parallel_size": (1,),  # replicas are the server's (jaxpaged.distributed)
     "hf_token": (None,),
     "task": ("auto", "generate"),
 }
 
 # Why a vLLM argument is refused at any other value, where the bare refusal would not say.
 _REFUSAL_REASONS: dict[str, str] = {
-    "pipeline_parallel_size": "pipeline and data parallel replicas are not built yet; "
+    "pipeline_parallel_size": "pipeline parallel stages are not built; "
                               "tensor_parallel_size shards one model over this host's devices",
-    "data_parallel_size": "pipeline and data parallel replicas are not built yet; "
-                          "tensor_parallel_size shards one model over this host's devices",
+    "data_parallel_size": "one LLM is one engine: data parallel replicas run on Ray, as "
+                          "`jaxpaged serve --data-parallel-size N` or one LLM per Ray actor",
 }
 
 

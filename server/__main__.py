@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxpaged.distributed.ray_import import RayNotInstalledError
+
 from jaxpaged.server.args import add_server_arguments
 from jaxpaged.server.config_file import apply_config_file
 
@@ -19,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxpaged.server.launch import run_server
     try:
         return run_server(args)
-    except ValueError as e:
+    except (ValueError, RayNotInstalledError) as e:
         print(f"jaxpaged serve: error: {e}", file=sys.stderr)
         return 2
 

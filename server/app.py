@@ -2,7 +2,8 @@
 
 ``build_app(engine, settings)`` wraps an already built ``LLMEngine``; the app starts the engine
 thread when uvicorn starts it (lifespan) and stops it when uvicorn shuts down, after the
-in-flight requests have drained.
+in-flight requests have drained. ``build_app_for(client, facts, settings)`` serves any engine
+client the same way (Ray replicas: ``jaxpaged.distributed``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from jaxpaged.engine.tokenizer import TokenTexts, load_tokenizer
 from jaxpaged.server.async_engine import AsyncEngine
 from jaxpaged.server.auth import BearerAuthMiddleware
 from jaxpaged.server.context import ServerContext
+from jaxpaged.server.engine_client import EngineClient
+from jaxpaged.server.engine_facts import EngineFacts
 from jaxpaged.server.endpoints import (detokenize, health, list_models, metrics_endpoint,
                                        retrieve_model, tokenize, version)
 from jaxpaged.server.error_boundary import ErrorBoundaryMiddleware
@@ -47,24 +50,27 @@ if TYPE_CHECKING:  # transformers loads only when a tokenizer does
 ENGINE_STOP_TIMEOUT_S = 30.0
 
 
-def _caps_max_tokens(config) -> bool:
-    """A max_new_tokens from a generation-config directory or the override caps every request."""
-    return (config.generation_config not in ("auto", "vllm")
-            or "max_new_tokens" in config.override_generation_config)
-
-
 def build_app(engine: LLMEngine, settings: ServerSettings) -> Starlette:
+    """The app over one in-process engine (its thread starts with the app)."""
     metrics = ServerMetrics(settings.served_model_names[0])
-    tokenizer = _own_tokenizer(engine)
+    return build_app_for(AsyncEngine(engine, metrics, LiveView()), EngineFacts.of(engine),
+                         settings, metrics=metrics)
+
+
+def build_app_for(client: EngineClient, facts: EngineFacts, settings: ServerSettings, *,
+                  metrics: ServerMetrics | None = None) -> Starlette:
+    """The app over any engine client (``server/engine_client.py``): the in-process engine
+    thread, or Ray replicas behind a router (``jaxpaged.distributed``)."""
+    tokenizer = _own_tokenizer(facts)
     context = ServerContext(
-        host_work=HostWorkPool(lambda: _own_tokenizer(engine)),
-        max_prompt_chars=max_prompt_chars(tokenizer, engine.max_model_len),
-        settings=settings, engine=AsyncEngine(engine, metrics, LiveView()), tokenizer=tokenizer,
-        token_texts=TokenTexts(tokenizer), metrics=metrics, max_model_len=engine.max_model_len,
-        vocab_size=engine.model_config.vocab_size, max_num_seqs=engine.max_num_seqs,
-        max_logprobs=engine.config.max_logprobs, scheduling_policy=engine.config.scheduling_policy,
-        generation_defaults=generation_defaults(engine.get_diff_sampling_param(),
-                                                caps_max_tokens=_caps_max_tokens(engine.config)))
+        host_work=HostWorkPool(lambda: _own_tokenizer(facts)),
+        max_prompt_chars=max_prompt_chars(tokenizer, facts.max_model_len),
+        settings=settings, engine=client, tokenizer=tokenizer,
+        token_texts=TokenTexts(tokenizer), metrics=metrics, max_model_len=facts.max_model_len,
+        vocab_size=facts.vocab_size, max_num_seqs=facts.max_num_seqs,
+        max_logprobs=facts.max_logprobs, scheduling_policy=facts.scheduling_policy,
+        generation_defaults=generation_defaults(facts.diff_sampling_param,
+                                                caps_max_tokens=facts.caps_max_tokens))
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
@@ -111,10 +117,10 @@ def _cors(settings: ServerSettings) -> list[Middleware]:
                        allow_methods=["GET", "POST"], allow_headers=["*"])]
 
 
-def _own_tokenizer(engine: LLMEngine) -> PreTrainedTokenizerBase | None:
-    if engine.tokenizer is None:
+def _own_tokenizer(facts: EngineFacts) -> PreTrainedTokenizerBase | None:
+    if facts.tokenizer_dir is None:
         return None
-    return load_tokenizer(engine.config.tokenizer or engine.config.model)
+    return load_tokenizer(facts.tokenizer_dir)
 
 
 @contextlib.asynccontextmanager

@@ -17,6 +17,8 @@ import pathlib
 from typing import Any
 
 from jaxpaged.config import _NO_OP_VLLM_ARGS, EngineConfig
+from jaxpaged.distributed.options import ReplicaOptions
+from jaxpaged.distributed.ray_import import INSTALL_HINT
 
 from jaxpaged.server.chat_template import load_chat_template
 from jaxpaged.server.origins import LOOPBACK_NAMES, is_loopback
@@ -84,8 +86,18 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-graceful-shutdown", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM/SIGINT wait at most this long for in-flight requests "
                         "(default: until they finish)")
+    _add_replica_arguments(p.add_argument_group("data-parallel replicas (Ray)"))
     _add_engine_arguments(p.add_argument_group("engine (EngineConfig / LLM() arguments)"))
     _add_vllm_arguments(p.add_argument_group("vLLM arguments that must keep their defaults"))
+
+
+def _add_replica_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("-dp", "--data-parallel-size", type=int, default=1,
+                   help="engine replicas, each a Ray actor with --tensor-parallel-size GPUs, "
+                        f"behind this one server (above 1 needs {INSTALL_HINT})")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the Ray cluster the replicas join (default: a local one, "
+                        "ray.init()); only with --data-parallel-size above 1")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -163,8 +175,6 @@ def _add_vllm_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--disable-custom-all-reduce", action="store_true", help="a no-op")
     g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
                    help="only 1 (replicas are not built yet)")
-    g.add_argument("-dp", "--data-parallel-size", type=int, default=1,
-                   help="only 1 (replicas are not built yet)")
     g.add_argument("-q", "--quantization", type=_none_or_str, default=None,
                    help="fp8, int8 (weight-only) or compressed-tensors; default: the "
                         "checkpoint's")
@@ -203,12 +213,21 @@ def resolve_model_dir(args: argparse.Namespace) -> str:
 def engine_config_from_args(args: argparse.Namespace, model_dir: str) -> EngineConfig:
     """Every engine argument through ``EngineConfig.from_kwargs``, so the command line and
     ``LLM()`` accept and refuse the same values."""
-    kwargs = {name: getattr(args, name) for name in (*ENGINE_FIELDS, *_NO_OP_VLLM_ARGS)}
+    kwargs = {name: getattr(args, name) for name in (*ENGINE_FIELDS, *_NO_OP_VLLM_ARGS)
+              if name != "data_parallel_size"}  # replicas: replica_options_from_args
     if kwargs["tokenizer"]:
         from jaxpaged.utils.hub import resolve_model
         kwargs["tokenizer"] = resolve_model(kwargs["tokenizer"])
     kwargs["compilation_cache_dir"] = kwargs["compilation_cache_dir"] or None
     return EngineConfig.from_kwargs(model_dir, kwargs)
+
+
+def replica_options_from_args(args: argparse.Namespace) -> ReplicaOptions:
+    """``--data-parallel-size`` / ``--ray-address`` (each replica's engine gets the rest)."""
+    if args.ray_address is not None and args.data_parallel_size == 1:
+        raise ValueError(f"--ray-address {args.ray_address} needs --data-parallel-size above 1 "
+                         "(one engine runs in this process)")
+    return ReplicaOptions(args.data_parallel_size, args.ray_address)
 
 
 def server_settings_from_args(args: argparse.Namespace, model_dir: str) -> ServerSettings:

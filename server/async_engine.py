@@ -173,6 +173,13 @@ class AsyncEngine:
         """Running and not draining: new requests are welcome (what /health reports)."""
         return self.is_running and not self._draining
 
+    async def health(self) -> tuple[bool, dict[str, Any] | None]:
+        """(accepting, no body): /health answers 200 or 503 with an empty body."""
+        return self.is_accepting, None
+
+    async def metrics_text(self) -> bytes:
+        return self._metrics.render() if self._metrics is not None else b""
+
     async def submit(self, inputs: list[EngineInput]) -> OutputStream:
         """Queue the prompts of one HTTP request, all or none.
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 from jaxpaged.engine.tokenizer import TokenTexts
-from jaxpaged.server.async_engine import AsyncEngine
+from jaxpaged.server.engine_client import EngineClient
 from jaxpaged.server.errors import bad_request
 from jaxpaged.server.generation_defaults import GenerationDefaults
 from jaxpaged.server.host_work import HostWorkPool
@@ -23,12 +23,12 @@ if TYPE_CHECKING:  # transformers loads only when a tokenizer does
 @dataclasses.dataclass(frozen=True)
 class ServerContext:
     settings: ServerSettings
-    engine: AsyncEngine
+    engine: EngineClient  # AsyncEngine in-process, or ReplicaEngine (Ray replicas)
     # The HTTP side's own tokenizer (chat templates, prompts, logprob token texts): the engine
     # thread keeps using the engine's, so the two threads never share a tokenizer object.
     tokenizer: PreTrainedTokenizerBase | None
     token_texts: TokenTexts
-    metrics: ServerMetrics
+    metrics: ServerMetrics | None  # the in-process engine's; replicas keep their own
     max_model_len: int
     vocab_size: int
     max_num_seqs: int

@@ -17,12 +17,16 @@ from jaxpaged.server.protocol import (ChatTemplateOptions, TokenizeRequest,
 
 
 async def health(request: Request) -> Response:
-    """200 while the engine takes requests; 503 once it drains or its thread is gone."""
-    return Response(status_code=200 if context_of(request).engine.is_accepting else 503)
+    """200 while the engine takes requests; 503 once it drains or its thread is gone. Behind
+    replicas, 200 while one of them serves, with each replica's state as JSON."""
+    serving, body = await context_of(request).engine.health()
+    status = 200 if serving else 503
+    return Response(status_code=status) if body is None else JSONResponse(body, status)
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    return Response(context_of(request).metrics.render(), headers={"content-type": CONTENT_TYPE})
+    return Response(await context_of(request).engine.metrics_text(),
+                    headers={"content-type": CONTENT_TYPE})
 
 
 async def version(request: Request) -> Response:

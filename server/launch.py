@@ -20,12 +20,16 @@ from collections.abc import Callable
 
 import uvicorn
 
+from jaxpaged.config import EngineConfig
+from jaxpaged.distributed.options import ReplicaOptions
+from jaxpaged.distributed.ray_import import import_ray
 from jaxpaged.engine.llm_engine import LLMEngine
 
-from jaxpaged.server.app import build_app
+from jaxpaged.server.app import build_app, build_app_for
 from jaxpaged.server.http_protocol import timed_h11_protocol
-from jaxpaged.server.args import (engine_config_from_args, resolve_model_dir,
-                                  server_settings_from_args)
+from jaxpaged.server.settings import ServerSettings
+from jaxpaged.server.args import (engine_config_from_args, replica_options_from_args,
+                                  resolve_model_dir, server_settings_from_args)
 
 logger = logging.getLogger("jaxpaged.server")
 CUT_NOTICE_S = 1.0  # streams are ended this long before the graceful shutdown time is over
@@ -75,10 +79,33 @@ class DrainingServer(uvicorn.Server):
 
 def run_server(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level.upper())
+    replicas = replica_options_from_args(args)
+    if replicas.data_parallel_size > 1:  # before any model is fetched
+        import_ray("--data-parallel-size above 1")
     model_dir = resolve_model_dir(args)
     settings = server_settings_from_args(args, model_dir)
-    engine = LLMEngine(engine_config_from_args(args, model_dir))
-    app = build_app(engine, settings)
+    engine_config = engine_config_from_args(args, model_dir)
+    if replicas.data_parallel_size > 1:
+        return _run_replicas(args, engine_config, settings, replicas)
+    app = build_app(LLMEngine(engine_config), settings)
+    return _serve(args, app)
+
+
+def _run_replicas(args: argparse.Namespace, engine_config: EngineConfig,
+                  settings: ServerSettings, replicas: ReplicaOptions) -> int:
+    """N engine replicas on Ray behind this server (``jaxpaged.distributed``)."""
+    from jaxpaged.distributed.serve import build_replica_engine, init_ray
+
+    ray = init_ray(replicas)
+    try:
+        client, facts = build_replica_engine(ray, engine_config, settings, replicas)
+        return _serve(args, build_app_for(client, facts, settings))
+    finally:
+        ray.shutdown()
+
+
+def _serve(args: argparse.Namespace, app) -> int:
+    """uvicorn until the exit signal, with the graceful drain (module docstring)."""
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level or args.log_level,
                             access_log=not args.disable_access_log, lifespan="on",

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBPACKAGES = ("jaxpaged.pallas_kernels", "jaxpaged.converters", "jaxpaged.server",
-               "jaxpaged.models")
+               "jaxpaged.models", "jaxpaged.distributed")
 
 
 @pytest.fixture(scope="module")

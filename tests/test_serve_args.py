@@ -56,8 +56,7 @@ def test_every_llm_argument_has_a_flag():
 
 @pytest.mark.parametrize("argv,value", [
     (["-tp", "0"], "tensor_parallel_size must be a positive integer, got 0"),
-    (["-pp", "2"], "pipeline_parallel_size=2 .*not built yet"),
-    (["--data-parallel-size", "4"], "data_parallel_size=4 .*not built yet"), (["--kv-cache-dtype", "fp8_inc"], "fp8_inc"),
+    (["-pp", "2"], "pipeline_parallel_size=2 .*not built"), (["--kv-cache-dtype", "fp8_inc"], "fp8_inc"),
     (["-q", "awq"], "awq"), (["--revision", "v2"], "v2"), (["--task", "embed"], "embed"),
     (["--hf-token", "hf_x"], "hf_token=<redacted>"),
 ])
@@ -179,3 +178,17 @@ def test_a_model_neither_a_directory_nor_cached_is_a_one_line_error(tmp_path):
     assert result.returncode == 3
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and "neither a directory nor in the Hugging Face cache" in lines[0]
+
+
+def test_data_parallel_flags_are_replica_options_not_engine_arguments():
+    from jaxpaged.server.args import replica_options_from_args
+
+    args = parse(["-dp", "2", "--ray-address", "10.0.0.1:6379", "-tp", "2"])
+    options = replica_options_from_args(args)
+    assert (options.data_parallel_size, options.ray_address) == (2, "10.0.0.1:6379")
+    assert engine_config_from_args(args, "/models/x").tensor_parallel_size == 2  # per replica
+    assert replica_options_from_args(parse([])).data_parallel_size == 1
+    with pytest.raises(ValueError, match="data_parallel_size must be a positive integer, got 0"):
+        replica_options_from_args(parse(["--data-parallel-size", "0"]))
+    with pytest.raises(ValueError, match="--ray-address 10.0.0.1:6379 needs --data-parallel-size"):
+        replica_options_from_args(parse(["--ray-address", "10.0.0.1:6379"]))

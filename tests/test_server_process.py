@@ -24,9 +24,11 @@ STREAM_TIMEOUT_S = 300
 
 
 def start_serve(model_dir: pathlib.Path, model_args: list[str] | None = None,
-                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, list[str]]:
+                env: dict[str, str] | None = None, extra: list[str] = ()
+                ) -> tuple[subprocess.Popen, str, list[str]]:
     """Starts `jaxpaged serve --port 0` (``model_args``: how the model is named, default
-    ``--model DIR --served-model-name tiny``); returns the process, its URL and its growing log."""
+    ``--model DIR --served-model-name tiny``; ``extra``: more flags, later ones win); returns
+    the process, its URL and its growing log."""
     if model_args is None:
         model_args = ["--model", str(model_dir), "--served-model-name", MODEL_NAME]
     command = [str(BIN / "jaxpaged"), "serve", *model_args, "--port", "0",
@@ -34,7 +36,7 @@ def start_serve(model_dir: pathlib.Path, model_args: list[str] | None = None,
                "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
                "--num-gpu-blocks-override", "64", "--disable-access-log",
                # the test session's cache: the same step shapes compile once
-               "--compilation-cache-dir", jax.config.jax_compilation_cache_dir or ""]
+               "--compilation-cache-dir", jax.config.jax_compilation_cache_dir or "", *extra]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                text=True, env=env)
     log: list[str] = []

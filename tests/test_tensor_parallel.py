@@ -225,10 +225,12 @@ def test_llm_refuses_impossible_splits_and_replicas_before_loading(tiny_checkpoi
         LLM(model, tensor_parallel_size=8)
     with pytest.raises(ValueError, match="tensor_parallel_size=16 needs 16 devices"):
         LLM(model, tensor_parallel_size=16)
-    for name in ("pipeline_parallel_size", "data_parallel_size"):
-        with pytest.raises(ValueError, match=f"{name}=2 is not supported by jaxpaged "
-                                             r"\(pipeline and data parallel replicas"):
-            LLM(model, **{name: 2})
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported by "
+                                         r"jaxpaged \(pipeline parallel stages"):
+        LLM(model, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="data_parallel_size=2 is not supported by jaxpaged "
+                                         r"\(one LLM is one engine.*--data-parallel-size N"):
+        LLM(model, data_parallel_size=2)
 
 
 def test_pool_is_sized_per_device_from_its_kv_heads():
