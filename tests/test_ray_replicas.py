@@ -158,6 +158,11 @@ async def many_streams(base_url: str, texts: list[str], timeout: float = 120,
                            return_exceptions=True), timeout)
 
 
+def replica_tokens(replicas, replica: int) -> float:
+    """Tokens replica ``replica`` has generated (its own counter, labelled by the front end)."""
+    return metric_value(replicas.metrics(), "vllm:generation_tokens_total", replica=str(replica))
+
+
 def successes(metrics: str, replica: int) -> float:
     """Requests replica ``replica`` finished (max_tokens reached or EOS)."""
     return sum(metric_value(metrics, "vllm:request_success_total", replica=str(replica),
@@ -214,6 +219,7 @@ def test_a_killed_replica_hangs_nothing_and_comes_back(replicas):
     on replica 1, and every stream ends with [DONE]."""
     victim = replicas.health()["replicas"][0]["pid"]
     retried_before = metric_value(replicas.metrics(), "jaxpaged:replica_requests_retried_total")
+    tokens_before = replica_tokens(replicas, 0)
 
     async def load_then_kill() -> list[dict]:
         streaming = asyncio.Semaphore(0)
@@ -221,6 +227,13 @@ def test_a_killed_replica_hangs_nothing_and_comes_back(replicas):
             replicas.base_url, [prompt(1000 + i) for i in range(60)], max_tokens=100,
             streaming=streaming))
         for _ in range(10):
+            await asyncio.wait_for(streaming.acquire(), 60)
+        # Replica 0 itself must be streaming (the first streams may all be replica 1's): it has
+        # sent tokens of this load, and more streams have begun since, so some reached clients.
+        loop = asyncio.get_running_loop()
+        while await loop.run_in_executor(None, replica_tokens, replicas, 0) < tokens_before + 50:
+            await asyncio.sleep(0.05)
+        for _ in range(5):
             await asyncio.wait_for(streaming.acquire(), 60)
         os.kill(victim, signal.SIGKILL)  # mid-load
         return await task

@@ -65,7 +65,7 @@ _SUFFIX = ".jaxexec"
 # jaxpaged's subpackages; some are installed from folders outside jaxpaged/ (pyproject's
 # package-dir), so each is located through the import system rather than under jaxpaged/.
 _SUBPACKAGES = ("core", "engine", "runner", "sample", "models", "utils", "structured",
-                "pallas_kernels", "converters", "server", "server.tool_parsers")
+                "distributed", "pallas_kernels", "converters", "server", "server.tool_parsers")
 
 # jax config values that change the traced or compiled program. jax's own trace context (every
 # value its jit cache is keyed by) is added to these where this jax version exposes it.
