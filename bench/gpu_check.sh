@@ -216,7 +216,7 @@ for label in $stages; do
     vllm-nano) run vllm-install 120 bash bench/vllm_kit_install.sh install
            tail -1 "$OUT/vllm-install.log" >> "$summary"
            if grep -qE "^vllm kit: (already )?unpacked" "$OUT/vllm-install.log"; then
-             PYTHONPATH=/tmp/vllm-site:/tmp/site run vllm-nano 400 python3 bench/vllm_baseline.py \
+             PYTHONPATH=/tmp/vllm-site run vllm-nano 400 python3 bench/vllm_baseline.py \
                --workload nano --out "$OUT"
            else echo "vllm-nano: not run (no complete kit)" >> "$summary"; fi ;;
     # Data-parallel replicas on Ray (a 2-GPU kind): the serving workload over two replicas of one

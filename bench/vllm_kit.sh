@@ -27,13 +27,16 @@ DEPS=(
   openai==2.54.0 distro==1.9.0 jiter==0.19.0 sniffio==1.3.1 openai-harmony==0.0.8
   fastapi==0.136.3 starlette==1.10.0 partial-json-parser==0.2.1.1.post7
   depyf==0.20.0 astor==0.8.1 dill==0.4.1  # torch.compile's wrapper imports depyf when called
+  # vllm.v1.structured_output loads both grammar backends when vllm.LLM imports (through vLLM's
+  # LazyLoader, which the static check does not follow): vLLM 0.24.0's pins
+  llguidance==1.7.3 xgrammar==0.2.3 apache-tvm-ffi==0.1.9
 )
 PART_BYTES=50000000
 work=${VLLM_KIT_WORK:-/tmp/vllm-kit-build}
 out=.vllm-kit
 python=.venv/bin/python
 [ -x "$python" ] || { echo "run bash scripts/bootstrap.sh first (needs .venv)" >&2; exit 1; }
-platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_26_x86_64
+platforms=(--platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_26_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
            --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
 wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -63,8 +66,9 @@ echo "== check"
 "$python" bench/vllm_kit_check.py "$work/site" | grep -v "missing if taken"
 
 echo "== import the dependencies here (vllm itself needs torch and a GPU)"
+# (xgrammar imports torch, which the GPU image has and this machine's venv does not)
 deps=$(cd "$work/site" && ls -d */ *.py 2>/dev/null | sed 's|/$||; s|\.py$||' \
-  | grep -vE '\.(dist-info|libs)$|^(vllm|bin|__pycache__)$' | sort -u)
+  | grep -vE '\.(dist-info|libs)$|^(vllm|xgrammar|bin|__pycache__)$' | sort -u)
 PYTHONPATH="$work/site" "$python" -c 'import importlib, sys
 for name in sys.argv[1:]: importlib.import_module(name)
 print(len(sys.argv) - 1, "packages import")' $deps
