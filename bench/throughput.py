@@ -24,7 +24,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from roofline import measure_ceilings, workload_floor  # noqa: E402
-from workloads import throughput_requests  # noqa: E402
+from workloads import add_throughput_run_args, throughput_requests  # noqa: E402
 from report import emit  # noqa: E402
 from gpu_trace import with_kernel_table  # noqa: E402
 
@@ -56,12 +56,7 @@ def run_with_kv_waste(llm: LLM, prompts, params) -> tuple[float, float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="bench/configs/llama3-8b")
-    parser.add_argument("--workload", choices=["nano", "fixed"], default="nano")
-    parser.add_argument("--num-requests", type=int)
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    add_throughput_run_args(parser)
     parser.add_argument("--kv-waste", action="store_true")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8, fp8_e5m2 (vLLM's)")
     parser.add_argument("--quantization", choices=["fp8", "int8"], default=None,

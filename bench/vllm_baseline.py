@@ -32,7 +32,8 @@ import time
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != BENCH_DIR]
 sys.path.insert(0, str(BENCH_DIR))
-from workloads import BenchRequests, throughput_requests  # noqa: E402
+from workloads import (BenchRequests, add_throughput_run_args,  # noqa: E402
+                       throughput_requests)
 from report import emit  # noqa: E402
 sys.path.remove(str(BENCH_DIR))
 
@@ -118,12 +119,7 @@ def main() -> None:
     parser.add_argument("--model", type=pathlib.Path,
                         default=pathlib.Path("bench/configs/llama3-8b"),
                         help="a folder with our config.json (bench/configs/...)")
-    parser.add_argument("--workload", choices=["nano", "fixed"], default="nano")
-    parser.add_argument("--num-requests", type=int)
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    add_throughput_run_args(parser)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no torch.compile, no CUDA graphs (vLLM's flag)")
     parser.add_argument("--out", type=pathlib.Path)

@@ -45,6 +45,17 @@ def throughput_requests(workload: str, num_requests: int | None = None) -> Bench
     raise ValueError(f"unknown workload {workload!r} (nano, fixed)")
 
 
+def add_throughput_run_args(parser) -> None:
+    """The workload and engine-size flags that our throughput run and vLLM's baseline share (one
+    place, so that both engines run the same requests under the same limits)."""
+    parser.add_argument("--workload", choices=["nano", "fixed"], default="nano")
+    parser.add_argument("--num-requests", type=int)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+
+
 def beam_workload(num_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0):
     """Random-token prompts of bench/beam_search.py and its HF baseline (same seed, same ids)."""
     rng = random.Random(seed)
