@@ -128,7 +128,8 @@ def candidates(m: int, tiles: list[str], gemv_tiles: list[str]
                ) -> list[tuple[str, str, str | None]]:
     """(name, weight format, tile) of every candidate at M tokens."""
     rows = [("dequant_xla", fmt, None) for fmt in ("fp8", "int8")]
-    # XLA's dequantize + dot with x padded to more rows ("padR"): XLA picks its GEMM by M
+    # XLA's dequantize + dot (unpadded, the reference) with x padded to R rows ("padR"): XLA picks
+    # its GEMM by M; "dequant_xla" itself pads to DEQUANT_MIN_ROWS
     rows += [("dequant_xla", fmt, f"pad{r}") for fmt in ("fp8", "int8") for r in PAD_ROWS if r > m]
     if m <= GEMV_MAX_ROWS:
         rows += [("w8a16_gemv", fmt, t) for fmt in ("fp8", "int8") for t in gemv_tiles]
@@ -157,9 +158,9 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
         codes, scale = quantized[fmt]
 
         def fn(a, c, s, name=name, tuning=tuning, pad_to=pad_to):
-            if pad_to:
+            if pad_to:  # XLA's own choice at pad_to rows (the kernel pads to 4 itself)
                 padded = jnp.pad(a, ((0, pad_to - a.shape[0]), (0, 0)))
-                return quant_matmul(padded, c, s, kernel=name)[:a.shape[0]]
+                return quant_matmul_reference(padded, c, s)[:a.shape[0]]
             return quant_matmul(a, c, s, kernel=name, tuning=tuning, interpret=interpret)
         row = dict(kernel=name, format=fmt, tile=tile,
                    weight_bytes=k * n + 4 * n)
