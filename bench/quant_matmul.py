@@ -12,10 +12,17 @@ checks it against its jnp reference (dequantize, then matmul in f32):
 - ``w8a16_pallas`` (fp8, int8) with each ``--tiles`` config: pallas_kernels/quant_matmul.py;
 - ``w8a8_pallas`` (fp8) with each tile config: per-token fp8 activations, fp8 x fp8 tile dots;
 - ``w8a8_xla`` (fp8): the same activations, XLA's fp8 ``dot_general`` and an XLA epilogue;
+- ``w8a8_xla_nk`` / ``dequant_xla_nk`` (fp8, ``--nk``): the same two XLA paths with the codes
+  stored ``[N, K]`` (K-major, the layout cuBLASLt's fp8 GEMM takes: "TN"), so XLA needs no
+  transpose of the weights to hand them to an fp8 GEMM; ``custom_calls`` in the row names the
+  GEMM XLA chose;
 - ``fp8_pertensor_xla``: the pattern XLA's GemmRewriter turns into an fp8 cuBLASLt GEMM
   (convert -> multiply by a *scalar* scale -> dot, weights stored [N, K]); per-tensor scales
   only, so it is a yardstick of what cuBLASLt fp8 gives, not a kernel the model can use with
   per-channel scales as is. ``cublas_f8`` in its row says whether the rewrite happened.
+``--step-options`` compiles every candidate with the options the engine gives a model step of M
+tokens (``jaxpaged.runner.compiler_options``: above 16 tokens XLA's Triton GEMMs are off, so
+XLA's GEMMs are cuBLAS(Lt) ones), as the step would run them.
 Timing: one jitted call runs the candidate on enough copies of the weights (distinct buffers,
 together >= ``ROTATION_BYTES``) that no copy is still in L2 when it is read again, and the time
 per matmul is the call's time over the copies; so neither host dispatch (tens of microseconds a
@@ -43,8 +50,9 @@ from report import emit  # noqa: E402
 
 from jaxpaged.pallas_kernels.quant_gemv import GEMV_MAX_ROWS, GemvTuning  # noqa: E402
 from jaxpaged.pallas_kernels.quant_matmul import (MatmulTuning, quant_matmul,  # noqa: E402
-                                                  quant_matmul_reference, quantize_weight,
-                                                  w8a8_reference)
+                                                  quant_matmul_reference, quantize_rows,
+                                                  quantize_weight, w8a8_reference)
+from jaxpaged.runner.compiler_options import step_compiler_options  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 TOKENS = (1, 16, 64, 256, 1024, 2048)
@@ -80,6 +88,11 @@ def parse_gemv_tile(text: str) -> GemvTuning:
                       num_stages=int(stages), **extra)
 
 
+def compiled(fn: Callable, *args, options: dict | None = None):
+    """``fn`` jitted and compiled for ``args`` with XLA ``options`` (None: the defaults)."""
+    return jax.jit(fn).lower(*args).compile(options or None)
+
+
 def weight_copies(weights: tuple[jax.Array, ...]) -> list[tuple[jax.Array, ...]]:
     """Distinct device copies of ``weights``, together at least ``ROTATION_BYTES`` (at most
     ``MAX_COPIES``: small test shapes are not timed for real)."""
@@ -89,11 +102,12 @@ def weight_copies(weights: tuple[jax.Array, ...]) -> list[tuple[jax.Array, ...]]
 
 
 def best_time(fn: Callable, x: jax.Array, weights: tuple[jax.Array, ...], repeats: int = 5,
-              calls: int = 3) -> float:
+              calls: int = 3, options: dict | None = None) -> float:
     """Best seconds per matmul: ``fn(x, *w)`` for every copy of the weights in one jitted call
     (see the module docstring), ``calls`` such calls back to back, best of ``repeats``."""
     copies = weight_copies(weights)
-    every_copy = jax.jit(lambda x, copies: [fn(x, *w) for w in copies])
+    every_copy = compiled(lambda x, copies: [fn(x, *w) for w in copies], x, copies,
+                          options=options)
     jax.block_until_ready(every_copy(x, copies))
     best = float("inf")
     for _ in range(repeats):
@@ -118,13 +132,13 @@ def fp8_pertensor_pattern(x, w_nk, sx, sw):
                                preferred_element_type=jnp.bfloat16)
 
 
-def custom_calls(fn: Callable, *args) -> list[str]:
-    text = jax.jit(fn).lower(*args).compile().as_text()
+def custom_calls(fn: Callable, *args, options: dict | None = None) -> list[str]:
+    text = compiled(fn, *args, options=options).as_text()
     return sorted({line.split('custom_call_target="')[1].split('"')[0]
                    for line in text.splitlines() if 'custom_call_target="' in line})
 
 
-def candidates(m: int, tiles: list[str], gemv_tiles: list[str]
+def candidates(m: int, tiles: list[str], gemv_tiles: list[str], nk: bool = False
                ) -> list[tuple[str, str, str | None]]:
     """(name, weight format, tile) of every candidate at M tokens."""
     rows = [("dequant_xla", fmt, None) for fmt in ("fp8", "int8")]
@@ -136,38 +150,67 @@ def candidates(m: int, tiles: list[str], gemv_tiles: list[str]
     rows += [("w8a16_pallas", fmt, t) for fmt in ("fp8", "int8") for t in tiles]
     rows += [("w8a8_pallas", "fp8", t) for t in tiles]
     rows.append(("w8a8_xla", "fp8", None))
+    if nk:
+        rows += [("w8a8_xla_nk", "fp8", None), ("dequant_xla_nk", "fp8", None)]
     return rows
 
 
+def w8a8_xla_nk(x: jax.Array, codes_nk: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [M, K] bf16, codes_nk [N, K] e4m3, scale f32[N] -> [M, N]: per-token fp8 x, an fp8 dot
+    over K of both (f32 out), the per-token x per-channel epilogue."""
+    x_codes, x_scale = quantize_rows(x)
+    acc = jax.lax.dot_general(x_codes, codes_nk, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)  # f32[M, N]
+    return (acc * x_scale[:, None] * scale[None, :]).astype(x.dtype)
+
+
+def dequant_xla_nk(x: jax.Array, codes_nk: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [M, K], codes_nk [N, K] -> ``(x @ codes_nk.T.astype(x.dtype)) * scale``."""
+    acc = jax.lax.dot_general(x, codes_nk.astype(x.dtype), (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return (acc * scale).astype(x.dtype)
+
+
+NK_KERNELS = {"w8a8_xla_nk": w8a8_xla_nk, "dequant_xla_nk": dequant_xla_nk}
+
+
 def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str], *,
-                interpret: bool = False) -> list[dict]:
+                interpret: bool = False, step_options: bool = False,
+                nk: bool = False) -> list[dict]:
+    options = step_compiler_options(m, jax.default_backend()) if step_options else None
     key_x, key_w = jax.random.split(jax.random.key(m * 7 + n))
     x = jax.random.normal(key_x, (m, k), jnp.bfloat16)
     w = (jax.random.normal(key_w, (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
     rows = []
-    t_bf16 = best_time(lambda a, b: a @ b, x, (w,))
+    t_bf16 = best_time(lambda a, b: a @ b, x, (w,), options=options)
     rows.append(dict(kernel="bf16_xla", format="bf16", tile=None, us=t_bf16 * 1e6, rel_error=0.0,
                      weight_bytes=2 * k * n))
     quantized = {fmt: quantize_weight(w, fmt) for fmt in ("fp8", "int8")}
     refs = {fmt: quant_matmul_reference(x, *quantized[fmt]) for fmt in ("fp8", "int8")}
     ref_w8a8 = w8a8_reference(x, *quantized["fp8"])
-    for name, fmt, tile in candidates(m, tiles, gemv_tiles):
+    for name, fmt, tile in candidates(m, tiles, gemv_tiles, nk):
         pad_to = int(tile[3:]) if tile and tile.startswith("pad") else None
         tuning = (None if tile is None or pad_to else parse_gemv_tile(tile)
                   if name == "w8a16_gemv" else parse_tile(tile))
         codes, scale = quantized[fmt]
+        if name in NK_KERNELS:
+            codes = codes.T.copy()  # [N, K]
 
         def fn(a, c, s, name=name, tuning=tuning, pad_to=pad_to):
             if pad_to:  # XLA's own choice at pad_to rows (the kernel pads to 4 itself)
                 padded = jnp.pad(a, ((0, pad_to - a.shape[0]), (0, 0)))
                 return quant_matmul_reference(padded, c, s)[:a.shape[0]]
+            if name in NK_KERNELS:
+                return NK_KERNELS[name](a, c, s)
             return quant_matmul(a, c, s, kernel=name, tuning=tuning, interpret=interpret)
         row = dict(kernel=name, format=fmt, tile=tile,
                    weight_bytes=k * n + 4 * n)
         try:
-            out = jax.jit(fn)(x, codes, scale)
+            out = compiled(fn, x, codes, scale, options=options)(x, codes, scale)
             row["rel_error"] = rel_error(out, ref_w8a8 if name.startswith("w8a8") else refs[fmt])
-            row["us"] = best_time(fn, x, (codes, scale)) * 1e6
+            row["us"] = best_time(fn, x, (codes, scale), options=options) * 1e6
+            if name.endswith("_xla") or name in NK_KERNELS:
+                row["custom_calls"] = custom_calls(fn, x, codes, scale, options=options)
         except Exception as e:  # a tile that does not compile (SMEM, ...) is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
@@ -176,14 +219,15 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
     sw = jnp.max(jnp.abs(w.astype(jnp.float32))) / 448.0
     w_nk = (w.astype(jnp.float32).T / sw).astype(jnp.float8_e4m3fn)
     sx = jnp.float32(1.0)
-    out = jax.jit(fp8_pertensor_pattern)(x8, w_nk, sx, sw)
+    out = compiled(fp8_pertensor_pattern, x8, w_nk, sx, sw, options=options)(x8, w_nk, sx, sw)
     ref = (x8.astype(jnp.float32) @ (w_nk.astype(jnp.float32).T * sw)).astype(jnp.bfloat16)
     rows.append(dict(kernel="fp8_pertensor_xla", format="fp8/tensor", tile=None,
                      weight_bytes=k * n, rel_error=rel_error(out, ref),
                      us=best_time(lambda a, w8, s: fp8_pertensor_pattern(a, w8, sx, s), x8,
-                                  (w_nk, sw)) * 1e6,
+                                  (w_nk, sw), options=options) * 1e6,
                      cublas_f8=any("f8" in c for c in custom_calls(fp8_pertensor_pattern, x8,
-                                                                     w_nk, sx, sw))))
+                                                                     w_nk, sx, sw,
+                                                                     options=options))))
     for row in rows:
         row.update(m=m, k=k, n=n)
         if "us" in row:
@@ -212,7 +256,7 @@ def best_per_m(rows: list[dict]) -> dict:
     """Per M and format: the fastest correct kernel+tile summed over the four shapes."""
     totals: dict = {}
     for r in rows:
-        if r.get("ok") and r["kernel"] not in ("bf16_xla", "fp8_pertensor_xla"):
+        if r.get("ok") and r["kernel"] not in ("bf16_xla", "fp8_pertensor_xla", *NK_KERNELS):
             key = (r["m"], r["format"], r["kernel"], r["tile"])
             totals.setdefault(key, []).append(r["us"])
     shapes = len({(r["k"], r["n"]) for r in rows})
@@ -239,14 +283,22 @@ def main() -> None:
     parser.add_argument("--gemv-tiles", nargs="+", default=list(GEMV_TILES),
                         help="w8a16_gemv configs at M <= 8: block_k x block_n / splits (0: auto) "
                              "/ warps / stages")
+    parser.add_argument("--step-options", action="store_true",
+                        help="compile with the engine's options for an M-token step")
+    parser.add_argument("--nk", action="store_true",
+                        help="also the XLA paths with the codes stored [N, K]")
+    parser.add_argument("--no-tiles", action="store_true",
+                        help="no Pallas tile kernels (XLA's paths and the GEMV only)")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     rows = []
     for m in args.m:
         for shape in args.shapes:
             k, n = SHAPES[shape] if shape in SHAPES else (int(v) for v in shape.split("x"))
-            tiles = args.tiles or list(SMALL_M_TILES if m <= 16 else LARGE_M_TILES)
-            shape_rows = bench_shape(m, k, n, tiles, args.gemv_tiles, interpret=args.interpret)
+            tiles = [] if args.no_tiles else (args.tiles or list(SMALL_M_TILES if m <= 16
+                                                                  else LARGE_M_TILES))
+            shape_rows = bench_shape(m, k, n, tiles, args.gemv_tiles, interpret=args.interpret,
+                                     step_options=args.step_options, nk=args.nk)
             for row in shape_rows:
                 row["shape"] = shape
                 print(json.dumps(row), flush=True)
