@@ -183,7 +183,7 @@ for label in $stages; do
     quant-matmul-prefill) run quant-matmul-prefill 590 python3 bench/quant_matmul.py \
              --m 256 1024 2048 --out "$OUT/quant-matmul-prefill" ;;
     quant-matmul-large) run quant-matmul-large 590 python3 bench/quant_matmul.py --m 256 2048 \
-             --step-options --nk --no-tiles --out "$OUT/quant-matmul-large" ;;
+             --step-options --kn --no-tiles --out "$OUT/quant-matmul-large" ;;
     kernel-tests-quant) run kernel-tests-quant 300 python3 -m pytest -m gpu -q \
              -p no:cacheprovider tests/test_kernel_quant_matmul.py ;;
     decode-fp8w) run decode-fp8w-bf16 420 python3 bench/decode_steps.py --batches 1 16 64 256 \

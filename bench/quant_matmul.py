@@ -12,10 +12,10 @@ checks it against its jnp reference (dequantize, then matmul in f32):
 - ``w8a16_pallas`` (fp8, int8) with each ``--tiles`` config: pallas_kernels/quant_matmul.py;
 - ``w8a8_pallas`` (fp8) with each tile config: per-token fp8 activations, fp8 x fp8 tile dots;
 - ``w8a8_xla`` (fp8): the same activations, XLA's fp8 ``dot_general`` and an XLA epilogue;
-- ``w8a8_xla_nk`` / ``dequant_xla_nk`` (fp8, ``--nk``): the same two XLA paths with the codes
-  stored ``[N, K]`` (K-major, the layout cuBLASLt's fp8 GEMM takes: "TN"), so XLA needs no
-  transpose of the weights to hand them to an fp8 GEMM; ``custom_calls`` in the row names the
-  GEMM XLA chose;
+- ``w8a8_xla_kn`` / ``dequant_xla_kn`` (fp8, ``--kn``): the same two XLA paths with the codes
+  stored ``[K, N]``, the layout before 2026-12-08 (the library stores them ``[N, K]``, the
+  K-contiguous layout cuBLASLt's fp8 GEMM takes); ``custom_calls`` in the XLA rows names the GEMM
+  XLA chose;
 - ``fp8_pertensor_xla``: the pattern XLA's GemmRewriter turns into an fp8 cuBLASLt GEMM
   (convert -> multiply by a *scalar* scale -> dot, weights stored [N, K]); per-tensor scales
   only, so it is a yardstick of what cuBLASLt fp8 gives, not a kernel the model can use with
@@ -49,7 +49,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import emit  # noqa: E402
 
 from jaxpaged.pallas_kernels.quant_gemv import GEMV_MAX_ROWS, GemvTuning  # noqa: E402
-from jaxpaged.pallas_kernels.quant_matmul import (MatmulTuning, quant_matmul,  # noqa: E402
+from jaxpaged.pallas_kernels.quant_matmul import (DEQUANT_MIN_ROWS, MatmulTuning,  # noqa: E402
+                                                  quant_matmul,
                                                   quant_matmul_reference, quantize_rows,
                                                   quantize_weight, w8a8_reference)
 from jaxpaged.runner.compiler_options import step_compiler_options  # noqa: E402
@@ -138,7 +139,7 @@ def custom_calls(fn: Callable, *args, options: dict | None = None) -> list[str]:
                    for line in text.splitlines() if 'custom_call_target="' in line})
 
 
-def candidates(m: int, tiles: list[str], gemv_tiles: list[str], nk: bool = False
+def candidates(m: int, tiles: list[str], gemv_tiles: list[str], kn: bool = False
                ) -> list[tuple[str, str, str | None]]:
     """(name, weight format, tile) of every candidate at M tokens."""
     rows = [("dequant_xla", fmt, None) for fmt in ("fp8", "int8")]
@@ -150,33 +151,36 @@ def candidates(m: int, tiles: list[str], gemv_tiles: list[str], nk: bool = False
     rows += [("w8a16_pallas", fmt, t) for fmt in ("fp8", "int8") for t in tiles]
     rows += [("w8a8_pallas", "fp8", t) for t in tiles]
     rows.append(("w8a8_xla", "fp8", None))
-    if nk:
-        rows += [("w8a8_xla_nk", "fp8", None), ("dequant_xla_nk", "fp8", None)]
+    if kn:
+        rows += [("w8a8_xla_kn", "fp8", None), ("dequant_xla_kn", "fp8", None)]
     return rows
 
 
-def w8a8_xla_nk(x: jax.Array, codes_nk: jax.Array, scale: jax.Array) -> jax.Array:
-    """x [M, K] bf16, codes_nk [N, K] e4m3, scale f32[N] -> [M, N]: per-token fp8 x, an fp8 dot
-    over K of both (f32 out), the per-token x per-channel epilogue."""
+def w8a8_xla_kn(x: jax.Array, codes_kn: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [M, K] bf16, codes_kn [K, N] e4m3, scale f32[N] -> [M, N]: per-token fp8 x, XLA's fp8
+    dot (x's dtype out), the per-token x per-channel epilogue."""
     x_codes, x_scale = quantize_rows(x)
-    acc = jax.lax.dot_general(x_codes, codes_nk, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)  # f32[M, N]
-    return (acc * x_scale[:, None] * scale[None, :]).astype(x.dtype)
+    acc = jax.lax.dot_general(x_codes, codes_kn, (((1,), (0,)), ((), ())),
+                              preferred_element_type=x.dtype)  # [M, N]
+    return (acc.astype(jnp.float32) * x_scale[:, None] * scale[None, :]).astype(x.dtype)
 
 
-def dequant_xla_nk(x: jax.Array, codes_nk: jax.Array, scale: jax.Array) -> jax.Array:
-    """x [M, K], codes_nk [N, K] -> ``(x @ codes_nk.T.astype(x.dtype)) * scale``."""
-    acc = jax.lax.dot_general(x, codes_nk.astype(x.dtype), (((1,), (1,)), ((), ())),
+def dequant_xla_kn(x: jax.Array, codes_kn: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [M, K], codes_kn [K, N] -> ``(x @ codes_kn.astype(x.dtype)) * scale``, x padded to
+    ``DEQUANT_MIN_ROWS`` rows as the library's ``dequant_xla`` does."""
+    m = x.shape[0]
+    padded = jnp.pad(x, ((0, max(0, DEQUANT_MIN_ROWS - m)), (0, 0)))
+    acc = jax.lax.dot_general(padded, codes_kn.astype(x.dtype), (((1,), (0,)), ((), ())),
                               preferred_element_type=jnp.float32)
-    return (acc * scale).astype(x.dtype)
+    return (acc * scale).astype(x.dtype)[:m]
 
 
-NK_KERNELS = {"w8a8_xla_nk": w8a8_xla_nk, "dequant_xla_nk": dequant_xla_nk}
+KN_KERNELS = {"w8a8_xla_kn": w8a8_xla_kn, "dequant_xla_kn": dequant_xla_kn}
 
 
 def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str], *,
                 interpret: bool = False, step_options: bool = False,
-                nk: bool = False) -> list[dict]:
+                kn: bool = False) -> list[dict]:
     options = step_compiler_options(m, jax.default_backend()) if step_options else None
     key_x, key_w = jax.random.split(jax.random.key(m * 7 + n))
     x = jax.random.normal(key_x, (m, k), jnp.bfloat16)
@@ -188,20 +192,20 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
     quantized = {fmt: quantize_weight(w, fmt) for fmt in ("fp8", "int8")}
     refs = {fmt: quant_matmul_reference(x, *quantized[fmt]) for fmt in ("fp8", "int8")}
     ref_w8a8 = w8a8_reference(x, *quantized["fp8"])
-    for name, fmt, tile in candidates(m, tiles, gemv_tiles, nk):
+    for name, fmt, tile in candidates(m, tiles, gemv_tiles, kn):
         pad_to = int(tile[3:]) if tile and tile.startswith("pad") else None
         tuning = (None if tile is None or pad_to else parse_gemv_tile(tile)
                   if name == "w8a16_gemv" else parse_tile(tile))
         codes, scale = quantized[fmt]
-        if name in NK_KERNELS:
-            codes = codes.T.copy()  # [N, K]
+        if name in KN_KERNELS:
+            codes = codes.T.copy()  # [K, N]
 
         def fn(a, c, s, name=name, tuning=tuning, pad_to=pad_to):
             if pad_to:  # XLA's own choice at pad_to rows (the kernel pads to 4 itself)
                 padded = jnp.pad(a, ((0, pad_to - a.shape[0]), (0, 0)))
                 return quant_matmul_reference(padded, c, s)[:a.shape[0]]
-            if name in NK_KERNELS:
-                return NK_KERNELS[name](a, c, s)
+            if name in KN_KERNELS:
+                return KN_KERNELS[name](a, c, s)
             return quant_matmul(a, c, s, kernel=name, tuning=tuning, interpret=interpret)
         row = dict(kernel=name, format=fmt, tile=tile,
                    weight_bytes=k * n + 4 * n)
@@ -209,7 +213,7 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
             out = compiled(fn, x, codes, scale, options=options)(x, codes, scale)
             row["rel_error"] = rel_error(out, ref_w8a8 if name.startswith("w8a8") else refs[fmt])
             row["us"] = best_time(fn, x, (codes, scale), options=options) * 1e6
-            if name.endswith("_xla") or name in NK_KERNELS:
+            if name.endswith("_xla") or name in KN_KERNELS:
                 row["custom_calls"] = custom_calls(fn, x, codes, scale, options=options)
         except Exception as e:  # a tile that does not compile (SMEM, ...) is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -256,7 +260,7 @@ def best_per_m(rows: list[dict]) -> dict:
     """Per M and format: the fastest correct kernel+tile summed over the four shapes."""
     totals: dict = {}
     for r in rows:
-        if r.get("ok") and r["kernel"] not in ("bf16_xla", "fp8_pertensor_xla", *NK_KERNELS):
+        if r.get("ok") and r["kernel"] not in ("bf16_xla", "fp8_pertensor_xla", *KN_KERNELS):
             key = (r["m"], r["format"], r["kernel"], r["tile"])
             totals.setdefault(key, []).append(r["us"])
     shapes = len({(r["k"], r["n"]) for r in rows})
@@ -285,8 +289,8 @@ def main() -> None:
                              "/ warps / stages")
     parser.add_argument("--step-options", action="store_true",
                         help="compile with the engine's options for an M-token step")
-    parser.add_argument("--nk", action="store_true",
-                        help="also the XLA paths with the codes stored [N, K]")
+    parser.add_argument("--kn", action="store_true",
+                        help="also the XLA paths with the codes stored [K, N] (the old layout)")
     parser.add_argument("--no-tiles", action="store_true",
                         help="no Pallas tile kernels (XLA's paths and the GEMV only)")
     parser.add_argument("--out", type=pathlib.Path)
@@ -298,7 +302,7 @@ def main() -> None:
             tiles = [] if args.no_tiles else (args.tiles or list(SMALL_M_TILES if m <= 16
                                                                   else LARGE_M_TILES))
             shape_rows = bench_shape(m, k, n, tiles, args.gemv_tiles, interpret=args.interpret,
-                                     step_options=args.step_options, nk=args.nk)
+                                     step_options=args.step_options, kn=args.kn)
             for row in shape_rows:
                 row["shape"] = shape
                 print(json.dumps(row), flush=True)

@@ -5,7 +5,8 @@ duplicate or mis-shaped tensor is a ``ValueError`` that names it. HF's split-hal
 q/k need no permutation. See ``jaxpaged.models.llama`` for the target layout.
 
 Pre-quantized FP8 checkpoints (``quantized=True``; ``converters.quant_config`` reads which
-layout): each projection's ``weight`` holds E4M3 codes, kept as they are, and its
+layout): each projection's ``weight`` holds E4M3 codes, kept as they are (output-major, the
+layout ``pallas_kernels.quant_matmul`` reads, as HF stores them), and its
 ``weight_scale`` (per tensor: a scalar or [1]; per channel: [out] or [out, 1]) becomes the
 per-output-channel scales of the tree (a per-tensor scale repeated over its module's rows: q, k
 and v, gate and up keep their own scales in the fused weights). ``input_scale`` (static
@@ -23,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.linear import QUANTIZED_WEIGHTS
 
 from jaxpaged.converters.hf_reader import iter_tensors
 from jaxpaged.converters.kv_scales import kv_scale_key
@@ -122,7 +124,7 @@ def params_from_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(f"missing tensor(s) {', '.join(map(repr, missing[:5]))}{more}")
-    return builder.tree
+    return builder.finish()
 
 
 def _check_per_tensor(name: str, array: np.ndarray) -> None:
@@ -220,6 +222,16 @@ class _TreeBuilder:
                 mlp["w_down"][layer] = w.T
             else:
                 mlp["b_down"][layer] = w
+
+    def finish(self) -> dict[str, Any]:
+        """The tree; quantized projections' codes turned output-major, ``[L, *out, K]``
+        (``pallas_kernels.quant_matmul``'s layout), as contiguous arrays."""
+        if self.quantized:
+            for group in (self.tree["layers"]["attn"], self.tree["layers"]["mlp"]):
+                for key in QUANTIZED_WEIGHTS:
+                    if key in group:
+                        group[key] = np.ascontiguousarray(np.moveaxis(group[key], 1, -1))
+        return self.tree
 
     def put_scale(self, name: str, scale: np.ndarray) -> None:
         """A projection's f32[out] scales, laid out like its weight's output axes."""

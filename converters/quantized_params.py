@@ -1,7 +1,7 @@
 """Quantize a parameter tree's projections (``jaxpaged.models.linear.QUANTIZED_WEIGHTS``).
 
-Each such weight ``w [*in, *out]`` becomes its codes (same shape, fp8/int8) plus a sibling
-``<name>_scale f32[*out]``; every other leaf is left as it is. Used when loading an unquantized
+Each such weight ``w [*in, *out]`` becomes its codes (fp8/int8, output-major ``[*out, *in]``:
+``pallas_kernels.quant_matmul``'s layout) plus a sibling ``<name>_scale f32[*out]``; every other leaf is left as it is. Used when loading an unquantized
 checkpoint with ``quantization`` (on the device, one layer's tensor at a time, so the bf16 model
 never sits on the device whole) and by ``jaxpaged convert --quantization`` (on the host, over the
 checkpoint's stacked [L, ...] arrays).
@@ -51,7 +51,7 @@ def quantize_on_device(tree: dict[str, Any], method: str, put: Callable[[Any, An
         if isinstance(t, dict):
             out[key] = quantize_on_device(tree[key], method, put, t)
         elif key in QUANTIZED_WEIGHTS and scale_name(key) in target:
-            w = jax.device_put(tree[key], t.sharding)
+            w = jax.device_put(tree[key], t.sharding)  # one device: the codes' placement fits
             codes, scale = _device_quantizer(method)(w)
             del w
             out[key], out[scale_name(key)] = codes, jax.device_put(scale,
@@ -64,8 +64,8 @@ def quantize_on_device(tree: dict[str, Any], method: str, put: Callable[[Any, An
 
 
 def quantize_stacked_on_host(tree: dict[str, Any], method: str) -> dict[str, Any]:
-    """Checkpoint tree with [L, *in, *out] projection weights -> codes [L, ...] and f32 scales
-    [L, *out] as numpy (the layers quantized one at a time, on the default device)."""
+    """Checkpoint tree with [L, *in, *out] projection weights -> codes [L, *out, *in] and f32
+    scales [L, *out] as numpy (the layers quantized one at a time, on the default device)."""
     quantizer = _device_quantizer(method)
 
     def quantize(stacked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,13 +1,12 @@
 """Weight-only quantized GEMV for decode-sized token counts: ``x @ dequantize(codes, scale)``.
 
 A decode step multiplies a few token rows by every weight once, so its matmuls are bound by the
-bytes of the weights. Tensor-core tiles need at least 16 rows and, for 8-bit codes stored
-``[K, N]``, a transposed operand load that Triton does slowly; this kernel uses the CUDA cores
-instead. Each program owns ``block_n`` output columns and one of ``splits`` parts of K. Per step
-of its loop it loads a ``[block_k, block_n]`` tile of 1-byte codes (each thread 16 contiguous
-bytes of one row), converts them to f32 in registers and adds ``x[m, k] * code[k, n]`` into a
-``[block_k, block_n]`` f32 accumulator per token row: no reduction across threads inside the loop,
-one reduction over ``block_k`` at the end. The per-channel scale multiplies the finished column
+bytes of the weights. Tensor-core tiles need at least 16 rows; this kernel uses the CUDA cores
+instead. Codes are ``[N, K]`` (quant_matmul's layout). Each program owns ``block_n`` output
+channels and one of ``splits`` parts of K. Per step of its loop it loads a ``[block_n, block_k]``
+tile of 1-byte codes (K-contiguous rows), converts them to f32 in registers and adds
+``x[m, k] * code[n, k]`` into a ``[block_n, block_k]`` f32 accumulator per token row: no reduction
+across threads inside the loop, one reduction over ``block_k`` at the end. The per-channel scale multiplies the finished column
 sums (``x @ (code * scale) == (x @ code) * scale``); with several splits the partial f32 sums
 are added in XLA first.
 """
@@ -57,34 +56,34 @@ def gemv_fits(m: int, k: int, n: int) -> bool:
 
 def quant_gemv(x: jax.Array, codes: jax.Array, scale: jax.Array, *,
                tuning: GemvTuning | None = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] (bf16/f32, M <= ``GEMV_MAX_ROWS``) @ dequantize(codes [K, N], scale f32[N]) ->
+    """x [M, K] (bf16/f32, M <= ``GEMV_MAX_ROWS``) @ dequantize(codes [N, K], scale f32[N]) ->
     [M, N] in x's dtype, f32 sums."""
     m, k = x.shape
-    if codes.ndim != 2 or codes.shape[0] != k or scale.shape != (codes.shape[1],):
-        raise ValueError(f"codes must be [K={k}, N] with scale [N], got {codes.shape} and "
+    if codes.ndim != 2 or codes.shape[1] != k or scale.shape != (codes.shape[0],):
+        raise ValueError(f"codes must be [N, K={k}] with scale [N], got {codes.shape} and "
                          f"{scale.shape}")
-    if not gemv_fits(m, k, codes.shape[1]):
+    if not gemv_fits(m, k, codes.shape[0]):
         raise ValueError(f"quant_gemv takes 1..{GEMV_MAX_ROWS} rows and K, N divisible by "
-                         f"{MIN_BLOCK}, got M={m}, K={k}, N={codes.shape[1]}")
+                         f"{MIN_BLOCK}, got M={m}, K={k}, N={codes.shape[0]}")
     return _gemv(x, codes, scale, tuning=tuning or GemvTuning(), interpret=interpret)
 
 
 def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, rows: int, block_k: int, k_steps: int,
                  epilogue: bool):
-    """x [rows, Ks], codes [Ks, bn], scale f32[bn] -> out [rows, bn] (``epilogue``: scaled, in
+    """x [rows, Ks], codes [bn, Ks], scale f32[bn] -> out [rows, bn] (``epilogue``: scaled, in
     x's dtype; else this split's raw f32 sums)."""
-    block_n = w_ref.shape[1]
+    block_n = w_ref.shape[0]
 
     def body(step, accs):
         start = pl.multiple_of(step * block_k, block_k)
-        w = w_ref[pl.ds(start, block_k), :].astype(jnp.float32)  # [bk, bn]
-        return tuple(acc + x_ref[row, pl.ds(start, block_k)].astype(jnp.float32)[:, None] * w
+        w = w_ref[:, pl.ds(start, block_k)].astype(jnp.float32)  # [bn, bk]
+        return tuple(acc + x_ref[row, pl.ds(start, block_k)].astype(jnp.float32)[None, :] * w
                      for row, acc in enumerate(accs))
 
-    zeros = tuple(jnp.zeros((block_k, block_n), jnp.float32) for _ in range(rows))
+    zeros = tuple(jnp.zeros((block_n, block_k), jnp.float32) for _ in range(rows))
     accs = lax.fori_loop(0, k_steps, body, zeros)
     for row, acc in enumerate(accs):
-        sums = jnp.sum(acc, axis=0)  # [bn]
+        sums = jnp.sum(acc, axis=1)  # [bn]
         if epilogue:
             o_ref[row, :] = (sums * s_ref[...]).astype(o_ref.dtype)
         else:
@@ -94,7 +93,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, rows: int, block_k: int, k_steps
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
 def _gemv(x, codes, scale, *, tuning: GemvTuning, interpret: bool):
     m, k = x.shape
-    n = codes.shape[1]
+    n = codes.shape[0]
     rows = pl.next_power_of_2(m)
     block_n = min(tuning.block_n, largest_power_of_2_divisor(n))
     tiles = n // block_n
@@ -106,7 +105,7 @@ def _gemv(x, codes, scale, *, tuning: GemvTuning, interpret: bool):
     x = jnp.pad(x, ((0, rows - m), (0, 0)))
     epilogue = splits == 1
     in_specs = [pl.BlockSpec((rows, k_part), lambda j, s: (0, s)),
-                pl.BlockSpec((k_part, block_n), lambda j, s: (s, j)),
+                pl.BlockSpec((block_n, k_part), lambda j, s: (j, s)),
                 pl.BlockSpec((block_n,), lambda j, s: (j,))]
     if epilogue:
         out_specs = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))

@@ -3,10 +3,17 @@
 Formats (``QUANT_FORMATS``): "fp8" stores each weight as an E4M3 code, "int8" as a signed byte;
 both with one f32 scale per output channel (column of ``w``), so that
 
-    w[k, n] ~= code[k, n] * scale[n]        scale[n] = amax_k |w[k, n]| / code_max
+    w[k, n] ~= code[n, k] * scale[n]        scale[n] = amax_k |w[k, n]| / code_max
 
-and ``x @ w = (x @ code) * scale`` exactly: the scale rides on the output columns, one multiply
+and ``x @ w = (x @ code.T) * scale`` exactly: the scale rides on the output columns, one multiply
 per output element, never per loaded weight.
+
+Layout: codes are stored output-major, ``[N, K]`` (each output channel's K codes contiguous;
+``[*out, *in]`` for multi-axis weights), where an unquantized weight is ``[K, N]``. cuBLASLt's
+fp8 GEMM (what XLA's fp8 ``dot_general`` becomes on Hopper) takes only K-contiguous operands
+("TN"): with ``[K, N]`` codes XLA transposes the weights in every call, which cost more than the
+fp8 GEMM saved (bench/RESULTS.md, 2026-12-08). Hugging Face's pre-quantized checkpoints store
+``[out, in]`` too.
 
 Kernels (``MATMUL_KERNELS``); each computes the same product, they differ in where it runs:
 - "dequant_xla": ``(x @ code.astype(x.dtype)) * scale`` in XLA (the jnp reference), with x padded
@@ -20,7 +27,8 @@ Kernels (``MATMUL_KERNELS``); each computes the same product, they differ in whe
 - "w8a8_pallas" (fp8 only): the activations quantized per token to E4M3 (``quantize_rows``), an
   fp8 x fp8 tile dot with f32 accumulation and a per-token x per-channel scale epilogue.
 - "w8a8_xla" (fp8 only): the same activation quantization, then XLA's fp8 ``dot_general``
-  (f32 output) and the epilogue in XLA.
+  (a cuBLASLt fp8 GEMM on Hopper; output in x's dtype, f32 sums) and the per-token x
+  per-channel scale epilogue in XLA.
 
 Which kernel runs at which token count is ``KERNEL_BY_TOKENS`` (chosen by GPU measurement with
 bench/quant_matmul.py; see bench/RESULTS.md). Off the GPU "auto" is the reference.
@@ -48,13 +56,14 @@ CODE_MAX = {"fp8": 448.0, "int8": 127.0}
 MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_gemv", "w8a16_pallas", "w8a8_pallas", "w8a8_xla")
 
 # Token count M -> kernel, per format: the first row whose bound is >= M wins (None: any M).
-# The defaults until the GPU measurement (bench/quant_matmul.py) decides: the W8A16 Pallas
-# kernel where the step reads weights (decode), XLA's dequantize + dot where it computes (prefill).
-# The first H200 sweep found no Pallas kernel faster than XLA's dequantize-then-dot summed over the
-# Llama-3-8B projections at any M (bench/RESULTS.md, 2026-12-03 second session), and the W8A16
-# Pallas kernel far slower at M = 256: XLA's path everywhere until a kernel beats it.
+# Chosen by GPU measurement (bench/quant_matmul.py, bench/RESULTS.md): no Pallas kernel beat
+# XLA's dequantize + dot (x padded to DEQUANT_MIN_ROWS) at decode token counts. Above ``DEQUANT_MAX_TOKENS`` (the token count from which model steps compile without XLA's
+# Triton GEMMs, runner.compiler_options.TRITON_GEMM_MAX_TOKENS) dequantize + dot becomes a bf16
+# copy of the weights and a bf16 GEMM, slower than bf16; fp8 weights take W8A8's fp8 GEMM there
+# (bench/RESULTS.md, 2026-12-08).
+DEQUANT_MAX_TOKENS = 16
 KERNEL_BY_TOKENS: dict[str, tuple[tuple[int | None, str], ...]] = {
-    "fp8": ((None, "dequant_xla"),),
+    "fp8": ((DEQUANT_MAX_TOKENS, "dequant_xla"), (None, "w8a8_xla")),
     "int8": ((None, "dequant_xla"),),
 }
 # "dequant_xla" pads x to this many rows (see the module docstring).
@@ -113,16 +122,29 @@ def validate_format(quantization: str) -> None:
 
 def quantize_weight(w: jax.Array, quantization: str, *, in_axes: int = 1
                     ) -> tuple[jax.Array, jax.Array]:
-    """w: [*in, *out] (``in_axes`` leading input axes) -> (codes of w's shape, f32 scale[*out]).
+    """w: [*in, *out] (``in_axes`` leading input axes) -> (codes [*out, *in], f32 scale[*out]).
 
     One scale per output channel: amax over the input axes / the format's largest code (an
     all-zero channel gets scale 1). int8 codes round to nearest; fp8 codes round to nearest even
-    (the cast)."""
+    (the cast). The codes come output-major (the module docstring's layout)."""
     validate_format(quantization)
     w32 = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(w32), axis=tuple(range(in_axes)))  # [*out]
     scale = jnp.where(amax > 0, amax / CODE_MAX[quantization], 1.0).astype(jnp.float32)
-    return encode(w32 / scale, quantization), scale
+    return to_output_major(encode(w32 / scale, quantization), in_axes), scale
+
+
+def to_output_major(w, in_axes: int = 1):
+    """[*in, *out] -> [*out, *in] (jax or numpy arrays; a copy in numpy's case only when read)."""
+    axes = tuple(range(in_axes, w.ndim)) + tuple(range(in_axes))
+    return w.transpose(axes)
+
+
+def to_input_major(codes, in_axes: int = 1):
+    """[*out, *in] -> [*in, *out]: ``to_output_major``'s inverse."""
+    out_axes = codes.ndim - in_axes
+    axes = tuple(range(out_axes, codes.ndim)) + tuple(range(out_axes))
+    return codes.transpose(axes)
 
 
 def encode(quotient: jax.Array, quantization: str) -> jax.Array:
@@ -134,9 +156,11 @@ def encode(quotient: jax.Array, quantization: str) -> jax.Array:
     return clipped.astype(WEIGHT_DTYPES["fp8"])
 
 
-def dequantize_weight(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """codes [*in, *out], scale [*out] -> values [*in, *out] in ``dtype``."""
-    return (codes.astype(jnp.float32) * scale).astype(dtype)
+def dequantize_weight(codes: jax.Array, scale: jax.Array, dtype=jnp.float32, *,
+                      in_axes: int = 1) -> jax.Array:
+    """codes [*out, *in], scale [*out] -> values [*in, *out] in ``dtype``."""
+    values = codes.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * in_axes)
+    return to_input_major(values, in_axes).astype(dtype)
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -172,14 +196,14 @@ def choose_kernel(kernel: str, quantization: str, m: int, k: int, n: int) -> str
 def quant_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, kernel: str = "auto",
                  tuning: MatmulTuning | GemvTuning | None = None, interpret: bool = False
                  ) -> jax.Array:
-    """x [M, K] (bf16/f32) @ dequantize(codes [K, N], scale f32[N]) -> [M, N] in x's dtype.
+    """x [M, K] (bf16/f32) @ dequantize(codes [N, K], scale f32[N]) -> [M, N] in x's dtype.
     ``tuning``: a ``GemvTuning`` for "w8a16_gemv", a ``MatmulTuning`` for the tile kernels."""
     m, k = x.shape
-    if codes.ndim != 2 or codes.shape[0] != k or scale.shape != codes.shape[1:]:
-        raise ValueError(f"codes must be [K={k}, N] with scale [N], got {codes.shape} and "
+    if codes.ndim != 2 or codes.shape[1] != k or scale.shape != codes.shape[:1]:
+        raise ValueError(f"codes must be [N, K={k}] with scale [N], got {codes.shape} and "
                          f"{scale.shape}")
     quantization = _format_of(codes.dtype)
-    n = codes.shape[1]
+    n = codes.shape[0]
     name = choose_kernel(kernel, quantization, m, k, n)
     if name == "dequant_xla":
         return _dequant_xla(x, codes, scale)
@@ -197,8 +221,9 @@ def quant_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, kernel: st
 
 
 def quant_matmul_reference(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
-    """Dequantize then matmul, in XLA: ``(x @ codes.astype(x.dtype)) * scale`` with f32 sums."""
-    acc = lax.dot_general(x, codes.astype(x.dtype), (((1,), (0,)), ((), ())),
+    """Dequantize then matmul, in XLA: ``(x @ codes.T.astype(x.dtype)) * scale`` with f32 sums.
+    x [M, K], codes [N, K], scale f32[N] -> [M, N]."""
+    acc = lax.dot_general(x, codes.astype(x.dtype), (((1,), (1,)), ((), ())),
                           precision=dot_precision(x.dtype), preferred_element_type=jnp.float32)
     return (acc * scale).astype(x.dtype)
 
@@ -229,10 +254,12 @@ def _format_of(dtype) -> str:
 
 
 def _w8a8_xla(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [M, K], codes [N, K] e4m3 -> [M, N]. The fp8 GEMM writes x's dtype (its sums are f32
+    inside; an f32 output would double the bytes the epilogue reads and writes)."""
     x_codes, x_scale = quantize_rows(x)  # [M, K] e4m3, f32[M]
-    acc = lax.dot_general(x_codes, codes, (((1,), (0,)), ((), ())),
-                          preferred_element_type=jnp.float32)
-    return (acc * x_scale[:, None] * scale[None, :]).astype(x.dtype)
+    acc = lax.dot_general(x_codes, codes, (((1,), (1,)), ((), ())),
+                          preferred_element_type=x.dtype)  # [M, N]
+    return (acc.astype(jnp.float32) * x_scale[:, None] * scale[None, :]).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +270,7 @@ def _matmul_kernel(*refs, block_k: int, k_steps: int, activations_fp8: bool, epi
     """One [block_m, block_n] output tile over this program's K range.
 
     refs: x [bm, Ks] (bf16/f32, or e4m3 codes), [x_scale f32[bm] if activations_fp8],
-    codes [Ks, bn], scale f32[bn], out [bm, bn] (``epilogue``: scaled, x's dtype; else raw f32
+    codes [bn, Ks], scale f32[bn], out [bm, bn] (``epilogue``: scaled, x's dtype; else raw f32
     partial sums of one split)."""
     if activations_fp8:
         x_ref, xs_ref, w_ref, s_ref, o_ref = refs
@@ -254,10 +281,10 @@ def _matmul_kernel(*refs, block_k: int, k_steps: int, activations_fp8: bool, epi
     def body(step, acc):
         start = pl.multiple_of(step * block_k, block_k)
         x = x_ref[:, pl.ds(start, block_k)]  # [bm, bk]
-        w = w_ref[pl.ds(start, block_k), :]  # [bk, bn] codes
+        w = w_ref[:, pl.ds(start, block_k)]  # [bn, bk] codes
         if not activations_fp8:
             w = w.astype(x.dtype)  # exact: every int8 / e4m3 code is a bf16 value
-        return acc + lax.dot_general(x, w, (((1,), (0,)), ((), ())),
+        return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())),
                                      precision=dot_precision(x.dtype),
                                      preferred_element_type=jnp.float32)
 
@@ -274,7 +301,7 @@ def _matmul_kernel(*refs, block_k: int, k_steps: int, activations_fp8: bool, epi
 def _pallas_matmul(x, codes, scale, *, tuning: MatmulTuning, activations_fp8: bool,
                    interpret: bool):
     m, k = x.shape
-    n = codes.shape[1]
+    n = codes.shape[0]
     block_m = max(MIN_TILE, min(tuning.block_m, pl.next_power_of_2(m)))
     block_n = min(tuning.block_n, largest_power_of_2_divisor(n))
     tiles = pl.cdiv(m, block_m) * (n // block_n)
@@ -296,7 +323,7 @@ def _pallas_matmul(x, codes, scale, *, tuning: MatmulTuning, activations_fp8: bo
     in_specs = [pl.BlockSpec((block_m, k_part), lambda i, j, s: (i, s))]
     if activations_fp8:
         in_specs.append(pl.BlockSpec((block_m,), lambda i, j, s: (i,)))
-    in_specs += [pl.BlockSpec((k_part, block_n), lambda i, j, s: (s, j)),
+    in_specs += [pl.BlockSpec((block_n, k_part), lambda i, j, s: (j, s)),
                  pl.BlockSpec((block_n,), lambda i, j, s: (j,))]
     epilogue = splits == 1
     if epilogue:

@@ -291,9 +291,10 @@ QUANT_MATMUL_LOWERINGS = [  # (M, K, N, kernel, weight dtype, tuning)
 @pytest.mark.parametrize("m,k,n,kernel,dtype,tuning", QUANT_MATMUL_LOWERINGS)
 def test_quant_matmul_lowers(m, k, n, kernel, dtype, tuning):
     fn = jax.jit(quant_matmul, static_argnames=("kernel", "tuning", "interpret"))
-    text = _lower_for_h100(fn, _sds((m, k), BF16), _sds((k, n), dtype), _sds((n,), F32),
+    text = _lower_for_h100(fn, _sds((m, k), BF16), _sds((n, k), dtype), _sds((n,), F32),
                            kernel=kernel, tuning=tuning)
     assert text.count(TRITON_CALL) == 1
-    codes = f"tensor<{k}x{n}x{'f8E4M3FN' if dtype == E4M3 else 'i8'}>"
+    codes = f"tensor<{n}x{k}x{'f8E4M3FN' if dtype == E4M3 else 'i8'}>"  # output-major codes
     assert codes in text  # the kernel reads the codes: no XLA convert of the weights to bf16
-    assert f"tensor<{k}x{n}xbf16>" not in text
+    assert f"tensor<{n}x{k}xbf16>" not in text and f"tensor<{k}x{n}xbf16>" not in text
+    assert k == n or f"tensor<{k}x{n}x" not in text  # nor an XLA transpose of them

@@ -12,7 +12,7 @@ import pytest
 from jaxpaged.pallas_kernels.quant_matmul import (CODE_MAX, DEQUANT_MIN_ROWS, MatmulTuning,
                                                    choose_kernel, dequantize_weight,
                                                    quant_matmul, quant_matmul_reference,
-                                                   quantize_rows, quantize_weight,
+                                                   quantize_rows, quantize_weight, to_input_major,
                                                    w8a8_reference)
 from jaxpaged.pallas_kernels.quant_gemv import GEMV_MAX_ROWS, GemvTuning, quant_gemv
 from kernel_testing import relative_error
@@ -32,9 +32,10 @@ def test_fp8_round_trip_is_within_half_a_step_and_codes_are_numpys():
     w = _weights(0, 256, 48)
     codes, scale = quantize_weight(jnp.asarray(w), "fp8")
     assert codes.dtype == jnp.float8_e4m3fn and scale.shape == (48,) and scale.dtype == jnp.float32
+    assert codes.shape == (48, 256)  # output-major: [N, K]
     expected_scale = np.abs(w).max(axis=0) / 448.0
     np.testing.assert_allclose(np.asarray(scale), expected_scale, rtol=1e-6)
-    expected_codes = (w / expected_scale).astype(ml_dtypes.float8_e4m3fn)  # independent: numpy
+    expected_codes = (w / expected_scale).astype(ml_dtypes.float8_e4m3fn).T  # independent: numpy
     assert (np.asarray(codes).astype(np.float32) == expected_codes.astype(np.float32)).mean() > 0.999
     back = np.asarray(dequantize_weight(codes, scale))
     normal = np.abs(w / expected_scale) >= 2.0 ** -6  # e4m3's normal range
@@ -50,14 +51,20 @@ def test_int8_round_trip_is_within_half_a_code_per_channel():
     back = np.asarray(dequantize_weight(codes, scale))
     assert (np.abs(back - w) <= 0.5 * step[None, :] * (1 + 1e-5)).all()
     assert np.asarray(codes).min() >= -127 and np.abs(np.asarray(codes)).max() == 127
+    expected = np.clip(np.round(w / step[None, :]), -127, 127).T  # [N, K], numpy's rounding
+    assert (np.asarray(codes) == expected).mean() > 0.999
 
 
 def test_multi_axis_weights_have_one_scale_per_output_channel():
     w = _weights(2, 64, 3 * 4 * 8).reshape(64, 3, 4, 8)  # like wqkv [hidden, Hkv, G + 2, D]
     codes, scale = quantize_weight(jnp.asarray(w), "int8")
-    assert codes.shape == w.shape and scale.shape == (3, 4, 8)
+    assert codes.shape == (3, 4, 8, 64) and scale.shape == (3, 4, 8)  # [*out, K]
     flat_codes, flat_scale = quantize_weight(jnp.asarray(w.reshape(64, -1)), "int8")
-    np.testing.assert_array_equal(np.asarray(codes).reshape(64, -1), np.asarray(flat_codes))
+    np.testing.assert_array_equal(np.asarray(codes).reshape(-1, 64), np.asarray(flat_codes))
+    np.testing.assert_array_equal(np.asarray(to_input_major(codes)),
+                                  np.asarray(flat_codes).T.reshape(64, 3, 4, 8))
+    back = np.asarray(dequantize_weight(codes, scale))  # [K, *out] again
+    assert back.shape == w.shape and np.abs(back - w).max() <= np.abs(w).max() / 127
     np.testing.assert_array_equal(np.asarray(scale).reshape(-1), np.asarray(flat_scale))
 
 
@@ -136,6 +143,32 @@ def test_codes_of_an_unknown_dtype_are_refused():
     assert CODE_MAX["int8"] == 127.0
 
 
+def test_codes_in_the_input_major_layout_are_refused():
+    codes, scale = quantize_weight(jnp.ones((64, 32)), "fp8")  # codes [32, 64]
+    with pytest.raises(ValueError, match=r"codes must be \[N, K=64\]"):
+        quant_matmul(jnp.ones((1, 64)), codes.T, scale)
+
+
+def test_fp8_weights_take_the_fp8_gemm_where_steps_have_no_triton_gemms():
+    """The table's W8A8 bound is the token count from which model steps compile without XLA's
+    Triton GEMMs (where dequantize + dot stops fusing the conversion)."""
+    from jaxpaged.pallas_kernels.quant_matmul import DEQUANT_MAX_TOKENS, KERNEL_BY_TOKENS
+    from jaxpaged.runner.compiler_options import TRITON_GEMM_MAX_TOKENS
+    assert DEQUANT_MAX_TOKENS == TRITON_GEMM_MAX_TOKENS
+    table = dict(KERNEL_BY_TOKENS["fp8"])
+    assert table[DEQUANT_MAX_TOKENS] == "dequant_xla" and table[None] == "w8a8_xla"
+
+
+def test_w8a8_xla_matches_its_reference_on_the_cpu():
+    w = _weights(41, 128, 64) / np.sqrt(128)
+    x = jnp.asarray(np.random.default_rng(41).standard_normal((24, 128)), jnp.float32)
+    codes, scale = quantize_weight(jnp.asarray(w), "fp8")
+    out = quant_matmul(x, codes, scale, kernel="w8a8_xla")
+    assert out.shape == (24, 64) and out.dtype == jnp.float32
+    assert relative_error(out, w8a8_reference(x, codes, scale)) < 1e-5
+    assert relative_error(out, x @ w) < 2 * FP8_HALF_STEP
+
+
 # ---------------------------------------------------------------------- on the GPU (-m gpu)
 GPU_SHAPES = [(1, 4096, 6144), (5, 14336, 4096), (16, 14336, 4096), (300, 4096, 4096),
               (1024, 4096, 1024)]
@@ -207,5 +240,7 @@ def test_dequant_xla_pads_few_rows_and_gives_the_same_rows(m):
     codes, scale = quantize_weight(jnp.asarray(w), "int8")
     out = quant_matmul(x, codes, scale, kernel="dequant_xla")
     assert out.shape == (m, 48)
-    np.testing.assert_array_equal(np.asarray(out),
-                                  np.asarray(quant_matmul_reference(x, codes, scale)))
+    # the same rows up to f32 summation order (the CPU's dot may order a 4-row product otherwise)
+    np.testing.assert_allclose(np.asarray(out),
+                               np.asarray(quant_matmul_reference(x, codes, scale)), rtol=1e-5,
+                               atol=1e-5)

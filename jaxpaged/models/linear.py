@@ -5,11 +5,14 @@ that uses it holds the parameters under the names the model tree always had (``w
 ``w_gate_up``, ``w_down``), plus, when quantized, ``<name>_scale``: so a bf16 model's tree, its
 checkpoints and its sharding rules are unchanged, and a quantized one only adds scale leaves.
 
-Layout (the same logical axes as the bf16 weight): ``weight [*in, *out]`` holds the codes
-(``float8_e4m3fn`` or ``int8``) and ``scale f32[*out]`` one scale per output channel, so a
-tensor-parallel split of the output axes splits the scales the same way. The matmul flattens
-``*in`` / ``*out`` to K / N (free reshapes) and runs the kernel that
-``pallas_kernels.quant_matmul.choose_kernel`` picks for the step's token count.
+Layout: a bf16 ``weight`` is ``[*in, *out]``; quantized, ``weight [*out, *in]`` holds the codes
+(``float8_e4m3fn`` or ``int8``) output-major, the layout fp8 GEMMs read (see
+``pallas_kernels.quant_matmul``), and ``scale f32[*out]`` one scale per output channel, so a
+tensor-parallel split of the output axes would split the scales the same way (quantized weights
+under tensor parallelism are refused today; ``models.sharding``'s rules name the bf16 layout, so
+they must rotate the codes' axes when that lands). The matmul flattens ``*out`` / ``*in`` to N / K (free
+reshapes) and runs the kernel that ``pallas_kernels.quant_matmul.choose_kernel`` picks for the
+step's token count.
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ class Linear:
         return nnx.Param(codes), nnx.Param(scale)
 
     def __call__(self, x: jax.Array, weight: nnx.Param, scale: nnx.Param | None) -> jax.Array:
-        w = weight[...]  # [K, *out]
+        w = weight[...]  # [K, *out]; quantized: codes [*out, K]
         if scale is None:
             return jnp.tensordot(x, w, axes=1)  # [T, *out]
-        k, out = w.shape[0], w.shape[1:]
-        y = quant_matmul(x, w.reshape(k, -1), scale[...].reshape(-1), kernel=self.quant.kernel)
+        k, out = w.shape[-1], w.shape[:-1]
+        y = quant_matmul(x, w.reshape(-1, k), scale[...].reshape(-1), kernel=self.quant.kernel)
         return y.reshape(x.shape[0], *out)
