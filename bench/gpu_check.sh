@@ -184,6 +184,14 @@ for label in $stages; do
              --m 256 1024 2048 --out "$OUT/quant-matmul-prefill" ;;
     quant-matmul-large) run quant-matmul-large 590 python3 bench/quant_matmul.py --m 256 2048 \
              --step-options --kn --no-tiles --out "$OUT/quant-matmul-large" ;;
+    quant-matmul-down) run quant-matmul-down 400 python3 bench/quant_matmul.py --m 256 2048 \
+             --shapes down --step-options --tiles 64x64x128/1/4/3 128x128x64/1/8/3 \
+             128x64x64/1/4/4 --out "$OUT/quant-matmul-down" ;;
+    kernel-tests-quant-xla) run kernel-tests-quant-xla 200 python3 -m pytest -m gpu -q \
+             -p no:cacheprovider tests/test_kernel_quant_matmul.py -k "w8a8_xla or auto" ;;
+    kernels-fp8-stages) run kernels-fp8-stages 300 python3 bench/kernels.py --no-sweep \
+             --kv-dtype fp8 --fp8-decode-variants \
+             pages_per_step=8+num_stages=3,pages_per_step=8+num_stages=4 --out "$OUT/fp8st" ;;
     kernel-tests-quant) run kernel-tests-quant 300 python3 -m pytest -m gpu -q \
              -p no:cacheprovider tests/test_kernel_quant_matmul.py ;;
     decode-fp8w) run decode-fp8w-bf16 420 python3 bench/decode_steps.py --batches 1 16 64 256 \

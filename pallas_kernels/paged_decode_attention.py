@@ -437,14 +437,18 @@ _FEW_PAIRS_TUNING = DecodeTuning(heads_per_program=2, pages_per_step=2, min_page
 # those of four bf16 pages; measured faster on every shape but the few-pairs one (bench/RESULTS.md,
 # fp8 KV cache).
 _FP8_TUNING = DecodeTuning(pages_per_step=8)
+# Few pairs on fp8 pools: four pipeline stages measured faster than two (bench/RESULTS.md,
+# 2026-12-08, kernel variants).
+_FP8_FEW_PAIRS_TUNING = dataclasses.replace(_FEW_PAIRS_TUNING, num_stages=4)
 
 
 def default_decode_tuning(num_seqs: int, num_kv_heads: int,
                           kv_dtype: jnp.dtype | None = None) -> DecodeTuning:
     """The kernel structure measured fastest for this decode shape (and pool dtype)."""
+    fp8 = kv_dtype is not None and is_fp8(kv_dtype)
     if num_seqs * num_kv_heads < _FEW_PAIRS and num_kv_heads % 2 == 0:
-        return _FEW_PAIRS_TUNING
-    if kv_dtype is not None and is_fp8(kv_dtype):
+        return _FP8_FEW_PAIRS_TUNING if fp8 else _FEW_PAIRS_TUNING
+    if fp8:
         return _FP8_TUNING
     return DecodeTuning()
 

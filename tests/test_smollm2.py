@@ -133,12 +133,15 @@ def bf16_perplexity(smollm2_dir, golden) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fp8", "int8"])
+@pytest.mark.parametrize("method,kernel", [("fp8", "auto"), ("int8", "auto"),
+                                           # fp8 activations where the model allows them
+                                           # (the GPU's choice from 17 tokens on)
+                                           ("fp8", "w8a8_xla")])
 def test_quantized_perplexity_stays_within_its_bound_of_bf16(smollm2_dir, golden,
-                                                             bf16_perplexity, method):
+                                                             bf16_perplexity, method, kernel):
     from jaxpaged.models.linear import QuantConfig
 
     quantized = _paragraph_perplexity(smollm2_dir, golden["paragraph_ids"].tolist(),
-                                      QuantConfig(method))
+                                      QuantConfig(method, kernel))
     assert quantized != bf16_perplexity  # the weights did change
     assert quantized <= bf16_perplexity * (1 + QUANTIZED_PERPLEXITY_RISE[method])
