@@ -108,14 +108,26 @@ def test_outputs_equal_the_synchronous_engine(tiny_checkpoint, async_llm):
 def test_small_token_budget_keeps_outputs_equal(tiny_checkpoint):
     """A budget smaller than the batch makes requests sit out steps while two are in flight:
     a pending token from an older step is applied before the request is scheduled again."""
-    small = make_llm(tiny_checkpoint, max_model_len=256, max_num_seqs=8,
-                     max_num_batched_tokens=5, enable_chunked_prefill=True)
-    sync = make_llm(tiny_checkpoint, max_model_len=256, max_num_seqs=8,
-                    max_num_batched_tokens=5, enable_chunked_prefill=True,
+    small = make_llm(tiny_checkpoint, max_model_len=256, max_num_seqs=4,
+                     max_num_batched_tokens=6, enable_chunked_prefill=True)
+    sync = make_llm(tiny_checkpoint, max_model_len=256, max_num_seqs=4,
+                    max_num_batched_tokens=6, enable_chunked_prefill=True,
                     async_scheduling=False)
     params = mixed_params()
-    got = small.generate(PROMPTS, params, use_tqdm=False)
-    want = sync.generate(PROMPTS, params, use_tqdm=False)
+    prompts = [" ".join([p] * 5) for p in PROMPTS]  # prefill chunks take the budget
+    scheduler, skipped = small.llm_engine.scheduler, []
+    schedule = scheduler.schedule
+
+    def recording_schedule():
+        waiting = [r.request_id for r in scheduler.running if r.num_output_placeholders]
+        out = schedule()
+        scheduled = {s.req_id for s in out.scheduled}
+        skipped.extend(i for i in waiting if i not in scheduled)
+        return out
+    scheduler.schedule = recording_schedule
+    got = small.generate(prompts, params, use_tqdm=False)
+    want = sync.generate(prompts, params, use_tqdm=False)
+    assert skipped  # some pending tokens came from an older step
     assert ([[c.token_ids for c in o.outputs] for o in got]
             == [[c.token_ids for c in o.outputs] for o in want])
 
