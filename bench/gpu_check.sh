@@ -108,8 +108,6 @@ for label in $stages; do
              bash bench/serve_bench.sh 16 ;;
     structured) run structured 600 python3 bench/structured.py --structured-fraction 0.5 \
              --num-requests 64 --max-num-seqs 64 --out "$OUT/structured" ;;
-    structured-timeline) run structured-timeline 300 python3 bench/structured_timeline.py \
-             --num-requests 64 --max-num-seqs 64 --out "$OUT/structured" ;;
     nano64) run nano64 300 python3 bench/throughput.py --workload nano --num-requests 64 \
              --out "$OUT/nano64" ;;
     startup) run startup 400 python3 bench/startup.py --out "$OUT" ;;

@@ -147,7 +147,7 @@ def test_aborts_mid_run_free_every_block(async_llm):
             victim = rng.choice(sorted(live))
             engine.abort_request(victim)
             live.discard(victim)
-    assert engine.num_steps_in_flight() == 0 and not engine.scheduler.requests
+    assert engine._in_flight is None and not engine.scheduler.requests
     assert all_blocks_free(async_llm)
 
 
@@ -173,7 +173,7 @@ def test_engine_is_idle_once_the_last_request_finishes(async_llm):
                        prompt_token_ids=prompt)
     engine.step()
     engine.step()
-    assert engine.num_steps_in_flight() > 0
+    assert engine._in_flight is not None
     engine.abort_request("gone")
     assert not engine.has_unfinished_requests() and all_blocks_free(async_llm)
 

@@ -45,20 +45,20 @@ def llm(tiny_checkpoint):
 def recorded_positions(llm):
     """Records req_id -> [prompt logprob positions] of every step run inside the block."""
     runner = llm.llm_engine.runner
-    pack = runner.pack  # every step passes here, with or without async scheduling
+    dispatch = runner.dispatch  # every step passes here, with or without async scheduling
     seen: dict[str, list[int]] = {}
 
     def spy(scheduler_output):
         for s in scheduler_output.scheduled:
             if s.prompt_logprobs_positions:
                 seen.setdefault(s.req_id, []).append(list(s.prompt_logprobs_positions))
-        return pack(scheduler_output)
+        return dispatch(scheduler_output)
 
-    runner.pack = spy
+    runner.dispatch = spy
     try:
         yield seen
     finally:
-        del runner.pack
+        del runner.dispatch
 
 
 def flat(chunks: list[list[int]]) -> list[int]:

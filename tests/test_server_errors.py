@@ -154,17 +154,17 @@ def test_openai_client_raises_bad_request_and_nothing_is_left_queued(server):
 
 
 def fail_next_step(engine, lose_kv_pool: bool = False) -> None:
-    """The next ``runner.launch_model`` (every step's, with or without async scheduling) raises
-    once (optionally after deleting the KV pool, as a failure after buffer donation would)."""
+    """The next ``runner.dispatch`` (every step's, with or without async scheduling) raises once
+    (optionally after deleting the KV pool, as a failure after buffer donation would)."""
     runner = engine.runner
 
-    def failing(packed):
-        del runner.launch_model  # back to the real method for the following steps
+    def failing(scheduler_output):
+        del runner.dispatch  # back to the real method for the following steps
         if lose_kv_pool:
             runner.kv_cache.k.delete()
         raise RuntimeError("injected step failure")
 
-    runner.launch_model = failing
+    runner.dispatch = failing
 
 
 @pytest.mark.parametrize("lose_kv_pool", [False, True], ids=["pool-kept", "pool-lost"])

@@ -84,9 +84,6 @@ class Request:
     # Async scheduling: tokens sampled by a step still in flight, not yet in output_token_ids (the
     # next step already computes them, fed on the device); update_from_output resolves them.
     num_output_placeholders: int = dataclasses.field(default=0, init=False)
-    # The scheduler's number of the last step that sampled this request (async scheduling: only
-    # a token of the step just before can be fed on the device, see ``Scheduler``).
-    sampled_in_step: int = dataclasses.field(default=-1, init=False)
     # The first beam of a beam search group holds seats (max_num_seqs) for all of its beams
     # until the group forks (``jaxpaged.core.beam_group``); 0 otherwise.
     beam_seats: int = dataclasses.field(default=0, init=False)

@@ -39,12 +39,6 @@ placeholder by the real id and checks stops as usual; a request that finished me
 in-flight token dropped. Length caps known in advance (max_tokens, max_model_len, placeholders
 counted) keep a request from being scheduled past them.
 
-Two steps may be in flight (the engine pipelines steps with structured-outputs rows: step k + 1
-is scheduled before step k - 1's tokens are applied). A step's -1 tokens are fed on the device
-from the samples of the step just before it only, so a request whose pending token comes from an
-older step (it sat out the step just before, or it was preempted) waits until that token is
-applied (``_feeds_from_previous_step``).
-
 Prompt logprobs: each step tells the runner which computed positions still owe a prompt logprob
 (``Request.take_prompt_logprob_positions``), so chunks, the parent/child split of ``n > 1`` (only
 sample 0 asks) and recomputation after preemption each report every prompt token exactly once. Such
@@ -87,7 +81,6 @@ class Scheduler:
         self.running: list[Request] = []  # admission order; the tail is preempted first (fcfs)
         self._children: dict[str, list[str]] = {}  # forked parent id -> ids of its live children
         self._finished_req_ids: set[str] = set()  # since the last schedule()
-        self._num_steps = 0  # non-empty steps scheduled (the next one's number)
         self.num_preemptions = 0
         self._prefix_cache_queries = 0
         self._prefix_cache_hits = 0
@@ -194,10 +187,7 @@ class Scheduler:
         finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
         scheduled, parents = plan.commit(self.block_manager.tables,
                                          block_size=self.config.block_size,
-                                         async_scheduling=self.config.async_scheduling,
-                                         step=self._num_steps)
-        if scheduled:
-            self._num_steps += 1
+                                         async_scheduling=self.config.async_scheduling)
         for parent in parents:  # their shared prefix is computed now
             self._fork_running(parent)
         return SchedulerOutput(
@@ -317,9 +307,8 @@ class Scheduler:
                 num_new_tokens = self._num_tokens_to_compute(request)
             else:
                 placeholders = request.num_output_placeholders
-                if placeholders and (self._capped_by_placeholders(request)
-                                     or request.sampled_in_step != self._num_steps - 1):
-                    continue  # capped, or its pending token cannot be fed yet
+                if placeholders and self._capped_by_placeholders(request):
+                    continue
                 num_new_tokens = (len(request.all_token_ids) + placeholders
                                   - request.num_computed_tokens)
             if num_new_tokens > budget:
@@ -384,8 +373,6 @@ class Scheduler:
             request = self.waiting.peek()
             if seats_used + request.num_seats > self.config.max_num_seqs:
                 break
-            if request.num_output_placeholders:
-                break  # preempted with a token in flight: it resumes once the token is applied
             hit = self.block_manager.get_computed_blocks(request)
             num_new_tokens = self._num_tokens_to_compute(request) - hit.num_computed_tokens
             if request.sampling_params.n > 1 and num_new_tokens == 0:  # shared prefix all cached
@@ -415,9 +402,8 @@ class Scheduler:
             return max(0, request.shared_prefix_len(self.config.block_size)
                        - request.num_computed_tokens)
         placeholders = request.num_output_placeholders
-        if placeholders and (self._capped_by_placeholders(request)
-                             or request.sampled_in_step != self._num_steps - 1):
-            return 0  # its in-flight token is its last one, or cannot be fed yet
+        if placeholders and self._capped_by_placeholders(request):
+            return 0  # its in-flight token is its last one: nothing more to compute
         return max(0, len(request.all_token_ids) + placeholders - request.num_computed_tokens)
 
     def _capped_by_placeholders(self, request: Request) -> bool:

@@ -40,10 +40,9 @@ class StepPlan:
                 return
 
     def commit(self, tables: Mapping[str, BlockTable], *, block_size: int,
-               async_scheduling: bool, step: int) -> tuple[list[ScheduledRequest], list[Request]]:
+               async_scheduling: bool) -> tuple[list[ScheduledRequest], list[Request]]:
         """Advance every planned request; returns their ``ScheduledRequest``s in batch order and
-        the n > 1 parents whose shared prefix is now computed (to fork). ``step``: the
-        scheduler's number of this step (kept by the requests it samples)."""
+        the n > 1 parents whose shared prefix is now computed (to fork)."""
         scheduled: list[ScheduledRequest] = []
         parents: list[Request] = []
         for request, num_new_tokens in self.scheduled:
@@ -71,7 +70,6 @@ class StepPlan:
             request.num_computed_tokens = end
             if do_sample and async_scheduling:
                 request.num_output_placeholders = placeholders + 1
-                request.sampled_in_step = step
             if params.n > 1 and end == request.shared_prefix_len(block_size):
                 parents.append(request)
         return scheduled, parents

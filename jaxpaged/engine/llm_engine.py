@@ -4,8 +4,7 @@
 detokenize and check stop strings -> outputs. With ``EngineConfig.async_scheduling`` a step
 dispatches its model step before processing the previous step's results: schedule k -> dispatch
 k -> fetch k - 1 (done or nearly, while k is queued) -> apply and detokenize k - 1. So the device
-never waits for the host; outputs come one step later. Steps with structured-outputs rows are
-pipelined one step deeper (``_async_step_body``): their sampler needs the previous tokens.
+never waits for the host; outputs come one step later.
 
 The engine keeps the loop and delegates the rest: ``InputProcessor`` (tokenize, validate, build
 the request), ``OutputProcessor`` (append, detokenize, build outputs), ``setup`` (every default
@@ -45,7 +44,7 @@ from jaxpaged.runner.block_copy import BlockCopier
 from jaxpaged.models.tensor_parallel import TensorParallel
 from jaxpaged.runner.kv_calibration import calibrate_kv_scales, calibration_token_ids
 from jaxpaged.runner.kv_sizing import KVPlan
-from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StagedStep, StepHandle
+from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 from jaxpaged.structured.manager import GrammarState, StructuredOutputManager
 
@@ -125,11 +124,8 @@ class LLMEngine:
                                             compile_s=compile_s + time.perf_counter() - start)
         self.beam_search = BeamSearchRunner(self.scheduler, self._copy_blocks, self.tokenizer,
                                             self.output_processor.token_texts)
-        # async scheduling: launched steps whose results are not applied yet, oldest first
-        self._unapplied: list[tuple[SchedulerOutput, StepHandle]] = []
-        # a step with structured-outputs rows whose model is queued and whose sampler is not
-        # (it waits for the previous steps' tokens: ``_launch_staged_sampler``)
-        self._staged: tuple[SchedulerOutput, StagedStep] | None = None
+        # async scheduling: the dispatched step whose results are not applied yet
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._log_ready()
 
     def _kv_scales(self, model, model_dir: pathlib.Path) -> KVScales | None:
@@ -230,7 +226,7 @@ class LLMEngine:
         request was added, so only resource limits) aborts its request."""
         if not self._awaiting_grammar:
             return
-        if not self.scheduler.requests and not self.num_steps_in_flight():
+        if not self.scheduler.requests and self._in_flight is None:
             concurrent.futures.wait([f for _, f in self._awaiting_grammar.values()],
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         for request_id, (request, future) in list(self._awaiting_grammar.items()):
@@ -285,13 +281,12 @@ class LLMEngine:
     def _drop_idle_in_flight(self) -> None:
         """A step in flight whose requests are all gone has nothing left to report: forget it
         (the device finishes it unobserved), so the engine is idle at once."""
-        if not self.scheduler.requests:
-            self._unapplied.clear()
-            self._staged = None
+        if self._in_flight is not None and not self.scheduler.requests:
+            self._in_flight = None
 
     def has_unfinished_requests(self) -> bool:
         """Also true while a step is in flight (async scheduling): it must still be applied."""
-        return (bool(self.output_processor.requests) or self.num_steps_in_flight() > 0
+        return (bool(self.output_processor.requests) or self._in_flight is not None
                 or bool(self.beam_search.groups))
 
     def get_num_unfinished_requests(self) -> int:
@@ -313,7 +308,10 @@ class LLMEngine:
         if self.config.async_scheduling and not self.beam_search.groups:
             return self._step_async()
         # NOTE: beam groups step synchronously: a beam's next token is chosen on the host.
-        outputs = self._drain()
+        outputs = []
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            outputs = self._apply(previous[0], self.runner.fetch(previous[1]))
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         self.beam_search.after_schedule(scheduler_output)
@@ -322,7 +320,7 @@ class LLMEngine:
         self.output_processor.mark_scheduled(scheduler_output)
         self._failed_step = scheduler_output
         self._run_hook(scheduler_output)
-        bitmask = (self._grammar_bitmask
+        bitmask = (self.structured.bitmask
                    if self.structured is not None and _has_grammar(scheduler_output) else None)
         outputs += self._apply(scheduler_output,
                                self.runner.execute(scheduler_output, bitmask) if bitmask
@@ -336,92 +334,47 @@ class LLMEngine:
             self._step_hook(scheduler_output)
 
     def _step_async(self) -> list[RequestOutput]:
-        """Schedule and launch step k, then apply the steps before it while k runs on the device.
+        """Schedule and dispatch step k, then apply step k - 1 while k runs on the device.
 
-        A step whose rows use penalties needs the real output ids on the host, so every step in
+        A step whose rows use penalties needs the real output ids on the host, so the step in
         flight is applied first (a synchronous step). A step with structured-outputs rows needs
-        them for its grammar bitmask, so its sampler cannot be launched with its model: it is
-        pipelined (``_launch_staged_sampler``)."""
+        them for its grammar bitmask: the step in flight is applied after this step's model is
+        queued, before its sampler (the host works while the device runs the model)."""
         start = time.perf_counter()
+        previous, self._in_flight = self._in_flight, None
         try:
-            outputs, worked = self._async_step_body()
+            scheduler_output = self.scheduler.schedule()
+            outputs: list[RequestOutput] = []
+            self._failed_step = scheduler_output
+            if not scheduler_output.is_empty:
+                self.output_processor.mark_scheduled(scheduler_output)
+                self._run_hook(scheduler_output)
+                if previous is not None and _uses_penalties(scheduler_output):
+                    outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
+                    previous = None
+                bitmask = None
+                if self.structured is not None and _has_grammar(scheduler_output):
+                    def bitmask(requests: list[ScheduledRequest], pad_to: int):
+                        nonlocal previous
+                        if previous is not None:  # the grammars must see its tokens first
+                            outputs.extend(self._apply(previous[0],
+                                                       self.runner.fetch(previous[1])))
+                            previous = None
+                        return self.structured.bitmask(requests, pad_to)
+                self._in_flight = (scheduler_output,
+                                   self.runner.dispatch(scheduler_output, bitmask) if bitmask
+                                   else self.runner.dispatch(scheduler_output))
+            if previous is not None:
+                outputs += self._apply(previous[0], self.runner.fetch(previous[1]))
+            elif scheduler_output.is_empty:
+                return outputs
         except Exception:
             self._forget_placeholders()
             raise
         self._failed_step = None
         self._drop_idle_in_flight()
-        if worked:
-            self._count_step(start)
+        self._count_step(start)
         return outputs
-
-    def _async_step_body(self) -> tuple[list[RequestOutput], bool]:
-        """One async step -> (outputs, whether anything was launched or applied).
-
-        With structured-outputs rows the order is pipelined so that the device's queue never
-        runs dry: the call for step k + 1 finds step k's model queued (its sampler not) and step
-        k - 1 launched whole. It schedules step k + 1 and packs its inputs (work that needs no
-        token of k - 1 or k), then waits for k - 1's tokens, applies them (the grammars see
-        them), fills step k's bitmask and launches sampler k and model k + 1 back to back. The
-        host's work between learning k - 1's tokens and launching model k + 1 is then the apply
-        and the bitmask only, while the device runs model k and sampler k."""
-        scheduler_output = self.scheduler.schedule()
-        self._failed_step = scheduler_output
-        if scheduler_output.is_empty:
-            worked = self.num_steps_in_flight() > 0
-            return self._drain(), worked
-        self.output_processor.mark_scheduled(scheduler_output)
-        self._run_hook(scheduler_output)
-        outputs: list[RequestOutput] = []
-        if _uses_penalties(scheduler_output):
-            outputs += self._drain()
-        packed = self.runner.pack(scheduler_output)
-        outputs += self._launch_staged_sampler()
-        self._failed_step = scheduler_output
-        staged = self.runner.launch_model(packed)
-        if self.structured is not None and _has_grammar(scheduler_output):
-            self._staged = (scheduler_output, staged)  # its sampler waits for the next call
-            return outputs, True
-        self._unapplied.append((scheduler_output, self.runner.launch_sampler(staged)))
-        while len(self._unapplied) > 1:  # the steps before this one (it runs meanwhile)
-            outputs += self._apply_oldest()
-        return outputs, True
-
-    def _launch_staged_sampler(self) -> list[RequestOutput]:
-        """Completes the staged step (model queued, sampler not): applies every step before it
-        (its grammars must see their tokens), fills its bitmask and queues its sampler. Returns
-        the outputs of the steps applied."""
-        if self._staged is None:
-            return []
-        outputs: list[RequestOutput] = []
-        while self._unapplied:
-            outputs += self._apply_oldest()
-        scheduler_output, staged = self._staged
-        self._staged = None
-        self._failed_step = scheduler_output
-        mask = self._grammar_bitmask(staged.sampled, staged.num_seqs) if staged.sampled else None
-        self._unapplied.append((scheduler_output, self.runner.launch_sampler(staged, mask)))
-        return outputs
-
-    def _drain(self) -> list[RequestOutput]:
-        """Completes and applies every step in flight (the engine is then synchronous)."""
-        outputs = self._launch_staged_sampler()
-        while self._unapplied:
-            outputs += self._apply_oldest()
-        return outputs
-
-    def _apply_oldest(self) -> list[RequestOutput]:
-        scheduler_output, handle = self._unapplied.pop(0)
-        return self._apply(scheduler_output, self.runner.fetch(handle))
-
-    def _grammar_bitmask(self, requests: list[ScheduledRequest], pad_to: int):
-        """The grammar bitmask of a step's sampled rows; rows of requests that ended since the
-        step was scheduled (aborted, finished) stay all ones."""
-        return self.structured.bitmask(requests, pad_to, live=self.scheduler.requests)
-
-    def num_steps_in_flight(self) -> int:
-        """Async scheduling: steps launched (whole or model only) whose results are not yet
-        applied."""
-        return len(self._unapplied) + (self._staged is not None)
 
     def _count_step(self, start: float) -> None:
         self.runner.timings.steps += 1
@@ -466,8 +419,7 @@ class LLMEngine:
         """After a failed async step no in-flight results will come: requests waiting to be
         recomputed drop their placeholders (and resample those tokens); running ones are aborted
         by ``recover``."""
-        self._unapplied.clear()
-        self._staged = None
+        self._in_flight = None
         for request in self.scheduler.waiting:
             request.num_output_placeholders = 0
 

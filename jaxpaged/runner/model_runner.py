@@ -15,9 +15,7 @@ small host arrays (packed inputs; sampling rows and tensors) travel as one byte 
 (``host_bundle``) instead of one transfer per array.
 
 Async scheduling splits ``execute`` into ``dispatch`` (queue the step on the device, no host sync)
-and ``fetch`` (copy its sampled ids to the host). ``dispatch`` is ``pack`` (host inputs) ->
-``launch_model`` -> ``launch_sampler``; the engine calls them one by one to pipeline steps with
-structured-outputs rows (step k + 1 packed before sampler k is launched). The sampler also returns its ids padded to a
+and ``fetch`` (copy its sampled ids to the host). The sampler also returns its ids padded to a
 fixed ``prev_width`` on the device; the next dispatched step reads the tokens it does not know yet
 (-1, see ``step_inputs``) from there, so a step never waits for the previous one's host copy.
 """
@@ -104,26 +102,6 @@ class StepHandle:
     prompt_logprobs: tuple[PromptLogprobsPlan, SampleLogprobs] | None
 
 
-@dataclasses.dataclass(frozen=True)
-class PackedStep:
-    """A step's host inputs, ready to launch (``ModelRunner.pack``)."""
-
-    scheduled: list[ScheduledRequest]
-    num_seqs: int  # the step shape's rows (the sampler's padded batch)
-    inputs: StepInputs
-
-
-@dataclasses.dataclass(frozen=True)
-class StagedStep:
-    """A step whose model is queued on the device and whose sampler is not yet."""
-
-    sampled: list[ScheduledRequest]  # the do_sample requests, in sampler row order
-    rows: list[int]  # their rows in the logits
-    logits: jax.Array  # f32[num_seqs, V]
-    num_seqs: int
-    prompt_logprobs: tuple[PromptLogprobsPlan, SampleLogprobs] | None
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "state_treedef", "layout"),
                    donate_argnames=("kv_cache",))
 def _model_step(graphdef, state_treedef, layout: BundleLayout, state_leaves: list[jax.Array],
@@ -193,9 +171,6 @@ class ModelRunner:
         self._no_prev_ids = jax.device_put(np.zeros(self.prev_width, np.int32),
                                            self._replicated)
         self._prev_rows: dict[str, int] = {}
-        # req_id -> row of the sampler whose ids the next model step reads (that of the last
-        # launched model step; its sampler may not be launched yet)
-        self._feeding_rows: dict[str, int] = {}
         self._sampling_builder = SamplingTensorBuilder(cfg.vocab_size, eos_token_ids,
                                                        penalty_width=penalty_width)
         self._step_keys = StepKeys(self._base_key)
@@ -240,55 +215,17 @@ class ModelRunner:
 
         ``grammar_bitmask(sampled requests, pad_to)``: structured outputs' i32[pad_to, W] mask
         (None: no row has a grammar), called after the model step is queued, before the sampling
-        tensors are built: the host fills it while the device runs the model."""
-        staged = self.launch_model(self.pack(scheduler_output))
-        mask = (grammar_bitmask(staged.sampled, staged.num_seqs)
-                if grammar_bitmask is not None and staged.sampled else None)
-        return self.launch_sampler(staged, mask)
-
-    def pack(self, scheduler_output: SchedulerOutput) -> PackedStep:
-        """The step's host inputs (numpy, padded to its step shape). Its -1 tokens are read
-        from the sampler of the last launched model step, which need not be launched yet (the
-        pipelined engine packs step k + 1 before it launches sampler k)."""
+        tensors are built: the host fills it (and may apply the previous step's tokens first)
+        while the device runs the model."""
         scheduled = scheduler_output.scheduled
         shape = self.ladder.shape_for(scheduler_output.total_num_scheduled_tokens, len(scheduled),
                                       decode_only=scheduler_output.max_query_len == 1)
-        return PackedStep(scheduled, shape.num_seqs,
-                          self._packer.pack(scheduled, shape, self._feeding_rows))
-
-    def launch_model(self, packed: PackedStep) -> StagedStep:
-        """Queues the model step (and its prompt logprobs, if any); its sampler is queued later
-        by ``launch_sampler``, which must come before the next ``launch_model``."""
-        inputs = packed.inputs
+        inputs = self._packer.pack(scheduled, shape, self._prev_rows)
         needs_prev = self._prev_sampled_ids is not None and (inputs.prev_source_rows >= 0).any()
         logits, hidden = self._run_model(
             inputs, self._prev_sampled_ids if needs_prev else self._no_prev_ids)
-        pending = self._dispatch_prompt_logprobs(packed.scheduled, hidden)  # None nearly always
-        sampled_rows = [i for i, r in enumerate(packed.scheduled) if r.do_sample]
-        sampled = [packed.scheduled[i] for i in sampled_rows]
-        self._feeding_rows = {r.req_id: j for j, r in enumerate(sampled)}
-        return StagedStep(sampled, sampled_rows, logits, packed.num_seqs, pending)
-
-    def launch_sampler(self, staged: StagedStep, grammar_bitmask: np.ndarray | None = None
-                       ) -> StepHandle:
-        """Queues sampling of the staged step's rows that need a token (``grammar_bitmask``
-        i32[num_seqs, W]: structured outputs' mask, None: no row has a grammar); remembers where
-        their ids are for the next step."""
-        requests = staged.sampled
-        if not requests:
-            return StepHandle([], None, None, staged.prompt_logprobs)
-        num_seqs = staged.num_seqs
-        tensors = self._sampling_tensors(requests, num_seqs)
-        if grammar_bitmask is not None:
-            tensors = dataclasses.replace(tensors, grammar_bitmask=grammar_bitmask)
-        rows = np.zeros(num_seqs, np.int32)
-        rows[:len(requests)] = staged.rows
-        out, padded_ids = self._run_sampler(staged.logits, rows, tensors)
-        self._num_steps += 1
-        self._prev_sampled_ids = padded_ids
-        self._prev_rows = {r.req_id: j for j, r in enumerate(requests)}
-        out.token_ids.copy_to_host_async()
-        return StepHandle(requests, out.token_ids, out.logprobs, staged.prompt_logprobs)
+        pending = self._dispatch_prompt_logprobs(scheduled, hidden)  # None in nearly every step
+        return self._dispatch_sample(scheduled, logits, shape.num_seqs, pending, grammar_bitmask)
 
     def fetch(self, handle: StepHandle) -> RunnerOutput:
         """Waits for a dispatched step and copies its results to the host."""
@@ -303,6 +240,28 @@ class ModelRunner:
         sampled = dict(zip([r.req_id for r in requests], token_ids.tolist()))  # drops padding
         return RunnerOutput(sampled, _logprobs_by_request(requests, handle.logprobs),
                             prompt_logprobs)
+
+    def _dispatch_sample(self, scheduled: list[ScheduledRequest], logits: jax.Array,
+                         num_seqs: int, pending,
+                         grammar_bitmask: GrammarBitmaskFn | None = None) -> StepHandle:
+        """Queues sampling of the requests that need a token; remembers where their ids are for
+        the next step."""
+        sampled_rows = [i for i, r in enumerate(scheduled) if r.do_sample]
+        if not sampled_rows:
+            return StepHandle([], None, None, pending)
+        requests = [scheduled[i] for i in sampled_rows]
+        mask = grammar_bitmask(requests, num_seqs) if grammar_bitmask is not None else None
+        tensors = self._sampling_tensors(requests, num_seqs)
+        if mask is not None:
+            tensors = dataclasses.replace(tensors, grammar_bitmask=mask)
+        rows = np.zeros(num_seqs, np.int32)
+        rows[:len(sampled_rows)] = sampled_rows
+        out, padded_ids = self._run_sampler(logits, rows, tensors)
+        self._num_steps += 1
+        self._prev_sampled_ids = padded_ids
+        self._prev_rows = {r.req_id: j for j, r in enumerate(requests)}
+        out.token_ids.copy_to_host_async()
+        return StepHandle(requests, out.token_ids, out.logprobs, pending)
 
     def _dispatch_prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: jax.Array
                                   ) -> tuple[PromptLogprobsPlan, SampleLogprobs] | None:

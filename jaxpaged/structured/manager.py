@@ -7,7 +7,7 @@ gets one int32 bitmask row, ``ceil(vocab_size / 32)`` words, bit ``t % 32`` of w
 set when token ``t`` may come next (llguidance fills the rows of a step in parallel); rows without
 a constraint carry all ones. The mask of a step needs every token the request sampled before, so
 a constrained row never has a token in flight when its mask is filled (the engine applies the
-steps before first, while the model step runs on the device: ``LLMEngine._async_step_body``).
+previous step first, while the model step runs on the device).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import concurrent.futures
 import dataclasses
 import enum
 import logging
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 
 import llguidance
 import llguidance.numpy
@@ -52,8 +52,6 @@ class StructuredOutputManager:
                                   compile_threads)
         self._executor = llguidance.LLExecutor()
         self._rows: dict[str, _Row] = {}  # request id -> its matcher
-        self._masks: dict[int, np.ndarray] = {}  # pad_to -> i32[pad_to, width], reused
-        self._filled_rows: dict[int, list[int]] = {}  # pad_to -> rows its last fill wrote
 
     def submit(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
         """Starts compiling (or finds) the constraint; ValueError for an invalid one."""
@@ -66,47 +64,26 @@ class StructuredOutputManager:
             row = self._rows[request_id] = _Row(template.deep_copy())
         return row
 
-    def bitmask(self, requests: Sequence[ScheduledRequest], pad_to: int,
-                live: Container[str] | None = None) -> np.ndarray | None:
+    def bitmask(self, requests: Sequence[ScheduledRequest], pad_to: int) -> np.ndarray | None:
         """i32[pad_to, width] for the step's sampled rows (row i: ``requests[i]``); None when no
-        row has a constraint (the sampler then has no mask stage). Rows of requests not in
-        ``live`` (ended since the step was scheduled) stay all ones, as do rows without a
-        constraint. The array is reused by the next call of the same ``pad_to`` (the runner
-        copies it into the step's host bundle at once)."""
+        row has a constraint (the sampler then has no mask stage)."""
+        indexed = [(i, r) for i, r in enumerate(requests)
+                   if r.sampling_params.structured_outputs is not None]
+        if not indexed:
+            return None
+        mask = llguidance.numpy.allocate_token_bitmask(pad_to, self.vocab_size)  # all ones
         matchers = []
-        any_constraint = False
-        for i, r in enumerate(requests):
-            params = r.sampling_params.structured_outputs
-            if params is None:
-                continue
-            any_constraint = True
-            if live is not None and r.req_id not in live:
-                continue
+        for i, r in indexed:
             if r.req_id not in self._rows and r.num_output_tokens:
                 continue  # finished (its grammar freed) while this step was scheduled: all ones
-            row = self._row(r.req_id, params)
+            row = self._row(r.req_id, r.sampling_params.structured_outputs)
             if row.num_consumed != r.num_output_tokens:
                 raise RuntimeError(f"request {r.req_id!r} has {r.num_output_tokens} output "
                                    f"tokens but its grammar saw {row.num_consumed}")
             if not row.matcher.is_error():
                 matchers.append((row.matcher, i))
-        if not any_constraint:
-            return None
-        mask = self._reset_mask(pad_to)
         if matchers:
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, mask)
-            self._filled_rows[pad_to] = [i for _, i in matchers]
-        return mask
-
-    def _reset_mask(self, pad_to: int) -> np.ndarray:
-        """The all-ones i32[pad_to, width] buffer of this batch size: only the rows the last
-        fill wrote are reset."""
-        mask = self._masks.get(pad_to)
-        if mask is None:
-            mask = self._masks[pad_to] = llguidance.numpy.allocate_token_bitmask(
-                pad_to, self.vocab_size)  # all ones
-        else:
-            mask[self._filled_rows.pop(pad_to, [])] = -1
         return mask
 
     def accept(self, request_id: str, params: StructuredOutputsParams,
