@@ -92,10 +92,10 @@ class GroupRule:
 
 @dataclasses.dataclass(frozen=True)
 class GroupSelection:
-    """What ``select_groups`` found for one group. Indices are (beam, candidate column)."""
+    """What ``select_groups`` found for one group: (beam index, token id, new cum logprob)."""
 
-    survivors: list[tuple[int, int, float]]  # (beam, column, new cum logprob), best first
-    eos: list[tuple[int, int, float]]  # EOS candidates, in beam then column order
+    survivors: list[tuple[int, int, float]]  # the kept candidates, best first
+    eos: list[tuple[int, int, float]]  # EOS candidates, in beam then candidate order
 
 
 def select_groups(candidates: StepCandidates, rows: np.ndarray, cum_logprobs: np.ndarray,
@@ -125,13 +125,13 @@ def select_groups(candidates: StepCandidates, rows: np.ndarray, cum_logprobs: np
     keep = max((r.width for r in rules), default=0)
     best = order[:, :keep]  # [G, keep]
     best_cum = np.take_along_axis(cum.reshape(num_groups, -1), best, axis=1).tolist()
-    best = best.tolist()
+    best_ids = np.take_along_axis(ids.reshape(num_groups, -1), best, axis=1).tolist()
+    best_beams = (best // num_columns).tolist()
     selections = []
     for g, rule in enumerate(rules):
         n = min(rule.width, counts[g])
         selections.append(GroupSelection(
-            [(i // num_columns, i % num_columns, c) for i, c in zip(best[g][:n], best_cum[g][:n])],
-            []))
+            list(zip(best_beams[g][:n], best_ids[g][:n], best_cum[g][:n])), []))
     for g, b, c in np.argwhere(is_eos).tolist():  # g, b, c order
-        selections[g].eos.append((b, c, float(cum[g, b, c])))
+        selections[g].eos.append((b, int(ids[g, b, c]), float(cum[g, b, c])))
     return selections

@@ -15,16 +15,17 @@ group ends and the best ``beam_width`` of its finished and live beams are its re
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from jaxpaged.core.beam_candidates import (Candidates, GroupRule, GroupSelection,
                                            StepCandidates)
 from jaxpaged.core.request import Request
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class BeamStep:
+class BeamStep(NamedTuple):
     """One generated token of a beam, linked to the steps before it (shared between beams). Its
-    candidates stay a row of the step's arrays until a result reads them."""
+    candidates stay a row of the step's arrays until a result reads them. (A NamedTuple: made
+    for every beam of every step.)"""
 
     token_id: int
     source: StepCandidates  # the step's candidates; this beam's are row ``row``
@@ -62,9 +63,8 @@ class FinishedBeam:
     finished_by_eos: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class Survivor:
-    """A candidate kept by ``select``: the beam it extends, by which token."""
+class Survivor(NamedTuple):
+    """A candidate kept by the selection: the beam it extends, by which token."""
 
     parent: Beam
     token_id: int
@@ -152,19 +152,17 @@ class BeamGroup:
     def apply(self, selection: GroupSelection) -> list[Survivor]:
         """One step of vLLM's beam search from ``select_groups``' result: the EOS candidates to
         ``completed``, the kept ones as survivors (best first)."""
-        pending = self.pending()
-        for b, c, cum in selection.eos:
-            beam = self.beams[b]
+        pending, beams = self.pending(), self.beams
+        for b, token_id, cum in selection.eos:
+            beam = beams[b]
             source, row = pending[b]
-            token_id = int(source.token_ids[row, c])
             self.completed.append(FinishedBeam(
                 beam.request.all_token_ids + [token_id], cum,
                 BeamStep(token_id, source, row, beam.last_step), True))
         survivors = []
-        for b, c, cum in selection.survivors:
-            beam = self.beams[b]
+        for b, token_id, cum in selection.survivors:
+            beam = beams[b]
             source, row = pending[b]
-            token_id = int(source.token_ids[row, c])
             survivors.append(Survivor(beam, token_id, cum,
                                       BeamStep(token_id, source, row, beam.last_step)))
         self._pending.clear()
