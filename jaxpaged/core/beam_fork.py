@@ -85,7 +85,6 @@ def take_over(manager: BlockManager, parent: Request, child: Request) -> BlockCo
                          f"{parent.num_computed_tokens}: beams advance in lockstep")
     child.output_token_ids = list(parent.output_token_ids)
     child.all_token_ids = list(parent.all_token_ids)
-    child.num_preemptions = 0
     old = manager.tables[child.request_id]
     source = manager.tables[parent.request_id]
     bs, computed = manager.block_size, parent.num_computed_tokens

@@ -205,19 +205,27 @@ class BeamSearchRunner:
         step that ends a group has dispatched the next step by the time its caller asks."""
         for group_id, info, best in self._unbuilt:
             prompt_len = info.group.beams[0].request.num_prompt_tokens
+            entries: dict[int, dict[int, Logprob]] = {}  # shared by the beams' paths
             self.finished[group_id] = BeamSearchOutput(
-                [self._sequence(f, prompt_len, info.params) for f in best])
+                [self._sequence(f, prompt_len, info.params, entries) for f in best])
         self._unbuilt = []
         finished, self.finished = self.finished, {}
         return finished
 
-    def _sequence(self, beam: FinishedBeam, prompt_len: int,
-                  params: BeamSearchParams) -> BeamSearchSequence:
+    def _sequence(self, beam: FinishedBeam, prompt_len: int, params: BeamSearchParams,
+                  entries: dict[int, dict[int, Logprob]]) -> BeamSearchSequence:
+        """``entries``: id of a ``BeamStep`` -> its logprobs entry, for the steps of the group's
+        beams made so far (beams share the steps of their common ancestors; their ``Logprob``
+        objects are shared too, as vLLM's beam search shares a common prefix's entries)."""
         path = beam.last_step.path() if beam.last_step else []
+        new = [step for step in path if id(step) not in entries]
+        candidates = [step.candidates for step in new]
         texts = self.token_texts.texts(
-            token_id for step in path for token_id, _, _ in step.candidates)
-        logprobs = [{token_id: Logprob(logprob, rank, texts[token_id])
-                     for token_id, logprob, rank in step.candidates} for step in path]
+            token_id for step in candidates for token_id, _, _ in step)
+        for step, step_candidates in zip(new, candidates):
+            entries[id(step)] = {token_id: Logprob(logprob, rank, texts[token_id])
+                                 for token_id, logprob, rank in step_candidates}
+        logprobs = [dict(entries[id(step)]) for step in path]
         generated = beam.tokens[prompt_len:]
         if beam.finished_by_eos and not params.include_stop_str_in_output:
             generated = generated[:-1]

@@ -389,8 +389,10 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         rest: tuple[SchedulerOutput, RunnerOutput] | None = None
         try:
+            arrived = None
             if previous is not None:
                 runner_output = self.runner.fetch(previous[1])
+                arrived = time.perf_counter()
                 rest = (self.beam_search.take_rows(previous[0], runner_output.sampled_token_ids,
                                                    runner_output.logprobs), runner_output)
             scheduler_output = self.scheduler.schedule()
@@ -407,6 +409,8 @@ class LLMEngine:
                 self._in_flight = (scheduler_output,
                                    self.runner.dispatch(scheduler_output, bitmask) if bitmask
                                    else self.runner.dispatch(scheduler_output))
+                if arrived is not None:
+                    self.runner.timings.beam_gap_s += time.perf_counter() - arrived
             if rest is not None:
                 outputs += self._apply_rows(*rest)
         except Exception:

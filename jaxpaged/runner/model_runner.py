@@ -69,6 +69,9 @@ class StepTimings:
     steps: int = 0
     total_s: float = 0.0  # whole engine steps (schedule, run, update, detokenize)
     device_wait_s: float = 0.0  # blocked on the sampled ids after dispatching the step
+    # beam steps (``LLMEngine._step_beams``): from the previous step's ids on the host to this
+    # step queued on the device, which idles meanwhile (selection, forks, scheduling, dispatch)
+    beam_gap_s: float = 0.0
 
     @property
     def host_s(self) -> float:
