@@ -4,7 +4,9 @@
 detokenize and check stop strings -> outputs. With ``EngineConfig.async_scheduling`` a step
 dispatches its model step before processing the previous step's results: schedule k -> dispatch
 k -> fetch k - 1 (done or nearly, while k is queued) -> apply and detokenize k - 1. So the device
-never waits for the host; outputs come one step later.
+never waits for the host; outputs come one step later. While beam search groups are live a beam's
+next token is chosen on the host from step k - 1's candidates, so their rows of k - 1 are applied
+before k is scheduled (``_step_beams``); only the rest overlaps the device.
 
 The engine keeps the loop and delegates the rest: ``InputProcessor`` (tokenize, validate, build
 the request), ``OutputProcessor`` (append, detokenize, build outputs), ``setup`` (every default
