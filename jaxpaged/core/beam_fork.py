@@ -21,6 +21,7 @@ A beam whose last block is full shares all of it; its new token starts a block o
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from jaxpaged.core.beam_group import Beam, BeamGroup, Survivor
 from jaxpaged.core.block_manager import BlockManager, BlockTable
@@ -30,20 +31,25 @@ from jaxpaged.core.step_plan import StepPlan
 BlockCopy = tuple[int, int]  # (source block id, destination block id)
 
 
-def fork_beams(scheduler, group: BeamGroup, survivors: list[Survivor]) -> tuple[
-        list[BlockCopy], set[str]]:
-    """Applies a selection to the scheduler: the beams nobody extends are taken over by the
-    extra survivors (or freed), new requests are made for the rest.
+@dataclasses.dataclass(frozen=True)
+class ForkResult:
+    copies: list[BlockCopy]  # block copies to run on the device before the next step
+    # requests outside the group preempted to make room for the copies (candidates stale)
+    preempted: set[str]
+    added_ids: list[str]  # requests made for the group (beyond those taken over)
+    removed_ids: list[str]  # the group's requests freed (nobody extends or takes them over)
 
-    Returns the block copies to run on the device and the ids of requests outside the group that
-    were preempted to make room for the copies (their candidates are stale)."""
-    parents = {id(s.parent) for s in survivors}
-    spare = [beam.request for beam in group.beams if id(beam) not in parents]
-    seen: set[int] = set()
+
+def fork_beams(scheduler, group: BeamGroup, survivors: list[Survivor]) -> ForkResult:
+    """Applies a selection to the scheduler: the beams nobody extends are taken over by the
+    extra survivors (or freed), new requests are made for the rest."""
     firsts, extras = [], []  # (survivor index, survivor)
+    seen = [False] * len(group.beams)  # has a survivor, by beam index
     for i, survivor in enumerate(survivors):
-        (extras if id(survivor.parent) in seen else firsts).append((i, survivor))
-        seen.add(id(survivor.parent))
+        (extras if seen[survivor.parent_index] else firsts).append((i, survivor))
+        seen[survivor.parent_index] = True
+    spare = [beam.request for beam, kept in zip(group.beams, seen) if not kept]
+    added: list[str] = []
     copies: list[BlockCopy] = []
     preempted: set[str] = set()
     new_beams: list[Beam | None] = [None] * len(survivors)
@@ -59,6 +65,7 @@ def fork_beams(scheduler, group: BeamGroup, survivors: list[Survivor]) -> tuple[
             copy = share_table(scheduler.block_manager, parent, child)
             scheduler.requests[child.request_id] = child
             scheduler.running.insert(scheduler.running.index(parent) + 1, child)
+            added.append(child.request_id)
         if copy is not None:
             copies.append(copy)
         child.append_output_token_id(survivor.token_id)
@@ -71,7 +78,7 @@ def fork_beams(scheduler, group: BeamGroup, survivors: list[Survivor]) -> tuple[
         parent.beam_seats = 0  # its group holds its seats through its beams now
         new_beams[i] = Beam(parent, survivor.cum_logprob, survivor.step)
     group.beams = new_beams
-    return copies, preempted
+    return ForkResult(copies, preempted, added, [r.request_id for r in spare])
 
 
 def take_over(manager: BlockManager, parent: Request, child: Request) -> BlockCopy | None:

@@ -70,6 +70,7 @@ class Survivor(NamedTuple):
     token_id: int
     cum_logprob: float
     step: BeamStep
+    parent_index: int  # the parent's index in the group's beams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +165,7 @@ class BeamGroup:
             beam = beams[b]
             source, row = pending[b]
             survivors.append(Survivor(beam, token_id, cum,
-                                      BeamStep(token_id, source, row, beam.last_step)))
+                                      BeamStep(token_id, source, row, beam.last_step), b))
         self._pending.clear()
         self.num_steps += 1
         return survivors

@@ -173,17 +173,14 @@ class BeamSearchRunner:
         if group.done:
             self._finish(group_id, info, group.finish(survivors))
             return []
-        old_ids = group.beam_ids()
-        copies, preempted = fork_beams(self.scheduler, group, survivors)
-        new_ids = group.beam_ids()
-        if new_ids != old_ids:
-            for req_id in old_ids:
-                self._group_of.pop(req_id, None)
-            for req_id in new_ids:
-                self._group_of[req_id] = group_id
-        for req_id in preempted:
+        fork = fork_beams(self.scheduler, group, survivors)
+        for req_id in fork.removed_ids:
+            self._group_of.pop(req_id, None)
+        for req_id in fork.added_ids:
+            self._group_of[req_id] = group_id
+        for req_id in fork.preempted:
             self._drop_candidates(req_id)
-        return copies
+        return fork.copies
 
     def _drop_candidates(self, req_id: str) -> None:
         group_id = self._group_of.get(req_id)
