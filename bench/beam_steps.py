@@ -9,8 +9,13 @@
 ``--beam-width`` beams for ``--max-tokens`` steps, EOS ignored, after a short warm-up search.
 Reported per engine step of the timed search (the engine's ``StepTimings``): wall ms, the ms
 blocked on the device's sampled ids, and host ms (the rest: scheduling, packing, beam selection,
-forks, block copies, results). ``compilations`` counts the JAX lowerings and compiles during the
-timed search: it must be 0 (a beam step compiles nothing after warm-up).
+forks, block copies, results). With async scheduling (the default) beam steps are pipelined
+(``LLMEngine._step_beams``): a step applies the previous step's beam rows, dispatches itself, then
+does the rest while the device runs. ``gap_ms`` is the part of a step the device surely idles:
+from the previous step's ids on the host to this step queued (selection, forks, block copies,
+scheduling, packing, dispatch); a step takes about device time + gap. The groups' results are
+built when taken, after the last step. ``compilations`` counts the JAX lowerings and compiles
+during the timed search: it must be 0 (a beam step compiles nothing after warm-up).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def main() -> None:
         and compilations.append(event))
     timings = engine.runner.timings
     steps, total, wait = timings.steps, timings.total_s, timings.device_wait_s
+    gap = timings.beam_gap_s
     jax.config.update("jax_log_compiles", True)  # what compiles, if anything, is logged
     profiler = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
@@ -83,6 +89,7 @@ def main() -> None:
     timing = False
     n = timings.steps - steps
     step_s, wait_s = (timings.total_s - total) / n, (timings.device_wait_s - wait) / n
+    gap_s = (timings.beam_gap_s - gap) / n
     if profiler:
         args.profile.parent.mkdir(parents=True, exist_ok=True)
         with args.profile.open("w") as f:
@@ -92,7 +99,7 @@ def main() -> None:
           "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
           "max_tokens": args.max_tokens, "steps": n, "seconds": elapsed,
           "output_tok_s": tokens / elapsed, "step_ms": 1e3 * step_s,
-          "device_wait_ms": 1e3 * wait_s, "host_ms": 1e3 * (step_s - wait_s),
+          "device_wait_ms": 1e3 * wait_s, "host_ms": 1e3 * (step_s - wait_s), "gap_ms": 1e3 * gap_s,
           "compilations": len(compilations)}, args.out, f"beam-steps-w{width}.json")
     if compilations:
         raise SystemExit(f"{len(compilations)} compilations during the timed beam search")

@@ -227,6 +227,39 @@ def test_one_block_copy_call_per_step(llm):
         [s.tokens for s in o.sequences] for o in alone]
 
 
+@pytest.mark.slow
+def test_pipelined_and_synchronous_steps_agree(llm, tiny_checkpoint):
+    """Async scheduling pipelines beam steps (``LLMEngine._step_beams``: the rest of a step is
+    applied while the next one runs) next to a greedy request; without it every step is applied
+    before the next: both give the same beams and the same greedy tokens."""
+    params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def run(engine):
+        engine.add_request("greedy", None, greedy, prompt_token_ids=PROMPTS[2]["prompt_token_ids"])
+        for i in (0, 1):
+            engine.add_beam_search(f"b{i}", None, params,
+                                   prompt_token_ids=PROMPTS[i]["prompt_token_ids"])
+        tokens, results = None, {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    tokens = output.outputs[0].token_ids
+            results.update(engine.take_beam_search_outputs())
+        return tokens, {k: [(s.tokens, s.cum_logprob) for s in v.sequences]
+                        for k, v in results.items()}
+
+    assert llm.llm_engine.config.async_scheduling
+    pipelined = run(llm.llm_engine)
+    synchronous = run(make_llm(tiny_checkpoint, async_scheduling=False).llm_engine)
+    assert pipelined[0] == synchronous[0] == GREEDY_IDS[2][:12]
+    assert set(pipelined[1]) == set(synchronous[1]) == {"b0", "b1"}
+    for group, beams in pipelined[1].items():
+        assert [t for t, _ in beams] == [t for t, _ in synchronous[1][group]]
+        np.testing.assert_allclose([c for _, c in beams], [c for _, c in synchronous[1][group]],
+                                   atol=1e-4)
+
+
 def test_bad_requests_are_refused(llm):
     engine = llm.llm_engine
     prompt = PROMPTS[0]["prompt_token_ids"]

@@ -1,15 +1,19 @@
 """Forking and freeing a beam group's sequences after a step's selection, blocks shared.
 
 A survivor extends a beam by one token whose K/V the next step writes. The first survivor of a
-beam takes the beam's sequence over (its block table unchanged); every other survivor becomes a
-new sequence whose block table shares the beam's full blocks (ref_cnt += 1) and gets a copy of
-its partly filled last block (copy on write): the returned (source, destination) block pairs are
-copied on the device before the next step. Beams without survivors are freed first, so their
-last blocks pay for the copies (block_size 4, x = computed token, t = a survivor's new token)::
+beam takes the beam's sequence over (its block table unchanged). Every other survivor takes over
+the sequence of a beam that has no survivor (its request, id and all, so the scheduler's and the
+runner's per-request state stays put): that request gets the parent's tokens and a block table
+sharing the parent's full blocks (ref_cnt += 1), its own full blocks are released, and its partly
+filled last block receives a copy of the parent's (copy on write): the returned (source,
+destination) block pairs are copied on the device before the next step. Only when no beam is left
+to take over (the group's first step: one beam, ``beam_width`` survivors) is a new request made,
+with a new block for its copy (block_size 4, x = computed token, t = a survivor's new token)::
 
     beam a: [x x x x][x x . .]       survivors a+t1, a+t2; beam b has none
     a+t1:   [x x x x][x x t1 .]       a's own table
-    a+t2:   [x x x x][x x t2 .]       first block shared (ref_cnt 2), second one copied
+    a+t2:   [x x x x][x x t2 .]       b's request: a's first block shared (ref_cnt 2), b's second
+                                       block overwritten by a copy of a's
 
 A beam whose last block is full shares all of it; its new token starts a block of its own.
 """
@@ -17,6 +21,7 @@ A beam whose last block is full shares all of it; its new token starts a block o
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from jaxpaged.core.beam_group import Beam, BeamGroup, Survivor
 from jaxpaged.core.block_manager import BlockManager, BlockTable
@@ -26,40 +31,96 @@ from jaxpaged.core.step_plan import StepPlan
 BlockCopy = tuple[int, int]  # (source block id, destination block id)
 
 
-def fork_beams(scheduler, group: BeamGroup, survivors: list[Survivor]) -> tuple[
-        list[BlockCopy], set[str]]:
-    """Applies a selection to the scheduler: frees the beams nobody extends, forks the others.
+@dataclasses.dataclass(frozen=True)
+class ForkResult:
+    copies: list[BlockCopy]  # block copies to run on the device before the next step
+    # requests outside the group preempted to make room for the copies (candidates stale)
+    preempted: set[str]
+    added_ids: list[str]  # requests made for the group (beyond those taken over)
+    removed_ids: list[str]  # the group's requests freed (nobody extends or takes them over)
 
-    Returns the block copies to run on the device and the ids of requests outside the group that
-    were preempted to make room for the copies (their candidates are stale)."""
-    by_parent: dict[str, list[Survivor]] = {}
-    for survivor in survivors:
-        by_parent.setdefault(survivor.parent.request.request_id, []).append(survivor)
-    for beam in group.beams:
-        if beam.request.request_id not in by_parent:
-            scheduler._finish(beam.request, RequestStatus.FINISHED_ABORTED, None)
+
+def fork_beams(scheduler, group: BeamGroup, survivors: list[Survivor]) -> ForkResult:
+    """Applies a selection to the scheduler: the beams nobody extends are taken over by the
+    extra survivors (or freed), new requests are made for the rest."""
+    firsts, extras = [], []  # (survivor index, survivor)
+    seen = [False] * len(group.beams)  # has a survivor, by beam index
+    for i, survivor in enumerate(survivors):
+        (extras if seen[survivor.parent_index] else firsts).append((i, survivor))
+        seen[survivor.parent_index] = True
+    spare = [beam.request for beam, kept in zip(group.beams, seen) if not kept]
+    added: list[str] = []
     copies: list[BlockCopy] = []
     preempted: set[str] = set()
-    new_beams: dict[int, Beam] = {}  # survivor index -> its beam
-    index_of = {id(s): i for i, s in enumerate(survivors)}
-    for parent_id, children in by_parent.items():
-        parent = children[0].parent.request
-        for survivor in children[1:]:
+    new_beams: list[Beam | None] = [None] * len(survivors)
+    # extras first: they copy their parent's tokens before its first survivor appends its own
+    for i, survivor in extras:
+        parent = survivor.parent.request
+        if spare:
+            child = spare.pop()
+            copy = take_over(scheduler.block_manager, parent, child)
+        else:
             preempted |= _make_room(scheduler, group, parent)
             child = _clone(parent, group.new_beam_id())
             copy = share_table(scheduler.block_manager, parent, child)
-            if copy is not None:
-                copies.append(copy)
-            child.append_output_token_id(survivor.token_id)
             scheduler.requests[child.request_id] = child
             scheduler.running.insert(scheduler.running.index(parent) + 1, child)
-            new_beams[index_of[id(survivor)]] = Beam(child, survivor.cum_logprob, survivor.step)
-        first = children[0]
-        parent.append_output_token_id(first.token_id)
+            added.append(child.request_id)
+        if copy is not None:
+            copies.append(copy)
+        child.append_output_token_id(survivor.token_id)
+        new_beams[i] = Beam(child, survivor.cum_logprob, survivor.step)
+    for request in spare:  # fewer survivors than beams (too few candidates)
+        scheduler._finish(request, RequestStatus.FINISHED_ABORTED, None)
+    for i, survivor in firsts:
+        parent = survivor.parent.request
+        parent.append_output_token_id(survivor.token_id)
         parent.beam_seats = 0  # its group holds its seats through its beams now
-        new_beams[index_of[id(first)]] = Beam(parent, first.cum_logprob, first.step)
-    group.beams = [new_beams[i] for i in sorted(new_beams)]
-    return copies, preempted
+        new_beams[i] = Beam(parent, survivor.cum_logprob, survivor.step)
+    group.beams = new_beams
+    return ForkResult(copies, preempted, added, [r.request_id for r in spare])
+
+
+def take_over(manager: BlockManager, parent: Request, child: Request) -> BlockCopy | None:
+    """``child`` (a running beam of the same length that nobody extends) becomes a copy of
+    ``parent``: its tokens, and a table sharing the parent's full computed blocks; its partly
+    filled last block, if private, is overwritten by a copy of the parent's (returned as the copy
+    to run), else a new one is taken (``child``'s blocks are released first, so one is free)."""
+    if child.num_computed_tokens != parent.num_computed_tokens:
+        raise ValueError(f"beam {child.request_id!r} has {child.num_computed_tokens} computed "
+                         f"tokens, its new parent {parent.request_id!r} "
+                         f"{parent.num_computed_tokens}: beams advance in lockstep")
+    child.output_token_ids = list(parent.output_token_ids)
+    child.all_token_ids = list(parent.all_token_ids)
+    old = manager.tables[child.request_id]
+    source = manager.tables[parent.request_id]
+    bs, computed = manager.block_size, parent.num_computed_tokens
+    num_full = computed // bs
+    full = source.blocks[:num_full]
+    held = old.blocks
+    same = 0  # leading blocks both tables hold already (the prompt's, common ancestors')
+    limit = min(num_full, len(held))
+    while same < limit and held[same] is full[same]:
+        same += 1
+    reuse = None
+    if computed % bs and len(held) == num_full + 1:
+        last = held[num_full]
+        if last.ref_cnt == 1 and last.block_hash is None:
+            reuse = last
+    manager.pool.touch(full[same:])
+    manager.pool.free_blocks(reversed([b for b in held[same:] if b is not reuse]))
+    manager.forget_hashes(child.request_id)  # its tokens changed
+    blocks = list(full)
+    copy = None
+    if computed % bs:
+        if reuse is None:
+            (reuse,) = manager.pool.get_new_blocks(1)
+        copy = (source.blocks[num_full].block_id, reuse.block_id)
+        blocks.append(reuse)
+    table = BlockTable(blocks, [b.block_id for b in blocks], 0, len(blocks) * bs, 0)
+    manager._set_num_cached(table, min(source.num_cached, num_full))
+    manager.tables[child.request_id] = table
+    return copy
 
 
 def share_table(manager: BlockManager, parent: Request, child: Request) -> BlockCopy | None:

@@ -4,7 +4,9 @@ vLLM v1 runs beam search outside its engine, one new one-token request per beam 
 group lives in the engine: its beams are sequences in the scheduler whose KV blocks are shared.
 Each step every live beam yields its ``2 * beam_width`` best next tokens (``top_k`` on the device,
 the raw logprobs of the vocabulary never leave it); once every live beam of the group has them,
-``select`` keeps the ``beam_width`` best candidates by ``get_beam_search_score`` (vLLM's rule) and
+``beam_candidates.select_groups`` (every ready group of a step at once) keeps the ``beam_width``
+best candidates by ``get_beam_search_score`` (vLLM's rule: the beams' candidates in beam order,
+EOS ones to ``completed``, the best others survive, stable order on ties), ``apply`` records it and
 ``jaxpaged.core.beam_fork`` forks and frees the beams' sequences. A candidate ending in EOS (unless
 ``ignore_eos``) leaves as a finished sequence, which needs no KV; after ``max_tokens`` steps the
 group ends and the best ``beam_width`` of its finished and live beams are its result.
@@ -13,21 +15,27 @@ group ends and the best ``beam_width`` of its finished and live beams are its re
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+from jaxpaged.core.beam_candidates import (Candidates, GroupRule, GroupSelection,
+                                           StepCandidates)
 from jaxpaged.core.request import Request
 
-# (token id, raw logprob, rank in the vocabulary) of a beam's candidates, most likely first (the
-# sampled token last if it is not among the top ones)
-Candidates = tuple[tuple[int, float, int], ...]
 
-
-@dataclasses.dataclass(frozen=True)
-class BeamStep:
-    """One generated token of a beam, linked to the steps before it (shared between beams)."""
+class BeamStep(NamedTuple):
+    """One generated token of a beam, linked to the steps before it (shared between beams). Its
+    candidates stay a row of the step's arrays until a result reads them. (A NamedTuple: made
+    for every beam of every step.)"""
 
     token_id: int
-    candidates: Candidates  # what the beam could have taken at this step (vLLM's logprobs)
+    source: StepCandidates  # the step's candidates; this beam's are row ``row``
+    row: int
     previous: BeamStep | None
+
+    @property
+    def candidates(self) -> Candidates:
+        """What the beam could have taken at this step (vLLM's logprobs)."""
+        return self.source.row(self.row)
 
     def path(self) -> list[BeamStep]:
         steps: list[BeamStep] = []
@@ -55,14 +63,14 @@ class FinishedBeam:
     finished_by_eos: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class Survivor:
-    """A candidate kept by ``select``: the beam it extends, by which token."""
+class Survivor(NamedTuple):
+    """A candidate kept by the selection: the beam it extends, by which token."""
 
     parent: Beam
     token_id: int
     cum_logprob: float
     step: BeamStep
+    parent_index: int  # the parent's index in the group's beams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +109,8 @@ class BeamGroup:
         self.beams: list[Beam] = [Beam(first)]
         self.completed: list[FinishedBeam] = []
         self.num_steps = 0
-        self._pending: dict[str, Candidates] = {}  # beam request id -> this step's candidates
+        # beam request id -> this step's candidates (a row of a step's StepCandidates)
+        self._pending: dict[str, tuple[StepCandidates, int]] = {}
         self._next_beam = 0
 
     def new_beam_id(self) -> str:
@@ -115,8 +124,9 @@ class BeamGroup:
     def beam_ids(self) -> list[str]:
         return [b.request.request_id for b in self.beams]
 
-    def add_candidates(self, beam_id: str, candidates: Candidates) -> None:
-        self._pending[beam_id] = candidates
+    def add_candidates(self, beam_id: str, candidates: StepCandidates, row: int) -> None:
+        """Beam ``beam_id``'s candidates of this step are row ``row`` of ``candidates``."""
+        self._pending[beam_id] = (candidates, row)
 
     def drop_candidates(self, beam_id: str) -> None:
         """A preempted beam recomputes, and proposes its candidates again."""
@@ -126,35 +136,36 @@ class BeamGroup:
         """Every live beam has proposed its candidates for this step."""
         return all(b.request.request_id in self._pending for b in self.beams)
 
-    def select(self) -> list[Survivor]:
-        """One step of vLLM's beam search: every live beam's candidates in beam order, EOS ones
-        to ``completed``, the ``beam_width`` best others (stable order on ties) survive.
+    def pending(self) -> list[tuple[StepCandidates, int]]:
+        """The live beams' candidates, in beam order (once ``ready``)."""
+        return [self._pending[b.request.request_id] for b in self.beams]
 
-        Scores are (score, beam index, candidate index) tuples until the cut: a ``BeamStep`` is
-        made only for the kept candidates (a step has beam_width x 2 beam_width of them)."""
-        config, scored = self.config, []
-        eos = None if config.ignore_eos else config.eos_token_id
-        for b, beam in enumerate(self.beams):
-            request = beam.request
-            candidates = self._pending[request.request_id]
-            new_len = request.num_tokens + 1
-            for c, (token_id, logprob, _) in enumerate(candidates):
-                cum = beam.cum_logprob + logprob
-                if token_id == eos:
-                    self.completed.append(FinishedBeam(
-                        request.all_token_ids + [token_id], cum,
-                        BeamStep(token_id, candidates, beam.last_step), True))
-                else:
-                    scored.append((beam_score(new_len, token_id, cum, config), b, c, cum))
-        # sorted() is stable: equal scores keep beam and candidate order
-        best = sorted(scored, key=lambda entry: entry[0], reverse=True)[:config.beam_width]
+    def rule(self) -> GroupRule:
+        """This step's selection rule: every beam has the same length (they advance in
+        lockstep), so every candidate's length is the same."""
+        config = self.config
+        new_len = self.beams[0].request.num_tokens + 1
+        eos = config.eos_token_id
+        return GroupRule(config.beam_width, -1 if config.ignore_eos or eos is None else eos,
+                         new_len ** config.length_penalty,
+                         -1 if eos is None else eos, (new_len - 1) ** config.length_penalty)
+
+    def apply(self, selection: GroupSelection) -> list[Survivor]:
+        """One step of vLLM's beam search from ``select_groups``' result: the EOS candidates to
+        ``completed``, the kept ones as survivors (best first)."""
+        pending, beams = self.pending(), self.beams
+        for b, token_id, cum in selection.eos:
+            beam = beams[b]
+            source, row = pending[b]
+            self.completed.append(FinishedBeam(
+                beam.request.all_token_ids + [token_id], cum,
+                BeamStep(token_id, source, row, beam.last_step), True))
         survivors = []
-        for _, b, c, cum in best:
-            beam = self.beams[b]
-            candidates = self._pending[beam.request.request_id]
-            token_id = candidates[c][0]
+        for b, token_id, cum in selection.survivors:
+            beam = beams[b]
+            source, row = pending[b]
             survivors.append(Survivor(beam, token_id, cum,
-                                      BeamStep(token_id, candidates, beam.last_step)))
+                                      BeamStep(token_id, source, row, beam.last_step), b))
         self._pending.clear()
         self.num_steps += 1
         return survivors

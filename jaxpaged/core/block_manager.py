@@ -340,5 +340,10 @@ class BlockManager:
             # NOTE: tail blocks first, so they are evicted before the request's shared prefix.
             self.pool.free_blocks(reversed(table.blocks))
 
+    def forget_hashes(self, request_id: str) -> None:
+        """The request's tokens were replaced (a beam taken over): its memoised block hashes
+        are recomputed when next needed."""
+        self._req_hashes.pop(request_id, None)
+
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

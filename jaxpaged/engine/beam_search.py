@@ -4,25 +4,29 @@ A beam search request enters the scheduler as one ordinary request (its first be
 for ``2 * beam_width`` logprobs with ``ignore_eos`` (the group, not the scheduler, decides when
 beams end). Its rows never reach ``Scheduler.update_from_output``: ``take_rows`` records each
 beam's candidates instead of appending the sampled token, and once every live beam of a group has
-proposed, runs the group's selection (``BeamGroup.select``), forks the sequences
-(``beam_fork.fork_beams``) and has the partly filled blocks copied on the device. A beam whose
-candidates are pending is not scheduled (it has no token to compute), so the beams of a group
-advance in lockstep. A preempted beam takes its whole group with it (``Scheduler._preempt``): the
+proposed, runs the selection (``select_groups``: every complete group of the step at once), forks
+the sequences (``beam_fork.fork_beams``) and has the partly filled blocks copied on the device
+(one call per step). A beam whose candidates are pending is not scheduled (it has no token to
+compute), so the beams of a group advance in lockstep. A preempted beam takes its whole group with it (``Scheduler._preempt``): the
 group is recomputed as a whole, and proposes again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+import numpy as np
 
 from jaxpaged.core.beam_fork import BlockCopy, fork_beams
-from jaxpaged.core.beam_group import BeamGroup, BeamGroupConfig, FinishedBeam
+from jaxpaged.core.beam_candidates import GroupSelection, StepCandidates, select_groups
+from jaxpaged.core.beam_group import BeamGroup, BeamGroupConfig, FinishedBeam, Survivor
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
 from jaxpaged.engine.tokenizer import TokenTexts
 from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
+from jaxpaged.runner.step_logprobs import StepLogprobs
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -58,6 +62,8 @@ class BeamSearchRunner:
         self.groups: dict[str, _GroupInfo] = {}  # group id -> its group
         self._group_of: dict[str, str] = {}  # live beam request id -> group id
         self.finished: dict[str, BeamSearchOutput] = {}  # group id -> result, until taken
+        # groups ended whose results are not built yet: (group id, group, its best beams)
+        self._unbuilt: list[tuple[str, _GroupInfo, list[FinishedBeam]]] = []
 
     def add(self, request: Request, params: BeamSearchParams) -> None:
         """``request``: the group's first beam, with ``beam_step_params(params)``."""
@@ -105,58 +111,76 @@ class BeamSearchRunner:
             self._drop_candidates(req_id)
 
     def take_rows(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int],
-                  logprobs: dict) -> SchedulerOutput:
+                  logprobs: Mapping[str, object]) -> SchedulerOutput:
         """Handles the step's beam rows; returns the step without them (for the scheduler)."""
         if not self.groups:
             return scheduler_output
         group_of, requests = self._group_of, self.scheduler.requests
-        manager = self.scheduler.block_manager
-        kept, touched = [], {}
+        tables, cache_full_blocks = (self.scheduler.block_manager.tables,
+                                     self.scheduler.block_manager.cache_full_blocks)
+        running = RequestStatus.RUNNING
+        kept, beam_rows = [], []  # beam_rows: (beam id, its group)
         for scheduled in scheduler_output.scheduled:
             group_id = group_of.get(scheduled.req_id)
             if group_id is None:
                 kept.append(scheduled)
                 continue
             request = requests.get(scheduled.req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            if request is None or request.status != running:
                 continue
-            manager.cache_full_blocks(request)
-            if not scheduled.do_sample:
-                continue
-            token_logprobs = logprobs[scheduled.req_id]
-            candidates = [(token_id, logprob, rank) for rank, (token_id, logprob)
-                          in enumerate(token_logprobs.top.items(), start=1)]
-            sampled = sampled_token_ids[scheduled.req_id]
-            if sampled not in token_logprobs.top:
-                candidates.append((sampled, token_logprobs.sampled_logprob,
-                                   token_logprobs.sampled_rank))
-            info = self.groups[group_id]
-            info.group.add_candidates(scheduled.req_id, tuple(candidates))
-            touched[group_id] = info
-        copies: list[BlockCopy] = []
-        for group_id, info in touched.items():
-            if info.group.ready():
-                copies += self._advance(group_id, info)
-        if copies:  # every group's copies of this step in one device call
-            self.copy_blocks(_last_copy_per_destination(copies))
+            table = tables.get(scheduled.req_id)
+            if table is not None and request.num_computed_tokens >= table.cache_from:
+                cache_full_blocks(request)
+            if scheduled.do_sample:
+                beam_rows.append((scheduled.req_id, self.groups[group_id]))
+        if beam_rows:
+            self._propose(beam_rows, sampled_token_ids, logprobs)
         return dataclasses.replace(scheduler_output, scheduled=kept)
 
-    def _advance(self, group_id: str, info: _GroupInfo) -> list[BlockCopy]:
+    def _propose(self, beam_rows: list[tuple[str, _GroupInfo]], sampled_token_ids: dict[str, int],
+                 logprobs: Mapping[str, object]) -> None:
+        """The beams' candidates into their groups; the groups that are complete advance (one
+        selection for all of them, their block copies in one device call)."""
+        if not isinstance(logprobs, StepLogprobs):
+            raise TypeError("beam rows need the step's logprobs as StepLogprobs")
+        arrays, row_of = logprobs.arrays, logprobs.rows
+        ids = [beam_id for beam_id, _ in beam_rows]
+        rows = np.fromiter([row_of[i][0] for i in ids], np.intp, len(ids))  # [R]
+        candidates = StepCandidates.from_sampler(
+            arrays.top_ids[rows], arrays.top_logprobs[rows],
+            np.fromiter([sampled_token_ids[i] for i in ids], np.int64, len(ids)),
+            arrays.sampled_logprob[rows], arrays.sampled_rank[rows],
+            np.fromiter([2 * info.params.beam_width for _, info in beam_rows], np.int64,
+                        len(ids)))
+        touched: dict[str, _GroupInfo] = {}
+        for r, (beam_id, info) in enumerate(beam_rows):
+            info.group.add_candidates(beam_id, candidates, r)
+            touched[info.group.group_id] = info
+        ready = [(group_id, info) for group_id, info in touched.items() if info.group.ready()]
+        if not ready:
+            return
+        selections = _select([info.group for _, info in ready])
+        copies: list[BlockCopy] = []
+        for (group_id, info), selection in zip(ready, selections):
+            copies += self._advance(group_id, info, info.group.apply(selection))
+        if copies:  # every group's copies of this step in one device call
+            self.copy_blocks(_last_copy_per_destination(copies))
+
+    def _advance(self, group_id: str, info: _GroupInfo,
+                 survivors: list[Survivor]) -> list[BlockCopy]:
         """The group's selection applied; returns the block copies its forks need."""
         group = info.group
-        survivors = group.select()
         if group.done:
             self._finish(group_id, info, group.finish(survivors))
             return []
-        old_ids = group.beam_ids()
-        copies, preempted = fork_beams(self.scheduler, group, survivors)
-        for req_id in old_ids:
+        fork = fork_beams(self.scheduler, group, survivors)
+        for req_id in fork.removed_ids:
             self._group_of.pop(req_id, None)
-        for req_id in group.beam_ids():
+        for req_id in fork.added_ids:
             self._group_of[req_id] = group_id
-        for req_id in preempted:
+        for req_id in fork.preempted:
             self._drop_candidates(req_id)
-        return copies
+        return fork.copies
 
     def _drop_candidates(self, req_id: str) -> None:
         group_id = self._group_of.get(req_id)
@@ -170,17 +194,35 @@ class BeamSearchRunner:
             if request is not None:
                 self.scheduler._finish(request, RequestStatus.FINISHED_STOPPED, None)
         del self.groups[group_id]
-        prompt_len = info.group.beams[0].request.num_prompt_tokens
-        self.finished[group_id] = BeamSearchOutput(
-            [self._sequence(f, prompt_len, info.params) for f in best])
+        self._unbuilt.append((group_id, info, best))
 
-    def _sequence(self, beam: FinishedBeam, prompt_len: int,
-                  params: BeamSearchParams) -> BeamSearchSequence:
+    def take_finished(self) -> dict[str, BeamSearchOutput]:
+        """Results of the groups finished since the last call, by group id. A result (texts,
+        every step's candidates as logprobs) is built here, not when its group ends: the engine
+        step that ends a group has dispatched the next step by the time its caller asks."""
+        for group_id, info, best in self._unbuilt:
+            prompt_len = info.group.beams[0].request.num_prompt_tokens
+            entries: dict[int, dict[int, Logprob]] = {}  # shared by the beams' paths
+            self.finished[group_id] = BeamSearchOutput(
+                [self._sequence(f, prompt_len, info.params, entries) for f in best])
+        self._unbuilt = []
+        finished, self.finished = self.finished, {}
+        return finished
+
+    def _sequence(self, beam: FinishedBeam, prompt_len: int, params: BeamSearchParams,
+                  entries: dict[int, dict[int, Logprob]]) -> BeamSearchSequence:
+        """``entries``: id of a ``BeamStep`` -> its logprobs entry, for the steps of the group's
+        beams made so far (beams share the steps of their common ancestors; their ``Logprob``
+        objects are shared too, as vLLM's beam search shares a common prefix's entries)."""
         path = beam.last_step.path() if beam.last_step else []
+        new = [step for step in path if id(step) not in entries]
+        candidates = [step.candidates for step in new]
         texts = self.token_texts.texts(
-            token_id for step in path for token_id, _, _ in step.candidates)
-        logprobs = [{token_id: Logprob(logprob, rank, texts[token_id])
-                     for token_id, logprob, rank in step.candidates} for step in path]
+            token_id for step in candidates for token_id, _, _ in step)
+        for step, step_candidates in zip(new, candidates):
+            entries[id(step)] = {token_id: Logprob(logprob, rank, texts[token_id])
+                                 for token_id, logprob, rank in step_candidates}
+        logprobs = [dict(entries[id(step)]) for step in path]
         generated = beam.tokens[prompt_len:]
         if beam.finished_by_eos and not params.include_stop_str_in_output:
             generated = generated[:-1]
@@ -188,6 +230,28 @@ class BeamSearchRunner:
         eos = beam.tokens[-1] if beam.finished_by_eos else None
         return BeamSearchSequence(list(beam.tokens), logprobs, beam.cum_logprob, text,
                                   "stop" if beam.finished_by_eos else "length", eos)
+
+
+def _select(groups: list[BeamGroup]) -> list[GroupSelection]:
+    """``select_groups`` over groups whose candidates are usually rows of one step's arrays
+    (beams recomputed after a preemption may have proposed in earlier steps: then the rows are
+    stacked first)."""
+    pending = [group.pending() for group in groups]
+    sources = {id(source): source for beams in pending for source, _ in beams}
+    if len(sources) == 1:
+        (candidates,) = sources.values()
+        index = {}
+    else:  # stack every source once; a row's index is its source's offset plus its row
+        candidates = StepCandidates.concatenate(list(sources.values()))
+        offsets = np.cumsum([0] + [s.token_ids.shape[0] for s in sources.values()]).tolist()
+        index = {key: offset for key, offset in zip(sources, offsets)}
+    width = max(len(beams) for beams in pending)
+    rows = np.full((len(groups), width), -1, np.int64)  # [G, B]
+    cum = np.zeros((len(groups), width), np.float64)  # [G, B]
+    for g, (group, beams) in enumerate(zip(groups, pending)):
+        rows[g, :len(beams)] = [index.get(id(source), 0) + row for source, row in beams]
+        cum[g, :len(beams)] = [beam.cum_logprob for beam in group.beams]
+    return select_groups(candidates, rows, cum, [group.rule() for group in groups])
 
 
 def _last_copy_per_destination(copies: list[BlockCopy]) -> list[BlockCopy]:

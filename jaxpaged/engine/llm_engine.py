@@ -4,7 +4,9 @@
 detokenize and check stop strings -> outputs. With ``EngineConfig.async_scheduling`` a step
 dispatches its model step before processing the previous step's results: schedule k -> dispatch
 k -> fetch k - 1 (done or nearly, while k is queued) -> apply and detokenize k - 1. So the device
-never waits for the host; outputs come one step later.
+never waits for the host; outputs come one step later. While beam search groups are live a beam's
+next token is chosen on the host from step k - 1's candidates, so their rows of k - 1 are applied
+before k is scheduled (``_step_beams``); only the rest overlaps the device.
 
 The engine keeps the loop and delegates the rest: ``InputProcessor`` (tokenize, validate, build
 the request), ``OutputProcessor`` (append, detokenize, build outputs), ``setup`` (every default
@@ -259,8 +261,7 @@ class LLMEngine:
 
     def take_beam_search_outputs(self) -> dict[str, BeamSearchOutput]:
         """Results of the beam searches finished since the last call, by request id."""
-        finished, self.beam_search.finished = self.beam_search.finished, {}
-        return finished
+        return self.beam_search.take_finished()
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         self.runner.kv_cache = self._block_copier(self.runner.kv_cache, copies)
@@ -305,9 +306,9 @@ class LLMEngine:
         """Runs one step; returns the outputs of the requests that progressed in it (with async
         scheduling: of the previous step, whose results arrive one step late)."""
         self._admit_compiled()
-        if self.config.async_scheduling and not self.beam_search.groups:
-            return self._step_async()
-        # NOTE: beam groups step synchronously: a beam's next token is chosen on the host.
+        if self.config.async_scheduling:
+            return self._step_beams() if self.beam_search.groups else self._step_async()
+        # without async scheduling every step is applied before the next is scheduled
         outputs = []
         if self._in_flight is not None:
             previous, self._in_flight = self._in_flight, None
@@ -376,6 +377,53 @@ class LLMEngine:
         self._count_step(start)
         return outputs
 
+    def _step_beams(self) -> list[RequestOutput]:
+        """Async scheduling while beam groups are live: apply the beam rows of step k - 1 (a
+        beam's next token is chosen on the host from its candidates), schedule and dispatch step
+        k, then apply the rest of step k - 1 (other requests' tokens and outputs) while k runs on
+        the device. A beam's candidates are never guessed: only the host work that does not
+        decide step k's tokens overlaps the device.
+
+        As in ``_step_async``, a step whose rows use penalties or grammars applies all of step
+        k - 1 before it is dispatched (they read the real output ids)."""
+        start = time.perf_counter()
+        previous, self._in_flight = self._in_flight, None
+        outputs: list[RequestOutput] = []
+        rest: tuple[SchedulerOutput, RunnerOutput] | None = None
+        try:
+            arrived = None
+            if previous is not None:
+                runner_output = self.runner.fetch(previous[1])
+                arrived = time.perf_counter()
+                rest = (self.beam_search.take_rows(previous[0], runner_output.sampled_token_ids,
+                                                   runner_output.logprobs), runner_output)
+            scheduler_output = self.scheduler.schedule()
+            self.beam_search.after_schedule(scheduler_output)
+            self._failed_step = scheduler_output
+            if not scheduler_output.is_empty:
+                self.output_processor.mark_scheduled(scheduler_output)
+                self._run_hook(scheduler_output)
+                grammar = self.structured is not None and _has_grammar(scheduler_output)
+                if rest is not None and (grammar or _uses_penalties(scheduler_output)):
+                    outputs += self._apply_rows(*rest)
+                    rest = None
+                bitmask = self.structured.bitmask if grammar else None
+                self._in_flight = (scheduler_output,
+                                   self.runner.dispatch(scheduler_output, bitmask) if bitmask
+                                   else self.runner.dispatch(scheduler_output))
+                if arrived is not None:
+                    self.runner.timings.beam_gap_s += time.perf_counter() - arrived
+            if rest is not None:
+                outputs += self._apply_rows(*rest)
+        except Exception:
+            self._forget_placeholders()
+            raise
+        self._failed_step = None
+        self._drop_idle_in_flight()
+        if previous is not None or self._in_flight is not None:
+            self._count_step(start)
+        return outputs
+
     def _count_step(self, start: float) -> None:
         self.runner.timings.steps += 1
         self.runner.timings.total_s += time.perf_counter() - start
@@ -383,9 +431,14 @@ class LLMEngine:
     def _apply(self, scheduler_output: SchedulerOutput,
                runner_output: RunnerOutput) -> list[RequestOutput]:
         """The step's results into the scheduler (append, stops) and the requests' outputs."""
+        return self._apply_rows(self.beam_search.take_rows(
+            scheduler_output, runner_output.sampled_token_ids, runner_output.logprobs),
+            runner_output)
+
+    def _apply_rows(self, scheduler_output: SchedulerOutput,
+                    runner_output: RunnerOutput) -> list[RequestOutput]:
+        """``_apply`` of a step whose beam rows were taken already."""
         self.output_processor.collect_prompt_logprobs(runner_output.prompt_logprobs)
-        scheduler_output = self.beam_search.take_rows(
-            scheduler_output, runner_output.sampled_token_ids, runner_output.logprobs)
         updates = self.scheduler.update_from_output(scheduler_output,
                                                     runner_output.sampled_token_ids)
         if self.structured is None:

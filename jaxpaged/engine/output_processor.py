@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Mapping
 
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
@@ -20,7 +21,7 @@ from jaxpaged.core.scheduler_output import RequestUpdate, SchedulerOutput
 from jaxpaged.engine.request_state import RequestState, SequenceState
 from jaxpaged.engine.tokenizer import TokenTexts
 from jaxpaged.outputs import Logprob, RequestOutput
-from jaxpaged.runner.model_runner import TokenLogprobs
+from jaxpaged.runner.step_logprobs import TokenLogprobs
 from jaxpaged.sample.prompt_logprobs import PromptLogprobsChunk
 
 
@@ -55,7 +56,7 @@ class OutputProcessor:
                 state.add_prompt_logprobs(chunk.first_index, entries)
 
     def process(self, updates: list[RequestUpdate],
-                logprobs: dict[str, TokenLogprobs]) -> list[RequestOutput]:
+                logprobs: Mapping[str, TokenLogprobs]) -> list[RequestOutput]:
         """Runs once per step for every request that got tokens: keep it lean (at batch 256 it
         is a large part of a step's host time)."""
         now = time.time()

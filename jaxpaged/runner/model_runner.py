@@ -28,7 +28,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,7 @@ from jaxpaged.runner.compiler_options import step_compiler_options
 from jaxpaged.runner.executable_cache import ExecutableCache, abstract_signature
 from jaxpaged.runner.host_bundle import BundleLayout, bundle, unbundle, unbundle_shapes
 from jaxpaged.runner.step_inputs import StepInputs, StepPacker, pack_step
+from jaxpaged.runner.step_logprobs import LogprobArrays, StepLogprobs, TokenLogprobs
 from jaxpaged.sample.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsPlan,
                                              plan_prompt_logprobs, prompt_logprobs_program)
 from jaxpaged.sample.sampler import SampleLogprobs, sample
@@ -60,15 +61,6 @@ GrammarBitmaskFn = Callable[[list[ScheduledRequest], int], np.ndarray | None]
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenLogprobs:
-    """Logprobs of one sampled token (raw model distribution, vLLM's default)."""
-
-    sampled_logprob: float
-    sampled_rank: int
-    top: dict[int, float]  # top-N token id -> logprob, most likely first
-
-
 @dataclasses.dataclass
 class StepTimings:
     """Where the wall time of steps goes: the host works while the device runs the step, then
@@ -77,6 +69,9 @@ class StepTimings:
     steps: int = 0
     total_s: float = 0.0  # whole engine steps (schedule, run, update, detokenize)
     device_wait_s: float = 0.0  # blocked on the sampled ids after dispatching the step
+    # beam steps (``LLMEngine._step_beams``): from the previous step's ids on the host to this
+    # step queued on the device, which idles meanwhile (selection, forks, scheduling, dispatch)
+    beam_gap_s: float = 0.0
 
     @property
     def host_s(self) -> float:
@@ -86,7 +81,9 @@ class StepTimings:
 @dataclasses.dataclass(frozen=True)
 class RunnerOutput:
     sampled_token_ids: dict[str, int]  # req_id -> its new token (only do_sample requests)
-    logprobs: dict[str, TokenLogprobs]  # req_id -> logprobs, for requests that asked for them
+    # req_id -> logprobs, for requests that asked for them (built on lookup; the host arrays
+    # are ``logprobs.arrays``)
+    logprobs: Mapping[str, TokenLogprobs]
     # req_id -> prompt logprobs this step computed, for requests whose ScheduledRequest has
     # non-empty prompt_logprobs_positions
     prompt_logprobs: dict[str, PromptLogprobsChunk] = dataclasses.field(default_factory=dict)
@@ -261,6 +258,9 @@ class ModelRunner:
         self._prev_sampled_ids = padded_ids
         self._prev_rows = {r.req_id: j for j, r in enumerate(requests)}
         out.token_ids.copy_to_host_async()
+        if out.logprobs is not None:  # fetched with the ids, not one transfer after them
+            for leaf in jax.tree.leaves(out.logprobs):
+                leaf.copy_to_host_async()
         return StepHandle(requests, out.token_ids, out.logprobs, pending)
 
     def _dispatch_prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: jax.Array
@@ -398,17 +398,12 @@ _WARMUP_SAMPLING = ((SamplingParams(temperature=0.0), False),
 
 
 def _logprobs_by_request(requests: list[ScheduledRequest],
-                         logprobs: SampleLogprobs | None) -> dict[str, TokenLogprobs]:
+                         logprobs: SampleLogprobs | None) -> Mapping[str, TokenLogprobs]:
+    """The step's logprobs on the host (one transfer), each row's dict made on lookup."""
     if logprobs is None:
         return {}
     host = jax.device_get(logprobs)
-    out = {}
-    for j, r in enumerate(requests):
-        n = r.sampling_params.logprobs
-        if n is None:
-            continue
-        n = host.top_ids.shape[1] if n < 0 else n
-        top = {int(t): float(v) for t, v in zip(host.top_ids[j, :n], host.top_logprobs[j, :n])}
-        out[r.req_id] = TokenLogprobs(float(host.sampled_logprob[j]),
-                                      int(host.sampled_rank[j]), top)
-    return out
+    rows = {r.req_id: (j, r.sampling_params.logprobs) for j, r in enumerate(requests)
+            if r.sampling_params.logprobs is not None}
+    return StepLogprobs(LogprobArrays(host.top_ids, host.top_logprobs, host.sampled_logprob,
+                                      host.sampled_rank), rows)
