@@ -1,10 +1,10 @@
 """Quantize a parameter tree's projections (``jaxpaged.models.linear.QUANTIZED_WEIGHTS``).
 
 Each such weight ``w [*in, *out]`` becomes its codes (fp8/int8, output-major ``[*out, *in]``:
-``pallas_kernels.quant_matmul``'s layout) plus a sibling ``<name>_scale f32[*out]``; every other leaf is left as it is. Used when loading an unquantized
-checkpoint with ``quantization`` (on the device, one layer's tensor at a time, so the bf16 model
-never sits on the device whole) and by ``jaxpaged convert --quantization`` (on the host, over the
-checkpoint's stacked [L, ...] arrays).
+``pallas_kernels.quant_matmul``'s layout) plus a sibling ``<name>_scale f32[*out]``; every other
+leaf is left as it is. Used when loading an unquantized checkpoint with ``quantization`` (on the
+device, one layer's tensor at a time, so the bf16 model never sits on the device whole) and by
+``jaxpaged convert --quantization`` (on the host, over the checkpoint's stacked [L, ...] arrays).
 """
 
 from __future__ import annotations

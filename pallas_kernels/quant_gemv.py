@@ -6,9 +6,9 @@ instead. Codes are ``[N, K]`` (quant_matmul's layout). Each program owns ``block
 channels and one of ``splits`` parts of K. Per step of its loop it loads a ``[block_n, block_k]``
 tile of 1-byte codes (K-contiguous rows), converts them to f32 in registers and adds
 ``x[m, k] * code[n, k]`` into a ``[block_n, block_k]`` f32 accumulator per token row: no reduction
-across threads inside the loop, one reduction over ``block_k`` at the end. The per-channel scale multiplies the finished column
-sums (``x @ (code * scale) == (x @ code) * scale``); with several splits the partial f32 sums
-are added in XLA first.
+across threads inside the loop, one reduction over ``block_k`` at the end. The per-channel scale
+multiplies the finished column sums (``x @ (code * scale) == (x @ code) * scale``); with several
+splits the partial f32 sums are added in XLA first.
 """
 
 from __future__ import annotations

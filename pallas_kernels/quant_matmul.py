@@ -16,7 +16,7 @@ fp8 GEMM saved (bench/RESULTS.md, 2026-12-08). Hugging Face's pre-quantized chec
 ``[out, in]`` too.
 
 Kernels (``MATMUL_KERNELS``); each computes the same product, they differ in where it runs:
-- "dequant_xla": ``(x @ code.astype(x.dtype)) * scale`` in XLA (the jnp reference), with x padded
+- "dequant_xla": ``(x @ code.T.astype(x.dtype)) * scale`` in XLA (the jnp reference), with x padded
   to at least ``DEQUANT_MIN_ROWS`` rows: XLA's GEMM for one or two rows does not fuse the
   conversion of the codes, its GEMM for four does (bench/RESULTS.md, 2026-12-07).
 - "w8a16_pallas": Pallas (Triton-style) tiles; each program loads [block_k, block_n] byte codes,
@@ -57,9 +57,10 @@ MATMUL_KERNELS = ("auto", "dequant_xla", "w8a16_gemv", "w8a16_pallas", "w8a8_pal
 
 # Token count M -> kernel, per format: the first row whose bound is >= M wins (None: any M).
 # Chosen by GPU measurement (bench/quant_matmul.py, bench/RESULTS.md): no Pallas kernel beat
-# XLA's dequantize + dot (x padded to DEQUANT_MIN_ROWS) at decode token counts. Above ``DEQUANT_MAX_TOKENS`` (the token count from which model steps compile without XLA's
-# Triton GEMMs, runner.compiler_options.TRITON_GEMM_MAX_TOKENS) dequantize + dot becomes a bf16
-# copy of the weights and a bf16 GEMM, slower than bf16; fp8 weights take W8A8's fp8 GEMM there
+# XLA's dequantize + dot (x padded to DEQUANT_MIN_ROWS) at decode token counts. Above
+# ``DEQUANT_MAX_TOKENS`` (the token count from which model steps compile without XLA's Triton
+# GEMMs, runner.compiler_options.TRITON_GEMM_MAX_TOKENS) dequantize + dot becomes a bf16 copy of
+# the weights and a bf16 GEMM, slower than bf16; fp8 weights take W8A8's fp8 GEMM there
 # (bench/RESULTS.md, 2026-12-08).
 DEQUANT_MAX_TOKENS = 16
 KERNEL_BY_TOKENS: dict[str, tuple[tuple[int | None, str], ...]] = {
@@ -141,7 +142,7 @@ def quantize_weight(w: jax.Array, quantization: str, *, in_axes: int = 1
 
 
 def to_output_major(w, in_axes: int = 1):
-    """[*in, *out] -> [*out, *in] (jax or numpy arrays; a copy in numpy's case only when read)."""
+    """[*in, *out] -> [*out, *in] (jax or numpy arrays; a view of a numpy one)."""
     axes = tuple(range(in_axes, w.ndim)) + tuple(range(in_axes))
     return w.transpose(axes)
 
@@ -185,8 +186,8 @@ def choose_kernel(kernel: str, quantization: str, m: int, k: int, n: int, *,
                   fp8_activations: bool = True) -> str:
     """The kernel that runs for ``kernel`` ("auto": ``KERNEL_BY_TOKENS`` on a CUDA GPU, or
     ``WEIGHT_ONLY_KERNEL_BY_TOKENS`` without ``fp8_activations``; else the reference) at this
-    shape; a W8A8 kernel without ``fp8_activations`` is "dequant_xla"; Pallas kernels fall back to "dequant_xla" when K or N has no power-of-2 tile of at
-    least 16."""
+    shape; a W8A8 kernel without ``fp8_activations`` is "dequant_xla"; Pallas kernels fall back
+    to "dequant_xla" when K or N has no power-of-2 tile of at least 16."""
     if kernel not in MATMUL_KERNELS:
         raise ValueError(f"quant matmul kernel must be one of {MATMUL_KERNELS}, got {kernel!r}")
     if kernel == "auto":

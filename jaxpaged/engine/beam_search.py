@@ -7,8 +7,8 @@ beam's candidates instead of appending the sampled token, and once every live be
 proposed, runs the selection (``select_groups``: every complete group of the step at once), forks
 the sequences (``beam_fork.fork_beams``) and has the partly filled blocks copied on the device
 (one call per step). A beam whose candidates are pending is not scheduled (it has no token to
-compute), so the beams of a group advance in lockstep. A preempted beam takes its whole group with it (``Scheduler._preempt``): the
-group is recomputed as a whole, and proposes again.
+compute), so the beams of a group advance in lockstep. A preempted beam takes its whole group
+with it (``Scheduler._preempt``): the group is recomputed as a whole, and proposes again.
 """
 
 from __future__ import annotations

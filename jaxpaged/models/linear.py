@@ -10,9 +10,9 @@ Layout: a bf16 ``weight`` is ``[*in, *out]``; quantized, ``weight [*out, *in]`` 
 ``pallas_kernels.quant_matmul``), and ``scale f32[*out]`` one scale per output channel, so a
 tensor-parallel split of the output axes would split the scales the same way (quantized weights
 under tensor parallelism are refused today; ``models.sharding``'s rules name the bf16 layout, so
-they must rotate the codes' axes when that lands). The matmul flattens ``*out`` / ``*in`` to N / K (free
-reshapes) and runs the kernel that ``pallas_kernels.quant_matmul.choose_kernel`` picks for the
-step's token count.
+they must rotate the codes' axes when that lands). The matmul flattens ``*out`` / ``*in`` to
+N / K (free reshapes) and runs the kernel that ``pallas_kernels.quant_matmul.choose_kernel``
+picks for the step's token count.
 """
 
 from __future__ import annotations
