@@ -264,3 +264,14 @@ def test_padded_vocabulary_ids_are_never_allowed(llm):
     assert tokenizer_size < vocab and bits[0, :vocab].any()
     assert not bits[0, tokenizer_size:].any() and bits[1].all()  # row 1: no grammar
     engine.structured.free("probe")
+
+
+def test_a_grammar_that_ends_at_its_first_token_leaves_no_matcher_behind(llm):
+    """A one-token choice ends its request at the step that applies its first token, when the
+    next step (async scheduling) already holds its row: that row's mask must not bring the freed
+    matcher back."""
+    params = [constrained(s, choice=["a", "b", "c"]) for s in range(8)]
+    outputs = llm.generate(["Hello"] * len(params), params, use_tqdm=False)
+    assert all(o.outputs[0].text in ("a", "b", "c") for o in outputs)
+    assert all(len(o.outputs[0].token_ids) == 1 for o in outputs)  # one token each: the case
+    assert not llm.llm_engine.structured._rows  # every matcher freed
