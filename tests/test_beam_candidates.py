@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxpaged.core.beam_candidates import GroupRule, StepCandidates, select_groups
+from jaxpaged.core.beam_candidates import GroupRule
+from jaxpaged.engine.beam_selection import StepCandidates, select_groups
 from jaxpaged.core.beam_group import get_beam_search_score
 
 

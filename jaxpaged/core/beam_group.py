@@ -4,8 +4,8 @@ vLLM v1 runs beam search outside its engine, one new one-token request per beam 
 group lives in the engine: its beams are sequences in the scheduler whose KV blocks are shared.
 Each step every live beam yields its ``2 * beam_width`` best next tokens (``top_k`` on the device,
 the raw logprobs of the vocabulary never leave it); once every live beam of the group has them,
-``beam_candidates.select_groups`` (every ready group of a step at once) keeps the ``beam_width``
-best candidates by ``get_beam_search_score`` (vLLM's rule: the beams' candidates in beam order,
+``engine.beam_selection.select_groups`` (every ready group of a step at once) keeps the
+``beam_width`` best candidates by ``get_beam_search_score`` (vLLM's rule: the beams' candidates in beam order,
 EOS ones to ``completed``, the best others survive, stable order on ties), ``apply`` records it and
 ``jaxpaged.core.beam_fork`` forks and frees the beams' sequences. A candidate ending in EOS (unless
 ``ignore_eos``) leaves as a finished sequence, which needs no KV; after ``max_tokens`` steps the
@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from jaxpaged.core.beam_candidates import (Candidates, GroupRule, GroupSelection,
-                                           StepCandidates)
+from jaxpaged.core.beam_candidates import (CandidateRows, Candidates, GroupRule,
+                                           GroupSelection)
 from jaxpaged.core.request import Request
 
 
@@ -28,7 +28,7 @@ class BeamStep(NamedTuple):
     for every beam of every step.)"""
 
     token_id: int
-    source: StepCandidates  # the step's candidates; this beam's are row ``row``
+    source: CandidateRows  # the step's candidates; this beam's are row ``row``
     row: int
     previous: BeamStep | None
 
@@ -109,8 +109,8 @@ class BeamGroup:
         self.beams: list[Beam] = [Beam(first)]
         self.completed: list[FinishedBeam] = []
         self.num_steps = 0
-        # beam request id -> this step's candidates (a row of a step's StepCandidates)
-        self._pending: dict[str, tuple[StepCandidates, int]] = {}
+        # beam request id -> this step's candidates (a row of a step's CandidateRows)
+        self._pending: dict[str, tuple[CandidateRows, int]] = {}
         self._next_beam = 0
 
     def new_beam_id(self) -> str:
@@ -124,7 +124,7 @@ class BeamGroup:
     def beam_ids(self) -> list[str]:
         return [b.request.request_id for b in self.beams]
 
-    def add_candidates(self, beam_id: str, candidates: StepCandidates, row: int) -> None:
+    def add_candidates(self, beam_id: str, candidates: CandidateRows, row: int) -> None:
         """Beam ``beam_id``'s candidates of this step are row ``row`` of ``candidates``."""
         self._pending[beam_id] = (candidates, row)
 
@@ -136,7 +136,7 @@ class BeamGroup:
         """Every live beam has proposed its candidates for this step."""
         return all(b.request.request_id in self._pending for b in self.beams)
 
-    def pending(self) -> list[tuple[StepCandidates, int]]:
+    def pending(self) -> list[tuple[CandidateRows, int]]:
         """The live beams' candidates, in beam order (once ``ready``)."""
         return [self._pending[b.request.request_id] for b in self.beams]
 

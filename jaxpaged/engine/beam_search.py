@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from jaxpaged.core.beam_fork import BlockCopy, fork_beams
-from jaxpaged.core.beam_candidates import GroupSelection, StepCandidates, select_groups
+from jaxpaged.core.beam_candidates import GroupSelection
+from jaxpaged.engine.beam_selection import StepCandidates, select_groups
 from jaxpaged.core.beam_group import BeamGroup, BeamGroupConfig, FinishedBeam, Survivor
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler

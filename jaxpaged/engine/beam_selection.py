@@ -1,0 +1,114 @@
+"""The candidates of a step's beams as arrays, and one selection over every ready group at once.
+
+A beam's candidates are its ``2 * beam_width`` most likely next tokens (the sampler's top
+logprobs) plus the sampled token when it is not among them (sampling at a temperature). A step
+keeps them as ``StepCandidates``: one row per beam of the step, the rows of different groups
+padded to the widest with invalid entries. ``core.beam_group.BeamStep`` refers to a row instead of
+copying it, so a candidate becomes a Python tuple only if it ends up in a result.
+
+``select_groups`` is vLLM's selection (``core.beam_group.BeamGroup`` documents the rule) for many
+groups in one pass of numpy: every group's beams x candidates are ranked by score, invalid
+entries last, ties in beam then candidate order (a stable sort, as Python's ``sorted`` on the
+score).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxpaged.core.beam_candidates import Candidates, GroupRule, GroupSelection
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCandidates:
+    """Candidates of some beams of one step, one row per beam."""
+
+    token_ids: np.ndarray  # i64[R, C]
+    logprobs: np.ndarray  # f64[R, C]: raw logprobs (the sampler's float32 values, widened)
+    ranks: np.ndarray  # i64[R, C]
+    valid: np.ndarray  # bool[R, C]: padding is False
+
+    @classmethod
+    def from_sampler(cls, top_ids: np.ndarray, top_logprobs: np.ndarray, sampled: np.ndarray,
+                     sampled_logprob: np.ndarray, sampled_rank: np.ndarray,
+                     num_top: np.ndarray) -> StepCandidates:
+        """``top_ids`` i32[R, N] / ``top_logprobs`` f32[R, N]: the rows' top logprobs;
+        ``sampled`` / ``sampled_logprob`` / ``sampled_rank`` [R]: the sampled tokens;
+        ``num_top`` i64[R]: how many top entries each row takes (``2 * beam_width``, at most N).
+        The sampled token is a row's last candidate when it is not among its top ones."""
+        rows, width = top_ids.shape[0], int(num_top.max(initial=0))
+        if width > top_ids.shape[1]:
+            raise ValueError(f"{width} top candidates asked for, the sampler returned "
+                             f"{top_ids.shape[1]}")
+        top_valid = np.arange(width)[None, :] < num_top[:, None]  # [R, width]
+        ids = np.empty((rows, width + 1), np.int64)
+        ids[:, :width] = top_ids[:, :width]
+        ids[:, width] = sampled
+        logprobs = np.empty((rows, width + 1), np.float64)
+        logprobs[:, :width] = top_logprobs[:, :width]
+        logprobs[:, width] = sampled_logprob
+        ranks = np.empty((rows, width + 1), np.int64)
+        ranks[:, :width] = np.arange(1, width + 1)[None, :]
+        ranks[:, width] = sampled_rank
+        valid = np.empty((rows, width + 1), np.bool_)
+        valid[:, :width] = top_valid
+        valid[:, width] = ~((ids[:, :width] == sampled[:, None]) & top_valid).any(axis=1)
+        return cls(ids, logprobs, ranks, valid)
+
+    @classmethod
+    def concatenate(cls, parts: list[StepCandidates]) -> StepCandidates:
+        """The rows of ``parts`` one after the other, padded to the widest."""
+        width = max(p.token_ids.shape[1] for p in parts)
+
+        def pad(array: np.ndarray, value) -> np.ndarray:
+            return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=value)
+
+        return cls(*(np.concatenate([pad(getattr(p, name), 0) for p in parts])
+                     for name in ("token_ids", "logprobs", "ranks")),
+                   np.concatenate([pad(p.valid, False) for p in parts]))
+
+    def row(self, row: int) -> Candidates:
+        valid = self.valid[row]
+        return tuple(zip(self.token_ids[row][valid].tolist(), self.logprobs[row][valid].tolist(),
+                         self.ranks[row][valid].tolist()))
+
+
+def select_groups(candidates: StepCandidates, rows: np.ndarray, cum_logprobs: np.ndarray,
+                  rules: list[GroupRule]) -> list[GroupSelection]:
+    """One selection step of G groups.
+
+    ``rows`` i64[G, B]: each group's beams as rows of ``candidates`` (-1 pads groups with fewer
+    beams); ``cum_logprobs`` f64[G, B]: their scores so far; ``rules[g]``: group g's rule."""
+    num_groups = rows.shape[0]
+    present = rows >= 0  # [G, B]
+    safe = np.where(present, rows, 0)
+    ids = candidates.token_ids[safe]  # [G, B, C]
+    cum = cum_logprobs[:, :, None] + candidates.logprobs[safe]  # [G, B, C]
+    valid = candidates.valid[safe] & present[:, :, None]  # [G, B, C]
+    eos_ids = np.asarray([r.eos_id for r in rules], np.int64)[:, None, None]  # [G, 1, 1]
+    is_eos = valid & (ids == eos_ids)
+    scored = (valid & ~is_eos).reshape(num_groups, -1)  # [G, B * C]
+    short_ids = np.asarray([r.short_id for r in rules], np.int64)[:, None, None]
+    divisors = np.where(ids == short_ids,
+                        np.asarray([r.short_divisor for r in rules], np.float64)[:, None, None],
+                        np.asarray([r.divisor for r in rules], np.float64)[:, None, None])
+    score = np.where(scored, (cum / divisors).reshape(num_groups, -1), 0.0)  # [G, B * C]
+    # primary key: scored first; then the score, highest first; ties keep their order (stable)
+    order = np.lexsort((-score, ~scored), axis=-1)  # [G, B * C]
+    num_columns = ids.shape[2]
+    counts = scored.sum(axis=1).tolist()
+    keep = max((r.width for r in rules), default=0)
+    best = order[:, :keep]  # [G, keep]
+    best_cum = np.take_along_axis(cum.reshape(num_groups, -1), best, axis=1).tolist()
+    best_ids = np.take_along_axis(ids.reshape(num_groups, -1), best, axis=1).tolist()
+    best_beams = (best // num_columns).tolist()
+    selections = []
+    for g, rule in enumerate(rules):
+        n = min(rule.width, counts[g])
+        selections.append(GroupSelection(
+            list(zip(best_beams[g][:n], best_ids[g][:n], best_cum[g][:n])), []))
+    for g, b, c in np.argwhere(is_eos).tolist():  # g, b, c order
+        selections[g].eos.append((b, int(ids[g, b, c]), float(cum[g, b, c])))
+    return selections
