@@ -133,8 +133,9 @@ def fp8_pertensor_pattern(x, w_nk, sx, sw):
                                preferred_element_type=jnp.bfloat16)
 
 
-def custom_calls(fn: Callable, *args, options: dict | None = None) -> list[str]:
-    text = compiled(fn, *args, options=options).as_text()
+def custom_calls(executable) -> list[str]:
+    """The custom-call targets of a compiled executable (which GEMM XLA chose)."""
+    text = executable.as_text()
     return sorted({line.split('custom_call_target="')[1].split('"')[0]
                    for line in text.splitlines() if 'custom_call_target="' in line})
 
@@ -210,11 +211,12 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
         row = dict(kernel=name, format=fmt, tile=tile,
                    weight_bytes=k * n + 4 * n)
         try:
-            out = compiled(fn, x, codes, scale, options=options)(x, codes, scale)
+            executable = compiled(fn, x, codes, scale, options=options)
+            out = executable(x, codes, scale)
             row["rel_error"] = rel_error(out, ref_w8a8 if name.startswith("w8a8") else refs[fmt])
             row["us"] = best_time(fn, x, (codes, scale), options=options) * 1e6
             if name.endswith("_xla") or name in KN_KERNELS:
-                row["custom_calls"] = custom_calls(fn, x, codes, scale, options=options)
+                row["custom_calls"] = custom_calls(executable)
         except Exception as e:  # a tile that does not compile (SMEM, ...) is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
@@ -223,15 +225,14 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
     sw = jnp.max(jnp.abs(w.astype(jnp.float32))) / 448.0
     w_nk = (w.astype(jnp.float32).T / sw).astype(jnp.float8_e4m3fn)
     sx = jnp.float32(1.0)
-    out = compiled(fp8_pertensor_pattern, x8, w_nk, sx, sw, options=options)(x8, w_nk, sx, sw)
+    pertensor = compiled(fp8_pertensor_pattern, x8, w_nk, sx, sw, options=options)
+    out = pertensor(x8, w_nk, sx, sw)
     ref = (x8.astype(jnp.float32) @ (w_nk.astype(jnp.float32).T * sw)).astype(jnp.bfloat16)
     rows.append(dict(kernel="fp8_pertensor_xla", format="fp8/tensor", tile=None,
                      weight_bytes=k * n, rel_error=rel_error(out, ref),
                      us=best_time(lambda a, w8, s: fp8_pertensor_pattern(a, w8, sx, s), x8,
                                   (w_nk, sw), options=options) * 1e6,
-                     cublas_f8=any("f8" in c for c in custom_calls(fp8_pertensor_pattern, x8,
-                                                                     w_nk, sx, sw,
-                                                                     options=options))))
+                     cublas_f8=any("f8" in c for c in custom_calls(pertensor))))
     for row in rows:
         row.update(m=m, k=k, n=n)
         if "us" in row:
