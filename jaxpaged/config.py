@@ -76,9 +76,7 @@ class EngineConfig:
     quant_matmul_kernel: Literal["auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas",
                                  "w8a8_xla"] = "auto"
     """Quantized models: the matmul kernel of every projection ("auto": by the step's token
-    count, ``pallas_kernels.quant_matmul.KERNEL_BY_TOKENS``). A W8A8 kernel covers the
-    projections whose inputs may be quantized: the MLP's down projection keeps "dequant_xla".
-    For benchmarks."""
+    count, ``pallas_kernels.quant_matmul.KERNEL_BY_TOKENS``). For benchmarks."""
     calculate_kv_scales: bool = False
     """fp8 KV cache: estimate each layer's K and V scales at start-up from a calibration forward
     pass (vLLM's flag and rule: amax / 200 for K, amax / 100 for V). Otherwise the

@@ -67,12 +67,6 @@ KERNEL_BY_TOKENS: dict[str, tuple[tuple[int | None, str], ...]] = {
     "fp8": ((DEQUANT_MAX_TOKENS, "dequant_xla"), (None, "w8a8_xla")),
     "int8": ((None, "dequant_xla"),),
 }
-# The table where the activations must stay in their dtype (``fp8_activations=False``: inputs
-# with outlier channels that one fp8 scale per token cannot hold; see models/linear.py).
-WEIGHT_ONLY_KERNEL_BY_TOKENS: dict[str, tuple[tuple[int | None, str], ...]] = {
-    "fp8": ((None, "dequant_xla"),),
-    "int8": ((None, "dequant_xla"),),
-}
 # "dequant_xla" pads x to this many rows (see the module docstring).
 DEQUANT_MIN_ROWS = 4
 # Pallas tiles need power-of-2 sizes that divide the matrix (0.11.2 does not mask partial
@@ -182,19 +176,15 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 # Public entry point.
 # --------------------------------------------------------------------------------------------------
 
-def choose_kernel(kernel: str, quantization: str, m: int, k: int, n: int, *,
-                  fp8_activations: bool = True) -> str:
-    """The kernel that runs for ``kernel`` ("auto": ``KERNEL_BY_TOKENS`` on a CUDA GPU, or
-    ``WEIGHT_ONLY_KERNEL_BY_TOKENS`` without ``fp8_activations``; else the reference) at this
-    shape; a W8A8 kernel without ``fp8_activations`` is "dequant_xla"; Pallas kernels fall back
-    to "dequant_xla" when K or N has no power-of-2 tile of at least 16."""
+def choose_kernel(kernel: str, quantization: str, m: int, k: int, n: int) -> str:
+    """The kernel that runs for ``kernel`` ("auto": ``KERNEL_BY_TOKENS`` on a CUDA GPU, else the
+    reference) at this shape; Pallas kernels fall back to "dequant_xla" when K or N has no
+    power-of-2 tile of at least 16."""
     if kernel not in MATMUL_KERNELS:
         raise ValueError(f"quant matmul kernel must be one of {MATMUL_KERNELS}, got {kernel!r}")
     if kernel == "auto":
-        table = KERNEL_BY_TOKENS if fp8_activations else WEIGHT_ONLY_KERNEL_BY_TOKENS
-        kernel = _first_by_tokens(table[quantization], m) if on_gpu() else "dequant_xla"
-    elif kernel.startswith("w8a8") and not fp8_activations:
-        kernel = "dequant_xla"  # a W8A8 choice covers the inputs that may be quantized
+        kernel = (_first_by_tokens(KERNEL_BY_TOKENS[quantization], m) if on_gpu()
+                  else "dequant_xla")
     if kernel.startswith("w8a8") and quantization != "fp8":
         raise ValueError(f"kernel {kernel!r} needs fp8 weights, got {quantization!r}")
     if kernel == "w8a16_gemv" and not gemv_fits(m, k, n):
@@ -206,18 +196,17 @@ def choose_kernel(kernel: str, quantization: str, m: int, k: int, n: int, *,
 
 
 def quant_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, kernel: str = "auto",
-                 tuning: MatmulTuning | GemvTuning | None = None, interpret: bool = False,
-                 fp8_activations: bool = True) -> jax.Array:
+                 tuning: MatmulTuning | GemvTuning | None = None, interpret: bool = False
+                 ) -> jax.Array:
     """x [M, K] (bf16/f32) @ dequantize(codes [N, K], scale f32[N]) -> [M, N] in x's dtype.
-    ``tuning``: a ``GemvTuning`` for "w8a16_gemv", a ``MatmulTuning`` for the tile kernels;
-    ``fp8_activations=False``: "auto" picks only kernels that keep x in its dtype."""
+    ``tuning``: a ``GemvTuning`` for "w8a16_gemv", a ``MatmulTuning`` for the tile kernels."""
     m, k = x.shape
     if codes.ndim != 2 or codes.shape[1] != k or scale.shape != codes.shape[:1]:
         raise ValueError(f"codes must be [N, K={k}] with scale [N], got {codes.shape} and "
                          f"{scale.shape}")
     quantization = _format_of(codes.dtype)
     n = codes.shape[0]
-    name = choose_kernel(kernel, quantization, m, k, n, fp8_activations=fp8_activations)
+    name = choose_kernel(kernel, quantization, m, k, n)
     if name == "dequant_xla":
         return _dequant_xla(x, codes, scale)
     if name == "w8a8_xla":

@@ -153,8 +153,7 @@ def _add_engine_arguments(g: argparse._ArgumentGroup) -> None:
                    choices=["auto", "pallas", "xla", "reference"])
     g.add_argument("--quant-matmul-kernel", default="auto",
                    choices=["auto", "dequant_xla", "w8a16_pallas", "w8a8_pallas", "w8a8_xla"],
-                   help="quantized models: the projections' matmul kernel (benchmarks; with "
-                        "a w8a8 kernel the MLP's down projection keeps dequant_xla)")
+                   help="quantized models: the projections' matmul kernel (benchmarks)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="overlap scheduling and detokenizing with the device step (default on)")
     g.add_argument("--generation-config", default="auto",

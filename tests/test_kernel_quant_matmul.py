@@ -159,19 +159,6 @@ def test_fp8_weights_take_the_fp8_gemm_where_steps_have_no_triton_gemms():
     assert table[DEQUANT_MAX_TOKENS] == "dequant_xla" and table[None] == "w8a8_xla"
 
 
-def test_inputs_that_must_stay_unquantized_never_take_a_w8a8_kernel():
-    for kernel in ("auto", "w8a8_xla", "w8a8_pallas"):
-        assert choose_kernel(kernel, "fp8", 4096, 4096, 4096,
-                             fp8_activations=False) == "dequant_xla"
-    assert choose_kernel("w8a8_xla", "fp8", 4096, 4096, 4096) == "w8a8_xla"
-    w = _weights(43, 128, 64)
-    x = jnp.asarray(np.random.default_rng(43).standard_normal((24, 128)), jnp.float32)
-    codes, scale = quantize_weight(jnp.asarray(w), "fp8")
-    np.testing.assert_array_equal(
-        np.asarray(quant_matmul(x, codes, scale, kernel="w8a8_xla", fp8_activations=False)),
-        np.asarray(quant_matmul(x, codes, scale, kernel="dequant_xla")))
-
-
 def test_w8a8_xla_matches_its_reference_on_the_cpu():
     w = _weights(41, 128, 64) / np.sqrt(128)
     x = jnp.asarray(np.random.default_rng(41).standard_normal((24, 128)), jnp.float32)

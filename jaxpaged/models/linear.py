@@ -67,14 +67,10 @@ class Linear:
         codes, scale = quantize_weight(w, self.quant.method)
         return nnx.Param(codes), nnx.Param(scale)
 
-    def __call__(self, x: jax.Array, weight: nnx.Param, scale: nnx.Param | None, *,
-                 fp8_activations: bool = True) -> jax.Array:
-        """``fp8_activations=False``: x must not be quantized (``quant_matmul``'s weight-only
-        kernels), for inputs whose outlier channels one fp8 scale per token cannot hold."""
+    def __call__(self, x: jax.Array, weight: nnx.Param, scale: nnx.Param | None) -> jax.Array:
         w = weight[...]  # [K, *out]; quantized: codes [*out, K]
         if scale is None:
             return jnp.tensordot(x, w, axes=1)  # [T, *out]
         k, out = w.shape[-1], w.shape[:-1]
-        y = quant_matmul(x, w.reshape(-1, k), scale[...].reshape(-1), kernel=self.quant.kernel,
-                         fp8_activations=fp8_activations)
+        y = quant_matmul(x, w.reshape(-1, k), scale[...].reshape(-1), kernel=self.quant.kernel)
         return y.reshape(x.shape[0], *out)
