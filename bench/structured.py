@@ -18,7 +18,9 @@ variants compile at warm-up), and the GPU's idle time: steps ``--trace-after`` t
 ``--trace-after + --trace-steps`` of each run are traced with the JAX profiler, and the time in
 that window when no kernel ran (``gpu_trace.device_activity``) is reported per step and as a share
 of the window (``gpu_idle_ms_per_step``, ``gpu_idle_pct``; launch gaps between kernels included,
-so the unconstrained run gives the baseline). None on a machine without a GPU.
+so the unconstrained run gives the baseline). That idle time is also split by the engine's host
+phase open meanwhile (``gpu_idle_ms_per_step_by_host_phase``, ``gpu_trace.idle_by_host_phase``)
+and by gap length. None on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpu_trace import device_activity  # noqa: E402
+from gpu_trace import device_activity, read_idle_report  # noqa: E402
 from report import emit  # noqa: E402
 from synthetic_tokenizer import write_synthetic_tokenizer  # noqa: E402
 from workloads import nano_workload  # noqa: E402
@@ -108,6 +110,7 @@ class StepWindowTrace:
         self.traced = 0  # steps traced
         self._directory: tempfile.TemporaryDirectory | None = None
         self.activity = None
+        self.idle = None  # gpu_trace.IdleReport
 
     def before_step(self, step: int) -> None:
         if step == self.first and self.count > 0:
@@ -126,6 +129,7 @@ class StepWindowTrace:
             return
         jax.profiler.stop_trace()
         self.activity = device_activity(self._directory.name)
+        self.idle = read_idle_report(self._directory.name)
         self._directory.cleanup()
         self._directory = None
 
@@ -137,7 +141,12 @@ class StepWindowTrace:
         return {"traced_steps": self.traced,
                 "gpu_busy_ms_per_step": self.activity.busy_ns * per_step,
                 "gpu_idle_ms_per_step": self.activity.idle_ns * per_step,
-                "gpu_idle_pct": 100 * self.activity.idle_ns / max(self.activity.span_ns, 1)}
+                "gpu_idle_pct": 100 * self.activity.idle_ns / max(self.activity.span_ns, 1),
+                "gpu_idle_ms_per_step_by_host_phase": self.idle.per_step_ms(self.traced),
+                "gpu_idle_by_gap_length": {label: {"per_step": count / max(self.traced, 1),
+                                                   "ms_per_step": ns * per_step}
+                                           for label, (count, ns) in
+                                           self.idle.by_length.items()}}
 
 
 def run(llm: LLM, prompts, params, tag: str, trace: StepWindowTrace) -> dict:

@@ -7,9 +7,10 @@ precedes the timed one. Prints output tok/s, total tok/s, the workload's floor o
 (bench/roofline.py, measured in the same run) and the efficiency floor / measured. With
 ``--kv-waste`` the run drives the engine step by step and reports KV waste: allocated but
 unused slots / allocated slots, averaged over steps. ``--trace`` then runs the workload once more
-under the JAX profiler and writes the GPU time of the whole run by kernel (``kernels_WORKLOAD.txt``,
+under the JAX profiler and writes the GPU time of the whole run by kernel, then its idle time by
+the engine's host phase open meanwhile and by gap length (``kernels_WORKLOAD.txt``,
 ``bench/gpu_trace.py``); the timed run is not traced. The second pass finds every prompt in the
-prefix cache, so its table is the decode part of the workload (plus each prompt's last partial
+prefix cache, so its tables are the decode part of the workload (plus each prompt's last partial
 block).
 """
 

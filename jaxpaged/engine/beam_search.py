@@ -29,6 +29,7 @@ from jaxpaged.engine.tokenizer import TokenTexts
 from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
 from jaxpaged.runner.step_logprobs import StepLogprobs
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
+from jaxpaged.utils.host_phase import host_phase
 
 
 def beam_step_params(params: BeamSearchParams) -> SamplingParams:
@@ -135,7 +136,8 @@ class BeamSearchRunner:
             if scheduled.do_sample:
                 beam_rows.append((scheduled.req_id, self.groups[group_id]))
         if beam_rows:
-            self._propose(beam_rows, sampled_token_ids, logprobs)
+            with host_phase("beams"):
+                self._propose(beam_rows, sampled_token_ids, logprobs)
         return dataclasses.replace(scheduler_output, scheduled=kept)
 
     def _propose(self, beam_rows: list[tuple[str, _GroupInfo]], sampled_token_ids: dict[str, int],

@@ -49,6 +49,7 @@ from jaxpaged.runner.kv_sizing import KVPlan
 from jaxpaged.runner.model_runner import ModelRunner, RunnerOutput, StepHandle
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 from jaxpaged.structured.manager import GrammarState, StructuredOutputManager
+from jaxpaged.utils.host_phase import host_phase
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +306,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the outputs of the requests that progressed in it (with async
         scheduling: of the previous step, whose results arrive one step late)."""
+        with host_phase("step"):
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         self._admit_compiled()
         if self.config.async_scheduling:
             return self._step_beams() if self.beam_search.groups else self._step_async()
@@ -314,8 +319,9 @@ class LLMEngine:
             previous, self._in_flight = self._in_flight, None
             outputs = self._apply(previous[0], self.runner.fetch(previous[1]))
         start = time.perf_counter()
-        scheduler_output = self.scheduler.schedule()
-        self.beam_search.after_schedule(scheduler_output)
+        with host_phase("schedule"):
+            scheduler_output = self.scheduler.schedule()
+            self.beam_search.after_schedule(scheduler_output)
         if scheduler_output.is_empty:
             return outputs
         self.output_processor.mark_scheduled(scheduler_output)
@@ -344,7 +350,8 @@ class LLMEngine:
         start = time.perf_counter()
         previous, self._in_flight = self._in_flight, None
         try:
-            scheduler_output = self.scheduler.schedule()
+            with host_phase("schedule"):
+                scheduler_output = self.scheduler.schedule()
             outputs: list[RequestOutput] = []
             self._failed_step = scheduler_output
             if not scheduler_output.is_empty:
@@ -397,8 +404,9 @@ class LLMEngine:
                 arrived = time.perf_counter()
                 rest = (self.beam_search.take_rows(previous[0], runner_output.sampled_token_ids,
                                                    runner_output.logprobs), runner_output)
-            scheduler_output = self.scheduler.schedule()
-            self.beam_search.after_schedule(scheduler_output)
+            with host_phase("schedule"):
+                scheduler_output = self.scheduler.schedule()
+                self.beam_search.after_schedule(scheduler_output)
             self._failed_step = scheduler_output
             if not scheduler_output.is_empty:
                 self.output_processor.mark_scheduled(scheduler_output)
@@ -438,6 +446,11 @@ class LLMEngine:
     def _apply_rows(self, scheduler_output: SchedulerOutput,
                     runner_output: RunnerOutput) -> list[RequestOutput]:
         """``_apply`` of a step whose beam rows were taken already."""
+        with host_phase("apply"):
+            return self._apply_updates(scheduler_output, runner_output)
+
+    def _apply_updates(self, scheduler_output: SchedulerOutput,
+                       runner_output: RunnerOutput) -> list[RequestOutput]:
         self.output_processor.collect_prompt_logprobs(runner_output.prompt_logprobs)
         updates = self.scheduler.update_from_output(scheduler_output,
                                                     runner_output.sampled_token_ids)

@@ -54,6 +54,7 @@ from jaxpaged.sample.tensor_builder import SamplingTensorBuilder, build_sampling
 from jaxpaged.sample.tensors import SamplingTensors, StepKeys
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.structured.bitmask import bitmask_width
+from jaxpaged.utils.host_phase import host_phase
 
 # (sampled requests in sampler row order, pad_to) -> i32[pad_to, W] grammar bitmask, or None
 GrammarBitmaskFn = Callable[[list[ScheduledRequest], int], np.ndarray | None]
@@ -217,10 +218,12 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         shape = self.ladder.shape_for(scheduler_output.total_num_scheduled_tokens, len(scheduled),
                                       decode_only=scheduler_output.max_query_len == 1)
-        inputs = self._packer.pack(scheduled, shape, self._prev_rows)
+        with host_phase("pack"):
+            inputs = self._packer.pack(scheduled, shape, self._prev_rows)
         needs_prev = self._prev_sampled_ids is not None and (inputs.prev_source_rows >= 0).any()
-        logits, hidden = self._run_model(
-            inputs, self._prev_sampled_ids if needs_prev else self._no_prev_ids)
+        with host_phase("model"):
+            logits, hidden = self._run_model(
+                inputs, self._prev_sampled_ids if needs_prev else self._no_prev_ids)
         pending = self._dispatch_prompt_logprobs(scheduled, hidden)  # None in nearly every step
         return self._dispatch_sample(scheduled, logits, shape.num_seqs, pending, grammar_bitmask)
 
@@ -231,7 +234,8 @@ class ModelRunner:
         if handle.token_ids is None:
             return RunnerOutput({}, {}, prompt_logprobs)
         waiting = time.perf_counter()
-        token_ids = np.asarray(handle.token_ids)
+        with host_phase("wait"):
+            token_ids = np.asarray(handle.token_ids)
         self.timings.device_wait_s += time.perf_counter() - waiting
         requests = handle.sampled
         sampled = dict(zip([r.req_id for r in requests], token_ids.tolist()))  # drops padding
@@ -247,13 +251,17 @@ class ModelRunner:
         if not sampled_rows:
             return StepHandle([], None, None, pending)
         requests = [scheduled[i] for i in sampled_rows]
-        mask = grammar_bitmask(requests, num_seqs) if grammar_bitmask is not None else None
-        tensors = self._sampling_tensors(requests, num_seqs)
-        if mask is not None:
-            tensors = dataclasses.replace(tensors, grammar_bitmask=mask)
-        rows = np.zeros(num_seqs, np.int32)
-        rows[:len(sampled_rows)] = sampled_rows
-        out, padded_ids = self._run_sampler(logits, rows, tensors)
+        mask = None
+        if grammar_bitmask is not None:
+            with host_phase("grammar"):
+                mask = grammar_bitmask(requests, num_seqs)
+        with host_phase("sample"):
+            tensors = self._sampling_tensors(requests, num_seqs)
+            if mask is not None:
+                tensors = dataclasses.replace(tensors, grammar_bitmask=mask)
+            rows = np.zeros(num_seqs, np.int32)
+            rows[:len(sampled_rows)] = sampled_rows
+            out, padded_ids = self._run_sampler(logits, rows, tensors)
         self._num_steps += 1
         self._prev_sampled_ids = padded_ids
         self._prev_rows = {r.req_id: j for j, r in enumerate(requests)}
