@@ -6,6 +6,8 @@
 #    beam-steps-profile (the same with a cProfile of the timed search: beam-steps-profile.txt))
 #   (quantized weights: quant-matmul quant-gemv decode-gemv quant-matmul-prefill kernel-tests-quant decode-fp8w
 #    decode-int8w throughput-fp8w throughput-int8w throughput-fp8w-fp8kv start-70b-fp8;
+#    above 16 tokens: quant-matmul-large quant-matmul-down kernel-tests-quant-xla, and
+#    quant-matmul-kernels (the GPU kernels of one W8A8 call against the per-tensor pattern's);
 #    nano vs bf16 in the same call: `throughput throughput-fp8w`)
 #   (the page's live view, host only: live-view)
 #   (tensor parallel, on a multi-GPU kind: tp-tests tp-allreduce tp-decode tp-nano; tp-tests
@@ -187,6 +189,10 @@ for label in $stages; do
     quant-matmul-down) run quant-matmul-down 400 python3 bench/quant_matmul.py --m 256 2048 \
              --shapes down --step-options --tiles 64x64x128/1/4/3 128x128x64/1/8/3 \
              128x64x64/1/4/4 --out "$OUT/quant-matmul-down" ;;
+    quant-matmul-kernels) run quant-matmul-kernels 400 python3 bench/quant_matmul.py \
+             --m 256 2048 --shapes down gate_up --step-options --no-tiles \
+             --kernel-tables w8a8_xla fp8_pertensor_xla fp8_pertensor_dynamic_xla \
+             --out "$OUT/quant-matmul-kernels" ;;
     kernel-tests-quant-xla) run kernel-tests-quant-xla 200 python3 -m pytest -m gpu -q \
              -p no:cacheprovider tests/test_kernel_quant_matmul.py -k "w8a8_xla or auto" ;;
     kernels-fp8-stages) run kernels-fp8-stages 300 python3 bench/kernels.py --no-sweep \

@@ -19,7 +19,12 @@ checks it against its jnp reference (dequantize, then matmul in f32):
 - ``fp8_pertensor_xla``: the pattern XLA's GemmRewriter turns into an fp8 cuBLASLt GEMM
   (convert -> multiply by a *scalar* scale -> dot, weights stored [N, K]); per-tensor scales
   only, so it is a yardstick of what cuBLASLt fp8 gives, not a kernel the model can use with
-  per-channel scales as is. ``cublas_f8`` in its row says whether the rewrite happened.
+  per-channel scales as is. ``cublas_f8`` in its row says whether the rewrite happened. It is
+  handed x already in fp8; ``fp8_pertensor_dynamic_xla`` also quantizes x (one scale per tensor,
+  from its amax) inside the timed call, as W8A8 quantizes x per token.
+``--kernel-tables NAME...`` writes, for those candidates (e.g. ``w8a8_xla``), the GPU kernels of
+one call with their times (``bench/gpu_trace.py``) to ``kernels_NAME_M_KxN.txt`` under ``--out``:
+what the quantization of x, the GEMM and the epilogue each take.
 ``--step-options`` compiles every candidate with the options the engine gives a model step of M
 tokens (``jaxpaged.runner.compiler_options``: above 16 tokens XLA's Triton GEMMs are off, so
 XLA's GEMMs are cuBLAS(Lt) ones), as the step would run them.
@@ -46,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gpu_trace import with_kernel_table  # noqa: E402
 from report import emit  # noqa: E402
 
 from jaxpaged.pallas_kernels.quant_gemv import GEMV_MAX_ROWS, GemvTuning  # noqa: E402
@@ -133,6 +139,15 @@ def fp8_pertensor_pattern(x, w_nk, sx, sw):
                                preferred_element_type=jnp.bfloat16)
 
 
+def fp8_pertensor_dynamic(x, w_nk, sw):
+    """x [M, K] bf16 quantized with one scale (its amax / 448) inside the call, then
+    ``fp8_pertensor_pattern``: the per-tensor yardstick with the activation quantization W8A8
+    pays too."""
+    sx = jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), 1e-12) / 448.0
+    x8 = (x.astype(jnp.float32) / sx).astype(jnp.float8_e4m3fn)
+    return fp8_pertensor_pattern(x8, w_nk, sx, sw)
+
+
 def custom_calls(executable) -> list[str]:
     """The custom-call targets of a compiled executable (which GEMM XLA chose)."""
     text = executable.as_text()
@@ -179,9 +194,20 @@ def dequant_xla_kn(x: jax.Array, codes_kn: jax.Array, scale: jax.Array) -> jax.A
 KN_KERNELS = {"w8a8_xla_kn": w8a8_xla_kn, "dequant_xla_kn": dequant_xla_kn}
 
 
+def write_kernel_table(out: pathlib.Path | None, name: str, m: int, k: int, n: int,
+                       executable, *args) -> None:
+    """The GPU kernels of one call of ``executable(*args)`` (already run once) to ``out``."""
+    if out is None:
+        return
+    table = with_kernel_table(lambda: jax.block_until_ready(executable(*args)), steps=1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"kernels_{name}_{m}_{k}x{n}.txt").write_text(table + "\n")
+
+
 def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str], *,
                 interpret: bool = False, step_options: bool = False,
-                kn: bool = False) -> list[dict]:
+                kn: bool = False, kernel_tables: tuple[str, ...] = (),
+                tables_dir: pathlib.Path | None = None) -> list[dict]:
     options = step_compiler_options(m, jax.default_backend()) if step_options else None
     key_x, key_w = jax.random.split(jax.random.key(m * 7 + n))
     x = jax.random.normal(key_x, (m, k), jnp.bfloat16)
@@ -217,6 +243,8 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
             row["us"] = best_time(fn, x, (codes, scale), options=options) * 1e6
             if name.endswith("_xla") or name in KN_KERNELS:
                 row["custom_calls"] = custom_calls(executable)
+            if name in kernel_tables and tile is None:
+                write_kernel_table(tables_dir, f"{name}-{fmt}", m, k, n, executable, x, codes, scale)
         except Exception as e:  # a tile that does not compile (SMEM, ...) is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
@@ -233,6 +261,19 @@ def bench_shape(m: int, k: int, n: int, tiles: list[str], gemv_tiles: list[str],
                      us=best_time(lambda a, w8, s: fp8_pertensor_pattern(a, w8, sx, s), x8,
                                   (w_nk, sw), options=options) * 1e6,
                      cublas_f8=any("f8" in c for c in custom_calls(pertensor))))
+    dynamic = compiled(fp8_pertensor_dynamic, x, w_nk, sw, options=options)
+    out_dynamic = dynamic(x, w_nk, sw)
+    sx_dynamic = jnp.max(jnp.abs(x.astype(jnp.float32))) / 448.0
+    x_values = (x.astype(jnp.float32) / sx_dynamic).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    ref_dynamic = ((x_values * sx_dynamic) @ (w_nk.astype(jnp.float32).T * sw)).astype(jnp.bfloat16)
+    rows.append(dict(kernel="fp8_pertensor_dynamic_xla", format="fp8/tensor", tile=None,
+                     weight_bytes=k * n, rel_error=rel_error(out_dynamic, ref_dynamic),
+                     us=best_time(fp8_pertensor_dynamic, x, (w_nk, sw), options=options) * 1e6,
+                     cublas_f8=any("f8" in c for c in custom_calls(dynamic))))
+    if "fp8_pertensor_xla" in kernel_tables:
+        write_kernel_table(tables_dir, "fp8_pertensor_xla", m, k, n, pertensor, x8, w_nk, sx, sw)
+    if "fp8_pertensor_dynamic_xla" in kernel_tables:
+        write_kernel_table(tables_dir, "fp8_pertensor_dynamic_xla", m, k, n, dynamic, x, w_nk, sw)
     for row in rows:
         row.update(m=m, k=k, n=n)
         if "us" in row:
@@ -261,7 +302,8 @@ def best_per_m(rows: list[dict]) -> dict:
     """Per M and format: the fastest correct kernel+tile summed over the four shapes."""
     totals: dict = {}
     for r in rows:
-        if r.get("ok") and r["kernel"] not in ("bf16_xla", "fp8_pertensor_xla", *KN_KERNELS):
+        if r.get("ok") and r["kernel"] not in ("bf16_xla", "fp8_pertensor_xla",
+                                               "fp8_pertensor_dynamic_xla", *KN_KERNELS):
             key = (r["m"], r["format"], r["kernel"], r["tile"])
             totals.setdefault(key, []).append(r["us"])
     shapes = len({(r["k"], r["n"]) for r in rows})
@@ -294,6 +336,8 @@ def main() -> None:
                         help="also the XLA paths with the codes stored [K, N] (the old layout)")
     parser.add_argument("--no-tiles", action="store_true",
                         help="no Pallas tile kernels (XLA's paths and the GEMV only)")
+    parser.add_argument("--kernel-tables", nargs="+", default=[], metavar="NAME",
+                        help="candidates whose GPU kernels are traced (kernels_NAME_M_KxN.txt)")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     rows = []
@@ -303,7 +347,9 @@ def main() -> None:
             tiles = [] if args.no_tiles else (args.tiles or list(SMALL_M_TILES if m <= 16
                                                                   else LARGE_M_TILES))
             shape_rows = bench_shape(m, k, n, tiles, args.gemv_tiles, interpret=args.interpret,
-                                     step_options=args.step_options, kn=args.kn)
+                                     step_options=args.step_options, kn=args.kn,
+                                     kernel_tables=tuple(args.kernel_tables),
+                                     tables_dir=args.out)
             for row in shape_rows:
                 row["shape"] = shape
                 print(json.dumps(row), flush=True)
