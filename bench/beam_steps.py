@@ -16,6 +16,9 @@ from the previous step's ids on the host to this step queued (selection, forks, 
 scheduling, packing, dispatch); a step takes about device time + gap. The groups' results are
 built when taken, after the last step. ``compilations`` counts the JAX lowerings and compiles
 during the timed search: it must be 0 (a beam step compiles nothing after warm-up).
+``--trace DIR`` then runs the search once more on other prompts under the JAX profiler and writes
+the GPU's kernels per step and its idle time by the engine's host phase open meanwhile
+(``beam-kernels-wN.txt``, ``bench/gpu_trace.py``); the timed search is not traced.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gpu_trace import with_kernel_table  # noqa: E402
 from report import emit  # noqa: E402
 from workloads import beam_workload  # noqa: E402
 
@@ -54,6 +58,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--compile-step-shapes", default="auto")
     parser.add_argument("--profile", type=pathlib.Path, help="write a cProfile of the timed run")
+    parser.add_argument("--trace", type=pathlib.Path,
+                        help="write the kernel and idle tables of a traced search here")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
 
@@ -103,6 +109,11 @@ def main() -> None:
           "compilations": len(compilations)}, args.out, f"beam-steps-w{width}.json")
     if compilations:
         raise SystemExit(f"{len(compilations)} compilations during the timed beam search")
+    if args.trace:
+        traced = _prompts(args, engine, seed=2)
+        table = with_kernel_table(lambda: llm.beam_search(traced, params), steps=n)
+        args.trace.mkdir(parents=True, exist_ok=True)
+        (args.trace / f"beam-kernels-w{width}.txt").write_text(table + "\n")
 
 
 def _prompts(args, engine, seed: int) -> list[dict]:

@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh [stages...]   stages: env tests kernels engine throughput roofline
 #   (fp8 KV: kernel-tests-fp8 kernels-fp8 kernels-fp8-e5m2; beam search: beam hf-beam
 #    beam-steps (host ms per beam step; fails if the timed search compiles anything),
-#    beam-steps-profile (the same with a cProfile of the timed search: beam-steps-profile.txt))
+#    beam-steps-profile (the same with a cProfile of the timed search: beam-steps-profile.txt),
+#    beam-steps-trace (then a traced search: GPU idle by host phase, beam/beam-kernels-w4.txt))
 #   (quantized weights: quant-matmul quant-gemv decode-gemv quant-matmul-prefill kernel-tests-quant decode-fp8w
 #    decode-int8w throughput-fp8w throughput-int8w throughput-fp8w-fp8kv start-70b-fp8;
 #    above 16 tokens: quant-matmul-large quant-matmul-down kernel-tests-quant-xla, and
@@ -160,6 +161,10 @@ for label in $stages; do
              --load-format dummy --dtype bfloat16 --prompt-len 128 --max-tokens 128 \
              --max-model-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
              --out "$OUT/beam" ;;
+    beam-steps-trace) run beam-steps-trace 420 python3 bench/beam_steps.py \
+             --model bench/configs/llama3-8b --load-format dummy --dtype bfloat16 \
+             --prompt-len 128 --max-tokens 128 --max-model-len 1024 --max-num-seqs 256 \
+             --max-num-batched-tokens 8192 --trace "$OUT/beam" ;;
     beam-steps-profile) run beam-steps-profile 420 python3 bench/beam_steps.py \
              --model bench/configs/llama3-8b --load-format dummy --dtype bfloat16 \
              --prompt-len 128 --max-tokens 128 --max-model-len 1024 --max-num-seqs 256 \
