@@ -48,7 +48,7 @@ class BeamStep(NamedTuple):
         return steps[::-1]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Beam:
     """A live beam: its sequence in the scheduler and its score so far."""
 
