@@ -119,9 +119,14 @@ def take_over(manager: BlockManager, parent: Request, child: Request) -> BlockCo
         copy = (source.block_ids[num_full], reuse.block_id)
         blocks.append(reuse)
         block_ids.append(reuse.block_id)
-    table = BlockTable(blocks, block_ids, 0, len(blocks) * bs, 0)
+    if block_ids == old.block_ids:
+        # the child holds the parent's full blocks already (the beams parted in the last block):
+        # its table stays the same object, so the runner does not rewrite its row
+        table = old
+    else:
+        table = manager.tables[child.request_id] = BlockTable(blocks, block_ids, 0,
+                                                              len(blocks) * bs, 0)
     manager._set_num_cached(table, min(source.num_cached, num_full))
-    manager.tables[child.request_id] = table
     return copy
 
 
