@@ -109,7 +109,7 @@ def take_over(manager: BlockManager, parent: Request, child: Request) -> BlockCo
             reuse = last
     manager.pool.touch(full[same:])
     manager.pool.free_blocks(reversed([b for b in held[same:] if b is not reuse]))
-    manager.forget_hashes(child.request_id)  # its tokens changed
+    manager.share_hashes(parent, child)  # its tokens are the parent's now
     blocks = list(full)
     block_ids = source.block_ids[:num_full]  # the parent's ids of those blocks
     copy = None
@@ -156,6 +156,7 @@ def share_table(manager: BlockManager, parent: Request, child: Request) -> Block
     table = BlockTable(blocks, [b.block_id for b in blocks], 0, len(blocks) * bs, 0)
     manager._set_num_cached(table, min(source.num_cached, len(full)))
     manager.tables[child.request_id] = table
+    manager.share_hashes(parent, child)
     return copy
 
 
