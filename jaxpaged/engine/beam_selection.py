@@ -15,6 +15,7 @@ score).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -85,7 +86,9 @@ def select_groups(candidates: StepCandidates, rows: np.ndarray, cum_logprobs: np
     if len(rules) != num_groups:
         raise ValueError(f"{len(rules)} rules for {num_groups} groups")
     # [G, 5] in GroupRule's field order (ids are exact in float64)
-    table = np.array(rules, np.float64).reshape(num_groups, len(GroupRule._fields))
+    num_fields = len(GroupRule._fields)
+    table = np.fromiter(itertools.chain.from_iterable(rules), np.float64,
+                        num_groups * num_fields).reshape(num_groups, num_fields)
     present = rows >= 0  # [G, B]
     safe = np.where(present, rows, 0)
     ids = candidates.token_ids[safe]  # [G, B, C]
@@ -102,12 +105,14 @@ def select_groups(candidates: StepCandidates, rows: np.ndarray, cum_logprobs: np
     widths = table[:, 0].astype(np.int64)  # [G]
     keep = int(widths.max(initial=0))
     best = order[:, :keep]  # [G, keep]
-    best_cum = np.take_along_axis(cum.reshape(num_groups, -1), best, axis=1).tolist()
-    best_ids = np.take_along_axis(ids.reshape(num_groups, -1), best, axis=1).tolist()
+    flat = best + (np.arange(num_groups) * order.shape[1])[:, None]  # [G, keep] into [G * B * C]
+    best_cum = cum.reshape(-1)[flat].tolist()
+    best_ids = ids.reshape(-1)[flat].tolist()
     best_beams = (best // num_columns).tolist()
     num_kept = np.minimum(widths, scored.sum(axis=1)).tolist()  # [G]
     selections = [GroupSelection(list(zip(beams[:n], token_ids[:n], cums[:n])), [])
                   for beams, token_ids, cums, n in zip(best_beams, best_ids, best_cum, num_kept)]
-    for g, b, c in np.argwhere(is_eos).tolist():  # g, b, c order
-        selections[g].eos.append((b, int(ids[g, b, c]), float(cum[g, b, c])))
+    if is_eos.any():
+        for g, b, c in np.argwhere(is_eos).tolist():  # g, b, c order
+            selections[g].eos.append((b, int(ids[g, b, c]), float(cum[g, b, c])))
     return selections
