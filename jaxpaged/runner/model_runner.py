@@ -75,6 +75,9 @@ class StepTimings:
     # beam steps (``LLMEngine._step_beams``): from the previous step's ids on the host to this
     # step queued on the device, which idles meanwhile (selection, forks, scheduling, dispatch)
     beam_gap_s: float = 0.0
+    # the part of beam_gap_s until the model step was queued: the rest (sampling tensors, the
+    # sampler's dispatch) overlaps the model step on an accelerator
+    beam_model_gap_s: float = 0.0
 
     @property
     def host_s(self) -> float:
@@ -176,6 +179,7 @@ class ModelRunner:
                                                        penalty_width=penalty_width)
         self._step_keys = StepKeys(self._base_key)
         self.timings = StepTimings()
+        self.model_queued_at = 0.0  # perf_counter() when the last model step was queued
         # Compiled programs: model steps by input layout, samplers by (layout, logits shape).
         self._executables: dict[BundleLayout, jax.stages.Compiled] = {}
         self._samplers: dict[tuple[BundleLayout, tuple[int, ...]], jax.stages.Compiled] = {}
@@ -227,6 +231,7 @@ class ModelRunner:
         with host_phase("model"):
             logits, hidden = self._run_model(
                 inputs, self._prev_sampled_ids if needs_prev else self._no_prev_ids)
+        self.model_queued_at = time.perf_counter()  # read by the engine's beam gap timing
         pending = self._dispatch_prompt_logprobs(scheduled, hidden)  # None in nearly every step
         return self._dispatch_sample(scheduled, logits, shape.num_seqs, pending, grammar_bitmask)
 
