@@ -120,21 +120,22 @@ class BeamSearchRunner:
         group_of, requests = self._group_of, self.scheduler.requests
         tables, cache_full_blocks = (self.scheduler.block_manager.tables,
                                      self.scheduler.block_manager.cache_full_blocks)
-        running = RequestStatus.RUNNING
+        running, groups = RequestStatus.RUNNING, self.groups
         kept, beam_rows = [], []  # beam_rows: (beam id, its group)
         for scheduled in scheduler_output.scheduled:
-            group_id = group_of.get(scheduled.req_id)
+            req_id = scheduled.req_id
+            group_id = group_of.get(req_id)
             if group_id is None:
                 kept.append(scheduled)
                 continue
-            request = requests.get(scheduled.req_id)
+            request = requests.get(req_id)
             if request is None or request.status != running:
                 continue
-            table = tables.get(scheduled.req_id)
+            table = tables.get(req_id)
             if table is not None and request.num_computed_tokens >= table.cache_from:
                 cache_full_blocks(request)
             if scheduled.do_sample:
-                beam_rows.append((scheduled.req_id, self.groups[group_id]))
+                beam_rows.append((req_id, groups[group_id]))
         if beam_rows:
             with host_phase("beams"):
                 self._propose(beam_rows, sampled_token_ids, logprobs)
@@ -155,10 +156,12 @@ class BeamSearchRunner:
             arrays.sampled_logprob[rows], arrays.sampled_rank[rows],
             np.fromiter([2 * info.params.beam_width for _, info in beam_rows], np.int64,
                         len(ids)))
-        touched: dict[str, _GroupInfo] = {}
+        touched: dict[str, _GroupInfo] = {}  # a group's beams are usually consecutive rows
+        last = None
         for r, (beam_id, info) in enumerate(beam_rows):
             info.group.add_candidates(beam_id, candidates, r)
-            touched[info.group.group_id] = info
+            if info is not last:
+                touched[info.group.group_id] = last = info
         ready = [(group_id, info) for group_id, info in touched.items() if info.group.ready()]
         if not ready:
             return
