@@ -96,34 +96,37 @@ def take_over(manager: BlockManager, parent: Request, child: Request) -> BlockCo
     old = manager.tables[child.request_id]
     source = manager.tables[parent.request_id]
     bs, computed = manager.block_size, parent.num_computed_tokens
-    num_full = computed // bs
-    full = source.blocks[:num_full]
+    num_full, partial = divmod(computed, bs)
     held = old.blocks
     # leading blocks both tables hold already (the prompt's, common ancestors'): compared by id,
     # a block's id being the block (the block ids are the tables' own lists)
     same = _common_prefix(old.block_ids, source.block_ids, min(num_full, len(held)))
     reuse = None
-    if computed % bs and len(held) == num_full + 1:
+    if partial and len(held) == num_full + 1:
         last = held[num_full]
         if last.ref_cnt == 1 and last.block_hash is None:
             reuse = last
-    manager.pool.touch(full[same:])
-    manager.pool.free_blocks(reversed([b for b in held[same:] if b is not reuse]))
     manager.share_hashes(parent, child)  # its tokens are the parent's now
-    blocks = list(full)
-    block_ids = source.block_ids[:num_full]  # the parent's ids of those blocks
-    copy = None
-    if computed % bs:
-        if reuse is None:
-            (reuse,) = manager.pool.get_new_blocks(1)
-        copy = (source.block_ids[num_full], reuse.block_id)
-        blocks.append(reuse)
-        block_ids.append(reuse.block_id)
-    if block_ids == old.block_ids:
-        # the child holds the parent's full blocks already (the beams parted in the last block):
-        # its table stays the same object, so the runner does not rewrite its row
+    if (same == num_full and len(held) == num_full + (partial > 0)
+            and (reuse is not None or not partial)):
+        # the child holds the parent's full blocks already (the beams parted in the last block,
+        # the usual case): its table stays the same object, so the runner does not rewrite its
+        # row, and nothing is shared or freed
         table = old
+        copy = (source.block_ids[num_full], reuse.block_id) if partial else None
     else:
+        full = source.blocks[:num_full]
+        manager.pool.touch(full[same:])
+        manager.pool.free_blocks(reversed([b for b in held[same:] if b is not reuse]))
+        blocks = list(full)
+        block_ids = source.block_ids[:num_full]  # the parent's ids of those blocks
+        copy = None
+        if partial:
+            if reuse is None:
+                (reuse,) = manager.pool.get_new_blocks(1)
+            copy = (source.block_ids[num_full], reuse.block_id)
+            blocks.append(reuse)
+            block_ids.append(reuse.block_id)
         table = manager.tables[child.request_id] = BlockTable(blocks, block_ids, 0,
                                                               len(blocks) * bs, 0)
     manager._set_num_cached(table, min(source.num_cached, num_full))
