@@ -13,8 +13,10 @@ forks, block copies, results). With async scheduling (the default) beam steps ar
 (``LLMEngine._step_beams``): a step applies the previous step's beam rows, dispatches itself, then
 does the rest while the device runs. ``gap_ms`` is the part of a step the device surely idles:
 from the previous step's ids on the host to this step queued (selection, forks, block copies,
-scheduling, packing, dispatch); a step takes about device time + gap. The groups' results are
-built when taken, after the last step. ``compilations`` counts the JAX lowerings and compiles
+scheduling, packing, dispatch); a step takes about device time + gap. ``model_gap_ms`` is the part
+of it until the model step is queued: the sampler's inputs are built and dispatched after that,
+while an accelerator runs the model step (on the CPU the model step's threads compete with that
+host work instead). The groups' results are built when taken, after the last step. ``compilations`` counts the JAX lowerings and compiles
 during the timed search: it must be 0 (a beam step compiles nothing after warm-up).
 ``--trace DIR`` then runs the search once more on other prompts under the JAX profiler and writes
 the GPU's kernels per step and its idle time by the engine's host phase open meanwhile
@@ -82,7 +84,7 @@ def main() -> None:
         and compilations.append(event))
     timings = engine.runner.timings
     steps, total, wait = timings.steps, timings.total_s, timings.device_wait_s
-    gap = timings.beam_gap_s
+    gap, model_gap = timings.beam_gap_s, timings.beam_model_gap_s
     jax.config.update("jax_log_compiles", True)  # what compiles, if anything, is logged
     profiler = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
@@ -96,6 +98,7 @@ def main() -> None:
     n = timings.steps - steps
     step_s, wait_s = (timings.total_s - total) / n, (timings.device_wait_s - wait) / n
     gap_s = (timings.beam_gap_s - gap) / n
+    model_gap_s = (timings.beam_model_gap_s - model_gap) / n
     if profiler:
         args.profile.parent.mkdir(parents=True, exist_ok=True)
         with args.profile.open("w") as f:
@@ -106,6 +109,7 @@ def main() -> None:
           "max_tokens": args.max_tokens, "steps": n, "seconds": elapsed,
           "output_tok_s": tokens / elapsed, "step_ms": 1e3 * step_s,
           "device_wait_ms": 1e3 * wait_s, "host_ms": 1e3 * (step_s - wait_s), "gap_ms": 1e3 * gap_s,
+          "model_gap_ms": 1e3 * model_gap_s,
           "compilations": len(compilations)}, args.out, f"beam-steps-w{width}.json")
     if compilations:
         raise SystemExit(f"{len(compilations)} compilations during the timed beam search")

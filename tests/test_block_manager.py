@@ -231,3 +231,24 @@ def test_cache_salt_shares_blocks_only_under_the_same_salt():
     assert same.make_child(1).cache_salt == "alice"
     with pytest.raises(ValueError, match="cache_salt"):
         Request("c", tokens, SamplingParams(), cache_salt="")
+
+
+def test_shared_hashes_are_the_childs_own():
+    """A beam taken over gets a copy of its parent's tokens and memoised block hashes: the blocks
+    it caches next hash exactly as if it had hashed its tokens itself, and the memo it took is
+    its own (the parent's growing list is not shared); an unknown parent shares nothing."""
+    bm = BlockManager(num_blocks=20, block_size=BS)
+    parent = make_request("p", list(range(10)))
+    compute(bm, parent, 10)  # 2 full blocks cached, hashes memoised
+    child = make_request("c", [50, 51])
+    child.all_token_ids = list(parent.all_token_ids)
+    bm.share_hashes(parent, child)
+    parent.all_token_ids += [20, 21]  # the parent's block 2 fills with other tokens than the child's
+    bm._block_hashes(parent, 3)
+    child.all_token_ids += [30, 31]
+    expected = BlockManager(num_blocks=20, block_size=BS)._block_hashes(
+        make_request("fresh", child.all_token_ids), 3)
+    assert bm._block_hashes(child, 3) == expected
+    stranger = make_request("s", [1, 2, 3, 4])
+    bm.share_hashes(make_request("unknown", [1]), stranger)
+    assert bm._block_hashes(stranger, 1) == [hash_block_tokens(None, [1, 2, 3, 4])]

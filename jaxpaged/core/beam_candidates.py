@@ -5,8 +5,7 @@ arrays and selects every ready group at once; the core only keeps rows of them).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # (token id, raw logprob, rank in the vocabulary) of a beam's candidates, most likely first (the
 # sampled token last if it is not among the top ones)
@@ -19,9 +18,9 @@ class CandidateRows(Protocol):
     def row(self, row: int) -> Candidates: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class GroupRule:
-    """How one group selects this step."""
+class GroupRule(NamedTuple):
+    """How one group selects this step. (A NamedTuple: made for every group every step, and
+    ``select_groups`` reads the rules of a step as one numpy array.)"""
 
     width: int  # beams to keep
     eos_id: int  # the id that ends a beam (-1: EOS ignored)
@@ -33,9 +32,9 @@ class GroupRule:
     short_divisor: float
 
 
-@dataclasses.dataclass(frozen=True)
-class GroupSelection:
-    """What ``select_groups`` found for one group: (beam index, token id, new cum logprob)."""
+class GroupSelection(NamedTuple):
+    """What ``select_groups`` found for one group: (beam index, token id, new cum logprob).
+    (A NamedTuple: made for every group every step.)"""
 
     survivors: list[tuple[int, int, float]]  # the kept candidates, best first
     eos: list[tuple[int, int, float]]  # EOS candidates, in beam then candidate order

@@ -21,7 +21,7 @@ A beam whose last block is full shares all of it; its new token starts a block o
 from __future__ import annotations
 
 import copy
-import dataclasses
+from typing import NamedTuple
 
 from jaxpaged.core.beam_group import Beam, BeamGroup, Survivor
 from jaxpaged.core.block_manager import BlockManager, BlockTable
@@ -31,8 +31,9 @@ from jaxpaged.core.step_plan import StepPlan
 BlockCopy = tuple[int, int]  # (source block id, destination block id)
 
 
-@dataclasses.dataclass(frozen=True)
-class ForkResult:
+class ForkResult(NamedTuple):
+    """What a group's fork did (a NamedTuple: made for every group every step)."""
+
     copies: list[BlockCopy]  # block copies to run on the device before the next step
     # requests outside the group preempted to make room for the copies (candidates stale)
     preempted: set[str]
@@ -95,32 +96,51 @@ def take_over(manager: BlockManager, parent: Request, child: Request) -> BlockCo
     old = manager.tables[child.request_id]
     source = manager.tables[parent.request_id]
     bs, computed = manager.block_size, parent.num_computed_tokens
-    num_full = computed // bs
-    full = source.blocks[:num_full]
+    num_full, partial = divmod(computed, bs)
     held = old.blocks
-    same = 0  # leading blocks both tables hold already (the prompt's, common ancestors')
-    limit = min(num_full, len(held))
-    while same < limit and held[same] is full[same]:
-        same += 1
+    # leading blocks both tables hold already (the prompt's, common ancestors'): compared by id,
+    # a block's id being the block (the block ids are the tables' own lists)
+    same = _common_prefix(old.block_ids, source.block_ids, min(num_full, len(held)))
     reuse = None
-    if computed % bs and len(held) == num_full + 1:
+    if partial and len(held) == num_full + 1:
         last = held[num_full]
         if last.ref_cnt == 1 and last.block_hash is None:
             reuse = last
-    manager.pool.touch(full[same:])
-    manager.pool.free_blocks(reversed([b for b in held[same:] if b is not reuse]))
-    manager.forget_hashes(child.request_id)  # its tokens changed
-    blocks = list(full)
-    copy = None
-    if computed % bs:
-        if reuse is None:
-            (reuse,) = manager.pool.get_new_blocks(1)
-        copy = (source.blocks[num_full].block_id, reuse.block_id)
-        blocks.append(reuse)
-    table = BlockTable(blocks, [b.block_id for b in blocks], 0, len(blocks) * bs, 0)
+    manager.share_hashes(parent, child)  # its tokens are the parent's now
+    if (same == num_full and len(held) == num_full + (partial > 0)
+            and (reuse is not None or not partial)):
+        # the child holds the parent's full blocks already (the beams parted in the last block,
+        # the usual case): its table stays the same object, so the runner does not rewrite its
+        # row, and nothing is shared or freed
+        table = old
+        copy = (source.block_ids[num_full], reuse.block_id) if partial else None
+    else:
+        full = source.blocks[:num_full]
+        manager.pool.touch(full[same:])
+        manager.pool.free_blocks(reversed([b for b in held[same:] if b is not reuse]))
+        blocks = list(full)
+        block_ids = source.block_ids[:num_full]  # the parent's ids of those blocks
+        copy = None
+        if partial:
+            if reuse is None:
+                (reuse,) = manager.pool.get_new_blocks(1)
+            copy = (source.block_ids[num_full], reuse.block_id)
+            blocks.append(reuse)
+            block_ids.append(reuse.block_id)
+        table = manager.tables[child.request_id] = BlockTable(blocks, block_ids, 0,
+                                                              len(blocks) * bs, 0)
     manager._set_num_cached(table, min(source.num_cached, num_full))
-    manager.tables[child.request_id] = table
     return copy
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading entries of ``a`` and ``b`` (at most ``limit``) are equal."""
+    if a[:limit] == b[:limit]:  # one C-level comparison in the common case
+        return limit
+    same = 0
+    while a[same] == b[same]:
+        same += 1
+    return same
 
 
 def share_table(manager: BlockManager, parent: Request, child: Request) -> BlockCopy | None:
@@ -139,6 +159,7 @@ def share_table(manager: BlockManager, parent: Request, child: Request) -> Block
     table = BlockTable(blocks, [b.block_id for b in blocks], 0, len(blocks) * bs, 0)
     manager._set_num_cached(table, min(source.num_cached, len(full)))
     manager.tables[child.request_id] = table
+    manager.share_hashes(parent, child)
     return copy
 
 

@@ -21,6 +21,8 @@ from jaxpaged.core.beam_candidates import (CandidateRows, Candidates, GroupRule,
                                            GroupSelection)
 from jaxpaged.core.request import Request
 
+_new_tuple = tuple.__new__  # builds a NamedTuple from all its fields (see scheduler_output)
+
 
 class BeamStep(NamedTuple):
     """One generated token of a beam, linked to the steps before it (shared between beams). Its
@@ -46,7 +48,7 @@ class BeamStep(NamedTuple):
         return steps[::-1]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Beam:
     """A live beam: its sequence in the scheduler and its score so far."""
 
@@ -163,9 +165,9 @@ class BeamGroup:
         survivors = []
         for b, token_id, cum in selection.survivors:
             beam = beams[b]
-            source, row = pending[b]
-            survivors.append(Survivor(beam, token_id, cum,
-                                      BeamStep(token_id, source, row, beam.last_step), b))
+            # NamedTuples built from all their fields (see core.scheduler_output's NOTE)
+            step = _new_tuple(BeamStep, (token_id, *pending[b], beam.last_step))
+            survivors.append(_new_tuple(Survivor, (beam, token_id, cum, step, b)))
         self._pending.clear()
         self.num_steps += 1
         return survivors

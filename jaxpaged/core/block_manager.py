@@ -340,10 +340,15 @@ class BlockManager:
             # NOTE: tail blocks first, so they are evicted before the request's shared prefix.
             self.pool.free_blocks(reversed(table.blocks))
 
-    def forget_hashes(self, request_id: str) -> None:
-        """The request's tokens were replaced (a beam taken over): its memoised block hashes
-        are recomputed when next needed."""
-        self._req_hashes.pop(request_id, None)
+    def share_hashes(self, parent: Request, child: Request) -> None:
+        """``child``'s tokens were replaced by a copy of ``parent``'s (a beam taken over or
+        cloned): it takes a copy of the parent's memoised block hashes (same tokens, same
+        hashes), so caching its next full block hashes that block only."""
+        entry = self._req_hashes.get(parent.request_id)
+        if entry is None or entry[0] is not parent:
+            self._req_hashes.pop(child.request_id, None)
+        else:
+            self._req_hashes[child.request_id] = (child, list(entry[1]))
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

@@ -120,21 +120,22 @@ class BeamSearchRunner:
         group_of, requests = self._group_of, self.scheduler.requests
         tables, cache_full_blocks = (self.scheduler.block_manager.tables,
                                      self.scheduler.block_manager.cache_full_blocks)
-        running = RequestStatus.RUNNING
+        running, groups = RequestStatus.RUNNING, self.groups
         kept, beam_rows = [], []  # beam_rows: (beam id, its group)
         for scheduled in scheduler_output.scheduled:
-            group_id = group_of.get(scheduled.req_id)
+            req_id = scheduled.req_id
+            group_id = group_of.get(req_id)
             if group_id is None:
                 kept.append(scheduled)
                 continue
-            request = requests.get(scheduled.req_id)
+            request = requests.get(req_id)
             if request is None or request.status != running:
                 continue
-            table = tables.get(scheduled.req_id)
+            table = tables.get(req_id)
             if table is not None and request.num_computed_tokens >= table.cache_from:
                 cache_full_blocks(request)
             if scheduled.do_sample:
-                beam_rows.append((scheduled.req_id, self.groups[group_id]))
+                beam_rows.append((req_id, groups[group_id]))
         if beam_rows:
             with host_phase("beams"):
                 self._propose(beam_rows, sampled_token_ids, logprobs)
@@ -155,10 +156,12 @@ class BeamSearchRunner:
             arrays.sampled_logprob[rows], arrays.sampled_rank[rows],
             np.fromiter([2 * info.params.beam_width for _, info in beam_rows], np.int64,
                         len(ids)))
-        touched: dict[str, _GroupInfo] = {}
+        touched: dict[str, _GroupInfo] = {}  # a group's beams are usually consecutive rows
+        last = None
         for r, (beam_id, info) in enumerate(beam_rows):
             info.group.add_candidates(beam_id, candidates, r)
-            touched[info.group.group_id] = info
+            if info is not last:
+                touched[info.group.group_id] = last = info
         ready = [(group_id, info) for group_id, info in touched.items() if info.group.ready()]
         if not ready:
             return
@@ -238,22 +241,34 @@ class BeamSearchRunner:
 def _select(groups: list[BeamGroup]) -> list[GroupSelection]:
     """``select_groups`` over groups whose candidates are usually rows of one step's arrays
     (beams recomputed after a preemption may have proposed in earlier steps: then the rows are
-    stacked first)."""
+    stacked first). Runs every step: one pass over the beams builds flat lists, which become the
+    [G, B] matrices in one numpy call when every group has the same number of beams."""
     pending = [group.pending() for group in groups]
-    sources = {id(source): source for beams in pending for source, _ in beams}
-    if len(sources) == 1:
-        (candidates,) = sources.values()
-        index = {}
+    flat = [entry for beams in pending for entry in beams]  # (source, row) of every beam
+    first = flat[0][0]
+    if all([source is first for source, _ in flat]):
+        candidates = first
+        flat_rows = [row for _, row in flat]
     else:  # stack every source once; a row's index is its source's offset plus its row
+        sources = {id(source): source for source, _ in flat}
         candidates = StepCandidates.concatenate(list(sources.values()))
         offsets = np.cumsum([0] + [s.token_ids.shape[0] for s in sources.values()]).tolist()
-        index = {key: offset for key, offset in zip(sources, offsets)}
-    width = max(len(beams) for beams in pending)
-    rows = np.full((len(groups), width), -1, np.int64)  # [G, B]
-    cum = np.zeros((len(groups), width), np.float64)  # [G, B]
-    for g, (group, beams) in enumerate(zip(groups, pending)):
-        rows[g, :len(beams)] = [index.get(id(source), 0) + row for source, row in beams]
-        cum[g, :len(beams)] = [beam.cum_logprob for beam in group.beams]
+        index = dict(zip(sources, offsets))
+        flat_rows = [index[id(source)] + row for source, row in flat]
+    flat_cums = [beam.cum_logprob for group in groups for beam in group.beams]
+    counts = [len(beams) for beams in pending]
+    width = max(counts)
+    if min(counts) == width:
+        rows = np.array(flat_rows, np.int64).reshape(len(groups), width)  # [G, B]
+        cum = np.array(flat_cums, np.float64).reshape(len(groups), width)  # [G, B]
+    else:
+        rows = np.full((len(groups), width), -1, np.int64)  # [G, B]
+        cum = np.zeros((len(groups), width), np.float64)  # [G, B]
+        start = 0
+        for g, count in enumerate(counts):
+            rows[g, :count] = flat_rows[start:start + count]
+            cum[g, :count] = flat_cums[start:start + count]
+            start += count
     return select_groups(candidates, rows, cum, [group.rule() for group in groups])
 
 

@@ -15,6 +15,7 @@ score).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -82,33 +83,36 @@ def select_groups(candidates: StepCandidates, rows: np.ndarray, cum_logprobs: np
     ``rows`` i64[G, B]: each group's beams as rows of ``candidates`` (-1 pads groups with fewer
     beams); ``cum_logprobs`` f64[G, B]: their scores so far; ``rules[g]``: group g's rule."""
     num_groups = rows.shape[0]
+    if len(rules) != num_groups:
+        raise ValueError(f"{len(rules)} rules for {num_groups} groups")
+    # [G, 5] in GroupRule's field order (ids are exact in float64)
+    num_fields = len(GroupRule._fields)
+    table = np.fromiter(itertools.chain.from_iterable(rules), np.float64,
+                        num_groups * num_fields).reshape(num_groups, num_fields)
     present = rows >= 0  # [G, B]
     safe = np.where(present, rows, 0)
     ids = candidates.token_ids[safe]  # [G, B, C]
     cum = cum_logprobs[:, :, None] + candidates.logprobs[safe]  # [G, B, C]
     valid = candidates.valid[safe] & present[:, :, None]  # [G, B, C]
-    eos_ids = np.asarray([r.eos_id for r in rules], np.int64)[:, None, None]  # [G, 1, 1]
-    is_eos = valid & (ids == eos_ids)
+    is_eos = valid & (ids == table[:, 1].astype(np.int64)[:, None, None])
     scored = (valid & ~is_eos).reshape(num_groups, -1)  # [G, B * C]
-    short_ids = np.asarray([r.short_id for r in rules], np.int64)[:, None, None]
-    divisors = np.where(ids == short_ids,
-                        np.asarray([r.short_divisor for r in rules], np.float64)[:, None, None],
-                        np.asarray([r.divisor for r in rules], np.float64)[:, None, None])
+    divisors = np.where(ids == table[:, 3].astype(np.int64)[:, None, None],
+                        table[:, 4, None, None], table[:, 2, None, None])  # [G, B, C]
     score = np.where(scored, (cum / divisors).reshape(num_groups, -1), 0.0)  # [G, B * C]
     # primary key: scored first; then the score, highest first; ties keep their order (stable)
     order = np.lexsort((-score, ~scored), axis=-1)  # [G, B * C]
     num_columns = ids.shape[2]
-    counts = scored.sum(axis=1).tolist()
-    keep = max((r.width for r in rules), default=0)
+    widths = table[:, 0].astype(np.int64)  # [G]
+    keep = int(widths.max(initial=0))
     best = order[:, :keep]  # [G, keep]
-    best_cum = np.take_along_axis(cum.reshape(num_groups, -1), best, axis=1).tolist()
-    best_ids = np.take_along_axis(ids.reshape(num_groups, -1), best, axis=1).tolist()
+    flat = best + (np.arange(num_groups) * order.shape[1])[:, None]  # [G, keep] into [G * B * C]
+    best_cum = cum.reshape(-1)[flat].tolist()
+    best_ids = ids.reshape(-1)[flat].tolist()
     best_beams = (best // num_columns).tolist()
-    selections = []
-    for g, rule in enumerate(rules):
-        n = min(rule.width, counts[g])
-        selections.append(GroupSelection(
-            list(zip(best_beams[g][:n], best_ids[g][:n], best_cum[g][:n])), []))
-    for g, b, c in np.argwhere(is_eos).tolist():  # g, b, c order
-        selections[g].eos.append((b, int(ids[g, b, c]), float(cum[g, b, c])))
+    num_kept = np.minimum(widths, scored.sum(axis=1)).tolist()  # [G]
+    selections = [GroupSelection(list(zip(beams[:n], token_ids[:n], cums[:n])), [])
+                  for beams, token_ids, cums, n in zip(best_beams, best_ids, best_cum, num_kept)]
+    if is_eos.any():
+        for g, b, c in np.argwhere(is_eos).tolist():  # g, b, c order
+            selections[g].eos.append((b, int(ids[g, b, c]), float(cum[g, b, c])))
     return selections

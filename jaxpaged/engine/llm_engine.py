@@ -420,7 +420,9 @@ class LLMEngine:
                                    self.runner.dispatch(scheduler_output, bitmask) if bitmask
                                    else self.runner.dispatch(scheduler_output))
                 if arrived is not None:
-                    self.runner.timings.beam_gap_s += time.perf_counter() - arrived
+                    timings = self.runner.timings
+                    timings.beam_gap_s += time.perf_counter() - arrived
+                    timings.beam_model_gap_s += self.runner.model_queued_at - arrived
             if rest is not None:
                 outputs += self._apply_rows(*rest)
         except Exception:

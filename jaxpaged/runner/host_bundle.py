@@ -47,19 +47,24 @@ class BundleLayout:
 def bundle(tree: Any) -> tuple[np.ndarray, BundleLayout]:
     """Pytree of numpy arrays (or numpy scalars) -> (u8[nbytes] buffer, its layout).
 
-    Leaves may have any dtype of 1, 2 or 4 bytes per item (int32, float32, uint32, bool, ...)."""
+    Leaves may have any dtype of 1, 2 or 4 bytes per item (int32, float32, uint32, bool, ...).
+    (Runs for every jitted call of a step, two or three per step: plain attribute reads, no
+    numpy reductions per leaf.)"""
     leaves, treedef = jax.tree.flatten(tree)
-    arrays = [np.asarray(leaf) for leaf in leaves]
+    arrays = [leaf if type(leaf) is np.ndarray else np.asarray(leaf) for leaf in leaves]
     specs, offset = [], 0
     for array in arrays:
         if array.dtype.itemsize not in (1, 2, 4):
             raise ValueError(f"cannot bundle a {array.dtype} array: items of 1, 2 or 4 bytes only")
         specs.append(_LeafSpec(offset, array.shape, array.dtype))
         offset += -(-array.nbytes // _ALIGN) * _ALIGN
-    buffer = np.zeros(offset, np.uint8)
+    buffer = np.empty(offset, np.uint8)
+    end = 0
     for spec, array in zip(specs, arrays):
-        buffer[spec.offset:spec.offset + spec.nbytes] = np.ascontiguousarray(array).view(
-            np.uint8).reshape(-1)
+        buffer[end:spec.offset] = 0  # the previous leaf's alignment padding
+        end = spec.offset + array.nbytes
+        buffer[spec.offset:end] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    buffer[end:] = 0
     return buffer, BundleLayout(treedef, tuple(specs), offset)
 
 

@@ -15,9 +15,10 @@ small host arrays (packed inputs; sampling rows and tensors) travel as one byte 
 (``host_bundle``) instead of one transfer per array.
 
 Async scheduling splits ``execute`` into ``dispatch`` (queue the step on the device, no host sync)
-and ``fetch`` (copy its sampled ids to the host). The sampler also returns its ids padded to a
-fixed ``prev_width`` on the device; the next dispatched step reads the tokens it does not know yet
-(-1, see ``step_inputs``) from there, so a step never waits for the previous one's host copy.
+and ``fetch`` (copy its sampled ids and their logprobs to the host, one array: ``sample_results``).
+The sampler also returns its ids padded to a fixed ``prev_width`` on the device; the next
+dispatched step reads the tokens it does not know yet (-1, see ``step_inputs``) from there, so a
+step never waits for the previous one's host copy.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from jaxpaged.runner.buckets import BucketLadder, StepShape
 from jaxpaged.runner.compiler_options import step_compiler_options
 from jaxpaged.runner.executable_cache import ExecutableCache, abstract_signature
 from jaxpaged.runner.host_bundle import BundleLayout, bundle, unbundle, unbundle_shapes
+from jaxpaged.runner.sample_results import pack_results, unpack_results
 from jaxpaged.runner.step_inputs import StepInputs, StepPacker, pack_step
 from jaxpaged.runner.step_logprobs import LogprobArrays, StepLogprobs, TokenLogprobs
 from jaxpaged.sample.prompt_logprobs import (PromptLogprobsChunk, PromptLogprobsPlan,
@@ -73,6 +75,9 @@ class StepTimings:
     # beam steps (``LLMEngine._step_beams``): from the previous step's ids on the host to this
     # step queued on the device, which idles meanwhile (selection, forks, scheduling, dispatch)
     beam_gap_s: float = 0.0
+    # the part of beam_gap_s until the model step was queued: the rest (sampling tensors, the
+    # sampler's dispatch) overlaps the model step on an accelerator
+    beam_model_gap_s: float = 0.0
 
     @property
     def host_s(self) -> float:
@@ -95,8 +100,8 @@ class StepHandle:
     """A dispatched step whose results are still on the device (``ModelRunner.fetch``)."""
 
     sampled: list[ScheduledRequest]  # the do_sample requests, in sampler row order
-    token_ids: jax.Array | None  # i32[B] sampled ids (None: nothing sampled)
-    logprobs: SampleLogprobs | None
+    # i32[B, K] sampled ids and logprobs in one array (``sample_results``); None: nothing sampled
+    results: jax.Array | None
     prompt_logprobs: tuple[PromptLogprobsPlan, SampleLogprobs] | None
 
 
@@ -125,12 +130,13 @@ def _sample(logits: jax.Array, packed: jax.Array, prev_sampled_ids: jax.Array, *
             layout: BundleLayout, pad_to: int):
     """logits f32[S, V]; ``packed``: (rows i32[B] (which logits rows need a token),
     SamplingTensors) as one u8 buffer; ``prev_sampled_ids`` i32[pad_to]: the previous step's
-    padded ids (read only by bad words, see ``TokenConstraints``) -> SamplerOutput [B], and its
-    token ids padded with zeros to i32[pad_to] (the next step's ``prev_sampled_ids``)."""
+    padded ids (read only by bad words, see ``TokenConstraints``) -> the SamplerOutput [B] as one
+    i32[B, K] array (``sample_results.pack_results``), and its token ids padded with zeros to
+    i32[pad_to] (the next step's ``prev_sampled_ids``)."""
     rows, tensors = unbundle(packed, layout)
     out = sample(logits[rows], tensors, prev_sampled_ids)
     ids = out.token_ids.astype(jnp.int32)
-    return out, jnp.zeros(pad_to, jnp.int32).at[:ids.shape[0]].set(ids)
+    return pack_results(out), jnp.zeros(pad_to, jnp.int32).at[:ids.shape[0]].set(ids)
 
 
 class ModelRunner:
@@ -173,6 +179,7 @@ class ModelRunner:
                                                        penalty_width=penalty_width)
         self._step_keys = StepKeys(self._base_key)
         self.timings = StepTimings()
+        self.model_queued_at = 0.0  # perf_counter() when the last model step was queued
         # Compiled programs: model steps by input layout, samplers by (layout, logits shape).
         self._executables: dict[BundleLayout, jax.stages.Compiled] = {}
         self._samplers: dict[tuple[BundleLayout, tuple[int, ...]], jax.stages.Compiled] = {}
@@ -224,6 +231,7 @@ class ModelRunner:
         with host_phase("model"):
             logits, hidden = self._run_model(
                 inputs, self._prev_sampled_ids if needs_prev else self._no_prev_ids)
+        self.model_queued_at = time.perf_counter()  # read by the engine's beam gap timing
         pending = self._dispatch_prompt_logprobs(scheduled, hidden)  # None in nearly every step
         return self._dispatch_sample(scheduled, logits, shape.num_seqs, pending, grammar_bitmask)
 
@@ -231,16 +239,15 @@ class ModelRunner:
         """Waits for a dispatched step and copies its results to the host."""
         pending = handle.prompt_logprobs
         prompt_logprobs = pending[0].split(pending[1]) if pending is not None else {}
-        if handle.token_ids is None:
+        if handle.results is None:
             return RunnerOutput({}, {}, prompt_logprobs)
         waiting = time.perf_counter()
         with host_phase("wait"):
-            token_ids = np.asarray(handle.token_ids)
+            token_ids, logprobs = unpack_results(np.asarray(handle.results))
         self.timings.device_wait_s += time.perf_counter() - waiting
         requests = handle.sampled
         sampled = dict(zip([r.req_id for r in requests], token_ids.tolist()))  # drops padding
-        return RunnerOutput(sampled, _logprobs_by_request(requests, handle.logprobs),
-                            prompt_logprobs)
+        return RunnerOutput(sampled, _logprobs_by_request(requests, logprobs), prompt_logprobs)
 
     def _dispatch_sample(self, scheduled: list[ScheduledRequest], logits: jax.Array,
                          num_seqs: int, pending,
@@ -249,7 +256,7 @@ class ModelRunner:
         the next step."""
         sampled_rows = [i for i, r in enumerate(scheduled) if r.do_sample]
         if not sampled_rows:
-            return StepHandle([], None, None, pending)
+            return StepHandle([], None, pending)
         requests = [scheduled[i] for i in sampled_rows]
         mask = None
         if grammar_bitmask is not None:
@@ -261,15 +268,12 @@ class ModelRunner:
                 tensors = dataclasses.replace(tensors, grammar_bitmask=mask)
             rows = np.zeros(num_seqs, np.int32)
             rows[:len(sampled_rows)] = sampled_rows
-            out, padded_ids = self._run_sampler(logits, rows, tensors)
+            results, padded_ids = self._run_sampler(logits, rows, tensors)
         self._num_steps += 1
         self._prev_sampled_ids = padded_ids
         self._prev_rows = {r.req_id: j for j, r in enumerate(requests)}
-        out.token_ids.copy_to_host_async()
-        if out.logprobs is not None:  # fetched with the ids, not one transfer after them
-            for leaf in jax.tree.leaves(out.logprobs):
-                leaf.copy_to_host_async()
-        return StepHandle(requests, out.token_ids, out.logprobs, pending)
+        results.copy_to_host_async()  # ids and logprobs: one transfer
+        return StepHandle(requests, results, pending)
 
     def _dispatch_prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: jax.Array
                                   ) -> tuple[PromptLogprobsPlan, SampleLogprobs] | None:
@@ -302,7 +306,8 @@ class ModelRunner:
         return logits, hidden
 
     def _run_sampler(self, logits: jax.Array, rows: np.ndarray, tensors: SamplingTensors):
-        """Queues sampling of ``logits[rows]`` -> (SamplerOutput, ids padded to prev_width)."""
+        """Queues sampling of ``logits[rows]`` -> (i32[B, K] results (``sample_results``), ids
+        padded to prev_width)."""
         packed, layout = bundle((rows, tensors))
         prev_ids = (self._prev_sampled_ids if self._prev_sampled_ids is not None
                     else self._no_prev_ids)
@@ -382,8 +387,8 @@ class ModelRunner:
             if grammar:  # structured outputs: the sampler variant with a bitmask input
                 mask = np.full((batch, bitmask_width(self.config.vocab_size)), -1, np.int32)
                 tensors = dataclasses.replace(tensors, grammar_bitmask=mask)
-            out, _ = self._run_sampler(logits, np.arange(batch, dtype=np.int32), tensors)
-            out.token_ids.block_until_ready()
+            results, _ = self._run_sampler(logits, np.arange(batch, dtype=np.int32), tensors)
+            results.block_until_ready()
 
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(compile_shape, shape) for shape in shapes]
@@ -406,12 +411,10 @@ _WARMUP_SAMPLING = ((SamplingParams(temperature=0.0), False),
 
 
 def _logprobs_by_request(requests: list[ScheduledRequest],
-                         logprobs: SampleLogprobs | None) -> Mapping[str, TokenLogprobs]:
-    """The step's logprobs on the host (one transfer), each row's dict made on lookup."""
+                         logprobs: LogprobArrays | None) -> Mapping[str, TokenLogprobs]:
+    """The step's logprobs (host arrays), each row's dict made on lookup."""
     if logprobs is None:
         return {}
-    host = jax.device_get(logprobs)
     rows = {r.req_id: (j, r.sampling_params.logprobs) for j, r in enumerate(requests)
             if r.sampling_params.logprobs is not None}
-    return StepLogprobs(LogprobArrays(host.top_ids, host.top_logprobs, host.sampled_logprob,
-                                      host.sampled_rank), rows)
+    return StepLogprobs(logprobs, rows)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import numpy as np
@@ -23,6 +24,7 @@ from jaxpaged.core.scheduler_output import ScheduledRequest
 # Hidden rows turned into logits at once by prompt_logprobs_program: f32[256, V] is 128 MB at
 # V=128k.
 PROMPT_LOGPROBS_CHUNK = 256
+_POSITIONS = operator.attrgetter("prompt_logprobs_positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,10 @@ def plan_prompt_logprobs(scheduled: list[ScheduledRequest],
     """Hidden state at position p predicts token p + 1: position p of a request whose new tokens
     start at ``num_computed_tokens`` (token index ``offset`` in the step) is row
     ``offset + p - num_computed_tokens`` and gives prompt token p + 1's logprob. A request's
-    ``prompt_logprobs=-1`` asks for all ``vocab_size`` tokens (vLLM)."""
+    ``prompt_logprobs=-1`` asks for all ``vocab_size`` tokens (vLLM). Nearly every step has no
+    such position: that is found without a Python loop over the requests."""
+    if not any(map(_POSITIONS, scheduled)):
+        return None
     rows: list[int] = []
     targets: list[int] = []
     spans = []
