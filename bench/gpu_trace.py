@@ -93,14 +93,6 @@ def _read_trace(directory: str) -> ProfileData | None:
     return ProfileData.from_file(files[0]) if files else None
 
 
-def device_activity(directory: str) -> DeviceActivity | None:
-    """The GPU's activity in the trace written to ``directory``; None without GPU kernels."""
-    profile = _read_trace(directory)
-    intervals = gpu_kernel_intervals(profile) if profile is not None else []
-    if not intervals:
-        return None
-    span = max(end for _, end in intervals) - min(start for start, _ in intervals)
-    return DeviceActivity(busy_time(intervals), span, len(intervals))
 
 
 def idle_gaps(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -169,10 +161,22 @@ def idle_report(profile: ProfileData) -> IdleReport | None:
     return IdleReport(idle_by_host_phase(gaps, host_phase_events(profile)), by_length)
 
 
-def read_idle_report(directory: str) -> IdleReport | None:
-    """``idle_report`` of the trace written to ``directory``."""
+def device_activity(profile: ProfileData) -> DeviceActivity | None:
+    """The GPU's activity in a trace; None without GPU kernels."""
+    intervals = gpu_kernel_intervals(profile)
+    if not intervals:
+        return None
+    span = max(end for _, end in intervals) - min(start for start, _ in intervals)
+    return DeviceActivity(busy_time(intervals), span, len(intervals))
+
+
+def read_activity(directory: str) -> tuple[DeviceActivity | None, IdleReport | None]:
+    """``device_activity`` and ``idle_report`` of the trace written to ``directory`` (read
+    once); (None, None) without a trace or GPU kernels."""
     profile = _read_trace(directory)
-    return idle_report(profile) if profile is not None else None
+    if profile is None:
+        return None, None
+    return device_activity(profile), idle_report(profile)
 
 
 def kernel_table(profile: ProfileData, steps: int, top: int = 40) -> str:

@@ -36,7 +36,7 @@ import time
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpu_trace import device_activity, read_idle_report  # noqa: E402
+from gpu_trace import read_activity  # noqa: E402
 from report import emit  # noqa: E402
 from synthetic_tokenizer import write_synthetic_tokenizer  # noqa: E402
 from workloads import nano_workload  # noqa: E402
@@ -128,8 +128,7 @@ class StepWindowTrace:
         if self._directory is None:
             return
         jax.profiler.stop_trace()
-        self.activity = device_activity(self._directory.name)
-        self.idle = read_idle_report(self._directory.name)
+        self.activity, self.idle = read_activity(self._directory.name)
         self._directory.cleanup()
         self._directory = None
 
