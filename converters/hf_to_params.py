@@ -23,11 +23,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxpaged.models.config import ModelConfig
-from jaxpaged.models.linear import QUANTIZED_WEIGHTS
-
 from jaxpaged.converters.hf_reader import iter_tensors
 from jaxpaged.converters.kv_scales import kv_scale_key
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.linear import QUANTIZED_WEIGHTS
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "bfloat16": ml_dtypes.bfloat16,
           "fp32": np.float32, "float32": np.float32}

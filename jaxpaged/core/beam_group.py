@@ -5,8 +5,9 @@ group lives in the engine: its beams are sequences in the scheduler whose KV blo
 Each step every live beam yields its ``2 * beam_width`` best next tokens (``top_k`` on the device,
 the raw logprobs of the vocabulary never leave it); once every live beam of the group has them,
 ``engine.beam_selection.select_groups`` (every ready group of a step at once) keeps the
-``beam_width`` best candidates by ``get_beam_search_score`` (vLLM's rule: the beams' candidates in beam order,
-EOS ones to ``completed``, the best others survive, stable order on ties), ``apply`` records it and
+``beam_width`` best candidates by ``get_beam_search_score`` (vLLM's rule: the beams' candidates
+in beam order, EOS ones to ``completed``, the best others survive, stable order on ties),
+``apply`` records it and
 ``jaxpaged.core.beam_fork`` forks and frees the beams' sequences. A candidate ending in EOS (unless
 ``ignore_eos``) leaves as a finished sequence, which needs no KV; after ``max_tokens`` steps the
 group ends and the best ``beam_width`` of its finished and live beams are its result.

@@ -18,13 +18,13 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from jaxpaged.core.beam_fork import BlockCopy, fork_beams
 from jaxpaged.core.beam_candidates import GroupSelection
-from jaxpaged.engine.beam_selection import StepCandidates, select_groups
+from jaxpaged.core.beam_fork import BlockCopy, fork_beams
 from jaxpaged.core.beam_group import BeamGroup, BeamGroupConfig, FinishedBeam, Survivor
 from jaxpaged.core.request import Request, RequestStatus
 from jaxpaged.core.scheduler import Scheduler
 from jaxpaged.core.scheduler_output import SchedulerOutput
+from jaxpaged.engine.beam_selection import StepCandidates, select_groups
 from jaxpaged.engine.tokenizer import TokenTexts
 from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
 from jaxpaged.runner.step_logprobs import StepLogprobs
